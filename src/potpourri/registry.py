@@ -169,8 +169,8 @@ def _create_timm_model(name: str, *, pretrained: bool, weights: str | None, **kw
     import timm
 
     if not timm.is_model(name):
-        choices = list(_REGISTRY) + timm.list_models()
-        raise PotpourriError(f"unknown model '{name}'{suggest(name, choices)} (see `potpourri list`)")
+        hint = suggest(name, list(_REGISTRY)) or suggest(name, timm.list_models())  # our names first
+        raise PotpourriError(f"unknown model '{name}'{hint} (see `potpourri list`)")
     if weights is not None:
         from potpourri.weights import load_state_dict_file
 

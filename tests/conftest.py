@@ -1,0 +1,25 @@
+"""Shared test set-up: no network, a private weight cache, one thread per process for stable timings."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Weights are converted into a fresh cache once per session, so tests also cover the conversion path."""
+    cache = tmp_path_factory.mktemp("potpourri-cache")
+    os.environ["POTPOURRI_CACHE"] = str(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def python_exe() -> str:
+    return sys.executable

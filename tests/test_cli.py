@@ -1,0 +1,119 @@
+"""The ``potpourri`` command through a subprocess: verbs, help, and one-line errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from skimage import data
+
+VERBS = ["list", "info", "fetch", "predict", "demo"]
+POTPOURRI = str(Path(sys.executable).with_name("potpourri"))  # the console script of the environment under test
+
+
+def potpourri(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([POTPOURRI, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("potpourri: error:"), result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+@pytest.fixture(scope="module")
+def cat_jpg(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("img") / "chelsea.jpg"
+    Image.fromarray(data.chelsea()).save(path)
+    return path
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_every_verb_has_help(verb: str, capsys: pytest.CaptureFixture) -> None:
+    from potpourri.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([verb, "--help"])
+    assert exit_info.value.code == 0 and f"usage: potpourri {verb}" in capsys.readouterr().out
+
+
+def test_no_verb_prints_help() -> None:
+    result = potpourri()
+    assert result.returncode == 2 and "usage: potpourri" in result.stdout
+
+
+def test_list_shows_pretrained_models() -> None:
+    result = potpourri("list", "--pretrained")
+    rows = {line.split()[0]: line for line in result.stdout.splitlines()}
+    assert "pretrained" in rows["efficientnet_lite0"] and "pretrained" in rows["minilm_l6"]
+
+
+def test_info_json() -> None:
+    info = json.loads(potpourri("info", "efficientnet_lite0", "--json").stdout)
+    assert info["name"] == "efficientnet_lite0" and info["input_size"] == [3, 224, 224]
+
+
+def test_fetch_into_a_cache_dir(tmp_path: Path) -> None:
+    result = potpourri("fetch", "efficientnet_lite0", "--cache-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "weights" / "efficientnet_lite0.safetensors").is_file()
+
+
+def test_predict_a_cat_writes_a_run(cat_jpg: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = potpourri("predict", "efficientnet_lite0", str(cat_jpg), "--topk", "3", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.splitlines()[0]
+    assert "cat" in first.split(":", 1)[1].split(",")[0]  # the top class is a cat class
+    summary = json.loads((out / "summary.json").read_text())
+    assert 281 <= summary["predictions"][0]["top"][0]["index"] <= 285
+    for name in ("config.yaml", "env.json", "metrics.csv", "report.html"):
+        assert (out / name).is_file()
+
+
+def test_runs_are_numbered(cat_jpg: Path, tmp_path: Path) -> None:
+    for _ in range(2):
+        assert potpourri("predict", "efficientnet_lite0", str(cat_jpg), cwd=tmp_path).returncode == 0
+    assert sorted(p.name for p in (tmp_path / "runs" / "predict").iterdir()) == ["v0", "v1"]
+
+
+def test_unknown_model_suggests(cat_jpg: Path) -> None:
+    assert_one_line_error(potpourri("predict", "efficientnet_lit0", str(cat_jpg)), "did you mean 'efficientnet_lite0'")
+    assert_one_line_error(potpourri("info", "minilm"), "did you mean 'minilm_l6'")
+
+
+def test_missing_image(tmp_path: Path) -> None:
+    assert_one_line_error(potpourri("predict", "efficientnet_lite0", str(tmp_path / "nope.jpg")), "nope.jpg")
+
+
+def test_non_image_file(tmp_path: Path) -> None:
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    assert_one_line_error(potpourri("predict", "efficientnet_lite0", str(text)), "notes.png", "not a readable image")
+
+
+def test_empty_folder(tmp_path: Path) -> None:
+    assert_one_line_error(potpourri("predict", "efficientnet_lite0", str(tmp_path)), "no images")
+
+
+def test_corrupt_weight_file(cat_jpg: Path, tmp_path: Path) -> None:
+    corrupt = tmp_path / "w.safetensors"
+    corrupt.write_bytes(b"definitely not safetensors")
+    result = potpourri("predict", "efficientnet_lite0", str(cat_jpg), "--weights", str(corrupt))
+    assert_one_line_error(result, str(corrupt), "--weights PATH")
+
+
+def test_text_model_cannot_predict_images(cat_jpg: Path) -> None:
+    assert_one_line_error(potpourri("predict", "minilm_l6", str(cat_jpg)), "encodes text")
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    result = potpourri("--debug", "predict", "efficientnet_lite0", str(tmp_path / "nope.jpg"))
+    assert result.returncode != 0 and "Traceback" in result.stderr
