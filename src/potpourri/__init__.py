@@ -1,6 +1,7 @@
 """potpourri: ICLR 2024 vision methods as real, tested, interchangeable parts behind one API."""
 
 from potpourri import models  # noqa: F401  (registers our models, also into timm)
+from potpourri.deploy.reparam import reparameterize
 from potpourri.errors import PotpourriError
 from potpourri.registry import create_model, get_pretrained_cfg, list_models, model_info, register_model
 from potpourri.weights import PretrainedCfg, resolve_weights
@@ -16,5 +17,6 @@ __all__ = [
     "list_models",
     "model_info",
     "register_model",
+    "reparameterize",
     "resolve_weights",
 ]
