@@ -1,0 +1,166 @@
+"""One latency protocol for the whole project: pinned threads, warm-up, interleaved rounds, median and spread.
+
+Interleaving (A, B, C, A, B, C, …) makes drift and a busy neighbour hit every candidate alike; the load average
+is logged before and after so a noisy run can be recognised.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from potpourri.errors import PotpourriError
+
+__all__ = ["LatencyRow", "bench_models", "interleaved_timings", "markdown_table"]
+
+BACKENDS = ("eager", "onnxruntime")
+
+
+@dataclass
+class LatencyRow:
+    """Latency of one (model, backend, batch) at a thread count: median and quartiles over rounds."""
+
+    model: str
+    backend: str
+    batch: int
+    threads: int
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    images_per_s: float
+    rounds: int
+
+
+def interleaved_timings(
+    candidates: dict[str, Callable[[], Any]], *, warmup: int = 2, rounds: int = 10, min_time_s: float = 0.05
+) -> dict[str, list[float]]:
+    """Seconds per call of each candidate, one entry per round, with rounds interleaved across candidates.
+
+    Each round repeats a call until ``min_time_s`` has passed, so short calls are not lost in timer noise.
+    """
+    for call in candidates.values():
+        for _ in range(warmup):
+            call()
+    timings: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, call in candidates.items():
+            calls, start = 0, time.perf_counter()
+            while True:
+                call()
+                calls += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= min_time_s:
+                    break
+            timings[name].append(elapsed / calls)
+    return timings
+
+
+def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return q1, statistics.median(values), q3
+
+
+def _eager_call(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+    def call() -> Any:
+        with torch.inference_mode():
+            return model(x)
+
+    return call
+
+
+def _onnx_call(model: torch.nn.Module, x: torch.Tensor, threads: int, folder: str, name: str) -> Callable[[], Any]:
+    from potpourri.deploy.export import _session, export_onnx
+
+    result = export_onnx(model, folder, input_size=tuple(x.shape[1:]), name=name.replace("/", "_"))
+    session = _session(result.onnx_path, threads)
+    feed = {session.get_inputs()[0].name: x.numpy()}
+    return lambda: session.run(None, feed)
+
+
+def bench_models(
+    names: Sequence[str],
+    *,
+    batches: Sequence[int] = (1,),
+    threads: int = 1,
+    backends: Sequence[str] = ("eager",),
+    image_size: int = 224,
+    rounds: int = 10,
+    reparam: bool = False,
+    models: dict[str, torch.nn.Module] | None = None,
+) -> tuple[list[LatencyRow], dict[str, Any]]:
+    """Time every model × backend × batch in one interleaved protocol; returns rows and the run's conditions.
+
+    ``reparam`` adds a ``<name>+reparam`` candidate for each model. ``models`` may pass pre-built modules by name.
+    Example:
+        rows, conditions = bench_models(["efficientmod_xxs", "repconvnet_s"], batches=[1, 8], reparam=True)
+    """
+    from potpourri.deploy.reparam import reparameterize
+    from potpourri.registry import create_model
+
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise PotpourriError(f"unknown backend '{unknown[0]}'; choose from {', '.join(BACKENDS)}")
+    if threads < 1 or threads > (os.cpu_count() or 1):
+        raise PotpourriError(f"--threads {threads} is outside 1..{os.cpu_count()} (cores on this machine)")
+    torch.set_num_threads(threads)
+    built: dict[str, torch.nn.Module] = {}
+    for name in names:
+        model = (models or {}).get(name) or create_model(name, pretrained=False)
+        built[name] = model.eval()
+        if reparam:
+            built[f"{name}+reparam"] = reparameterize(model)
+    rows: list[LatencyRow] = []
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as folder:
+        for batch in batches:
+            x = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+            candidates: dict[tuple[str, str], Callable[[], Any]] = {}
+            for name, model in built.items():
+                for backend in backends:
+                    if backend == "eager":
+                        candidates[(name, backend)] = _eager_call(model, x)
+                    else:
+                        candidates[(name, backend)] = _onnx_call(model, x, threads, folder, f"{name}_{batch}")
+            keyed = {f"{n}|{b}": call for (n, b), call in candidates.items()}
+            timings = interleaved_timings(keyed, rounds=rounds)
+            for key, values in timings.items():
+                name, backend = key.split("|")
+                q1, median, q3 = _quartiles(values)
+                rows.append(
+                    LatencyRow(name, backend, batch, threads, median * 1e3, q1 * 1e3, q3 * 1e3, batch / median, rounds)
+                )
+    conditions = {
+        "threads": threads,
+        "image_size": image_size,
+        "rounds": rounds,
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "cpu_count": os.cpu_count(),
+    }
+    return rows, conditions
+
+
+def markdown_table(rows: Sequence[LatencyRow], *, reference: str | None = None) -> str:
+    """A Markdown table of the rows; with ``reference``, a column of speed-ups against it (same backend, batch)."""
+    ref = {(r.backend, r.batch): r.median_ms for r in rows if r.model == reference}
+    header = "| model | backend | batch | median ms | IQR ms | images/s |" + (" speed-up |" if reference else "")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in rows:
+        line = (
+            f"| {r.model} | {r.backend} | {r.batch} | {r.median_ms:.2f} | {r.q1_ms:.2f}–{r.q3_ms:.2f} | "
+            f"{r.images_per_s:.1f} |"
+        )
+        if reference:
+            base = ref.get((r.backend, r.batch))
+            line += f" {base / r.median_ms:.2f}x |" if base else " – |"
+        lines.append(line)
+    return "\n".join(lines)

@@ -1,0 +1,121 @@
+"""ONNX export parity for every registered image model, metadata, the latency protocol, and the two verbs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from potpourri import PotpourriError, create_model, list_models
+from potpourri.deploy import latency
+from potpourri.deploy.export import export_onnx
+from potpourri.deploy.latency import LatencyRow, bench_models, interleaved_timings, markdown_table
+from potpourri.registry import _REGISTRY
+
+pytest.importorskip("onnxruntime", reason="the [onnx] extra is part of the dev install")
+IMAGE_MODELS = [n for n in list_models() if _REGISTRY[n].modality == "image"]
+POTPOURRI = str(Path(sys.executable).with_name("potpourri"))
+
+
+@pytest.mark.parametrize("name", IMAGE_MODELS)
+def test_every_image_model_exports_with_parity(name: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    result = export_onnx(create_model(name), tmp_path, input_size=(3, 64, 64))
+    assert result.max_abs_diff <= 1e-4
+    metadata = json.loads(result.metadata_path.read_text())
+    assert metadata["dynamic_batch"] and metadata["input_size"] == [3, 64, 64]
+
+
+def test_reparameterised_export_matches_the_unfused_model(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = create_model("repconvnet_s", num_classes=4).eval()
+    for m in model.modules():  # non-trivial BN statistics, so fusion has something to get right
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    result = export_onnx(model, tmp_path, input_size=(3, 64, 64), reparam=True)
+    from potpourri.deploy.export import _session
+
+    session = _session(result.onnx_path)
+    x = torch.randn(3, 3, 64, 64)  # a batch size other than the traced one
+    (onnx_out,) = session.run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        assert (torch.from_numpy(onnx_out) - model(x)).abs().max() <= 1e-4
+    assert json.loads(result.metadata_path.read_text())["reparameterized"] is True
+
+
+def test_unexportable_model_fails_in_one_line(tmp_path: Path) -> None:
+    class DataDependent(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nonzero(x > 0).float().sum().reshape(1, 1).expand(x.shape[0], 1).contiguous().numpy()
+
+    with pytest.raises(PotpourriError, match="cannot be exported to ONNX") as info:
+        export_onnx(DataDependent(), tmp_path, input_size=(3, 8, 8))
+    assert "\n" not in str(info.value)
+    assert not list(tmp_path.glob("*.onnx*"))  # no half-written graph left behind
+
+
+def test_interleaved_timings_with_a_planted_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [0.0]
+    calls: list[str] = []
+
+    def fake_clock() -> float:
+        return clock[0]
+
+    def make(name: str, seconds: float):
+        def call() -> None:
+            calls.append(name)
+            clock[0] += seconds
+
+        return call
+
+    monkeypatch.setattr(latency.time, "perf_counter", fake_clock)
+    timings = interleaved_timings({"a": make("a", 0.03), "b": make("b", 0.1)}, warmup=1, rounds=3, min_time_s=0.05)
+    assert timings["a"] == pytest.approx([0.03] * 3) and timings["b"] == pytest.approx([0.1] * 3)
+    # after one warm-up each, rounds alternate: a runs twice (to pass 50 ms), then b once
+    assert calls == ["a", "b"] + ["a", "a", "b"] * 3
+
+
+def test_markdown_table_speedups_are_against_the_reference() -> None:
+    rows = [
+        LatencyRow("ref", "eager", 1, 1, 10.0, 9.0, 11.0, 100.0, 5),
+        LatencyRow("fast", "eager", 1, 1, 4.0, 3.9, 4.1, 250.0, 5),
+    ]
+    table = markdown_table(rows, reference="ref")
+    assert "| fast | eager | 1 | 4.00 |" in table and "2.50x" in table
+
+
+def test_bench_rejects_bad_settings() -> None:
+    with pytest.raises(PotpourriError, match="unknown backend 'tensorrt'"):
+        bench_models(["repconvnet_s"], backends=["tensorrt"])
+    with pytest.raises(PotpourriError, match="--threads 99"):
+        bench_models(["repconvnet_s"], threads=99)
+
+
+def test_export_and_bench_verbs(tmp_path: Path) -> None:
+    out = tmp_path / "export"
+    result = subprocess.run(
+        [POTPOURRI, "export", "efficientnet_lite0", "--pretrained", "--size", "96", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert metadata["normalisation"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
+    assert len(metadata["class_names"]) == 1000 and metadata["parity_max_abs_diff"] <= 1e-4
+    bench = tmp_path / "bench"
+    result = subprocess.run(
+        [POTPOURRI, "bench", "repconvnet_s", "--reparam", "--size", "32", "--rounds", "2", "--out", str(bench)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((bench / "summary.json").read_text())
+    assert {r["model"] for r in summary["rows"]} == {"repconvnet_s", "repconvnet_s+reparam"}
+    assert (bench / "results.md").read_text().startswith("| model |")
