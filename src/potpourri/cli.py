@@ -30,7 +30,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for name in names:
         entry = _REGISTRY[name]
         flag = "pretrained" if entry.has_pretrained else "-"
-        print(f"{name:<{width}}  {entry.modality:<5}  {flag:<10}  {entry.module}")
+        print(f"{name:<{width}}  {entry.modality:<9}  {flag:<10}  {entry.module}")
     return 0
 
 

@@ -54,6 +54,8 @@ class PretrainedCfg:
     hf_filename: str | None = None
     sha256: str | None = None
     converter: Callable[[StateDict], StateDict] | None = field(default=None, compare=False, repr=False)
+    # turns a shipped file of another format (e.g. GGUF) into a Hugging Face folder: (source, target_dir) -> None
+    folder_converter: Callable[[Path, Path], None] | None = field(default=None, compare=False, repr=False)
     input_size: tuple[int, int, int] = (3, 224, 224)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -196,6 +198,8 @@ def resolve_weights(
     if shipped is not None:
         if not shipped.exists():
             raise PotpourriError(f"package {cfg.package} is installed but '{shipped}' is missing; reinstall it")
+        if cfg.folder_converter is not None:
+            return _convert_folder(cfg, shipped, cache_dir, refresh=refresh)
         return shipped if cfg.is_folder else _convert_and_cache(cfg, shipped, cache_dir, refresh=refresh)
 
     cached = cache_root(cache_dir) / cfg.cache_name
@@ -230,6 +234,30 @@ def _convert_and_cache(
         state = cfg.converter(state)
     save_state_dict_atomic(state, cached, metadata={"source": str(source), "source_sha256": digest})
     atomic_write_bytes(stamp, json.dumps({"source": str(source), "source_sha256": digest}).encode())
+    return cached
+
+
+def _convert_folder(cfg: PretrainedCfg, source: Path, cache_dir: str | os.PathLike | None, *, refresh: bool) -> Path:
+    """Convert a shipped file into a cached Hugging Face folder once; the folder appears whole or not at all."""
+    import shutil
+
+    cached = cache_root(cache_dir) / cfg.cache_name
+    if (cached / "config.json").is_file() and not refresh:
+        return cached
+    if cfg.sha256 and (digest := file_sha256(source)) != cfg.sha256:
+        raise PotpourriError(
+            f"weight file '{source}' has sha256 {digest[:12]}…, expected {cfg.sha256[:12]}…; reinstall {cfg.package}"
+        )
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=cached.parent, prefix=f".{cfg.name}."))
+    try:
+        cfg.folder_converter(source, staging)
+        if cached.exists():
+            shutil.rmtree(cached)
+        os.replace(staging, cached)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return cached
 
 
