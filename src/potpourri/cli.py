@@ -42,9 +42,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     for key, value in info.items():
-        if key == "params":
+        if key.endswith("params"):
             value = f"{value:,} ({value / 1e6:.2f} M)"
-        print(f"{key:<14} {value}")
+        print(f"{key:<17} {value}")
     return 0
 
 

@@ -130,6 +130,8 @@ def model_info(name: str) -> dict[str, Any]:
         "module": entry.module,
         "modality": entry.modality,
         "params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "frozen_params": sum(p.numel() for p in model.parameters() if not p.requires_grad),
         "pretrained": entry.has_pretrained,
         "tags": list(entry.tags),
     }

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from potpourri.errors import PotpourriError
+from potpourri.models._hf import quiet_transformers
 from potpourri.registry import register_model
 from potpourri.weights import PretrainedCfg, resolve_weights
 
@@ -98,5 +99,6 @@ def minilm_l6(pretrained: bool = False, *, weights: str | None = None, **kwargs:
     model_dir = resolve_weights(MINILM_CFG, weights)
     if not (model_dir / "config.json").is_file():
         raise PotpourriError(f"'{model_dir}' is not a Hugging Face model folder (no config.json); pass a folder")
-    bert = BertModel.from_pretrained(str(model_dir), add_pooling_layer=False, **kwargs)
+    with quiet_transformers():
+        bert = BertModel.from_pretrained(str(model_dir), add_pooling_layer=False, **kwargs)
     return MiniLMEncoder(bert, model_dir)

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from potpourri.errors import PotpourriError
+from potpourri.models._hf import quiet_transformers
 from potpourri.registry import register_model
 from potpourri.weights import PretrainedCfg, resolve_weights
 
@@ -47,8 +48,9 @@ def _gguf_to_folder(source: Path, target: Path) -> None:
         raise PotpourriError("reading GGUF weights needs the gguf package: pip install 'potpourri[vlm]'") from exc
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
-    quantised = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+        quantised = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
     config = quantised.config.to_dict()
     config.pop("quantization_config", None)  # the weights are plain float32 after dequantisation
     model = LlamaForCausalLM(LlamaConfig(**config))
@@ -127,7 +129,8 @@ def load_causal_lm(path_or_id: str | os.PathLike, **kwargs: Any) -> CausalLM:
     if not path.exists() and offline:
         raise PotpourriError(f"language model '{path_or_id}' is not on disk and the hub is offline; pass a folder")
     try:
-        lm = AutoModelForCausalLM.from_pretrained(str(path_or_id), dtype=torch.float32, **kwargs)
+        with quiet_transformers():
+            lm = AutoModelForCausalLM.from_pretrained(str(path_or_id), dtype=torch.float32, **kwargs)
     except OSError as exc:
         raise PotpourriError(f"cannot load language model '{path_or_id}': {str(exc).splitlines()[0]}") from exc
     return CausalLM(lm.eval(), path if path.exists() else None)
