@@ -64,6 +64,65 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_auto_replace(args: argparse.Namespace) -> int:
+    import torch
+
+    from potpourri.demo import texture_dataset
+    from potpourri.deploy.auto_replace import auto_replace, mlp_to_conv
+    from potpourri.registry import create_model
+    from potpourri.report.html import Report
+    from potpourri.runs import new_run, seed_everything
+
+    seed_everything(args.seed)
+    torch.set_num_threads(args.threads)
+    model = create_model(args.model, pretrained=args.pretrained, weights=args.weights, img_size=args.size)
+    crops = texture_dataset("train", per_class=max(1, args.images // 4), size=args.size, seed=args.seed)
+    images = (torch.from_numpy(crops.images).permute(0, 3, 1, 2).float() / 127.5 - 1.0)[: args.images]
+    images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))]
+    run = new_run("auto-replace", args.out)
+    run.write_config(vars(args) | {"func": None})
+    run.write_env(args.seed)
+    _, exact_diff = mlp_to_conv(model, images[:2])
+    plan = auto_replace(
+        model,
+        images,
+        budget_ms=args.budget_ms,
+        speedup=args.speedup,
+        steps=args.steps,
+        rounds=args.rounds,
+        seed=args.seed,
+    )
+    for row in plan.rows:
+        run.log_metrics(row)
+    summary = {
+        "teacher_ms": plan.teacher_ms,
+        "student_ms": plan.student_ms,
+        "speedup": plan.teacher_ms / plan.student_ms,
+        "agreement": plan.agreement,
+        "exact_fc_to_conv_max_abs_diff": exact_diff,
+        "sites": plan.rows,
+    }
+    run.write_summary(summary)
+    report = Report(f"potpourri auto-replace — {args.model}")
+    report.section("Chosen replacements", "Local loss: held-out MSE / target variance of the site's output.")
+    report.table(plan.rows)
+    report.table(
+        [{"model": "teacher", "batch-1 ms": plan.teacher_ms}, {"model": "student", "batch-1 ms": plan.student_ms}]
+    )
+    report.text(
+        f"Top-1 agreement with the teacher on held-out images: {plan.agreement:.3f}. Exact FC→1×1-conv "
+        f"rewrite of every MLP: max |diff| {exact_diff:.2e}."
+    )
+    report.write(run.path / "report.html")
+    for row in plan.rows:
+        print(f"{row['site']:<16} {row['chosen']:<18} loss {row['local_loss']:.3f}  saved {row['saved_ms']:.2f} ms")
+    print(
+        f"batch-1 latency {plan.teacher_ms:.2f} → {plan.student_ms:.2f} ms "
+        f"({plan.teacher_ms / plan.student_ms:.2f}x), agreement {plan.agreement:.3f}; run: {run.path}"
+    )
+    return 0
+
+
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add ``export`` and ``bench``."""
     p = subparsers.add_parser("export", help="export a model to ONNX with a parity check and metadata.json")
@@ -86,3 +145,18 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reparam", action="store_true", help="also time each model re-parameterised")
     p.add_argument("--out", help="run folder (default runs/bench/vN)")
     p.set_defaults(func=_cmd_bench)
+
+    p = subparsers.add_parser("auto-replace", help="replace ViT sub-blocks by cheaper distilled ones under a budget")
+    p.add_argument("model", help="a ViT-like model, e.g. deit_tiny_patch16_224")
+    p.add_argument("--budget-ms", type=float, help="latency budget for the replaced sites at batch 1")
+    p.add_argument("--speedup", type=float, default=1.5, help="without --budget-ms: sites' latency / this")
+    p.add_argument("--steps", type=int, default=100, help="local distillation steps per candidate")
+    p.add_argument("--images", type=int, default=64, help="images whose activations are cached")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--rounds", type=int, default=5, help="latency rounds per candidate")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pretrained", action="store_true")
+    p.add_argument("--weights", help="explicit weight file for the teacher")
+    p.add_argument("--out", help="run folder (default runs/auto-replace/vN)")
+    p.set_defaults(func=_cmd_auto_replace)
