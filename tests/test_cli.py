@@ -107,7 +107,7 @@ def test_missing_image(tmp_path: Path) -> None:
 def test_non_image_file(tmp_path: Path) -> None:
     text = tmp_path / "notes.png"
     text.write_text("not an image")
-    assert_one_line_error(potpourri("predict", "efficientnet_lite0", str(text)), "notes.png", "not a readable image")
+    assert_one_line_error(potpourri("predict", "efficientnet_lite0", str(text)), "notes.png", "cannot read image")
 
 
 def test_empty_folder(tmp_path: Path) -> None:

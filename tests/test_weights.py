@@ -12,7 +12,7 @@ from PIL import Image
 from skimage import data
 
 from potpourri import PotpourriError, create_model, get_pretrained_cfg
-from potpourri.imaging import eval_transform
+from potpourri.data.transforms import eval_transform
 from potpourri.models.efficientnet import LITE0_CFG, map_lite0_keys
 from potpourri.weights import cache_root, load_state_dict_file, resolve_weights, save_state_dict_atomic
 

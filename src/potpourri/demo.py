@@ -19,7 +19,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
-from potpourri.imaging import eval_transform
+from potpourri.data.transforms import eval_transform
 from potpourri.registry import create_model, get_pretrained_cfg
 from potpourri.report.html import Report
 from potpourri.report.plots import confusion_matrix_png, image_grid_png

@@ -1,40 +1,52 @@
-"""Reading images safely and turning them into model inputs from a model's ``PretrainedCfg``."""
+"""Reading images safely: one reader for the CLI, the data layouts and the inspection methods."""
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.transforms import v2 as T
 
 from potpourri.errors import PotpourriError
-from potpourri.weights import PretrainedCfg
 
-__all__ = ["IMAGE_SUFFIXES", "eval_transform", "find_images", "load_rgb"]
+__all__ = ["IMAGE_SUFFIXES", "find_images", "load_rgb", "read_rgb"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open an image as 8-bit RGB; a missing, corrupt or non-image file raises one clear line."""
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Read an image as (H, W, 3) uint8 RGB; one-line ``PotpourriError`` for missing, corrupt, truncated or
+    transparent files. 16-bit grey keeps its top 8 bits (a fixed scale, so brightness stays comparable)."""
     path = Path(path)
     if not path.is_file():
-        raise PotpourriError(f"image '{path}' does not exist")
+        raise PotpourriError(f"{path}: image file not found")
     try:
-        with Image.open(path) as img:
-            img.load()  # decode now so a truncated file fails here, not later in a worker
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                # 16-bit greyscale: scale the full range to 8 bits instead of clipping at 255
-                array = np.asarray(img, dtype=np.float64)
-                span = max(float(array.max() - array.min()), 1.0)
-                img = Image.fromarray(((array - array.min()) / span * 255).round().astype(np.uint8))
-            return img.convert("RGB")
+        with Image.open(path) as im:
+            im.load()  # decode now so a truncated file fails here, not later in a worker
+            mode = im.mode
+            if mode in ("I;16", "I;16B", "I;16L", "I"):
+                pixels = np.asarray(im, dtype=np.uint32)
+                pixels = (pixels >> 8).clip(0, 255).astype(np.uint8) if pixels.max() > 255 else pixels.astype(np.uint8)
+                return np.repeat(pixels[..., None], 3, axis=2)
+            if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
+                rgba = np.asarray(im.convert("RGBA"))
+                if (rgba[..., 3] < 255).any():
+                    raise PotpourriError(
+                        f"{path}: image has transparent pixels (mode {mode}); flatten it onto a background first, "
+                        "since what lies under the transparency is unknown"
+                    )
+                return np.ascontiguousarray(rgba[..., :3])
+            return np.asarray(im.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise PotpourriError(f"'{path}' is not a readable image ({type(exc).__name__}: {exc})") from exc
+        raise PotpourriError(
+            f"{path}: cannot read image (corrupt or truncated: {exc}); re-export or remove it"
+        ) from None
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """``read_rgb`` as a PIL image."""
+    return Image.fromarray(read_rgb(path))
 
 
 def find_images(paths: list[str | os.PathLike]) -> list[Path]:
@@ -50,23 +62,3 @@ def find_images(paths: list[str | os.PathLike]) -> list[Path]:
     if not found:
         raise PotpourriError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(map(str, paths))}")
     return found
-
-
-def eval_transform(cfg: PretrainedCfg | None, *, image_size: int | None = None) -> T.Compose:
-    """Resize (by ``crop_pct``), centre-crop, scale to [0, 1] and normalise, as the weights were trained.
-
-    Example:
-        x = eval_transform(get_pretrained_cfg("efficientnet_lite0"))(load_rgb("cat.jpg")).unsqueeze(0)
-    """
-    cfg = cfg or PretrainedCfg(name="default")
-    size = image_size or cfg.input_size[-1]
-    interpolation = T.InterpolationMode(cfg.interpolation)
-    return T.Compose(
-        [
-            T.ToImage(),
-            T.Resize(math.floor(size / cfg.crop_pct), interpolation=interpolation, antialias=True),
-            T.CenterCrop(size),
-            T.ToDtype(torch.float32, scale=True),
-            T.Normalize(mean=list(cfg.mean), std=list(cfg.std)),
-        ]
-    )

@@ -7,8 +7,9 @@ from functools import cache
 
 import torch
 
+from potpourri.data.transforms import eval_transform
 from potpourri.errors import PotpourriError
-from potpourri.imaging import eval_transform, find_images, load_rgb
+from potpourri.imaging import find_images, load_rgb
 from potpourri.registry import _REGISTRY, create_model, get_pretrained_cfg
 from potpourri.report.html import Report
 from potpourri.runs import Run, new_run

@@ -1,0 +1,71 @@
+"""Model input transforms resolved from a model's ``PretrainedCfg`` (input size, mean, std, interpolation).
+
+``eval_transform`` resizes by ``crop_pct`` and centre-crops, as ImageNet photos are classified; ``model_transform``
+resizes the whole image (inspection: never crop a defect away).
+
+Example:
+    >>> from potpourri.data.transforms import model_transform
+    >>> to_input = model_transform("efficientnet_lite0")
+    >>> import numpy as np; to_input(np.zeros((100, 80, 3), np.uint8)).shape
+    torch.Size([3, 224, 224])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2 as T
+
+from potpourri.errors import PotpourriError
+from potpourri.weights import PretrainedCfg
+
+__all__ = ["eval_transform", "model_transform"]
+
+
+def model_transform(model: str | PretrainedCfg, *, size: int | None = None) -> Callable[[np.ndarray], torch.Tensor]:
+    """(H, W, 3) uint8 -> (3, S, S) float tensor: resized to the config's input size and normalised by its mean/std."""
+    if isinstance(model, str):
+        from potpourri.registry import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(model)
+        if cfg is None:
+            raise PotpourriError(f"model '{model}' has no pretrained config; pass a PretrainedCfg instead")
+    else:
+        cfg = model
+    side = size or cfg.input_size[-1]
+    mode = "bicubic" if cfg.interpolation == "bicubic" else "bilinear"
+    mean = torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1)
+
+    def transform(image: np.ndarray) -> torch.Tensor:
+        x = torch.tensor(np.asarray(image), dtype=torch.float32).permute(2, 0, 1) / 255.0  # (3, H, W), a copy
+        if x.shape[1:] != (side, side):
+            x = F.interpolate(x[None], size=(side, side), mode=mode, antialias=True, align_corners=False)[0]
+            x = x.clamp(0, 1)
+        return (x - mean) / std
+
+    return transform
+
+
+def eval_transform(cfg: PretrainedCfg | None, *, image_size: int | None = None) -> T.Compose:
+    """Resize (by ``crop_pct``), centre-crop, scale to [0, 1] and normalise, as the weights were trained.
+
+    Example:
+        x = eval_transform(get_pretrained_cfg("efficientnet_lite0"))(load_rgb("cat.jpg")).unsqueeze(0)
+    """
+    cfg = cfg or PretrainedCfg(name="default")
+    size = image_size or cfg.input_size[-1]
+    interpolation = T.InterpolationMode(cfg.interpolation)
+    return T.Compose(
+        [
+            T.ToImage(),
+            T.Resize(math.floor(size / cfg.crop_pct), interpolation=interpolation, antialias=True),
+            T.CenterCrop(size),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(mean=list(cfg.mean), std=list(cfg.std)),
+        ]
+    )
