@@ -67,7 +67,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_auto_replace(args: argparse.Namespace) -> int:
     import torch
 
-    from potpourri.demo import texture_dataset
+    from potpourri.data.synth import make_task
     from potpourri.deploy.auto_replace import auto_replace, mlp_to_conv
     from potpourri.registry import create_model
     from potpourri.report.html import Report
@@ -76,8 +76,8 @@ def _cmd_auto_replace(args: argparse.Namespace) -> int:
     seed_everything(args.seed)
     torch.set_num_threads(args.threads)
     model = create_model(args.model, pretrained=args.pretrained, weights=args.weights, img_size=args.size)
-    crops = texture_dataset("train", per_class=max(1, args.images // 4), size=args.size, seed=args.seed)
-    images = (torch.from_numpy(crops.images).permute(0, 3, 1, 2).float() / 127.5 - 1.0)[: args.images]
+    task = make_task("classification", n_per_class=max(1, args.images // 21 + 1), size=args.size, seed=args.seed)
+    images = (torch.from_numpy(task.train_images).permute(0, 3, 1, 2).float() / 127.5 - 1.0)[: args.images]
     images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))]
     run = new_run("auto-replace", args.out)
     run.write_config(vars(args) | {"func": None})

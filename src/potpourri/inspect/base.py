@@ -1,0 +1,256 @@
+"""The common contract of inspection methods: ``fit`` on normal images, ``predict`` typed results, saved thresholds.
+
+A fitted method is a folder: ``metadata.json`` (method name, config, calibrated thresholds, notes) next to
+``model.safetensors`` (tensors only, e.g. PatchCore's memory bank). Thresholds are data in ``metadata.json``,
+never baked into a model, so they can be re-calibrated without refitting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+from potpourri.errors import PotpourriError
+from potpourri.imaging import load_rgb
+from potpourri.inspect.metrics import f1_max
+from potpourri.weights import atomic_write_bytes, load_state_dict_file, save_state_dict_atomic
+
+__all__ = [
+    "FORMAT_VERSION",
+    "ImageInput",
+    "InspectionMethod",
+    "InspectionResult",
+    "Thresholds",
+    "as_rgb",
+    "load_method",
+]
+
+FORMAT_VERSION = 1
+METADATA = "metadata.json"
+TENSORS = "model.safetensors"
+# method name -> module that defines it; imported lazily so `load_method` does not import every method
+_METHOD_MODULES = {"patchcore": "potpourri.inspect.patchcore"}
+
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
+
+
+def as_rgb(image: ImageInput) -> Image.Image:
+    """A path, PIL image or HxW(x3) uint8 array as an RGB PIL image."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise PotpourriError(f"image array must be HxW or HxWx3 uint8, got {image.dtype} {image.shape}")
+        return Image.fromarray(image).convert("RGB")
+    return load_rgb(image)
+
+
+@dataclass(frozen=True)
+class InspectionResult:
+    """One image's verdict: image score, (H, W) anomaly map, predicted defect mask and label (None: no threshold)."""
+
+    score: float
+    anomaly_map: np.ndarray  # (H, W) float32, at the method's input resolution
+    mask: np.ndarray | None  # (H, W) bool, anomaly_map >= pixel threshold
+    label: bool | None  # True = defect, score >= image threshold
+
+
+@dataclass
+class Thresholds:
+    """Decision thresholds for image scores and map pixels, and where they came from."""
+
+    image: float | None = None
+    pixel: float | None = None
+    source: str = "none"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.image is not None
+
+
+def calibrate_thresholds(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    maps: np.ndarray | None = None,
+    masks: np.ndarray | None = None,
+    *,
+    image_threshold: float | None = None,
+    pixel_threshold: float | None = None,
+) -> Thresholds:
+    """F1-max thresholds on validation data, or the user's values; without defects, the top normal score.
+
+    The pixel threshold is F1-max over mask pixels when masks hold defects, else the image threshold (noted).
+    """
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
+    notes: list[str] = []
+    if image_threshold is not None:
+        image, source = float(image_threshold), "user"
+    elif labels.any():
+        image, source = f1_max(labels, scores)[1], "f1-max on validation"
+    elif labels.size:
+        image, source = float(scores.max()), "max normal score on validation"
+        notes.append("validation set has no defects: image threshold = highest normal score (no F1-max possible)")
+    else:
+        return Thresholds(notes=["no validation images: thresholds not calibrated; pass --threshold"])
+    if pixel_threshold is not None:
+        pixel = float(pixel_threshold)
+    elif masks is not None and maps is not None and np.asarray(masks).any():
+        pixel = f1_max(np.asarray(masks).astype(np.uint8).ravel(), np.asarray(maps).ravel())[1]
+    else:
+        pixel = image
+        notes.append("no defect masks to calibrate on: pixel threshold = image threshold")
+    return Thresholds(image=image, pixel=pixel, source=source, notes=notes)
+
+
+class InspectionMethod(ABC):
+    """Base of every inspection method: fit on normal images, score, threshold, save and load.
+
+    Subclasses set ``name`` and ``config_class`` and implement ``fit``, ``score``, ``state_tensors`` and
+    ``load_state_tensors``. Example:
+        method = PatchCore(PatchCoreConfig()).fit(train_paths); results = method.predict(test_paths)
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.thresholds = Thresholds()
+        self.notes: list[str] = []
+
+    @abstractmethod
+    def fit(self, images: Sequence[ImageInput]) -> InspectionMethod:
+        """Learn what normal looks like from normal images; returns self."""
+
+    @abstractmethod
+    def score(self, images: Sequence[ImageInput]) -> tuple[np.ndarray, np.ndarray]:
+        """Image scores (N,) and anomaly maps (N, H, W), higher = more anomalous."""
+
+    @abstractmethod
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The fitted tensors to save (safetensors)."""
+
+    @abstractmethod
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what ``state_tensors`` returned."""
+
+    def calibrate(
+        self,
+        scores: np.ndarray,
+        labels: np.ndarray,
+        maps: np.ndarray | None = None,
+        masks: np.ndarray | None = None,
+        *,
+        image_threshold: float | None = None,
+        pixel_threshold: float | None = None,
+    ) -> Thresholds:
+        """Set the thresholds from validation scores/labels (and maps/masks); see ``calibrate_thresholds``."""
+        self.thresholds = calibrate_thresholds(
+            scores, labels, maps, masks, image_threshold=image_threshold, pixel_threshold=pixel_threshold
+        )
+        return self.thresholds
+
+    def results(self, scores: np.ndarray, maps: np.ndarray) -> list[InspectionResult]:
+        """Turn scores and maps into typed results with the current thresholds."""
+        image_t, pixel_t = self.thresholds.image, self.thresholds.pixel
+        return [
+            InspectionResult(
+                score=float(s),
+                anomaly_map=m.astype(np.float32),
+                mask=None if pixel_t is None else m >= pixel_t,
+                label=None if image_t is None else bool(s >= image_t),
+            )
+            for s, m in zip(scores, maps, strict=True)
+        ]
+
+    def predict(self, images: Sequence[ImageInput]) -> list[InspectionResult]:
+        """Score images and apply the calibrated thresholds (mask and label are None when uncalibrated)."""
+        scores, maps = self.score(images)
+        return self.results(scores, maps)
+
+    def metadata(self) -> dict[str, Any]:
+        from potpourri import __version__
+
+        return {
+            "format": "potpourri.inspect",
+            "format_version": FORMAT_VERSION,
+            "potpourri_version": __version__,
+            "method": self.name,
+            "config": dataclasses.asdict(self.config),
+            "thresholds": dataclasses.asdict(self.thresholds),
+            "notes": self.notes,
+            "tensors": TENSORS,
+        }
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write ``model.safetensors`` and ``metadata.json`` (thresholds live there, not in the tensors)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_state_dict_atomic(self.state_tensors(), folder / TENSORS, metadata={"method": self.name})
+        atomic_write_bytes(folder / METADATA, json.dumps(self.metadata(), indent=2).encode())
+        return folder
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, Any], folder: Path) -> InspectionMethod:
+        known = {f.name for f in dataclasses.fields(cls.config_class)}
+        unknown = sorted(set(metadata["config"]) - known)
+        if unknown:
+            raise PotpourriError(f"'{folder}' has config keys {unknown} unknown to this potpourri; refit the model")
+        config = cls.config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in metadata["config"].items()})
+        method = cls(config)
+        method.thresholds = Thresholds(**metadata["thresholds"])
+        method.notes = list(metadata.get("notes", []))
+        method.load_state_tensors(load_state_dict_file(folder / metadata.get("tensors", TENSORS)))
+        return method
+
+
+def read_metadata(folder: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a fitted method's ``metadata.json``; a wrong folder or version raises one clear line."""
+    folder = Path(folder)
+    path = folder / METADATA
+    if not path.is_file():
+        raise PotpourriError(
+            f"'{folder}' is not an inspection run (no {METADATA}); fit one with `potpourri inspect fit ... --out DIR`"
+        )
+    try:
+        metadata = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PotpourriError(f"'{path}' is not valid JSON ({exc}); refit the model") from exc
+    if not isinstance(metadata, dict) or metadata.get("format") != "potpourri.inspect":
+        raise PotpourriError(f"'{path}' is not potpourri inspection metadata; refit the model")
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION:
+        raise PotpourriError(
+            f"'{folder}' was written in inspection format {version}; this potpourri reads {FORMAT_VERSION}: "
+            "refit with this version"
+        )
+    return metadata
+
+
+def load_method(folder: str | os.PathLike, *, expect: str | None = None) -> InspectionMethod:
+    """Load a fitted method from its folder; ``expect`` names the method the caller needs (e.g. 'patchcore').
+
+    Example:
+        method = load_method("runs/inspect/v0"); results = method.predict(["part.png"])
+    """
+    folder = Path(folder)
+    metadata = read_metadata(folder)
+    name = metadata.get("method")
+    if expect is not None and name != expect:
+        raise PotpourriError(f"'{folder}' holds a '{name}' model, not '{expect}'")
+    if name not in _METHOD_MODULES:
+        raise PotpourriError(f"'{folder}' holds unknown method '{name}'; known: {', '.join(sorted(_METHOD_MODULES))}")
+    module = importlib.import_module(_METHOD_MODULES[name])
+    return module.METHOD.from_metadata(metadata, folder)
