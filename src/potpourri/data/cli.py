@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from potpourri.errors import PotpourriError
+from potpourri.imaging import find_images
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -34,23 +35,6 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _images_in(paths: list[str]) -> list[Path]:
-    from potpourri.data.layouts import IMAGE_SUFFIXES
-
-    found: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise PotpourriError(f"{path}: no such image or folder")
-    if not found:
-        raise PotpourriError(f"no images found in {', '.join(paths)}")
-    return found
-
-
 def _cmd_corrupt(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
@@ -66,7 +50,7 @@ def _cmd_corrupt(args: argparse.Namespace) -> int:
         severities = [int(s) for s in args.severity.split(",")] if args.severity != "all" else [1, 2, 3, 4, 5]
     except ValueError:
         raise PotpourriError(f"--severity '{args.severity}' is not 1-5, a comma-separated list or 'all'") from None
-    images = _images_in(args.inputs)
+    images = find_images(args.inputs)
     out = Path(args.out)
     written = 0
     for index, path in enumerate(images):

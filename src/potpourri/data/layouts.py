@@ -27,11 +27,11 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from potpourri.errors import PotpourriError
+from potpourri.imaging import IMAGE_SUFFIXES
 from potpourri.imaging import read_rgb as read_image
 
 __all__ = ["DSSynth", "DefectSpectrum", "Folder", "ImageFolder", "MVTecAD", "Sample", "read_image", "read_mask"]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _COLOR_MASK_DIRS = ("rbg_mask", "rgb_mask")  # Defect Spectrum spells it both ways (pill uses rgb_mask)
 
 

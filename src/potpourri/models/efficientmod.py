@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 
+from potpourri.models._base import ClassifierMixin
 from potpourri.registry import register_model
 
 __all__ = ["EfficientMod", "EfficientModCfg", "efficientmod_s", "efficientmod_xs", "efficientmod_xxs"]
@@ -153,7 +154,7 @@ class EfficientModCfg:
     drop_path_rate: float = 0.0
 
 
-class EfficientMod(nn.Module):
+class EfficientMod(ClassifierMixin, nn.Module):
     """EfficientMod backbone + classifier with timm's contract (forward_features/forward_head/feature_info)."""
 
     def __init__(
@@ -221,16 +222,6 @@ class EfficientMod(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(x.mean((2, 3)))  # (B, C)
         return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
 
 # Configurations of the paper (Table 1 / released code): params 4.7 M, 6.6 M, 12.9 M at 1000 classes.

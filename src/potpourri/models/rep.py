@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from potpourri.models._base import ClassifierMixin
 from potpourri.registry import register_model
 
 __all__ = ["RepConv", "RepConvNet", "fold_bn", "repconvnet_s"]
@@ -101,7 +102,7 @@ class RepConv(nn.Module):
     switch_to_deploy = reparameterize  # YOLOv6 / RepVGG spelling
 
 
-class RepConvNet(nn.Module):
+class RepConvNet(ClassifierMixin, nn.Module):
     """A RepVGG-style classifier: RepConv stages (first block of each strided), global pool, linear head."""
 
     def __init__(
@@ -133,16 +134,6 @@ class RepConvNet(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x.mean((2, 3))  # (B, C)
         return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
 
 @register_model(tags=("efficient", "reparam"))
