@@ -95,6 +95,11 @@ def efficientnet_lite0(pretrained: bool = False, *, weights: str | None = None, 
         model = create_model("efficientnet_lite0", pretrained=True, num_classes=6)
     """
     model = timm.create_model(_TIMM_ARCH, pretrained=False, **kwargs)
+    if model.num_classes and model.num_classes != LITE0_CFG.num_classes:
+        # timm's TF-style init scales a head by 1/sqrt(out_features): for a few classes that gives logits of ±10
+        # on pretrained features and a loss far above log(K); start a new head small instead
+        nn.init.normal_(model.classifier.weight, std=0.01)
+        nn.init.zeros_(model.classifier.bias)
     model.pretrained_cfg = {**model.pretrained_cfg, **LITE0_CFG.describe(), "architecture": "efficientnet_lite0"}
     if pretrained or weights is not None:
         load_pretrained(model, LITE0_CFG, weights)

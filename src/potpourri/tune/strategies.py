@@ -1,0 +1,435 @@
+"""Adaptation strategies behind one interface: given a model, freeze/wrap it and return param groups.
+
+Every strategy works on a **block map**: the ordered list of "layers" a user can choose from (stem, each
+block, neck, head), derived from the model's structure by ``block_map(model)`` and overridable by the user.
+
+| strategy           | trains                                   | optimizer            |
+|--------------------|------------------------------------------|----------------------|
+| `linear`           | the head                                 | AdamW (overridable)  |
+| `full-adamw`       | everything                               | AdamW                |
+| `full-sgd`         | everything                               | SGD + momentum       |
+| `sgd-freeze-embed` | everything but the first entry (stem)    | SGD (momentum opt.)  |
+| `subtuning`        | the chosen blocks + head                 | AdamW (overridable)  |
+| `layer-decay`      | everything, lr × decay^(depth from head) | AdamW (overridable)  |
+| `lora`             | low-rank adapters on Linear / 1×1 conv + head | AdamW (overridable) |
+
+Example:
+    plan = get_strategy("subtuning", blocks=["blocks.5.0"]).prepare(model, lr=1e-3)
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from potpourri.errors import PotpourriError
+
+__all__ = [
+    "BN_POLICIES",
+    "STRATEGIES",
+    "BlockMap",
+    "Plan",
+    "Strategy",
+    "apply_bn_policy",
+    "block_map",
+    "check_blocks",
+    "get_strategy",
+    "recalibrate_bn",
+]
+
+BN_POLICIES = ("eval", "train", "recalibrate")
+BlockMap = OrderedDict[str, list[str]]  # entry name -> module/parameter name prefixes, stem to head
+_CONTAINER_NAMES = re.compile(r"^(blocks|layers|stages|features|layer\d+)$")
+_BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# block map
+
+
+def _classifier_name(model: nn.Module) -> str | None:
+    """Name of the classifier module: timm's pretrained_cfg / get_classifier, else the last Linear child."""
+    cfg_name = getattr(model, "pretrained_cfg", {}).get("classifier") if hasattr(model, "pretrained_cfg") else None
+    modules = dict(model.named_modules())
+    if isinstance(cfg_name, str) and cfg_name in modules:
+        return cfg_name
+    if hasattr(model, "get_classifier"):
+        head = model.get_classifier()
+        for name, module in modules.items():
+            if module is head and name:
+                return name
+    children = [(n, m) for n, m in model.named_children() if any(True for _ in m.parameters())]
+    return children[-1][0] if children else None
+
+
+def _has_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def _expand_container(name: str, container: nn.Module) -> list[str]:
+    """Blocks of a container: one level down, two when its children are stages (EfficientNet ``blocks.i.j``)."""
+    children = [(n, m) for n, m in container.named_children() if _has_params(m)]
+    if children and all(isinstance(m, nn.Sequential | nn.ModuleList) for _, m in children):
+        return [f"{name}.{c}.{g}" for c, stage in children for g, m in stage.named_children() if _has_params(m)]
+    return [f"{name}.{c}" for c, _ in children]
+
+
+def block_map(model: nn.Module, override: dict[str, list[str]] | None = None) -> OrderedDict[str, list[str]]:
+    """Ordered ``{entry: [name prefixes]}`` from stem to head; every parameter belongs to exactly one entry.
+
+    Example:
+        list(block_map(create_model("efficientnet_lite0")))  # ['stem', 'blocks.0.0', …, 'blocks.6.0', 'neck', 'head']
+    """
+    if override is not None:
+        bmap = OrderedDict((k, list(v)) for k, v in override.items())
+        _check_covers(model, bmap)
+        return bmap
+    head = _classifier_name(model)
+    children = [(n, m) for n, m in model.named_children() if _has_params(m) and n != head]
+    containers = [n for n, m in children if _CONTAINER_NAMES.match(n) and isinstance(m, nn.Sequential | nn.ModuleList)]
+    bmap: BlockMap = OrderedDict()
+    direct = [n for n, _ in model.named_parameters(recurse=False)]
+    if not containers:  # a plain stack (e.g. nn.Sequential): every child with parameters is one entry
+        for name, _ in children:
+            bmap[name] = [name]
+        if direct:
+            bmap["tokens"] = direct
+    else:
+        first = next(i for i, (n, _) in enumerate(children) if n in containers)
+        last = max(i for i, (n, _) in enumerate(children) if n in containers)
+        if first > 0:
+            bmap["stem"] = [n for n, _ in children[:first]]
+        if direct:
+            bmap["tokens"] = direct  # ViT cls_token / pos_embed: trainable under freeze-embed, as in Kumar et al.
+        for name, module in children[first : last + 1]:
+            if name in containers:
+                for block in _expand_container(name, module):
+                    bmap[block] = [block]
+            else:
+                bmap[name] = [name]
+        if last + 1 < len(children):
+            bmap["neck"] = [n for n, _ in children[last + 1 :]]
+    if head is not None:
+        bmap["head"] = [head]
+    _check_covers(model, bmap)
+    return bmap
+
+
+def entry_of(param_name: str, bmap: dict[str, list[str]]) -> str | None:
+    """The block-map entry a parameter belongs to (longest matching prefix)."""
+    best, best_len = None, -1
+    for entry, prefixes in bmap.items():
+        for prefix in prefixes:
+            if (param_name == prefix or param_name.startswith(prefix + ".")) and len(prefix) > best_len:
+                best, best_len = entry, len(prefix)
+    return best
+
+
+def _check_covers(model: nn.Module, bmap: dict[str, list[str]]) -> None:
+    orphans = [n for n, _ in model.named_parameters() if entry_of(n, bmap) is None]
+    if orphans:
+        raise PotpourriError(
+            f"block map leaves parameter '{orphans[0]}' (and {len(orphans) - 1} more) in no entry; "
+            "add its module name to one entry of the block map"
+        )
+
+
+def check_blocks(names: list[str], bmap: dict[str, list[str]]) -> None:
+    """Raise one line naming the first unknown block and listing the valid ones."""
+    for name in names:
+        if name not in bmap:
+            raise PotpourriError(f"unknown block '{name}'; valid blocks: {', '.join(bmap)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# BatchNorm policy
+
+
+def _trainable_modules(model: nn.Module) -> set[nn.Module]:
+    return {m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))}
+
+
+def apply_bn_policy(model: nn.Module, policy: str) -> None:
+    """Call after ``model.train()``: frozen modules with parameters run in eval mode; BN per ``policy``.
+
+    ``eval``/``recalibrate``: every BN uses its running stats while training. ``train``: BN layers whose affine
+    parameters are trained use batch stats (and update running stats); frozen BN layers stay in eval mode.
+    """
+    if policy not in BN_POLICIES:
+        raise PotpourriError(f"unknown BN policy '{policy}'; choose one of {', '.join(BN_POLICIES)}")
+    for module in model.modules():
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            module.eval()  # a wholly frozen part runs as at inference (dropout, drop-path off), as in SubTuning
+    trainable = _trainable_modules(model)
+    for module in model.modules():
+        if isinstance(module, _BN_TYPES):
+            module.train(policy == "train" and module in trainable)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Any, *, max_batches: int = 50) -> int:
+    """Re-estimate running stats of trainable BN layers from ``batches`` of inputs; returns images used."""
+    layers = [m for m in _trainable_modules(model) if isinstance(m, _BN_TYPES)]
+    if not layers:
+        return 0
+    was_training = model.training
+    model.eval()
+    saved = {}
+    for layer in layers:
+        saved[layer] = layer.momentum
+        layer.reset_running_stats()
+        layer.momentum = None  # cumulative average over all batches
+        layer.train()
+    seen = 0
+    for i, batch in enumerate(batches):
+        if i >= max_batches:
+            break
+        images = batch[0] if isinstance(batch, list | tuple) else batch
+        model(images.to(next(model.parameters()).device))
+        seen += images.shape[0]
+    for layer in layers:
+        layer.momentum = saved[layer]
+        layer.eval()
+    model.train(was_training)
+    return seen
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# strategies
+
+
+@dataclass
+class Plan:
+    """What a strategy did to a model: param groups for the optimizer and who trains."""
+
+    strategy: str
+    param_groups: list[dict[str, Any]]
+    trainable_entries: list[str]
+    trainable_names: list[str]
+    num_trainable: int
+    num_total: int
+    optimizer: str
+    momentum: float
+    block_map: OrderedDict[str, list[str]] = field(repr=False)
+
+    def describe(self) -> dict[str, Any]:
+        """The facts a run's summary records."""
+        return {
+            "strategy": self.strategy,
+            "optimizer": self.optimizer,
+            "momentum": self.momentum,
+            "trainable_entries": self.trainable_entries,
+            "trainable_params": self.num_trainable,
+            "total_params": self.num_total,
+            "trainable_pct": round(100.0 * self.num_trainable / max(self.num_total, 1), 4),
+        }
+
+
+class Strategy:
+    """Freeze/wrap a model and return a ``Plan``; subclasses choose the trained entries and lr scales."""
+
+    name = "base"
+    optimizer = "adamw"
+    fixed_optimizer = False  # full-adamw / full-sgd / sgd-freeze-embed name their optimizer
+
+    def __init__(self, *, momentum: float = 0.9, block_map: dict[str, list[str]] | None = None) -> None:
+        self.momentum = momentum
+        self.block_map_override = block_map
+
+    def trained_entries(self, bmap: BlockMap) -> list[str]:
+        raise NotImplementedError
+
+    def lr_scale(self, entry: str, bmap: BlockMap) -> float:
+        return 1.0
+
+    def wrap(self, model: nn.Module, bmap: BlockMap) -> nn.Module:
+        """Add modules (adapters) to ``model`` in place; most strategies add none."""
+        return model
+
+    def extra_trainable(self, name: str) -> bool:
+        """Parameters trained whatever entry they sit in (LoRA factors)."""
+        return False
+
+    def prepare(self, model: nn.Module, *, lr: float, weight_decay: float = 0.0, optimizer: str | None = None) -> Plan:
+        """Freeze ``model`` in place and return its param groups (one per trained block-map entry)."""
+        bmap = block_map(model, self.block_map_override)
+        entries = self.trained_entries(bmap)
+        check_blocks(entries, bmap)
+        self.wrap(model, bmap)
+        chosen = self._resolve_optimizer(optimizer)
+        groups: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        names = []
+        for name, param in model.named_parameters():
+            entry = entry_of(name, bmap) or "adapters"
+            train = entry in entries or self.extra_trainable(name)
+            param.requires_grad_(train)
+            if not train:
+                continue
+            names.append(name)
+            scale = self.lr_scale(entry, bmap)
+            no_decay = param.ndim <= 1 or entry == "tokens"  # biases, norms, cls/pos tokens: no weight decay
+            key = f"{entry}|{int(no_decay)}"
+            if key not in groups:
+                groups[key] = {
+                    "params": [],
+                    "lr": lr * scale,
+                    "lr_scale": scale,
+                    "weight_decay": 0.0 if no_decay else weight_decay,
+                    "name": key,
+                }
+            groups[key]["params"].append(param)
+        num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if num_trainable == 0:
+            raise PotpourriError(f"strategy '{self.name}' leaves no trainable parameter in this model")
+        return Plan(
+            strategy=self.name,
+            param_groups=list(groups.values()),
+            trainable_entries=[e for e in bmap if e in entries],
+            trainable_names=names,
+            num_trainable=num_trainable,
+            num_total=sum(p.numel() for p in model.parameters()),
+            optimizer=chosen,
+            momentum=self.momentum,
+            block_map=bmap,
+        )
+
+    def _resolve_optimizer(self, optimizer: str | None) -> str:
+        if optimizer is None:
+            return self.optimizer
+        if optimizer not in ("adamw", "sgd"):
+            raise PotpourriError(f"unknown optimizer '{optimizer}'; choose adamw or sgd")
+        if self.fixed_optimizer and optimizer != self.optimizer:
+            raise PotpourriError(
+                f"strategy '{self.name}' uses {self.optimizer}, not '{optimizer}'; drop --optimizer or pick another"
+            )
+        return optimizer
+
+
+class Linear(Strategy):
+    """Linear probe: only the head trains."""
+
+    name = "linear"
+
+    def trained_entries(self, bmap: BlockMap) -> list[str]:
+        return ["head"] if "head" in bmap else [list(bmap)[-1]]
+
+
+class FullAdamW(Strategy):
+    """Full fine-tuning with AdamW."""
+
+    name = "full-adamw"
+    fixed_optimizer = True
+
+    def trained_entries(self, bmap: BlockMap) -> list[str]:
+        return list(bmap)
+
+
+class FullSGD(FullAdamW):
+    """Full fine-tuning with SGD (+ momentum)."""
+
+    name = "full-sgd"
+    optimizer = "sgd"
+
+
+class SGDFreezeEmbed(FullSGD):
+    """SGD with the embedding (the first block-map entry: stem conv+BN / patch embedding) frozen (Kumar et al.)."""
+
+    name = "sgd-freeze-embed"
+
+    def trained_entries(self, bmap: BlockMap) -> list[str]:
+        return list(bmap)[1:]
+
+
+class SubTuning(Strategy):
+    """Fine-tune only the chosen blocks and the head (Kaplun et al.)."""
+
+    name = "subtuning"
+
+    def __init__(self, blocks: list[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.blocks = list(blocks or [])
+
+    def trained_entries(self, bmap: BlockMap) -> list[str]:
+        head = ["head"] if "head" in bmap else [list(bmap)[-1]]
+        check_blocks(self.blocks, bmap)
+        return list(dict.fromkeys([*self.blocks, *head]))
+
+
+class LayerDecay(FullAdamW):
+    """Everything trains; entry i of n gets lr × decay^(n-1-i), so the head keeps the full lr."""
+
+    name = "layer-decay"
+    fixed_optimizer = False
+
+    def __init__(self, decay: float = 0.75, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.decay = decay
+
+    def lr_scale(self, entry: str, bmap: BlockMap) -> float:
+        order = list(bmap)
+        return self.decay ** (len(order) - 1 - order.index(entry))
+
+
+class LoRA(Strategy):
+    """Low-rank adapters (peft) on every Linear and ungrouped 1×1 Conv2d between stem and head; head trains in full.
+
+    Depthwise and k×k convs are left alone: timm's TF-"same" convs pad dynamically, which peft's conv LoRA does not.
+    """
+
+    name = "lora"
+
+    def __init__(self, rank: int = 4, alpha: float = 8.0, targets: list[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.rank, self.alpha, self.targets = rank, alpha, targets
+
+    def trained_entries(self, bmap: BlockMap) -> list[str]:
+        return ["head"] if "head" in bmap else [list(bmap)[-1]]
+
+    def extra_trainable(self, name: str) -> bool:
+        return ".lora_" in name
+
+    def default_targets(self, model: nn.Module, bmap: BlockMap) -> list[str]:
+        """Module names LoRA wraps: Linear and ungrouped 1×1 convs outside the stem and head."""
+        skip = {"head", next(iter(bmap))}  # the embedding and the classifier are not adapted
+        targets = []
+        for name, module in model.named_modules():
+            if entry_of(name, bmap) in skip | {None}:
+                continue
+            pointwise = isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1
+            if isinstance(module, nn.Linear) or pointwise:
+                targets.append(name)
+        return targets
+
+    def wrap(self, model: nn.Module, bmap: BlockMap) -> nn.Module:
+        try:
+            from peft import LoraConfig, inject_adapter_in_model
+        except ImportError as exc:
+            raise PotpourriError("strategy 'lora' needs peft; run `pip install potpourri[lora]`") from exc
+        targets = self.targets or self.default_targets(model, bmap)
+        if not targets:
+            raise PotpourriError("strategy 'lora' found no Linear or 1x1 Conv2d to adapt; pass targets=[...]")
+        config = LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=targets, lora_dropout=0.0)
+        inject_adapter_in_model(config, model)
+        return model
+
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    s.name: s for s in (Linear, FullAdamW, FullSGD, SGDFreezeEmbed, SubTuning, LayerDecay, LoRA)
+}
+
+
+def get_strategy(name: str, **kwargs: Any) -> Strategy:
+    """Build a strategy by name; unknown names raise one line listing the valid ones.
+
+    Example:
+        get_strategy("sgd-freeze-embed", momentum=0.0)
+    """
+    if name not in STRATEGIES:
+        raise PotpourriError(f"unknown strategy '{name}'; choose one of {', '.join(STRATEGIES)}")
+    return STRATEGIES[name](**kwargs)

@@ -1,0 +1,517 @@
+"""One plain training loop for every adaptation strategy (nanoGPT-like, read it top to bottom).
+
+AdamW or SGD(+momentum), cosine schedule with linear warm-up, gradient clipping, label smoothing, optional EMA,
+bf16 autocast only on CUDA, a progress bar, ``metrics.csv`` per epoch. Checkpoints are atomic: per checkpoint a
+``step<N>.safetensors`` (weights + EMA), a ``step<N>.optim.safetensors`` (optimizer tensors + torch RNG) and,
+written last as the commit point, ``last.json`` (epoch, step, scheduler position, optimizer hyper-parameters,
+NumPy/Python RNG, metrics so far). ``resume=True`` continues mid-epoch and ends with the same weights on CPU as an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from potpourri.errors import PotpourriError
+from potpourri.runs import Run, new_run
+from potpourri.tune.strategies import Plan, apply_bn_policy, recalibrate_bn
+from potpourri.weights import atomic_write_bytes, save_state_dict_atomic
+
+__all__ = ["TuneConfig", "TuneResult", "evaluate", "fit", "load_checkpoint", "lr_at", "save_checkpoint", "train"]
+
+# config keys that may change between a run and its resumption; all others must match
+_RESUMABLE_CHANGES = {"epochs", "progress", "device", "num_workers", "checkpoint_every"}
+
+
+@dataclass
+class TuneConfig:
+    """Every knob of the loop; the strategy decides who trains, this decides how."""
+
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: str | None = None  # adamw | sgd; None: the strategy's default
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    grad_clip: float | None = 1.0
+    label_smoothing: float = 0.0
+    ema_decay: float | None = None  # e.g. 0.999; evaluation then uses the EMA weights
+    bn: str = "eval"  # eval | train | recalibrate (see strategies.apply_bn_policy)
+    seed: int = 0
+    shuffle: bool = True
+    drop_last: bool = False
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: only at epoch ends
+    num_workers: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    progress: bool = True
+
+
+@dataclass
+class TuneResult:
+    """What a training run produced."""
+
+    model: nn.Module
+    history: list[dict[str, Any]]
+    plan: dict[str, Any]
+    steps: int
+    seconds: float
+    run_path: Path | None = None
+    final: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def val_acc(self) -> float | None:
+        return self.final.get("val_acc")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# schedule, data order, EMA
+
+
+def lr_at(step: int, *, base: float, total: int, warmup: int = 0, min_ratio: float = 0.0) -> float:
+    """Learning rate at ``step``: linear warm-up over ``warmup`` steps, then cosine down to ``min_ratio * base``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int, shuffle: bool, drop_last: bool) -> list:
+    """Index batches of one epoch; a function of (seed, epoch) only, so a resumed run sees the same order."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)) if shuffle else None
+    order = order.tolist() if order is not None else list(range(n))
+    stop = n - n % batch_size if drop_last else n
+    return [order[i : i + batch_size] for i in range(0, stop, batch_size)]
+
+
+def iter_batches(data: Dataset, batches: list, num_workers: int) -> Iterator:
+    if isinstance(data, TensorDataset):  # cached features: index tensors directly, no per-item collation
+        for idx in batches:
+            index = torch.as_tensor(idx)
+            yield tuple(t[index] for t in data.tensors)
+        return
+    yield from DataLoader(data, batch_sampler=batches, num_workers=num_workers)
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for name, param in model.named_parameters():
+            if name in self.shadow:
+                self.shadow[name].lerp_(param.detach(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def swap(self, model: nn.Module) -> None:
+        """Exchange live and EMA weights (call twice to swap back)."""
+        params = dict(model.named_parameters())
+        for name, shadow in self.shadow.items():
+            live = params[name].detach().clone()
+            params[name].copy_(shadow)
+            shadow.copy_(live)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    plain = {"numpy": [kind, keys.tolist(), pos, has_gauss, cached], "python": [version, list(internal), gauss]}
+    return tensors, plain
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_checkpoint(
+    folder: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None, state: dict[str, Any]
+) -> Path:
+    """Write one checkpoint atomically; ``last.json`` is written last, so a kill never leaves a torn checkpoint."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tag = f"step{state['step']:08d}"
+    weights = dict(model.state_dict())
+    if ema is not None:
+        weights.update({f"ema.{k}": v for k, v in ema.shadow.items()})
+    save_state_dict_atomic(weights, folder / f"{tag}.safetensors", metadata={"step": str(state["step"])})
+
+    optim = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, slots in optim["state"].items():
+        for key, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{key}"] = value
+            else:
+                scalars[f"{index}.{key}"] = value
+    rng_tensors, rng_plain = _rng_state()
+    save_state_dict_atomic({**tensors, **rng_tensors}, folder / f"{tag}.optim.safetensors")
+
+    record = {**state, "tag": tag, "param_groups": optim["param_groups"], "optim_scalars": scalars, "rng": rng_plain}
+    atomic_write_bytes(folder / "last.json", json.dumps(record).encode())
+    for old in folder.glob("step*.safetensors"):  # older checkpoints are superseded once last.json moved on
+        if not old.name.startswith(tag + "."):
+            old.unlink(missing_ok=True)
+    return folder / f"{tag}.safetensors"
+
+
+def load_checkpoint(
+    folder: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, ema: EMA | None = None
+) -> dict[str, Any]:
+    """Restore model (and optimizer, EMA, RNG when given) from ``folder/last.json``; returns the saved state."""
+    from safetensors.torch import load_file
+
+    last = folder / "last.json"
+    if not last.is_file():
+        raise PotpourriError(f"no checkpoint to resume in '{folder}'; run without --resume first")
+    record = json.loads(last.read_text())
+    weights = load_file(str(folder / f"{record['tag']}.safetensors"))
+    model.load_state_dict({k: v for k, v in weights.items() if not k.startswith("ema.")})
+    if ema is not None:
+        ema.shadow = {k[4:]: v for k, v in weights.items() if k.startswith("ema.")}
+    if optimizer is not None:
+        extra = load_file(str(folder / f"{record['tag']}.optim.safetensors"))
+        slots: dict[int, dict[str, Any]] = {}
+        for key, value in extra.items():
+            if key.startswith("state."):
+                _, index, name = key.split(".", 2)
+                slots.setdefault(int(index), {})[name] = value
+        for key, value in record["optim_scalars"].items():
+            index, name = key.split(".", 1)
+            slots.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": slots, "param_groups": record["param_groups"]})
+        _set_rng_state(extra, record["rng"])
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per torchrun process
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device(name)
+
+
+def _make_optimizer(plan: Plan, cfg: TuneConfig) -> torch.optim.Optimizer:
+    if plan.optimizer == "sgd":
+        return torch.optim.SGD(plan.param_groups, lr=cfg.lr, momentum=plan.momentum)
+    return torch.optim.AdamW(plan.param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset, *, batch_size: int = 64, device: str = "cpu") -> dict[str, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``data`` in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, seen = 0.0, 0, 0
+    batches = epoch_batches(len(data), batch_size, seed=0, epoch=0, shuffle=False, drop_last=False)
+    for images, labels in iter_batches(data, batches, 0):
+        images, labels = images.to(device), labels.to(device)
+        logits = model(images)  # (B, K)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += labels.numel()
+    model.train(was_training)
+    return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1)}
+
+
+@dataclass
+class _Dist:
+    """Where this process sits in a ``torchrun`` job (a single process is rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _dist_setup(device: torch.device) -> _Dist:
+    """Join the torchrun process group when ``WORLD_SIZE`` > 1: gloo on CPU, nccl on GPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _Dist()
+    import torch.distributed as dist
+
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return _Dist(dist.get_rank(), dist.get_world_size(), owns)
+
+
+def train(
+    model: nn.Module,
+    train_data: Dataset,
+    val_data: Dataset | None,
+    plan: Plan,
+    cfg: TuneConfig,
+    *,
+    run: Run | str | Path | None = None,
+    resume: bool = False,
+    on_step: Callable[[int, nn.Module], None] | None = None,
+) -> TuneResult:
+    """Train the parameters ``plan`` left trainable; write checkpoints and metrics into ``run`` when given.
+
+    Under ``torchrun`` each process trains on its slice of every global batch (DistributedDataParallel), rank 0
+    evaluates and writes; a global batch smaller than the number of processes is skipped.
+
+    Example:
+        plan = get_strategy("linear").prepare(model, lr=1e-2); result = train(model, train, val, plan, TuneConfig())
+    """
+    device = _device(cfg.device)
+    dist = _dist_setup(device)
+    run_path = None if run is None else run.path if isinstance(run, Run) else Path(run)
+    if run_path is None or not dist.main:
+        run = None  # only rank 0 writes run files
+    elif not isinstance(run, Run):
+        run = new_run("tune", run_path)
+    ckpt_dir = run_path / "checkpoints" if run_path is not None else None
+    model.to(device)
+    optimizer = _make_optimizer(plan, cfg)
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    net = model
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def global_batches(epoch: int) -> list[list[int]]:
+        batches = epoch_batches(
+            len(train_data), cfg.batch_size, seed=cfg.seed, epoch=epoch, shuffle=cfg.shuffle, drop_last=cfg.drop_last
+        )
+        return [b for b in batches if len(b) >= dist.world]
+
+    steps_per_epoch = len(global_batches(0))
+    if steps_per_epoch == 0:
+        raise PotpourriError(f"batch size {cfg.batch_size} leaves no batch of {len(train_data)} training images")
+    total_steps = cfg.epochs * steps_per_epoch
+    config = asdict(cfg)
+
+    last_ckpt: Path | None = None
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "sums": [0.0, 0, 0], "history": [], "config": config}
+    if resume:
+        if ckpt_dir is None:
+            raise PotpourriError("resume needs a run folder; pass --out DIR of the run to resume")
+        record = load_checkpoint(ckpt_dir, model=model, optimizer=optimizer, ema=ema)
+        state = {k: record[k] for k in ("epoch", "step", "sums", "history", "config")}
+        last_ckpt = ckpt_dir / f"{record['tag']}.safetensors"
+        changed = [k for k, v in config.items() if k not in _RESUMABLE_CHANGES and state["config"].get(k) != v]
+        if changed:
+            key = changed[0]
+            raise PotpourriError(
+                f"cannot resume with {key}={config[key]!r}: the run used {state['config'].get(key)!r}; "
+                "use the same setting or start a new --out"
+            )
+        if run is not None:  # metrics.csv restarts from the checkpoint's history (no duplicate rows)
+            run = Run(run.path)
+            for row in state["history"]:
+                run.log_metrics(row)
+    elif run is not None:
+        run.write_config({**config, **plan.describe(), "world_size": dist.world})
+        run.write_env(cfg.seed)
+
+    use_amp = device.type == "cuda"
+    started = time.perf_counter()
+    from tqdm.auto import tqdm
+
+    def checkpoint() -> Path | None:
+        if ckpt_dir is None or not dist.main:
+            return last_ckpt
+        return save_checkpoint(ckpt_dir, model=model, optimizer=optimizer, ema=ema, state=state)
+
+    step = state["step"]
+    lr = lr_at(step, base=cfg.lr, total=total_steps, warmup=cfg.warmup_steps, min_ratio=cfg.min_lr_ratio)
+    try:
+        for epoch in range(state["epoch"], cfg.epochs):
+            batches = global_batches(epoch)
+            done = step - epoch * steps_per_epoch  # batches of this epoch a resumed run already trained on
+            shards = [b[dist.rank :: dist.world] for b in batches[done:]]  # this process's slice of each batch
+            model.train()
+            apply_bn_policy(model, cfg.bn)
+            desc = f"epoch {epoch + 1}/{cfg.epochs}"
+            bar = tqdm(total=len(batches), initial=done, desc=desc, disable=not (cfg.progress and dist.main))
+            epoch_start = time.perf_counter()
+            for index, (images, labels) in enumerate(iter_batches(train_data, shards, cfg.num_workers), done):
+                images, labels = images.to(device), labels.to(device)
+                lr = lr_at(step, base=cfg.lr, total=total_steps, warmup=cfg.warmup_steps, min_ratio=cfg.min_lr_ratio)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    logits = net(images)  # (B, K)
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+                # global sums of loss, correct, seen: the same on every process, so all stop together on NaN
+                stats = torch.tensor(
+                    [loss.item() * labels.numel(), (logits.argmax(1) == labels).sum().item(), labels.numel()],
+                    dtype=torch.float64,
+                    device=device,
+                )
+                if dist.world > 1:
+                    torch.distributed.all_reduce(stats)
+                if not math.isfinite(stats[0].item()):
+                    bar.close()
+                    kept = f"last good checkpoint kept: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+                    raise PotpourriError(
+                        f"loss became {stats[0].item() / stats[2].item()} at epoch {epoch + 1} step {step + 1}; "
+                        f"stopped, {kept}; lower --lr or set --grad-clip"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                # DDP averages gradients over processes; weighting by slice size makes that the global-batch mean
+                (loss * (labels.numel() * dist.world / len(batches[index]))).backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+                optimizer.step()
+                if ema is not None:
+                    ema.update(model)
+                step += 1
+                state["step"] = step
+                state["sums"] = [a + b for a, b in zip(state["sums"], stats.tolist(), strict=True)]
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats[0].item() / stats[2].item():.4f}", lr=f"{lr:.2e}")
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch != 0:
+                    last_ckpt = checkpoint()
+                if on_step is not None:
+                    on_step(step, model)
+            bar.close()
+
+            if cfg.bn == "recalibrate":  # every process sees all data, so all keep the same BN statistics
+                order = epoch_batches(len(train_data), cfg.batch_size, seed=0, epoch=0, shuffle=False, drop_last=False)
+                recalibrate_bn(model, iter_batches(train_data, order, cfg.num_workers))
+            loss_sum, correct, seen = state["sums"]
+            row = {
+                "epoch": epoch + 1,
+                "step": step,
+                "lr": lr,
+                "train_loss": loss_sum / max(seen, 1),
+                "train_acc": correct / max(seen, 1),
+            }
+            if val_data is not None and dist.main:
+                if ema is not None:
+                    ema.swap(model)
+                metrics = evaluate(model, val_data, batch_size=max(cfg.batch_size, 64), device=device)
+                if ema is not None:
+                    ema.swap(model)
+                row.update(val_loss=metrics["loss"], val_acc=metrics["acc"])
+            row["epoch_s"] = round(time.perf_counter() - epoch_start, 4)
+            state.update(epoch=epoch + 1, sums=[0.0, 0, 0])
+            state["history"].append(row)
+            last_ckpt = checkpoint()
+            if run is not None:
+                run.log_metrics(row)
+    finally:
+        if dist.owns_group:
+            torch.distributed.destroy_process_group()
+
+    if ema is not None:  # the result carries the EMA weights, as evaluated
+        ema.swap(model)
+    seconds = time.perf_counter() - started
+    final = dict(state["history"][-1]) if state["history"] else {}
+    result = TuneResult(model, state["history"], plan.describe(), step, seconds, run_path, final)
+    if run is not None:
+        save_state_dict_atomic(model.state_dict(), run.path / "model.safetensors", metadata={"step": str(step)})
+        run.write_summary(
+            {**final, **plan.describe(), "steps": step, "train_seconds": round(seconds, 3), "world_size": dist.world}
+        )
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the Python entry point
+
+
+def labels_of(data: Dataset) -> torch.Tensor | None:
+    if isinstance(data, TensorDataset):
+        return data.tensors[1]
+    targets = getattr(data, "targets", None)
+    return torch.as_tensor(targets) if targets is not None else None
+
+
+def fit(
+    model: nn.Module,
+    train_data: Dataset,
+    val_data: Dataset | None = None,
+    strategy: str = "linear",
+    *,
+    blocks: list[str] | None = None,
+    strategy_kwargs: dict[str, Any] | None = None,
+    cache_features: bool | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    **config: Any,
+) -> TuneResult:
+    """Adapt ``model`` to ``train_data`` with a named strategy through the one loop; ``config`` fills TuneConfig.
+
+    Example:
+        result = fit(model, train_set, val_set, strategy="subtuning", blocks=["blocks.5.0"], epochs=5, lr=1e-3)
+    """
+    from potpourri.tune.features import extract_features, head_module
+    from potpourri.tune.strategies import get_strategy
+
+    known = set(TuneConfig.__dataclass_fields__)
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise PotpourriError(f"unknown training option '{unknown[0]}'; valid options: {', '.join(sorted(known))}")
+    cfg = TuneConfig(**config)
+    labels = labels_of(train_data)
+    if labels is not None and labels.unique().numel() < 2:
+        raise PotpourriError(f"training data has a single class ({labels[0].item()}); a classifier needs at least 2")
+    kwargs = dict(strategy_kwargs or {})
+    if blocks is not None:
+        if strategy != "subtuning":
+            raise PotpourriError(f"blocks= only applies to strategy 'subtuning', not '{strategy}'")
+        kwargs["blocks"] = list(blocks)
+    plan = get_strategy(strategy, **kwargs).prepare(
+        model, lr=cfg.lr, weight_decay=cfg.weight_decay, optimizer=cfg.optimizer
+    )
+    if cache_features is None:
+        cache_features = strategy == "linear"
+    if not cache_features:
+        return train(model, train_data, val_data, plan, cfg, run=out, resume=resume)
+    if strategy != "linear":
+        raise PotpourriError(f"cache_features only applies to strategy 'linear', not '{strategy}'")
+    device = _device(cfg.device)
+    head = head_module(model, plan.block_map["head"])
+    cached_train = extract_features(model, train_data, head, batch_size=max(cfg.batch_size, 64), device=device)
+    cached_val = None
+    if val_data is not None:
+        cached_val = extract_features(model, val_data, head, batch_size=max(cfg.batch_size, 64), device=device)
+    result = train(head, cached_train, cached_val, plan, cfg, run=out, resume=resume)
+    result.model = model
+    if result.run_path is not None and int(os.environ.get("RANK", "0")) == 0:  # the whole model, not just its head
+        save_state_dict_atomic(model.state_dict(), result.run_path / "model.safetensors", {"step": str(result.steps)})
+    return result
