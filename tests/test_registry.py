@@ -118,3 +118,19 @@ def test_registering_a_taken_name_fails() -> None:
 def test_public_api() -> None:
     assert potpourri.__version__
     assert callable(potpourri.create_model) and callable(potpourri.resolve_weights)
+
+
+def test_explicit_weights_for_a_model_without_shipped_weights(tmp_path) -> None:
+    from potpourri.weights import save_state_dict_atomic
+
+    torch.manual_seed(0)
+    source = create_model("repconvnet_s", num_classes=3)
+    path = tmp_path / "rep.safetensors"
+    save_state_dict_atomic(source.state_dict(), path)
+    loaded = create_model("repconvnet_s", num_classes=3, weights=str(path))
+    loaded_state = loaded.state_dict()
+    assert all(torch.equal(v, loaded_state[k]) for k, v in source.state_dict().items())
+    with pytest.raises(PotpourriError, match="do not fit RepConvNet"):
+        create_model("repconvnet_s", num_classes=4, weights=str(path))  # head shape differs
+    with pytest.raises(PotpourriError, match="no pretrained weights offline"):
+        create_model("repconvnet_s", pretrained=True)

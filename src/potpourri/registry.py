@@ -159,12 +159,31 @@ def create_model(name: str, pretrained: bool = False, *, weights: str | None = N
     timm_name = name[len("timm/") :] if name.startswith("timm/") else None
     if timm_name is None and name in _REGISTRY:
         entry = _REGISTRY[name]
+        if entry.pretrained_cfg is None:
+            if pretrained:
+                raise PotpourriError(
+                    f"model '{name}' has no pretrained weights offline; build it with pretrained=False "
+                    f"or pass --weights PATH (a state dict with this model's parameter names)"
+                )
+            model = entry.fn(pretrained=False, **kwargs)
+            return _load_exact(model, weights) if weights is not None else model
         if weights is not None:
             kwargs["weights"] = weights
-        if (pretrained or weights) and entry.pretrained_cfg is None:
-            raise PotpourriError(f"model '{name}' has no pretrained weights; build it with pretrained=False")
         return entry.fn(pretrained=pretrained, **kwargs)
     return _create_timm_model(timm_name or name, pretrained=pretrained, weights=weights, **kwargs)
+
+
+def _load_exact(model: nn.Module, weights: str) -> nn.Module:
+    """Load a state dict whose keys and shapes must match the model exactly; one line on any mismatch."""
+    from potpourri.weights import load_state_dict_file
+
+    state = load_state_dict_file(weights)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise PotpourriError(f"weights '{weights}' do not fit {type(model).__name__}: {detail[:200]}") from exc
+    return model
 
 
 def _create_timm_model(name: str, *, pretrained: bool, weights: str | None, **kwargs: Any) -> nn.Module:
