@@ -147,7 +147,7 @@ def test_greedy_finds_a_planted_block_in_pretrained_efficientnet_lite0():
         model.blocks[5][0].conv_pwl.weight.zero_()  # block 5.0 has no residual: it now outputs a constant
     candidates = ["blocks.4.2", "blocks.5.0", "blocks.5.1"]
     selection = greedy_select(
-        model, _texture_crops(), candidates=candidates, folds=2, max_blocks=1, epochs=4, batch_size=4, lr=3e-3
+        model, _texture_crops(), candidates=candidates, folds=2, max_blocks=1, epochs=8, batch_size=4, lr=3e-3
     )
     scores = selection.rounds[0].scores
     assert selection.chosen == ["blocks.5.0"], scores
