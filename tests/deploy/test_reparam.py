@@ -85,7 +85,7 @@ def test_model_level_fusion_matches_and_leaves_the_original() -> None:
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
 
 
-@pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0"])
+@pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0", "fastvit_t8"])
 def test_timm_reparameterisable_models(name: str) -> None:
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10)
