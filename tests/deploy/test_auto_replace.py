@@ -104,6 +104,7 @@ def test_auto_replace_respects_the_budget_and_keeps_everything_when_loose(monkey
     assert all(row["chosen"] == "original" for row in loose.rows)
     with torch.no_grad():
         torch.testing.assert_close(loose.student(images), model(images))
+    assert loose.agreement == 1.0 and loose.output_rel_error == 0.0
     # 4 sites: a 25 ms budget allows at most two originals (10 + 10 + 3 + 1 = 24 ≤ 25)
     tight = auto_replace(model, images, budget_ms=25.0, steps=5)
     assert sum(r["latency_ms"] for r in tight.rows) <= 25.0

@@ -348,6 +348,7 @@ class ReplacementPlan:
     teacher_ms: float
     student_ms: float
     agreement: float  # held-out images (the first 20 %) where student and teacher predict the same class
+    output_rel_error: float  # held-out ‖student − teacher‖ / ‖teacher‖ of the outputs
     rows: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -412,5 +413,9 @@ def auto_replace(
     whole = _latency_ms({"teacher": teacher, "student": student}, example, rounds)
     held_out = images[: max(1, len(images) // 5)]  # the same images distill_locally held out
     with torch.no_grad():
-        agree = float((teacher(held_out).argmax(-1) == student(held_out).argmax(-1)).float().mean())
-    return ReplacementPlan(chosen_sites, options, chosen, student, whole["teacher"], whole["student"], agree, rows)
+        reference, approx = teacher(held_out), student(held_out)
+    agree = float((reference.argmax(-1) == approx.argmax(-1)).float().mean())
+    rel_error = float((approx - reference).norm() / reference.norm().clamp_min(1e-12))
+    return ReplacementPlan(
+        chosen_sites, options, chosen, student, whole["teacher"], whole["student"], agree, rel_error, rows
+    )

@@ -99,6 +99,7 @@ def _cmd_auto_replace(args: argparse.Namespace) -> int:
         "student_ms": plan.student_ms,
         "speedup": plan.teacher_ms / plan.student_ms,
         "agreement": plan.agreement,
+        "output_rel_error": plan.output_rel_error,
         "exact_fc_to_conv_max_abs_diff": exact_diff,
         "sites": plan.rows,
     }
@@ -110,7 +111,8 @@ def _cmd_auto_replace(args: argparse.Namespace) -> int:
         [{"model": "teacher", "batch-1 ms": plan.teacher_ms}, {"model": "student", "batch-1 ms": plan.student_ms}]
     )
     report.text(
-        f"Top-1 agreement with the teacher on held-out images: {plan.agreement:.3f}. Exact FC→1×1-conv "
+        f"Top-1 agreement with the teacher on held-out images: {plan.agreement:.3f}; relative output error "
+        f"{plan.output_rel_error:.3f}. Exact FC→1×1-conv "
         f"rewrite of every MLP: max |diff| {exact_diff:.2e}."
     )
     report.write(run.path / "report.html")
@@ -118,7 +120,8 @@ def _cmd_auto_replace(args: argparse.Namespace) -> int:
         print(f"{row['site']:<16} {row['chosen']:<18} loss {row['local_loss']:.3f}  saved {row['saved_ms']:.2f} ms")
     print(
         f"batch-1 latency {plan.teacher_ms:.2f} → {plan.student_ms:.2f} ms "
-        f"({plan.teacher_ms / plan.student_ms:.2f}x), agreement {plan.agreement:.3f}; run: {run.path}"
+        f"({plan.teacher_ms / plan.student_ms:.2f}x), agreement {plan.agreement:.3f}, "
+        f"relative output error {plan.output_rel_error:.3f}; run: {run.path}"
     )
     return 0
 
