@@ -12,11 +12,15 @@ from potpourri.demo import run_demo
 
 @pytest.mark.slow
 def test_demo_end_to_end_is_reproducible(tmp_path: Path) -> None:
-    first = run_demo(tmp_path / "a", seed=0, n_per_class=4, image_size=64, latency_rounds=1)
-    second = run_demo(tmp_path / "b", seed=0, n_per_class=4, image_size=64, latency_rounds=0, inspect=False)
+    first = run_demo(tmp_path / "a", seed=0, n_per_class=4, image_size=64, latency_rounds=1, tune_epochs=1)
+    second = run_demo(
+        tmp_path / "b", seed=0, n_per_class=4, image_size=64, latency_rounds=0, inspect=False, tune_epochs=1
+    )
     a, b = first.read_summary(), second.read_summary()
     assert a["probe_accuracy"] == b["probe_accuracy"] and a["confusion_matrix"] == b["confusion_matrix"]
     assert a["histogram_accuracy"] == b["histogram_accuracy"]
+    assert [r["val accuracy"] for r in a["tuning"]] == [r["val accuracy"] for r in b["tuning"]]  # seeded training
+    assert [r["strategy"] for r in a["tuning"]] == ["linear", "subtuning", "full-adamw"]
     assert a["probe_accuracy"] > 1 / 7  # above chance for 7 classes, even at this tiny scale
     assert {row["model"] for row in a["latency"]} >= {"repconvnet_s (multi-branch)", "repconvnet_s (re-parameterised)"}
     html = (first.path / "report.html").read_text()
