@@ -112,3 +112,15 @@ def test_auto_replace_respects_the_budget_and_keeps_everything_when_loose(monkey
     replaced = [r["site"] for r in tight.rows if r["chosen"] != "original"]
     assert all(not isinstance(tight.student.get_submodule(p), type(model.get_submodule(p))) for p in replaced)
     assert tight.student(images).shape == (20, 5)
+
+
+def test_global_distillation_brings_the_student_closer(monkeypatch: pytest.MonkeyPatch) -> None:
+    planted = {"original": 10.0, "drop": 12.0, "teacher": 40.0, "student": 20.0}  # every site gets a trained op
+    monkeypatch.setattr(ar, "_latency_ms", lambda modules, example, rounds: {n: planted.get(n, 3.0) for n in modules})
+    model = tiny_vit()
+    images = torch.randn(40, 3, 32, 32)
+    local_only = auto_replace(model, images, budget_ms=13.0, steps=20)
+    tuned = auto_replace(model, images, budget_ms=13.0, steps=20, global_steps=150)
+    assert [r["chosen"] for r in tuned.rows] == [r["chosen"] for r in local_only.rows]  # same plan
+    assert all(r["chosen"] not in ("original", "drop") for r in tuned.rows)
+    assert tuned.output_rel_error < 0.8 * local_only.output_rel_error

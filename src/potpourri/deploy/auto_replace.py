@@ -278,6 +278,36 @@ def distill_locally(
         return float(F.mse_loss(module(val_x), val_y) / val_y.var().clamp_min(1e-12))
 
 
+def distill_globally(
+    student: nn.Module,
+    teacher: nn.Module,
+    images: torch.Tensor,
+    params: list[nn.Parameter],
+    *,
+    steps: int,
+    lr: float = 1e-3,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> None:
+    """Fine-tune ``params`` of the assembled student so its outputs match the teacher's on ``images`` (MSE)."""
+    if steps <= 0 or not params:
+        return
+    with torch.no_grad():
+        targets = torch.cat([teacher(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    student.train()
+    for _ in tqdm(range(steps), desc="global distillation", unit="step", leave=False):
+        index = torch.randint(len(images), (min(batch_size, len(images)),), generator=generator)
+        loss = F.mse_loss(student(images[index]), targets[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    student.eval()
+
+
 def _latency_ms(modules: dict[str, nn.Module], example: torch.Tensor, rounds: int) -> dict[str, float]:
     def runner(module: nn.Module) -> Callable[[], Any]:
         def call() -> Any:
@@ -363,10 +393,12 @@ def auto_replace(
     batch_size: int = 16,
     seed: int = 0,
     sites: Sequence[str] | None = None,
+    global_steps: int = 0,
 ) -> ReplacementPlan:
     """Replace ViT sub-blocks by cheaper, locally distilled candidates under a latency budget.
 
-    ``budget_ms`` bounds the summed latency of the sites at batch 1 (default: their original total / ``speedup``).
+    ``budget_ms`` bounds the summed latency of the sites at batch 1 (default: their original total / ``speedup``);
+    ``global_steps`` then fine-tunes the new modules of the assembled student against the teacher's outputs.
     Example:
         plan = auto_replace(timm.create_model("deit_tiny_patch16_224"), images, speedup=1.5)
     """
@@ -394,11 +426,12 @@ def auto_replace(
     chosen = choose_under_budget(options, budget)
 
     student = copy.deepcopy(teacher)
-    rows = []
+    rows, new_params = [], []
     for site, site_options, index in zip(chosen_sites, options, chosen, strict=True):
         pick = site_options[index]
         if pick.module is not None:
             _set(student, site.path, copy.deepcopy(pick.module))
+            new_params += list(_get(student, site.path).parameters())
         rows.append(
             {
                 "site": site.path,
@@ -408,10 +441,13 @@ def auto_replace(
                 "saved_ms": site_options[0].latency_ms - pick.latency_ms,
             }
         )
+    held_out = images[: max(1, len(images) // 5)]  # the same images distill_locally held out
+    distill_globally(
+        student, teacher, images[len(held_out) :], new_params, steps=global_steps, batch_size=batch_size, seed=seed
+    )
     student.eval()
     example = images[:1]
     whole = _latency_ms({"teacher": teacher, "student": student}, example, rounds)
-    held_out = images[: max(1, len(images) // 5)]  # the same images distill_locally held out
     with torch.no_grad():
         reference, approx = teacher(held_out), student(held_out)
     agree = float((reference.argmax(-1) == approx.argmax(-1)).float().mean())

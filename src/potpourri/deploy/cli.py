@@ -91,6 +91,7 @@ def _cmd_auto_replace(args: argparse.Namespace) -> int:
         steps=args.steps,
         rounds=args.rounds,
         seed=args.seed,
+        global_steps=args.global_steps,
     )
     for row in plan.rows:
         run.log_metrics(row)
@@ -155,6 +156,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--speedup", type=float, default=1.5, help="without --budget-ms: sites' latency / this")
     p.add_argument("--steps", type=int, default=100, help="local distillation steps per candidate")
     p.add_argument("--images", type=int, default=64, help="images whose activations are cached")
+    p.add_argument("--global-steps", type=int, default=0, help="then fine-tune the new modules against the teacher")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--rounds", type=int, default=5, help="latency rounds per candidate")
     p.add_argument("--threads", type=int, default=1)
