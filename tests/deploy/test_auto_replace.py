@@ -42,6 +42,7 @@ def test_fc_to_conv_rewrite_is_exact() -> None:
     converted, diff = mlp_to_conv(model, x)
     assert diff <= 1e-5
     assert isinstance(converted.blocks[0].mlp, ar.ConvMlp) and isinstance(converted.blocks[0].mlp.fc1, torch.nn.Conv2d)
+    assert isinstance(converted.blocks[1].norm2, ar.GridChannelNorm)  # LayerNorm → channel norm on the grid
     assert isinstance(model.blocks[0].mlp.fc1, torch.nn.Linear)  # the original is untouched
 
 

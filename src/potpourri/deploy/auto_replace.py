@@ -184,12 +184,40 @@ def find_sites(model: nn.Module, example: torch.Tensor) -> list[Site]:
     return sites
 
 
-def mlp_to_conv(model: nn.Module, example: torch.Tensor, *, inplace: bool = False) -> tuple[nn.Module, float]:
-    """Exact FC→Conv rewrite of every MLP site; returns the new model and the max output difference."""
+class GridChannelNorm(nn.Module):
+    """Exact rewrite of a token ``LayerNorm``: a channel norm (timm ``LayerNorm2d``) on the patch grid."""
+
+    def __init__(self, norm: nn.LayerNorm, grid: tuple[int, int], prefix: int):
+        super().__init__()
+        from timm.layers import LayerNorm2d
+
+        self.grid, self.prefix = grid, prefix
+        self.norm = LayerNorm2d(norm.normalized_shape[0], eps=norm.eps)
+        self.norm.load_state_dict(norm.state_dict())
+        self.prefix_norm = norm if prefix else None  # CLS tokens keep the token LayerNorm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, C = x.shape
+        h, w = self.grid
+        patches = x[:, self.prefix :].transpose(1, 2).reshape(B, C, h, w)  # (B, C, h, w)
+        out = self.norm(patches).flatten(2).transpose(1, 2)  # (B, h·w, C)
+        if self.prefix_norm is None:
+            return out
+        return torch.cat([self.prefix_norm(x[:, : self.prefix]), out], dim=1)
+
+
+def mlp_to_conv(
+    model: nn.Module, example: torch.Tensor, *, inplace: bool = False, norms: bool = True
+) -> tuple[nn.Module, float]:
+    """Exact FC→Conv rewrite of every MLP site (and, with ``norms``, of the LayerNorm before it into a channel
+    norm on the grid); returns the new model and the max output difference against the original."""
     new = model if inplace else copy.deepcopy(model)
     for site in find_sites(new, example):
         if site.kind == "mlp":
             _set(new, site.path, ConvMlp(_get(new, site.path), site.grid, site.prefix))
+            norm_path = site.path.rsplit(".", 1)[0] + ".norm2"
+            if norms and isinstance(_get(new, norm_path), nn.LayerNorm):
+                _set(new, norm_path, GridChannelNorm(_get(new, norm_path), site.grid, site.prefix))
     with torch.no_grad():
         diff = float((new.eval()(example) - model.eval()(example)).abs().max())
     return new, diff
