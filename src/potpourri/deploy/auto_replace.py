@@ -44,6 +44,23 @@ __all__ = [
 # --- candidates: every one maps (B, N, C) tokens to (B, N, C), prefix tokens (CLS) included -----------------
 
 
+def on_grid(
+    x: torch.Tensor,
+    grid: tuple[int, int],
+    prefix: int,
+    grid_op: Callable[[torch.Tensor], torch.Tensor],
+    prefix_op: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> torch.Tensor:
+    """Apply ``grid_op`` to the patch tokens as a (B, C, h, w) map and ``prefix_op`` to the prefix (CLS) tokens."""
+    B, _, C = x.shape
+    h, w = grid
+    patches = x[:, prefix:].transpose(1, 2).reshape(B, C, h, w)  # (B, C, h, w)
+    out = grid_op(patches).flatten(2).transpose(1, 2)  # (B, h·w, C)
+    if prefix_op is None:
+        return out
+    return torch.cat([prefix_op(x[:, :prefix]), out], dim=1)  # (B, N, C)
+
+
 class GridOp(nn.Module):
     """Run a channels-first grid op on the patch tokens and a linear map on the prefix (CLS) tokens."""
 
@@ -53,13 +70,7 @@ class GridOp(nn.Module):
         self.prefix_proj = nn.Linear(dim, dim) if prefix else None
 
     def forward(self, x: torch.Tensor, **_: Any) -> torch.Tensor:
-        B, _, C = x.shape
-        h, w = self.grid
-        patches = x[:, self.prefix :].transpose(1, 2).reshape(B, C, h, w)  # (B, C, h, w)
-        out = self.op(patches).flatten(2).transpose(1, 2)  # (B, h·w, C)
-        if self.prefix_proj is None:
-            return out
-        return torch.cat([self.prefix_proj(x[:, : self.prefix]), out], dim=1)  # (B, N, C)
+        return on_grid(x, self.grid, self.prefix, self.op, self.prefix_proj)  # (B, N, C)
 
 
 class ModulationOp(nn.Module):
@@ -115,13 +126,7 @@ class ConvMlp(nn.Module):
         self.prefix_mlp = mlp if prefix else None  # CLS tokens keep the original Linear path
 
     def forward(self, x: torch.Tensor, **_: Any) -> torch.Tensor:
-        B, _, C = x.shape
-        h, w = self.grid
-        patches = x[:, self.prefix :].transpose(1, 2).reshape(B, C, h, w)  # (B, C, h, w)
-        out = self.fc2(self.act(self.fc1(patches))).flatten(2).transpose(1, 2)  # (B, h·w, C)
-        if self.prefix_mlp is None:
-            return out
-        return torch.cat([self.prefix_mlp(x[:, : self.prefix]), out], dim=1)
+        return on_grid(x, self.grid, self.prefix, lambda p: self.fc2(self.act(self.fc1(p))), self.prefix_mlp)
 
 
 def _linear_to_conv1x1(linear: nn.Linear) -> nn.Conv2d:
@@ -197,13 +202,7 @@ class GridChannelNorm(nn.Module):
         self.prefix_norm = norm if prefix else None  # CLS tokens keep the token LayerNorm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, _, C = x.shape
-        h, w = self.grid
-        patches = x[:, self.prefix :].transpose(1, 2).reshape(B, C, h, w)  # (B, C, h, w)
-        out = self.norm(patches).flatten(2).transpose(1, 2)  # (B, h·w, C)
-        if self.prefix_norm is None:
-            return out
-        return torch.cat([self.prefix_norm(x[:, : self.prefix]), out], dim=1)
+        return on_grid(x, self.grid, self.prefix, self.norm, self.prefix_norm)  # (B, N, C)
 
 
 def mlp_to_conv(
