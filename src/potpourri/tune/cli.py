@@ -260,3 +260,35 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--proxy", choices=["grad_ratio", "fisher", "none"], default="grad_ratio")
     p.add_argument("--proxy-only", action="store_true", help="rank blocks by the proxy only (seconds, not hours)")
     p.set_defaults(func=_cmd_select_layers, epochs=5, momentum=None)
+    _register_reproduce(subparsers)
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from potpourri.tune.reproduce import FreezeEmbedConfig, reproduce_freeze_embed
+
+    cfg = FreezeEmbedConfig()
+    if args.quick:  # a smoke-sized run: same code path, minutes → seconds, numbers not meaningful
+        cfg = FreezeEmbedConfig(
+            categories=("brick",),
+            n_per_class=3,
+            image_size=48,
+            epochs=1,
+            seeds=(0, 1),
+            lrs={arm: (lrs[0],) for arm, lrs in cfg.lrs.items()},
+            corruptions=("gaussian_noise", "contrast"),
+        )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run = reproduce_freeze_embed(cfg, out=args.out)
+    print((run.path / "results.md").read_text(), end="")
+    print(f"run: {run.path}")
+    return 0
+
+
+def _register_reproduce(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("reproduce", help="re-run a paper's experiment at CPU scale (tables in docs/results.md)")
+    p.add_argument("experiment", choices=["freeze-embed"], help="freeze-embed: SGD vs AdamW vs SGD freeze-embed")
+    p.add_argument("--quick", action="store_true", help="a seconds-long smoke run of the same code path")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", help="run folder (default runs/reproduce-<experiment>/vN)")
+    p.set_defaults(func=_cmd_reproduce)
