@@ -134,3 +134,12 @@ def test_explicit_weights_for_a_model_without_shipped_weights(tmp_path) -> None:
         create_model("repconvnet_s", num_classes=4, weights=str(path))  # head shape differs
     with pytest.raises(PotpourriError, match="no pretrained weights offline"):
         create_model("repconvnet_s", pretrained=True)
+
+
+def test_count_macs_matches_the_conv_formula_and_efficientmod() -> None:
+    from potpourri.registry import count_macs
+
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(8 * 16 * 16, 5))
+    assert count_macs(conv, (1, 3, 16, 16)) == 8 * 3 * 3 * 3 * 16 * 16 + 8 * 16 * 16 * 5
+    # EfficientMod-xxs: 0.56 GMACs (fvcore count of the reference code, reference notes)
+    assert model_info("efficientmod_xxs")["gmacs"] == pytest.approx(0.56, rel=0.02)

@@ -137,7 +137,22 @@ def model_info(name: str) -> dict[str, Any]:
     }
     if entry.pretrained_cfg is not None:
         info.update(entry.pretrained_cfg.describe())
+    if entry.modality == "image":
+        size = entry.pretrained_cfg.input_size[-1] if entry.pretrained_cfg else 224
+        info["input"] = f"1x3x{size}x{size}"
+        info["gmacs"] = round(count_macs(model, (1, 3, size, size)) / 1e9, 4)
     return info
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one eval forward pass (``torch.utils.flop_counter`` FLOPs / 2)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.eval()(torch.zeros(input_shape))
+    return counter.get_total_flops() // 2
 
 
 def get_pretrained_cfg(name: str) -> PretrainedCfg | None:
