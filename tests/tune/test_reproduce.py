@@ -48,3 +48,31 @@ def test_quick_reproduction_end_to_end(tmp_path: Path) -> None:
         best = max((float(r["val_acc"]), -float(r["lr"])) for r in sweep if r["arm"] == row["arm"])
         assert row["lr"] == pytest.approx(-best[1])  # the lr with the best validation accuracy was kept
     assert (run.path / "results.md").read_text().startswith("| arm |")
+
+
+@pytest.mark.slow
+def test_quick_subtuning_reproduction(tmp_path: Path) -> None:
+    from potpourri.tune.reproduce import SUBTUNING_ARMS, SubTuningConfig, reproduce_subtuning
+
+    cfg = SubTuningConfig(
+        categories=("brick",),
+        sizes=(2,),
+        test_per_class=1,
+        image_size=32,
+        epochs=1,
+        seeds=(0, 1),
+        candidates=("blocks.5.3", "blocks.6.0"),
+        max_blocks=1,
+        select_epochs=1,
+    )
+    run = reproduce_subtuning(cfg, out=tmp_path / "run")
+    summary = run.read_summary()
+    assert [r["arm"] for r in summary["table"]] == list(SUBTUNING_ARMS)
+    for row in summary["table"]:
+        accs = [r["test_acc"] for r in summary["runs"] if r["arm"] == row["arm"]]
+        assert row["acc_mean"] == pytest.approx(statistics.fmean(accs)) and len(accs) == 2
+    params = {r["arm"]: r["trainable_params"] for r in summary["table"]}
+    assert params["linear"] < params["lora"] < params["full-adamw"]
+    assert params["linear"] < params["subtuning (greedy)"] < params["full-adamw"]
+    chosen = summary["table"][2]["blocks"]
+    assert chosen in cfg.candidates  # the greedy search picked one of the offered blocks
