@@ -273,6 +273,33 @@ def _cache_site_io(model: nn.Module, sites: Sequence[Site], images: torch.Tensor
     return {p: (torch.cat(i), torch.cat(o)) for p, (i, o) in store.items()}
 
 
+def _regress(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    params: list[nn.Parameter],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    desc: str | None = None,
+) -> None:
+    """AdamW with a cosine schedule on random mini-batches, minimising MSE(forward(inputs), targets)."""
+    if steps <= 0 or not params:
+        return
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    for _ in tqdm(range(steps), desc=desc, unit="step", leave=False, disable=desc is None):
+        index = torch.randint(len(inputs), (min(batch_size, len(inputs)),), generator=generator)
+        loss = F.mse_loss(forward(inputs[index]), targets[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+
+
 def distill_locally(
     module: nn.Module,
     inputs: torch.Tensor,
@@ -284,22 +311,11 @@ def distill_locally(
     seed: int = 0,
 ) -> float:
     """Train ``module`` to map cached inputs to outputs (MSE); returns held-out MSE / target variance."""
-    if not any(p.requires_grad for p in module.parameters()):
-        steps = 0
     split = max(1, len(inputs) // 5)
     train_x, train_y, val_x, val_y = inputs[split:], targets[split:], inputs[:split], targets[:split]
-    generator = torch.Generator().manual_seed(seed)
-    if steps:
-        optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.0)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-        module.train()
-        for _ in range(steps):
-            index = torch.randint(len(train_x), (min(batch_size, len(train_x)),), generator=generator)
-            loss = F.mse_loss(module(train_x[index]), train_y[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+    module.train()
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    _regress(module, trainable, train_x, train_y, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
     module.eval()
     with torch.no_grad():
         return float(F.mse_loss(module(val_x), val_y) / val_y.var().clamp_min(1e-12))
@@ -321,17 +337,18 @@ def distill_globally(
         return
     with torch.no_grad():
         targets = torch.cat([teacher(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     student.train()
-    for _ in tqdm(range(steps), desc="global distillation", unit="step", leave=False):
-        index = torch.randint(len(images), (min(batch_size, len(images)),), generator=generator)
-        loss = F.mse_loss(student(images[index]), targets[index])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+    _regress(
+        student,
+        params,
+        images,
+        targets,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        desc="global distillation",
+    )
     student.eval()
 
 
