@@ -97,18 +97,12 @@ TUNING_ARMS = (
 
 def _tuning_section(report: Report, task, *, seed: int, epochs: int) -> list[dict]:
     """Linear probe vs SubTuning vs full fine-tuning through the one training loop, on the same split."""
-    from torch.utils.data import TensorDataset
-
+    from potpourri.data.transforms import normalized_dataset
     from potpourri.tune import fit
 
     cfg = get_pretrained_cfg("efficientnet_lite0")
-    mean, std = torch.tensor(cfg.mean).view(1, 3, 1, 1), torch.tensor(cfg.std).view(1, 3, 1, 1)
-
-    def tensors(images: np.ndarray, labels: np.ndarray) -> TensorDataset:
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0  # (N, 3, S, S)
-        return TensorDataset((x - mean) / std, torch.from_numpy(labels))
-
-    train, val = tensors(task.train_images, task.train_labels), tensors(task.test_images, task.test_labels)
+    train = normalized_dataset(task.train_images, task.train_labels, cfg.mean, cfg.std)
+    val = normalized_dataset(task.test_images, task.test_labels, cfg.mean, cfg.std)
     rows = []
     for strategy, lr, extra in TUNING_ARMS:
         seed_everything(seed)

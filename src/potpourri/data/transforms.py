@@ -69,3 +69,12 @@ def eval_transform(cfg: PretrainedCfg | None, *, image_size: int | None = None) 
             T.Normalize(mean=list(cfg.mean), std=list(cfg.std)),
         ]
     )
+
+
+def normalized_dataset(
+    images: np.ndarray, labels: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.utils.data.TensorDataset:
+    """(N, H, W, 3) uint8 images and (N,) labels as a TensorDataset of normalised (N, 3, H, W) floats."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0  # (N, 3, H, W)
+    mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    return torch.utils.data.TensorDataset((x - mean_t) / std_t, torch.from_numpy(labels))

@@ -19,9 +19,8 @@ def _ds_synth(
     spec: str, *, img_size: int, mean: tuple, std: tuple, seed: int = 0, n_per_class: int = 10
 ) -> tuple[Dataset, Dataset, list[str]]:
     """``ds-synth:classification[:cat1,cat2]``: DS-Synth defect-type classification; val = the disjoint test split."""
-    from torch.utils.data import TensorDataset
-
     from potpourri.data.synth import CATEGORIES, make_task
+    from potpourri.data.transforms import normalized_dataset
 
     task, _, cats = spec.partition(":")
     if task != "classification":
@@ -31,13 +30,8 @@ def _ds_synth(
     if unknown:
         raise PotpourriError(f"unknown DS-Synth category '{unknown[0]}'; choose from {', '.join(CATEGORIES)}")
     data = make_task(task, categories=categories, n_per_class=n_per_class, seed=seed, size=img_size)
-    mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-
-    def tensors(images, labels) -> TensorDataset:
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0  # (N, 3, S, S)
-        return TensorDataset((x - mean_t) / std_t, torch.from_numpy(labels))
-
-    return tensors(data.train_images, data.train_labels), tensors(data.test_images, data.test_labels), data.class_names
+    train = normalized_dataset(data.train_images, data.train_labels, mean, std)
+    return train, normalized_dataset(data.test_images, data.test_labels, mean, std), data.class_names
 
 
 def load_image_data(

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
+from potpourri.data.transforms import normalized_dataset
 from potpourri.runs import Run, new_run, seed_everything
 
 __all__ = [
@@ -62,11 +63,6 @@ class FreezeEmbedConfig:
     corruptions: tuple[str, ...] | None = None  # None: all of potpourri.data.corruptions
     severity: int = 3
     val_fraction: float = 0.2
-
-
-def _tensors(images: np.ndarray, labels: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> TensorDataset:
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0  # (N, 3, S, S)
-    return TensorDataset((x - mean) / std, torch.from_numpy(labels))
 
 
 def _split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -138,14 +134,14 @@ def reproduce_freeze_embed(cfg: FreezeEmbedConfig | None = None, *, out: str | o
         "classification", categories=cfg.categories, n_per_class=cfg.n_per_class, seed=0, size=cfg.image_size
     )
     pcfg = get_pretrained_cfg("efficientnet_lite0")
-    mean, std = torch.tensor(pcfg.mean).view(1, 3, 1, 1), torch.tensor(pcfg.std).view(1, 3, 1, 1)
+    mean, std = pcfg.mean, pcfg.std
     train_idx, val_idx = _split(task.train_labels, cfg.val_fraction, seed=0)
-    train = _tensors(task.train_images[train_idx], task.train_labels[train_idx], mean, std)
-    val = _tensors(task.train_images[val_idx], task.train_labels[val_idx], mean, std)
-    test = _tensors(task.test_images, task.test_labels, mean, std)
+    train = normalized_dataset(task.train_images[train_idx], task.train_labels[train_idx], mean, std)
+    val = normalized_dataset(task.train_images[val_idx], task.train_labels[val_idx], mean, std)
+    test = normalized_dataset(task.test_images, task.test_labels, mean, std)
     names = list(cfg.corruptions or CORRUPTIONS)
     ood = {
-        name: _tensors(
+        name: normalized_dataset(
             np.stack([corrupt(img, name, cfg.severity, seed=i) for i, img in enumerate(task.test_images)]),
             task.test_labels,
             mean,
@@ -262,14 +258,14 @@ def reproduce_subtuning(cfg: SubTuningConfig | None = None, *, out: str | os.Pat
     run.write_config(asdict(cfg))
     run.write_env(seed=cfg.seeds[0])
     pcfg = get_pretrained_cfg("efficientnet_lite0")
-    mean, std = torch.tensor(pcfg.mean).view(1, 3, 1, 1), torch.tensor(pcfg.std).view(1, 3, 1, 1)
+    mean, std = pcfg.mean, pcfg.std
 
     def split(name: str, per_class: int) -> TensorDataset:
         samples = [
             s for cat in cfg.categories for s in make_samples(cat, name, per_class * 7, seed=0, size=cfg.image_size)
         ]
         images = np.stack([s.image for s in samples])
-        return _tensors(images, np.array([s.label for s in samples], dtype=np.int64), mean, std)
+        return normalized_dataset(images, np.array([s.label for s in samples], dtype=np.int64), mean, std)
 
     test = split("test", cfg.test_per_class)
     num_classes = int(test.tensors[1].max()) + 1
