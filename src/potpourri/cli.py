@@ -17,7 +17,13 @@ from collections.abc import Sequence
 from potpourri.errors import PotpourriError
 
 # Modules that add verbs (``register_cli(subparsers)``); a module that does not exist yet is skipped.
-_VERB_MODULES = ("potpourri.data.cli", "potpourri.tune.cli", "potpourri.inspect.cli", "potpourri.deploy.cli")
+_VERB_MODULES = (
+    "potpourri.data.cli",
+    "potpourri.tune.cli",
+    "potpourri.inspect.cli",
+    "potpourri.deploy.cli",
+    "potpourri.experiments",
+)
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

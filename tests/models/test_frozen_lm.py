@@ -147,3 +147,40 @@ def test_pseudo_mask_iou_is_one_when_activation_is_the_mask() -> None:
     assert torch.equal(pseudo_mask_iou(activation_map(tokens, "magnitude"), masks), torch.ones(2))
     shifted = torch.roll(masks, 8, dims=1)
     assert (pseudo_mask_iou(shifted, masks) < 0.5).all()
+
+
+def test_train_everything_strategies_leave_a_frozen_lm_layer_frozen() -> None:
+    """`full-adamw` trains every block-map entry, but never the parameters of a layer marked keep_frozen."""
+    from potpourri.tune import fit
+
+    torch.manual_seed(0)
+    kwargs = dict(lm="minilm_l6", num_classes=2, img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3, 16, 16), torch.tensor([0, 1] * 4))
+    model = create_model("vit_tiny_frozenlm", **kwargs)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    fit(model, data, None, "full-adamw", epochs=1, lr=1e-2, batch_size=4, progress=False)
+    for name, param in model.named_parameters():
+        frozen = name.startswith("lm_block.lm.")
+        assert torch.equal(param, before[name]) == frozen, name  # LM unchanged, everything else trained
+    trainable = create_model("vit_tiny_frozenlm", lm_trainable=True, **kwargs)
+    lm_before = {n: p.clone() for n, p in trainable.named_parameters() if n.startswith("lm_block.lm.")}
+    fit(trainable, data, None, "full-adamw", epochs=1, lr=1e-2, batch_size=4, progress=False)
+    assert any(not torch.equal(p, lm_before[n]) for n, p in trainable.named_parameters() if n in lm_before)
+
+
+def test_cls_attention_equals_the_blocks_own_attention_probabilities() -> None:
+    from potpourri.models.frozen_lm import cls_attention
+
+    torch.manual_seed(0)
+    model = create_model(
+        "vit_tiny_frozenlm", lm="none", num_classes=2, img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4
+    ).eval()
+    attn = model.vit.blocks[-1].attn
+    attn.fused_attn = False  # the eager path passes the probabilities through attn_drop: capture them there
+    captured = []
+    attn.attn_drop.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        model(x)
+    expected = captured[0][:, :, 0, 1:].sum(1)  # (B, 16): CLS row, patch columns, summed over heads
+    torch.testing.assert_close(cls_attention(model, x), expected)

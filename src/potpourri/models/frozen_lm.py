@@ -29,6 +29,7 @@ __all__ = [
     "FrozenLMLayer",
     "FrozenLMViT",
     "activation_map",
+    "cls_attention",
     "efficientnet_lite0_frozenlm",
     "load_lm_layer",
     "pseudo_mask_iou",
@@ -56,6 +57,7 @@ class FrozenLMLayer(nn.Module):
                 f"unknown LM family '{family}'; supported: {', '.join(sorted(set(FAMILIES.values())))}"
             )
         self.layer, self.family, self.hidden_size = layer, family, hidden_size
+        self.keep_frozen = not trainable  # tuning strategies leave it frozen, even "train everything" ones
         for module in layer.modules():
             if hasattr(module, "is_causal"):
                 module.is_causal = False  # SDPA would otherwise assume a causal mask when none is given
@@ -258,6 +260,21 @@ def activation_map(tokens: torch.Tensor, kind: str = "magnitude") -> torch.Tenso
         raise PotpourriError(f"unknown activation kind '{kind}'; choose magnitude or frequency")
     low, high = values.amin(1, keepdim=True), values.amax(1, keepdim=True)
     return (values - low) / (high - low).clamp_min(1e-12)  # (B, N)
+
+
+@torch.no_grad()
+def cls_attention(model: FrozenLMViT, x: torch.Tensor) -> torch.Tensor:
+    """Attention from the CLS token to each patch token in the last ViT block, summed over heads: ``(B, N)``."""
+    vit = model.vit
+    tokens = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
+    tokens = vit.blocks[:-1](tokens)  # (B, prefix + N, d): the input of the last block
+    attn = vit.blocks[-1].attn
+    h = vit.blocks[-1].norm1(tokens)
+    B, N, C = h.shape
+    qkv = attn.qkv(h).reshape(B, N, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])  # (B, heads, N, head_dim)
+    probs = (q @ k.transpose(-2, -1) * attn.scale).softmax(-1)  # (B, heads, N, N)
+    return probs[:, :, 0, vit.num_prefix_tokens :].sum(1)  # (B, N - prefix)
 
 
 def pseudo_mask_iou(

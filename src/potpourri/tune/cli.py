@@ -254,55 +254,41 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--proxy", choices=["grad_ratio", "fisher", "none"], default="grad_ratio")
     p.add_argument("--proxy-only", action="store_true", help="rank blocks by the proxy only (seconds, not hours)")
     p.set_defaults(func=_cmd_select_layers, epochs=5, momentum=None)
-    _register_reproduce(subparsers)
 
 
-def _cmd_reproduce(args: argparse.Namespace) -> int:
+def run_freeze_embed(quick: bool, out: str | None):
+    """``potpourri reproduce freeze-embed``: the full run, or a seconds-long smoke run of the same code path."""
     from potpourri.tune import reproduce
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.experiment == "freeze-embed":
-        cfg = reproduce.FreezeEmbedConfig()
-        if args.quick:  # a smoke-sized run: same code path, minutes → seconds, numbers not meaningful
-            cfg = reproduce.FreezeEmbedConfig(
-                categories=("brick",),
-                n_per_class=3,
-                image_size=48,
-                epochs=1,
-                seeds=(0, 1),
-                lrs={arm: (lrs[0],) for arm, lrs in cfg.lrs.items()},
-                corruptions=("gaussian_noise", "contrast"),
-            )
-        run = reproduce.reproduce_freeze_embed(cfg, out=args.out)
-    else:
-        cfg = reproduce.SubTuningConfig()
-        if args.quick:
-            cfg = reproduce.SubTuningConfig(
-                categories=("brick",),
-                sizes=(2, 3),
-                test_per_class=1,
-                image_size=48,
-                epochs=1,
-                seeds=(0, 1),
-                candidates=("blocks.5.3", "blocks.6.0"),
-                max_blocks=1,
-                select_epochs=1,
-            )
-        run = reproduce.reproduce_subtuning(cfg, out=args.out)
-    print((run.path / "results.md").read_text(), end="")
-    print(f"run: {run.path}")
-    return 0
+    cfg = reproduce.FreezeEmbedConfig()
+    if quick:  # same code path, minutes -> seconds, numbers not meaningful
+        cfg = reproduce.FreezeEmbedConfig(
+            categories=("brick",),
+            n_per_class=3,
+            image_size=48,
+            epochs=1,
+            seeds=(0, 1),
+            lrs={arm: (lrs[0],) for arm, lrs in cfg.lrs.items()},
+            corruptions=("gaussian_noise", "contrast"),
+        )
+    return reproduce.reproduce_freeze_embed(cfg, out=out)
 
 
-def _register_reproduce(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("reproduce", help="re-run a paper's experiment at CPU scale (tables in docs/results.md)")
-    p.add_argument(
-        "experiment",
-        choices=["freeze-embed", "subtuning"],
-        help="freeze-embed: SGD vs AdamW vs SGD freeze-embed; subtuning: accuracy vs training-set size",
-    )
-    p.add_argument("--quick", action="store_true", help="a seconds-long smoke run of the same code path")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", help="run folder (default runs/reproduce-<experiment>/vN)")
-    p.set_defaults(func=_cmd_reproduce)
+def run_subtuning(quick: bool, out: str | None):
+    """``potpourri reproduce subtuning``: accuracy against training-set size (or its smoke run)."""
+    from potpourri.tune import reproduce
+
+    cfg = reproduce.SubTuningConfig()
+    if quick:
+        cfg = reproduce.SubTuningConfig(
+            categories=("brick",),
+            sizes=(2, 3),
+            test_per_class=1,
+            image_size=48,
+            epochs=1,
+            seeds=(0, 1),
+            candidates=("blocks.5.3", "blocks.6.0"),
+            max_blocks=1,
+            select_epochs=1,
+        )
+    return reproduce.reproduce_subtuning(cfg, out=out)

@@ -231,6 +231,16 @@ class Plan:
         }
 
 
+def frozen_by_design(model: nn.Module) -> set[str]:
+    """Parameters inside modules marked ``keep_frozen = True`` (e.g. a frozen LM layer): no strategy trains them."""
+    return {
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in model.named_modules()
+        if getattr(module, "keep_frozen", False)
+        for name, _ in module.named_parameters()
+    }
+
+
 class Strategy:
     """Freeze/wrap a model and return a ``Plan``; subclasses choose the trained entries and lr scales."""
 
@@ -265,9 +275,10 @@ class Strategy:
         chosen = self._resolve_optimizer(optimizer)
         groups: OrderedDict[str, dict[str, Any]] = OrderedDict()
         names = []
+        pinned = frozen_by_design(model)
         for name, param in model.named_parameters():
             entry = entry_of(name, bmap) or "adapters"
-            train = entry in entries or self.extra_trainable(name)
+            train = (entry in entries or self.extra_trainable(name)) and name not in pinned
             param.requires_grad_(train)
             if not train:
                 continue
