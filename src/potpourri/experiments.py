@@ -18,6 +18,7 @@ __all__ = ["EXPERIMENTS", "register_cli", "run_experiment"]
 EXPERIMENTS: dict[str, tuple[str, str]] = {
     "defect-gen": ("potpourri.inspect.reproduce_defectgen:run", "segmentation mIoU: real vs + copy-paste / Defect-Gen"),
     "freeze-embed": ("potpourri.tune.cli:run_freeze_embed", "SGD vs AdamW vs SGD freeze-embed, ID and OOD accuracy"),
+    "layer-proxies": ("potpourri.tune.proxy_study:run", "cheap layer-choice proxies vs the finetuning profile"),
     "frozen-lm": (
         "potpourri.models.frozen_lm_reproduce:run",
         "a frozen LM layer (SmolLM2, MiniLM, controls) inside a small ViT: accuracy, robustness, filtering IoU",

@@ -251,9 +251,50 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--max-blocks", type=int, default=3)
     p.add_argument("--max-params", type=int, default=None)
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS")
-    p.add_argument("--proxy", choices=["grad_ratio", "fisher", "none"], default="grad_ratio")
+    p.add_argument("--proxy", choices=["grad_ratio", "fisher", "feature_change", "none"], default="grad_ratio")
     p.add_argument("--proxy-only", action="store_true", help="rank blocks by the proxy only (seconds, not hours)")
     p.set_defaults(func=_cmd_select_layers, epochs=5, momentum=None)
+
+    p = subparsers.add_parser("merge-tasks", help="share one frozen backbone among SubTuning runs (multi-task model)")
+    p.add_argument("runs", nargs="+", metavar="NAME=RUN", help="task name and its `potpourri tune --out` folder")
+    p.add_argument("--model", default="efficientnet_lite0", help="the backbone every run tuned")
+    p.add_argument("--img-size", type=int, default=224, help="input size for the MACs count and the parity check")
+    p.add_argument("--out", help="run folder (default runs/merge-tasks/vN)")
+    p.set_defaults(func=_cmd_merge_tasks)
+
+
+def _cmd_merge_tasks(args: argparse.Namespace) -> int:
+    """Build the shared model, check it reproduces every run's outputs, report compute and memory saved."""
+    import potpourri
+    from potpourri.registry import count_macs
+    from potpourri.runs import new_run
+    from potpourri.tune.multitask import MultiTaskModel, load_task_model
+
+    runs = dict(spec.split("=", 1) if "=" in spec else (Path(spec).name, spec) for spec in args.runs)
+    backbone = potpourri.create_model(args.model, pretrained=True).eval()
+    tasks = {name: load_task_model(backbone, path) for name, path in runs.items()}
+    shared = MultiTaskModel(backbone, tasks)
+    x = torch.randn(2, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        outputs = shared(x)
+        worst = max((outputs[n] - m.eval()(x)).abs().max().item() for n, (m, _) in tasks.items())
+    shape = (1, 3, args.img_size, args.img_size)
+    macs = {"shared": count_macs(shared, shape), "separate": sum(count_macs(m, shape) for m, _ in tasks.values())}
+    params = {"shared": shared.parameter_counts()["total"]}
+    params["separate"] = sum(sum(p.numel() for p in m.parameters()) for m, _ in tasks.values())
+    run = new_run("merge-tasks", args.out)
+    run.write_config({"runs": runs, "model": args.model, "img_size": args.img_size})
+    run.write_summary({**shared.describe(), "macs": macs, "params_total": params, "max_abs_output_diff": worst})
+    for name, info in shared.describe()["tasks"].items():
+        print(f"{name}: tuned {', '.join(info['tuned'])}; leaves the shared trunk at {info['branches_at']}")
+    print(
+        f"{len(tasks)} tasks: {macs['shared'] / 1e9:.3f} vs {macs['separate'] / 1e9:.3f} GMACs separately "
+        f"({macs['separate'] / macs['shared']:.2f}x), {params['shared'] / 1e6:.2f} M vs "
+        f"{params['separate'] / 1e6:.2f} M parameters ({params['separate'] / params['shared']:.2f}x); "
+        f"max |output difference| {worst:.1e}"
+    )
+    print(f"run: {run.path}")
+    return 0
 
 
 def run_freeze_embed(quick: bool, out: str | None):

@@ -5,7 +5,9 @@ round, SubTune the chosen set plus each remaining candidate, score it by k-fold 
 the best candidate; stop when the best gain is below ``epsilon`` or a budget (blocks, parameters, seconds) is hit.
 
 Proxies rank every block from a few backward passes of the model with its new head:
-``grad_ratio`` = ‖g‖/‖θ‖ per block (Auto-RGN, Lee et al. 2023) and ``fisher`` = mean g² per parameter.
+``grad_ratio`` = ‖g‖/‖θ‖ per block (Auto-RGN, Lee et al. 2023) and ``fisher`` = mean g² per parameter;
+``feature_change`` trains the whole model for a few AdamW steps and measures, per block, how much its output
+changed for the same input (‖B'(h) − B(h)‖/‖B(h)‖ on one batch).
 
 Example:
     selection = greedy_select(model, train_set, folds=5, max_blocks=3, epochs=10, lr=1e-3)
@@ -38,7 +40,7 @@ __all__ = [
     "rank_correlation",
 ]
 
-PROXIES = ("grad_ratio", "fisher")
+PROXIES = ("grad_ratio", "fisher", "feature_change")
 
 
 @dataclass
@@ -156,15 +158,24 @@ def greedy_select(
 
 
 def proxy_scores(
-    model: nn.Module, data: Dataset, *, method: str = "grad_ratio", batches: int = 4, batch_size: int = 32
+    model: nn.Module,
+    data: Dataset,
+    *,
+    method: str = "grad_ratio",
+    batches: int = 4,
+    batch_size: int = 32,
+    lr: float = 3e-4,
 ) -> dict[str, float]:
     """Score every block-map entry from ``batches`` backward passes (eval-mode model, weights untouched).
 
+    ``feature_change`` takes ``batches`` AdamW steps at ``lr`` on a copy; the gradient proxies ignore ``lr``.
     Example:
         ranking = sorted(scores := proxy_scores(model, train_set), key=scores.get, reverse=True)
     """
     if method not in PROXIES:
         raise PotpourriError(f"unknown proxy '{method}'; choose one of {', '.join(PROXIES)}")
+    if method == "feature_change":
+        return _feature_change(model, data, steps=batches, batch_size=batch_size, lr=lr)
     probe = copy.deepcopy(model).eval()
     for param in probe.parameters():
         param.requires_grad_(True)
@@ -188,6 +199,58 @@ def proxy_scores(
     return {e: (grad_sq[e] ** 0.5) / max(weight_sq[e] ** 0.5, 1e-12) for e in bmap}
 
 
+@torch.no_grad()
+def _block_outputs(model: nn.Module, prefixes: list[str], images: torch.Tensor) -> dict[str, tuple[tuple, Any]]:
+    """Input args and output of every module named in ``prefixes`` for one eval-mode forward pass."""
+    seen: dict[str, tuple[tuple, Any]] = {}
+    modules = dict(model.named_modules())
+
+    def keep(prefix: str) -> Any:
+        def hook(_module: nn.Module, args: tuple, output: Any) -> None:  # returns None: the output is unchanged
+            seen.setdefault(prefix, (args, output))
+
+        return hook
+
+    hooks = [modules[p].register_forward_hook(keep(p)) for p in prefixes if p in modules]
+    try:
+        model.eval()(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def _feature_change(model: nn.Module, data: Dataset, *, steps: int, batch_size: int, lr: float) -> dict[str, float]:
+    """Relative change of each block's output, same input, after ``steps`` AdamW steps of full fine-tuning."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[: steps * batch_size]
+    trained = copy.deepcopy(model)
+    plan = get_strategy("full-adamw").prepare(trained, lr=lr)
+    cfg = TuneConfig(epochs=1, batch_size=batch_size, lr=lr, progress=False, seed=0, shuffle=False)
+    train(trained, _subset(data, order), None, plan, cfg)
+    bmap = block_map(model)
+    prefixes = [p for entry in bmap.values() for p in entry]
+    images = next(iter_batches(data, [order[:batch_size].tolist()], 0))[0]
+    before = _block_outputs(copy.deepcopy(model), prefixes, images)
+    after_modules = dict(trained.eval().named_modules())
+    params_before, params_after = dict(model.named_parameters()), dict(trained.named_parameters())
+    scores = {}
+    with torch.no_grad():
+        for entry, entry_prefixes in bmap.items():
+            change_sq, norm_sq = 0.0, 0.0
+            for prefix in entry_prefixes:
+                if prefix in before:  # a module: run the trained copy on the pretrained model's input
+                    args, old = before[prefix]
+                    new = after_modules[prefix](*args)
+                elif prefix in params_before:  # a bare tensor (cls token, pos embed): its own change
+                    old, new = params_before[prefix], params_after[prefix]
+                else:
+                    continue
+                change_sq += (new - old).pow(2).sum().item()
+                norm_sq += old.pow(2).sum().item()
+            scores[entry] = (change_sq / norm_sq) ** 0.5 if norm_sq > 0 else 0.0
+    return scores
+
+
 def finetuning_profile(
     model: nn.Module,
     data: Dataset,
@@ -209,11 +272,14 @@ def finetuning_profile(
     return {c: cv_accuracy(model, data, [c], cfg, folds=folds, seed=seed) for c in candidates}
 
 
-def rank_correlation(scores: dict[str, float], reference: dict[str, float]) -> float:
-    """Spearman rank correlation of two block scorings over their shared blocks (ties get average ranks)."""
-    from scipy.stats import spearmanr
+def rank_correlation(scores: dict[str, float], reference: dict[str, float], *, method: str = "spearman") -> float:
+    """Spearman (or Kendall tau-b) rank correlation of two block scorings over their shared blocks (ties averaged)."""
+    from scipy.stats import kendalltau, spearmanr
 
+    if method not in ("spearman", "kendall"):
+        raise PotpourriError(f"unknown rank correlation '{method}'; choose spearman or kendall")
     shared = [k for k in reference if k in scores]
     if len(shared) < 2:
         raise PotpourriError(f"rank correlation needs 2 shared blocks, got {len(shared)}")
-    return float(spearmanr([scores[k] for k in shared], [reference[k] for k in shared]).statistic)
+    correlate = spearmanr if method == "spearman" else kendalltau
+    return float(correlate([scores[k] for k in shared], [reference[k] for k in shared]).statistic)
