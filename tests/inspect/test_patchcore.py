@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -18,6 +19,7 @@ from potpourri.inspect.patchcore import (
     greedy_coreset,
     memory_budget,
     nearest_neighbors,
+    partitioned_coreset,
 )
 
 
@@ -55,6 +57,26 @@ def test_greedy_coreset_equals_naive_farthest_point() -> None:
     for _ in range(11):
         naive.append(int(torch.cdist(points, points[naive]).min(1).values.argmax()))
     assert chosen == naive
+
+
+def test_partitioned_coreset_is_greedy_per_slice_and_covers_each_slice() -> None:
+    points = _planted_points(2)
+    n = len(points)
+    whole = partitioned_coreset(points, 0.1, n, seed=0)  # one slice: exactly the greedy coreset
+    assert torch.equal(whole, greedy_coreset(points, math.ceil(0.1 * n), seed=0))
+    parts = partitioned_coreset(points, 0.1, math.ceil(n / 3), seed=0)
+    bounds = [round(i * n / 3) for i in range(4)]
+    assert parts.unique().numel() == parts.numel()
+    for part, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+        inside = parts[(parts >= lo) & (parts < hi)]
+        expected = greedy_coreset(points[lo:hi], math.ceil(0.1 * (hi - lo)), seed=part) + lo
+        assert torch.equal(inside, expected)  # each slice is its own greedy k-center
+    # composability: every point is covered within the largest per-slice radius
+    radii = [
+        _covering_radius(points[lo:hi], parts[(parts >= lo) & (parts < hi)] - lo)
+        for lo, hi in itertools.pairwise(bounds)
+    ]
+    assert _covering_radius(points, parts) <= max(radii) + 1e-5
 
 
 def _allocated_bytes(fn) -> int:

@@ -40,7 +40,11 @@ FORMAT_VERSION = 1
 METADATA = "metadata.json"
 TENSORS = "model.safetensors"
 # method name -> module that defines it; imported lazily so `load_method` does not import every method
-_METHOD_MODULES = {"patchcore": "potpourri.inspect.patchcore"}
+_METHOD_MODULES = {
+    "patchcore": "potpourri.inspect.patchcore",
+    "anomalyclip": "potpourri.inspect.anomalyclip",
+    "winclip": "potpourri.inspect.winclip",
+}
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 

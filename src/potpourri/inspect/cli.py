@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import io
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,9 @@ from potpourri.imaging import IMAGE_SUFFIXES, find_images, load_rgb
 
 __all__ = ["FolderData", "read_folder", "register_cli"]
 
-METHODS = ("patchcore",)
+METHODS = ("patchcore", "anomalyclip", "winclip")
+# modules that add more `inspect` verbs through `add_cli(verbs)` (imported lazily, when the CLI is built)
+_VERB_EXTENSIONS: tuple[str, ...] = ("potpourri.inspect.oneshot", "potpourri.inspect.segment_cli")
 
 
 @dataclass
@@ -158,12 +161,16 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     data = read_folder(args.data)
-    config = PatchCoreConfig(
-        image_size=args.image_size,
-        coreset_ratio=args.coreset_ratio,
-        k_shot=args.k_shot,
-        nn_backend=args.nn_backend,
-        seed=args.seed,
+    config = (
+        PatchCoreConfig(
+            image_size=args.image_size,
+            coreset_ratio=args.coreset_ratio,
+            k_shot=args.k_shot,
+            nn_backend=args.nn_backend,
+            seed=args.seed,
+        )
+        if args.method == "patchcore"
+        else importlib.import_module(f"potpourri.inspect.{args.method}").config_from_args(args)
     )
     run = new_run("inspect", args.out)
     run.write_config({"verb": "inspect fit", "method": args.method, "data": args.data, **vars(config)})
@@ -171,15 +178,24 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     notes = [n for n in (_size_note(data.train, config.image_size, "training"),) if n]
 
     start = time.perf_counter()
-    method = PatchCore(config).fit(data.train)
+    method_class = (
+        PatchCore if args.method == "patchcore" else importlib.import_module(f"potpourri.inspect.{args.method}").METHOD
+    )
+    method = method_class(config).fit(data.train)
     fit_s = time.perf_counter() - start
     summary: dict = {
         "method": args.method,
         "layout": data.layout,
         "train_images": method.n_train_images,
-        "memory_bank_rows": int(method.memory_bank.shape[0]),
-        "memory_bank_bytes": method.memory_bank.nelement() * 4,
-        "budget_1000_images": memory_budget(config, 1000, method.grid()),
+        **(
+            {
+                "memory_bank_rows": int(method.memory_bank.shape[0]),
+                "memory_bank_bytes": method.memory_bank.nelement() * 4,
+                "budget_1000_images": memory_budget(config, 1000, method.grid()),
+            }
+            if args.method == "patchcore"
+            else method.fit_summary()  # zero-shot methods (anomalyclip, winclip): trained on --aux-data only
+        ),
         "fit_s": round(fit_s, 3),
         **{k: round(v, 3) for k, v in method.timings.items()},
     }
@@ -366,6 +382,12 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     fit.add_argument("--val-fraction", type=float, default=0.5, help="share of test/ used to calibrate thresholds")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--threads", type=int, default=None)
+    zero_shot = fit.add_argument_group("anomalyclip / winclip (zero-shot on --data, trained on --aux-data)")
+    zero_shot.add_argument("--aux-data", help="labelled auxiliary sets, e.g. ds-synth:brick,gravel or DIR1,DIR2")
+    zero_shot.add_argument("--clip", help="open_clip architecture (e.g. ViT-B-16) or JSON config; default: stand-in")
+    zero_shot.add_argument("--clip-weights", help="local open_clip checkpoint for --clip (never downloaded)")
+    zero_shot.add_argument("--epochs", type=int, default=None, help="prompt/bridge training epochs (default 15)")
+    zero_shot.add_argument("--object-name", default=None, help="winclip: the noun in the prompts (default object)")
     fit.set_defaults(func=_cmd_fit)
 
     predict = verbs.add_parser("predict", help="score images with a fitted run: CSV, overlays, masks, report.html")
@@ -374,3 +396,5 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("--out", help="output folder (default RUN/predict/vN)")
     predict.add_argument("--threads", type=int, default=None)
     predict.set_defaults(func=_cmd_predict)
+    for module in _VERB_EXTENSIONS:
+        importlib.import_module(module).add_cli(verbs)
