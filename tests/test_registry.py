@@ -26,6 +26,8 @@ def _expected_shape(name: str, model: nn.Module) -> tuple[int, ...]:
         return (2, 8, model.num_classes)  # next-token logits for every position
     if modality == "text":
         return (2, model.num_features)  # one sentence embedding per input
+    if modality == "detection":  # raw per-anchor output: box-bin logits then class logits
+        return (2, model.num_anchors((IMAGE_SIZE, IMAGE_SIZE)), model.num_outputs)
     return (2, model.num_classes)
 
 

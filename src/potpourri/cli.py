@@ -23,6 +23,8 @@ _VERB_MODULES = (
     "potpourri.inspect.cli",
     "potpourri.deploy.cli",
     "potpourri.experiments",
+    "potpourri.models.vlm_cli",
+    "potpourri.models.detect_cli",
 )
 
 

@@ -1,0 +1,422 @@
+"""A MiniGPT-v2-style vision-language model: frozen visual encoder -> merged tokens -> projection -> causal LM.
+
+As in ``minigpt4/models/minigpt_v2.py``: the encoder's feature map becomes tokens, adjacent tokens are concatenated
+(``1x4``: four consecutive tokens of a raster row, MiniGPT-v2's ``view``; ``2x2``: a true spatial block), one trainable
+``Linear`` maps them into the LM's embedding space, and the projected tokens replace the ``<ImageHere>`` slot of
+``<Img><ImageHere></Img> [task] instruction`` inside the LM's chat template (ChatML for SmolLM2, ``[INST] .. [/INST]``
+when the tokenizer has none). The loss is next-token cross-entropy on the answer tokens (and the end token) only.
+Stage 1 trains the projection; stage 2 adds LoRA (peft) on the LM's ``q_proj``/``v_proj``.
+
+Any Hugging Face causal LM works (``load_causal_lm(folder)``, ``create_model("smollm2_135m", pretrained=True)``);
+tests use a tiny random ``LlamaForCausalLM`` with ``char_tokenizer()``.
+
+Example:
+    vlm = build_vlm(pretrained=True, merge="1x4")           # EfficientNet-Lite0 + SmolLM2-135M, offline
+    vlm.set_stage(1)
+    loss = vlm(vlm.encode_images(pixels), ["[vqa] is there a crack?"], ["yes"])
+    vlm.generate(vlm.encode_images(pixels), ["[refer] where is the crack?"])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from potpourri.errors import PotpourriError
+from potpourri.weights import load_state_dict_file, save_state_dict_atomic
+
+__all__ = ["IMAGE_SLOT", "VLMBatch", "VLMConfig", "VisionLanguageModel", "build_vlm", "char_tokenizer", "merge_tokens"]
+
+IMAGE_SLOT = "<ImageHere>"
+MERGES = {"none": 1, "1x4": 4, "2x2": 4}
+IGNORE = -100
+
+
+@dataclass
+class VLMConfig:
+    """What the trainable parts depend on; saved next to them so they load into the same shapes."""
+
+    merge: str = "1x4"  # none | 1x4 | 2x2
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    system: str = ""  # the chat template's system turn ("" keeps SmolLM2's default persona out)
+    image_template: str = "<Img>" + IMAGE_SLOT + "</Img> "
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# blocks
+
+
+def merge_tokens(features: torch.Tensor, merge: str) -> torch.Tensor:
+    """``(B, C, H, W)`` feature map -> ``(B, N, k*C)`` tokens; the map is zero-padded to a multiple of the merge.
+
+    ``1x4``: 4 consecutive raster tokens of one row (channel order ``[x0, x1, x2, x3]``), as MiniGPT-v2's ``view``
+    when the row length is a multiple of 4; ``2x2``: a spatial block, channel order ``[(0,0), (0,1), (1,0), (1,1)]``.
+    """
+    if merge not in MERGES:
+        raise PotpourriError(f"unknown token merge '{merge}'; choose from {', '.join(MERGES)}")
+    b, c, h, w = features.shape
+    if merge == "none":
+        return features.flatten(2).transpose(1, 2)  # (B, H*W, C)
+    rows, cols = (1, 4) if merge == "1x4" else (2, 2)
+    pad_h, pad_w = (-h) % rows, (-w) % cols
+    x = F.pad(features, (0, pad_w, 0, pad_h))  # (B, C, H', W')
+    h, w = h + pad_h, w + pad_w
+    x = x.view(b, c, h // rows, rows, w // cols, cols).permute(0, 2, 4, 3, 5, 1)  # (B, H/r, W/c, r, c, C)
+    return x.reshape(b, (h // rows) * (w // cols), rows * cols * c)  # (B, N, k*C)
+
+
+def _as_feature_map(output: torch.Tensor, encoder: nn.Module) -> torch.Tensor:
+    """A timm ``forward_features`` output as ``(B, C, H, W)``: CNN maps pass, ViT tokens lose prefixes and fold."""
+    if output.ndim == 4:
+        return output
+    if output.ndim == 3:
+        tokens = output[:, getattr(encoder, "num_prefix_tokens", 0) :]  # (B, N, C)
+        side = round(tokens.shape[1] ** 0.5)
+        if side * side != tokens.shape[1]:
+            raise PotpourriError(f"encoder gives {tokens.shape[1]} tokens, not a square grid; use a CNN or square ViT")
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
+    raise PotpourriError(f"encoder output of shape {tuple(output.shape)} is neither a feature map nor tokens")
+
+
+def _token_ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _cache_kwarg(lm: nn.Module) -> str:
+    """The KV-cache keyword of this transformers version (``cache`` from 5.24, ``past_key_values`` before)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+
+
+def _new_cache(lm: nn.Module) -> Any:
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=lm.config)
+    except TypeError:  # older transformers
+        return DynamicCache()
+
+
+@dataclass
+class VLMBatch:
+    """Spliced LM inputs: embeddings, attention mask, labels (-100 off the answer) and where the image sits."""
+
+    embeds: torch.Tensor  # (B, T, D)
+    attention_mask: torch.Tensor  # (B, T) 1 = real token
+    labels: torch.Tensor  # (B, T) token id on answer positions, -100 elsewhere
+    image_slots: torch.Tensor  # (B, T) bool, True where projected image tokens sit
+    input_ids: torch.Tensor  # (B, T) text token ids, -1 on image slots and padding
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# model
+
+
+class VisionLanguageModel(nn.Module):
+    """Frozen encoder + token merge + trainable projection + causal LM (LoRA on q/v in stage 2)."""
+
+    def __init__(self, encoder: nn.Module, lm: nn.Module, tokenizer: Any, *, config: VLMConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or VLMConfig()
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.lm = getattr(lm, "lm", lm)  # a potpourri CausalLM wraps the Hugging Face model
+        self.lm.requires_grad_(False)
+        self.tokenizer = tokenizer
+        if getattr(tokenizer, "eos_token_id", None) is None:
+            raise PotpourriError("the tokenizer has no end-of-sequence token; pass a Hugging Face causal-LM tokenizer")
+        feature_dim = int(getattr(encoder, "num_features", 0)) or self._probe_channels()
+        hidden = self.lm.get_input_embeddings().weight.shape[1]
+        self.proj = nn.Linear(feature_dim * MERGES[self.config.merge], hidden)  # MiniGPT-v2's llama_proj
+        self.stage = 1
+        self.lora = False
+        self.set_stage(1)
+
+    def _probe_channels(self) -> int:
+        with torch.no_grad():
+            return _as_feature_map(self.encoder.forward_features(torch.zeros(1, 3, 64, 64)), self.encoder).shape[1]
+
+    def train(self, mode: bool = True) -> VisionLanguageModel:
+        super().train(mode)
+        self.encoder.eval()  # frozen: BatchNorm statistics never move
+        return self
+
+    # ---- stages and trainable parts
+    def add_lora(self) -> None:
+        """Inject LoRA adapters (peft) on the LM's q/v projections; idempotent."""
+        if self.lora:
+            return
+        try:
+            from peft import LoraConfig, inject_adapter_in_model
+        except ImportError as exc:
+            raise PotpourriError("LoRA needs peft: pip install 'potpourri[vlm]'") from exc
+        cfg = self.config
+        lora = LoraConfig(
+            r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.lora_targets), bias="none",
+        )  # fmt: skip
+        inject_adapter_in_model(lora, self.lm)
+        self.lora = True
+
+    def set_stage(self, stage: int) -> None:
+        """Stage 1: only the projection trains; stage 2: projection + LoRA (q/v); everything else frozen."""
+        if stage not in (1, 2):
+            raise PotpourriError(f"unknown training stage {stage}; use 1 (projection) or 2 (projection + LoRA)")
+        if stage == 2:
+            self.add_lora()
+        self.requires_grad_(False)
+        self.proj.requires_grad_(True)
+        if stage == 2:
+            for name, param in self.lm.named_parameters():
+                param.requires_grad_(".lora_" in name)
+        self.stage = stage
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The parameters that train in the current stage (projection, LoRA factors)."""
+        return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
+
+    def save_trainable(self, path: str | os.PathLike) -> Path:
+        """Write the trainable parts (safetensors, atomic) with the config they need."""
+        meta = {"config": json.dumps(asdict(self.config)), "stage": str(self.stage)}
+        save_state_dict_atomic(self.trainable_state_dict(), path, metadata=meta)
+        return Path(path)
+
+    def load_trainable(self, path: str | os.PathLike) -> None:
+        """Load trainable parts saved by ``save_trainable``; adds LoRA first when the file holds LoRA factors."""
+        from safetensors import safe_open
+
+        state = load_state_dict_file(path, fix="pass a file written by `potpourri vlm train`")
+        meta: dict[str, str] = {}
+        if Path(path).suffix == ".safetensors":
+            with safe_open(str(path), "pt") as fh:
+                meta = fh.metadata() or {}
+        saved = json.loads(meta.get("config", "{}"))
+        for key in ("merge", "lora_rank", "lora_alpha"):
+            if key in saved and saved[key] != getattr(self.config, key):
+                raise PotpourriError(f"'{path}' was trained with {key}={saved[key]}, this model has "
+                                     f"{getattr(self.config, key)}; build the model with the same setting")  # fmt: skip
+        self.set_stage(2 if any(".lora_" in k for k in state) else 1)
+        own = dict(self.named_parameters())
+        expected = {n for n, p in own.items() if p.requires_grad}
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise PotpourriError(f"'{path}' does not fit this model (missing {missing[:2]}, unexpected {extra[:2]})")
+        with torch.no_grad():
+            for name, value in state.items():
+                if own[name].shape != value.shape:
+                    raise PotpourriError(
+                        f"'{path}': {name} has shape {tuple(value.shape)}, model {tuple(own[name].shape)}"
+                    )
+                own[name].copy_(value)
+
+    # ---- image side
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Frozen encoder: normalised ``(B, 3, H, W)`` -> feature map ``(B, C, h, w)`` (cacheable: it never trains)."""
+        return _as_feature_map(self.encoder.forward_features(pixels), self.encoder)
+
+    def image_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """Feature map ``(B, C, h, w)`` -> projected image tokens ``(B, N, D)``."""
+        return self.proj(merge_tokens(features, self.config.merge))  # (B, N, D)
+
+    # ---- text side
+    def prompt_text(self, instruction: str) -> str:
+        """The full prompt string with one ``<ImageHere>`` slot, in the LM's chat template."""
+        user = self.config.image_template + instruction
+        template = getattr(self.tokenizer, "chat_template", None)
+        if template:
+            messages = [{"role": "system", "content": self.config.system}, {"role": "user", "content": user}]
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        bos = getattr(self.tokenizer, "bos_token", None) or ""
+        return f"{bos}[INST] {user} [/INST] "  # MiniGPT-v2's LLaMA-2 chat form
+
+    def build_batch(
+        self, features: torch.Tensor, instructions: list[str], answers: list[str] | None = None, *, pad: str = "right"
+    ) -> VLMBatch:
+        """Splice image tokens into the tokenised prompts; answers (+ end token) get labels, all else -100."""
+        if len(instructions) != features.shape[0] or (answers is not None and len(answers) != len(instructions)):
+            raise PotpourriError("give one instruction (and one answer) per image")
+        image = self.image_tokens(features)  # (B, N, D)
+        embed = self.lm.get_input_embeddings()
+        eos = self.tokenizer.eos_token_id
+        rows = []
+        for b, instruction in enumerate(instructions):
+            before, slot, after = self.prompt_text(instruction).partition(IMAGE_SLOT)
+            if not slot or IMAGE_SLOT in after:
+                raise PotpourriError(f"the prompt needs exactly one {IMAGE_SLOT} slot; got {instruction!r}")
+            ids_before, ids_after = _token_ids(self.tokenizer, before), _token_ids(self.tokenizer, after)
+            ids_answer = [*_token_ids(self.tokenizer, answers[b]), eos] if answers is not None else []
+            rows.append((ids_before, ids_after, ids_answer))
+        n_img = image.shape[1]
+        lengths = [len(a) + n_img + len(c) + len(d) for a, c, d in rows]
+        total = max(lengths)
+        device = image.device
+        pad_id = getattr(self.tokenizer, "pad_token_id", None)
+        pad_id = eos if pad_id is None else pad_id
+        input_ids = torch.full((len(rows), total), -1, dtype=torch.long, device=device)
+        labels = torch.full((len(rows), total), IGNORE, dtype=torch.long, device=device)
+        attention = torch.zeros((len(rows), total), dtype=torch.long, device=device)
+        slots = torch.zeros((len(rows), total), dtype=torch.bool, device=device)
+        pieces = []
+        for b, ((ids_before, ids_after, ids_answer), length) in enumerate(zip(rows, lengths, strict=True)):
+            start = total - length if pad == "left" else 0
+            text_after = ids_after + ids_answer
+            before_t = torch.tensor(ids_before, dtype=torch.long, device=device)
+            after_t = torch.tensor(text_after, dtype=torch.long, device=device)
+            pad_t = torch.full((total - length,), pad_id, dtype=torch.long, device=device)
+            img0 = start + len(ids_before)
+            text0 = img0 + n_img
+            input_ids[b, start:img0] = before_t
+            input_ids[b, text0 : text0 + len(text_after)] = after_t
+            slots[b, img0:text0] = True
+            attention[b, start : start + length] = 1
+            if ids_answer:
+                answer0 = text0 + len(ids_after)
+                labels[b, answer0 : answer0 + len(ids_answer)] = torch.tensor(ids_answer, device=device)
+            parts = [embed(before_t), image[b], embed(after_t)]  # (L, D) each
+            parts.insert(0 if pad == "left" else len(parts), embed(pad_t))
+            pieces.append(torch.cat(parts, dim=0))
+        return VLMBatch(torch.stack(pieces), attention, labels, slots, input_ids)  # embeds (B, T, D)
+
+    # ---- training and inference
+    def _decoder(self) -> nn.Module:
+        return getattr(self.lm, self.lm.base_model_prefix)
+
+    def forward(self, features: torch.Tensor, instructions: list[str], answers: list[str]) -> torch.Tensor:
+        """Mean next-token cross-entropy over the answer tokens of the batch."""
+        batch = self.build_batch(features, instructions, answers)
+        position_ids = (batch.attention_mask.cumsum(1) - 1).clamp(min=0)
+        hidden = self._decoder()(
+            inputs_embeds=batch.embeds, attention_mask=batch.attention_mask, position_ids=position_ids
+        ).last_hidden_state  # (B, T, D)
+        targets = batch.labels[:, 1:]  # position t predicts token t + 1
+        keep = targets != IGNORE
+        logits = self.lm.get_output_embeddings()(hidden[:, :-1][keep])  # (n_answer_tokens, vocab): only where needed
+        return F.cross_entropy(logits.float(), targets[keep])
+
+    @torch.no_grad()
+    def generate(self, features: torch.Tensor, instructions: list[str], *, max_new_tokens: int = 24) -> list[str]:
+        """Greedy answers (left-padded batch, KV cache), decoded without special tokens."""
+        batch = self.build_batch(features, instructions, None, pad="left")
+        mask = batch.attention_mask
+        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+        eos = self.tokenizer.eos_token_id
+        embed = self.lm.get_input_embeddings()
+        cache = {_cache_kwarg(self.lm): _new_cache(self.lm)}  # filled in place by every forward below
+        out = self.lm(
+            inputs_embeds=batch.embeds, attention_mask=mask, position_ids=position_ids, use_cache=True, **cache
+        )
+        finished = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
+        tokens = []
+        for _ in range(max_new_tokens):
+            next_ids = out.logits[:, -1].argmax(-1)  # (B,)
+            next_ids = torch.where(finished, torch.full_like(next_ids, eos), next_ids)
+            tokens.append(next_ids)
+            finished |= next_ids == eos
+            if bool(finished.all()):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+            out = self.lm(
+                inputs_embeds=embed(next_ids[:, None]), attention_mask=mask, position_ids=position_ids,
+                use_cache=True, **cache,
+            )  # fmt: skip
+        answers = []
+        for row in torch.stack(tokens, dim=1).tolist() if tokens else [[] for _ in instructions]:
+            row = row[: row.index(eos)] if eos in row else row
+            answers.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+        return answers
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# builders
+
+
+def char_tokenizer() -> Any:
+    """A character-level Hugging Face tokenizer (printable ASCII + newline, ChatML specials) for tiny test LMs."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {token: i for i, token in enumerate(specials + list(string.printable[:95]) + ["\n"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )  # fmt: skip
+    tokenizer.chat_template = (
+        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'"
+        " + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )  # ChatML, as SmolLM2's
+    return tokenizer
+
+
+def tiny_llama(
+    vocab_size: int, *, hidden: int = 64, layers: int = 2, seed: int = 0, init_std: float = 0.2
+) -> nn.Module:
+    """A tiny randomly initialised ``LlamaForCausalLM`` (tests and smoke runs)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+        initializer_range=init_std,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def build_vlm(
+    *,
+    encoder: str | nn.Module = "efficientnet_lite0",
+    lm: str | nn.Module = "smollm2_135m",
+    tokenizer: Any = None,
+    pretrained: bool = True,
+    merge: str = "1x4",
+    **config: Any,
+) -> VisionLanguageModel:
+    """A VLM from names or modules: encoder (a registered/timm name), LM (``smollm2_135m``, ``tiny``, or a folder).
+
+    Example:
+        build_vlm(pretrained=True)                                    # EfficientNet-Lite0 + SmolLM2-135M
+        build_vlm(encoder="test_efficientnet", lm="tiny", pretrained=False)   # seconds, for smoke tests
+    """
+    from potpourri.registry import create_model
+
+    if isinstance(encoder, str):
+        encoder = create_model(encoder, pretrained=pretrained)
+    if isinstance(lm, str):
+        if lm == "tiny":
+            tokenizer = tokenizer or char_tokenizer()
+            lm = tiny_llama(len(tokenizer))
+        elif lm == "smollm2_135m":
+            lm = create_model("smollm2_135m", pretrained=pretrained)
+        else:
+            from potpourri.models.smollm2 import load_causal_lm
+
+            lm = load_causal_lm(lm)
+    if tokenizer is None:
+        tokenizer = getattr(lm, "tokenizer", None)
+        if tokenizer is None:
+            raise PotpourriError("this language model comes without a tokenizer; pass tokenizer=...")
+    return VisionLanguageModel(encoder, lm, tokenizer, config=VLMConfig(merge=merge, **config))
+
+
+def encoder_transform_stats(encoder: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The encoder's normalisation (mean, std) from its timm ``pretrained_cfg`` (ImageNet's when absent)."""
+    cfg = getattr(encoder, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))

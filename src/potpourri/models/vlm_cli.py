@@ -1,0 +1,193 @@
+"""``potpourri vlm train|eval``: the MiniGPT-v2-style assistant on DS-Synth instructions, as a run folder.
+
+``train`` writes ``config.yaml``, ``env.json``, ``metrics.csv`` (loss per logged step), ``trainable.safetensors``
+(projection, and LoRA after stage 2), ``predictions.jsonl`` and ``summary.json`` (test metrics of the model and of
+the question-only baseline). ``eval`` rebuilds the model from a run's ``config.yaml`` and scores it again.
+
+Example:
+    potpourri vlm train --image-size 128 --n-train 140 --steps 150 --kinds yesno,refer --threads 1
+    potpourri vlm train --lm tiny --encoder test_efficientnet --random --steps 5     # seconds: a smoke run
+    potpourri vlm eval runs/vlm/v0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from potpourri.errors import PotpourriError
+
+__all__ = ["register_cli", "run_eval", "run_train"]
+
+_DEFAULT_KINDS = "yesno,refer,list,caption"
+
+
+def _kinds(text: str) -> tuple[str, ...]:
+    from potpourri.data.instructions import KINDS
+
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise PotpourriError(f"unknown instruction kind '{(unknown or [text])[0]}'; choose from {', '.join(KINDS)}")
+    return kinds
+
+
+def _data(cfg: dict[str, Any], split: str, n: int, offset_seed: int = 0):
+    from potpourri.data.instructions import make_instructions
+    from potpourri.data.synth import make_samples
+
+    samples = []
+    for category in cfg["categories"]:
+        samples += make_samples(category, split, n, seed=cfg["seed"], size=cfg["image_size"])
+    instructions = make_instructions(
+        samples, kinds=_kinds(cfg["kinds"]), seed=cfg["seed"] + offset_seed, task_identifiers=cfg["task_identifiers"]
+    )
+    return samples, instructions
+
+
+def _build(cfg: dict[str, Any]):
+    from potpourri.models.vlm import build_vlm
+
+    torch.manual_seed(cfg["seed"])
+    return build_vlm(
+        encoder=cfg["encoder"], lm=cfg["lm"], pretrained=cfg["pretrained"], merge=cfg["merge"],
+        lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"],
+    )  # fmt: skip
+
+
+def _evaluate_and_write(run, vlm, cfg: dict[str, Any], train_instructions, started: float) -> dict[str, Any]:
+    from potpourri.models.vlm_train import encode_samples, evaluate_vlm, score, trivial_predictions
+    from potpourri.weights import atomic_write_bytes
+
+    test_samples, test_instructions = _data(cfg, "test", cfg["n_test"], offset_seed=1)
+    features = encode_samples(vlm, test_samples)
+    long_answers = {"caption", "grounding", "detection"} & set(_kinds(cfg["kinds"]))
+    metrics, predictions = evaluate_vlm(
+        vlm, features, test_instructions, max_new_tokens=cfg.get("max_new_tokens") or (64 if long_answers else 24)
+    )
+    baseline = score(test_instructions, trivial_predictions(train_instructions, test_instructions))
+    lines = [
+        json.dumps({"kind": i.kind, "prompt": i.prompt, "answer": i.answer, "prediction": p}) + "\n"
+        for i, p in zip(test_instructions, predictions, strict=True)
+    ]
+    atomic_write_bytes(run.path / "predictions.jsonl", "".join(lines).encode())
+    summary = {"model": metrics, "question_only_baseline": baseline, "seconds": time.perf_counter() - started}
+    run.write_summary(summary)
+    return summary
+
+
+def run_train(cfg: dict[str, Any], out: str | None = None):
+    """Build, train (stage 1, then stage 2 if ``lora_steps``), evaluate; returns the ``Run``."""
+    from potpourri.models.vlm_train import VLMTrainConfig, encode_samples, train_vlm
+    from potpourri.runs import new_run, seed_everything
+
+    started = time.perf_counter()
+    seed_everything(cfg["seed"])
+    run = new_run("vlm", out)
+    run.write_config(cfg)
+    run.write_env(seed=cfg["seed"])
+    vlm = _build(cfg)
+    samples, instructions = _data(cfg, "train", cfg["n_train"])
+    features = encode_samples(vlm, samples)
+    checkpoint = run.path / "trainable.safetensors"
+    common = dict(batch_size=cfg["batch_size"], seed=cfg["seed"], checkpoint_every=cfg["checkpoint_every"])
+    train_vlm(vlm, features, instructions, VLMTrainConfig(stage=1, steps=cfg["steps"], lr=cfg["lr"], **common),
+              run=run, checkpoint=checkpoint)  # fmt: skip
+    if cfg["lora_steps"]:
+        train_vlm(vlm, features, instructions,
+                  VLMTrainConfig(stage=2, steps=cfg["lora_steps"], lr=cfg["lora_lr"], **common),
+                  run=run, checkpoint=checkpoint)  # fmt: skip
+    _evaluate_and_write(run, vlm, cfg, instructions, started)
+    return run
+
+
+def run_eval(run_dir: str | Path, *, n_test: int | None = None, task_identifiers: bool | None = None):
+    """Score a trained run again (optionally on more test images or with identifiers switched)."""
+    from potpourri.runs import Run
+
+    folder = Path(run_dir)
+    if not (folder / "config.yaml").is_file() or not (folder / "trainable.safetensors").is_file():
+        raise PotpourriError(f"'{folder}' is not a `potpourri vlm train` run (config.yaml + trainable.safetensors)")
+    cfg = yaml.safe_load((folder / "config.yaml").read_text())
+    if n_test is not None:
+        cfg["n_test"] = n_test
+    if task_identifiers is not None:
+        cfg["task_identifiers"] = task_identifiers
+    started = time.perf_counter()
+    vlm = _build(cfg)
+    vlm.load_trainable(folder / "trainable.safetensors")
+    _, train_instructions = _data(cfg, "train", cfg["n_train"])
+    out = folder / "eval"
+    out.mkdir(exist_ok=True)
+    return _evaluate_and_write(Run(out), vlm, cfg, train_instructions, started)
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    model, base = summary["model"], summary["question_only_baseline"]
+    names = [k for k in model if not k.startswith("n_")]
+    print(f"{'metric':<18} {'model':>8} {'baseline':>9}   n")
+    for name in names:
+        n = model.get(f"n_{name.split('_')[0]}", "")
+        print(f"{name:<18} {model[name]:>8.3f} {base.get(name, float('nan')):>9.3f}   {n}")
+    print(f"seconds: {summary['seconds']:.0f}")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = {k: v for k, v in vars(args).items() if k not in ("func", "out", "threads", "vlm_command")}
+    cfg["kinds"] = ",".join(_kinds(cfg["kinds"]))
+    run = run_train(cfg, args.out)
+    _print_summary(run.read_summary())
+    print(f"run: {run.path}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ids = None if args.task_ids is None else args.task_ids == "on"
+    _print_summary(run_eval(args.run, n_test=args.n_test, task_identifiers=ids))
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``potpourri vlm train|eval``."""
+    vlm = subparsers.add_parser("vlm", help="MiniGPT-v2-style VLM on DS-Synth: train | eval")
+    verbs = vlm.add_subparsers(dest="vlm_command", required=True)
+    train = verbs.add_parser("train", help="train the projection (stage 1), optionally LoRA (stage 2), then evaluate")
+    train.add_argument("--lm", default="smollm2_135m", help="smollm2_135m | tiny (random, tests) | a HF model folder")
+    train.add_argument("--encoder", default="efficientnet_lite0", help="a registered or timm model name")
+    train.add_argument("--random", dest="pretrained", action="store_false", help="random weights (smoke runs)")
+    train.add_argument("--merge", default="1x4", choices=("none", "1x4", "2x2"))
+    train.add_argument("--image-size", type=int, default=128)
+    train.add_argument("--categories", type=lambda s: s.split(","), default=["brick"])
+    train.add_argument("--n-train", type=int, default=140, help="train images per category (kinds cycle)")
+    train.add_argument("--n-test", type=int, default=70, help="test images per category")
+    train.add_argument("--kinds", default=_DEFAULT_KINDS, help="instruction kinds, comma-separated")
+    train.add_argument("--no-task-ids", dest="task_identifiers", action="store_false", help="drop [task] (ablation)")
+    train.add_argument("--steps", type=int, default=200, help="stage-1 (projection) steps")
+    train.add_argument("--lora-steps", type=int, default=0, help="stage-2 (projection + LoRA) steps afterwards")
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--lora-lr", type=float, default=2e-4)
+    train.add_argument("--lora-rank", type=int, default=8)
+    train.add_argument("--lora-alpha", type=float, default=16.0)
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--max-new-tokens", type=int, default=0, help="0: 24, or 64 with caption/grounding kinds")
+    train.add_argument("--checkpoint-every", type=int, default=50)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    train.add_argument("--out", default=None, help="run folder (default runs/vlm/v<N>)")
+    train.set_defaults(func=_cmd_train)
+    evaluate = verbs.add_parser("eval", help="score a trained run on the test split again")
+    evaluate.add_argument("run", help="a run folder written by `potpourri vlm train`")
+    evaluate.add_argument("--n-test", type=int, default=None)
+    evaluate.add_argument("--task-ids", choices=("on", "off"), default=None, help="override the run's identifiers")
+    evaluate.add_argument("--threads", type=int, default=0)
+    evaluate.set_defaults(func=_cmd_eval)
