@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=42, help="test images (cycling good + 6 defect kinds)")
     parser.add_argument("--max-patches", type=int, default=20_000)
     parser.add_argument("--scale", type=int, default=1000)
-    parser.add_argument("--scale-max-patches", type=int, default=200_000)
+    parser.add_argument("--scale-max-patches", type=int, default=100_000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()

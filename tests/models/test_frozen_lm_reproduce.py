@@ -67,3 +67,22 @@ def test_smoke_run_writes_a_table_with_every_arm(tmp_path) -> None:
     summary = run.read_summary()
     assert len(summary["runs"]) == 6 and all(r["status"] == "ok" for r in summary["runs"])
     assert all(0.0 <= r["iou_cls_attn"] <= 1.0 for r in summary["runs"])
+
+
+def test_shuffled_arm_keeps_each_tensors_values_but_not_their_order() -> None:
+    from potpourri.models import frozen_lm_reproduce as study
+
+    cfg = FrozenLMConfig(image_size=16, embed_dim=32, depth=1, num_heads=2)
+    cache: dict = {}
+    study.ARMS["_test-shuffled"] = ("minilm_l6", -1, False, False)
+    study.SHUFFLED.add("_test-shuffled")
+    try:
+        plain = build_arm("+minilm-last", cfg, 10, 0, cache).lm_block.lm
+        shuffled = build_arm("_test-shuffled", cfg, 10, 0, cache).lm_block.lm
+    finally:
+        del study.ARMS["_test-shuffled"]
+        study.SHUFFLED.discard("_test-shuffled")
+    for (name, a), b in zip(plain.named_parameters(), shuffled.parameters(), strict=True):
+        assert torch.equal(a.flatten().sort().values, b.flatten().sort().values), name  # same multiset of values
+        if a.numel() > 1 and a.unique().numel() > 1:
+            assert not torch.equal(a, b), name

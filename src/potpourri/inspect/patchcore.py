@@ -236,7 +236,7 @@ class PatchCoreConfig:
     coreset_threads: int | None = 1  # see greedy_coreset
     # greedy selection runs per slice of at most this many patches (a composable coreset; see partitioned_coreset);
     # None = one greedy pass over the whole bank (quadratic: ~46 min for 1,000 images at 224 px)
-    coreset_max_patches: int | None = 200_000
+    coreset_max_patches: int | None = 100_000
     seed: int = 0
 
 
