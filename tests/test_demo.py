@@ -12,9 +12,18 @@ from potpourri.demo import run_demo
 
 @pytest.mark.slow
 def test_demo_end_to_end_is_reproducible(tmp_path: Path) -> None:
-    first = run_demo(tmp_path / "a", seed=0, n_per_class=4, image_size=64, latency_rounds=1, tune_epochs=1)
+    first = run_demo(
+        tmp_path / "a", seed=0, n_per_class=4, image_size=64, latency_rounds=1, tune_epochs=1, segment_steps=20
+    )
     second = run_demo(
-        tmp_path / "b", seed=0, n_per_class=4, image_size=64, latency_rounds=0, inspect=False, tune_epochs=1
+        tmp_path / "b",
+        seed=0,
+        n_per_class=4,
+        image_size=64,
+        latency_rounds=0,
+        inspect=False,
+        tune_epochs=1,
+        segment_steps=20,
     )
     a, b = first.read_summary(), second.read_summary()
     assert a["probe_accuracy"] == b["probe_accuracy"] and a["confusion_matrix"] == b["confusion_matrix"]
@@ -28,5 +37,7 @@ def test_demo_end_to_end_is_reproducible(tmp_path: Path) -> None:
     assert len(pictures) >= 2 and all((first.path / p).is_file() for p in pictures)
     assert "CPU latency" in html and "PatchCore" in html
     assert 0.0 <= a["inspection"]["pixel_auroc"] <= 1.0 and a["inspection"]["category"] == "brick"
+    assert a["segmentation"]["miou"] == b["segmentation"]["miou"]  # seeded segmenter training
+    assert "Defect segmentation" in html and (first.path / "images" / "segmentation.png").is_file()
     for name in ("config.yaml", "env.json", "metrics.csv", "summary.json"):
         assert (first.path / name).is_file()
