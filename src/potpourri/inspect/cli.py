@@ -365,7 +365,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add ``inspect fit`` and ``inspect predict`` to the ``potpourri`` command."""
-    parser = subparsers.add_parser("inspect", help="anomaly detection / defect inspection (PatchCore)")
+    parser = subparsers.add_parser(
+        "inspect", help="defect inspection: PatchCore, AnomalyCLIP, WinCLIP, segmentation, one-shot"
+    )
     verbs = parser.add_subparsers(dest="inspect_verb", metavar="VERB")
     parser.set_defaults(func=lambda _args: parser.print_help() or 2)
 
