@@ -279,15 +279,15 @@ def test_normals_feed_the_local_net_only_when_asked(monkeypatch):
 @pytest.mark.parametrize(
     ("images", "masks", "match"),
     [
-        (np.zeros((2, SIZE, SIZE, 4), np.uint8), np.zeros((2, SIZE, SIZE), np.int64), r"\(N, H, W, 3\)"),
+        (np.zeros((2, SIZE, SIZE, 4), np.uint8), np.zeros((2, SIZE, SIZE), np.int64), "4 channels"),
         (np.zeros((2, SIZE, SIZE), np.uint8), np.zeros((2, SIZE, SIZE), np.int64), r"\(N, H, W, 3\)"),
         (np.zeros((2, SIZE, SIZE, 3), np.float32), np.zeros((2, SIZE, SIZE), np.int64), "uint8"),
-        (np.zeros((2, SIZE, SIZE, 3), np.uint8), np.zeros((2, SIZE, SIZE + 1), np.int64), "does not match"),
-        (np.zeros((2, SIZE, SIZE, 3), np.uint8), np.zeros((3, SIZE, SIZE), np.int64), "does not match"),
-        (np.zeros((2, SIZE, SIZE, 3), np.uint8), np.full((2, SIZE, SIZE), CLASSES, np.int64), "outside 0..2"),
-        (np.zeros((2, SIZE, SIZE, 3), np.uint8), np.full((2, SIZE, SIZE), -1, np.int64), "outside 0..2"),
+        (np.zeros((2, SIZE, SIZE, 3), np.uint8), np.zeros((2, SIZE, SIZE + 1), np.int64), "but the images are"),
+        (np.zeros((2, SIZE, SIZE, 3), np.uint8), np.zeros((3, SIZE, SIZE), np.int64), "but the images are"),
+        (np.zeros((2, SIZE, SIZE, 3), np.uint8), np.full((2, SIZE, SIZE), CLASSES, np.int64), "unknown class ids"),
+        (np.zeros((2, SIZE, SIZE, 3), np.uint8), np.full((2, SIZE, SIZE), -1, np.int64), "unknown class ids"),
         (np.zeros((2, SIZE, SIZE, 3), np.uint8), np.zeros((2, SIZE, SIZE), np.float32), "integer"),
-        (np.zeros((0, SIZE, SIZE, 3), np.uint8), np.zeros((0, SIZE, SIZE), np.int64), "empty"),
+        (np.zeros((0, SIZE, SIZE, 3), np.uint8), np.zeros((0, SIZE, SIZE), np.int64), "no images given"),
     ],
 )
 def test_bad_inputs_raise_one_clear_error(images, masks, match):

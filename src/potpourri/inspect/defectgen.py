@@ -389,16 +389,6 @@ class DefectGenLite:
             ).astype(np.int64)
         return np.stack(resized), out_masks
 
-    def _check_images(self, images: Any, what: str) -> np.ndarray:
-        if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
-            kind = images.dtype if isinstance(images, np.ndarray) else type(images).__name__
-            raise PotpourriError(f"{what} must be a uint8 numpy array (N, H, W, 3), got {kind}")
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise PotpourriError(f"{what} must have shape (N, H, W, 3) RGB, got {images.shape}; convert grey/RGBA")
-        if len(images) == 0:
-            raise PotpourriError(f"{what} is empty; pass at least one image")
-        return images
-
     def _encode(self, images: np.ndarray, masks: np.ndarray) -> torch.Tensor:
         """uint8 images + class-id masks -> (N, 3 + K, S, S) in [-1, 1] with one-hot mask channels."""
         rgb = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (N, 3, S, S)
@@ -410,23 +400,15 @@ class DefectGenLite:
         self, images: np.ndarray, masks: np.ndarray, normals: np.ndarray | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Check and encode the training data; returns (defect tensors, normal tensors or None)."""
-        images = self._check_images(images, "images")
-        if not isinstance(masks, np.ndarray) or not np.issubdtype(masks.dtype, np.integer):
-            kind = masks.dtype if isinstance(masks, np.ndarray) else type(masks).__name__
-            raise PotpourriError(f"masks must be an integer numpy array (N, H, W) of class ids, got {kind}")
-        if masks.shape != images.shape[:3]:
-            raise PotpourriError(f"masks shape {masks.shape} does not match images {images.shape[:3]} (N, H, W)")
-        bad = np.unique(masks[(masks < 0) | (masks >= self.config.num_classes)])
-        if bad.size:
-            raise PotpourriError(
-                f"mask class ids {bad[:5].tolist()} are outside 0..{self.config.num_classes - 1}; "
-                f"set DefectGenConfig(num_classes=...) to cover them"
-            )
+        from potpourri.inspect.segment import check_images, check_masks
+
+        images = check_images(images, "images")
+        masks = check_masks(masks, images, self.config.num_classes)  # unknown ids: set DefectGenConfig(num_classes=)
         images, masks = self._resize(images, masks)
         data = self._encode(images, masks)
         normal_data = None
         if normals is not None:
-            normals = self._check_images(normals, "normals")
+            normals = check_images(normals, "normals")
             normals, _ = self._resize(normals, None)
             normal_data = self._encode(normals, np.zeros(normals.shape[:3], np.int64))
         return data, normal_data
