@@ -25,6 +25,7 @@ _VERB_MODULES = (
     "potpourri.experiments",
     "potpourri.models.vlm_cli",
     "potpourri.models.detect_cli",
+    "potpourri.inspect.sam_cli",
 )
 
 

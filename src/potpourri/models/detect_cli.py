@@ -8,6 +8,7 @@ Example:
     potpourri detect train --data ds-synth:brick --epochs 20
     potpourri detect predict runs/detect/v0 photo.png --conf 0.3
     potpourri detect eval runs/detect/v0 --data ds-synth:brick --reparam
+    potpourri detect mask-train runs/detect/v0 --data ds-synth:brick --seconds 150   # frozen detector + mask head
 """
 
 from __future__ import annotations
@@ -247,8 +248,47 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mask_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from potpourri.inspect.frozen_mask_head import (
+        MaskHeadConfig,
+        mask_coco_map,
+        predict_instances,
+        read_instance_data,
+        save_mask_head,
+        train_mask_head,
+    )
+    from potpourri.models.yolo_train import load_detector
+    from potpourri.runs import new_run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    detector, meta = load_detector(args.run)
+    train, test, names = read_instance_data(args.data, image_size=meta["image_size"], per_kind=args.per_kind,
+                                            seed=args.seed)  # fmt: skip
+    if tuple(names) != tuple(meta["class_names"]):
+        raise PotpourriError(f"--data has classes {list(names)} but the detector knows {meta['class_names']}")
+    cfg = MaskHeadConfig(max_steps=args.steps, max_seconds=args.seconds, lr=args.lr, seed=args.seed)
+    run = new_run("mask", args.out, root=args.run)
+    run.write_config({"verb": "detect mask-train", "run": args.run, "data": args.data, "steps": args.steps,
+                      "seconds": args.seconds, "lr": args.lr, "seed": args.seed})  # fmt: skip
+    run.write_env(args.seed)
+    head, history = train_mask_head(detector, train, cfg)
+    save_mask_head(run.path, head, {"detector_run": str(args.run), "data": args.data})
+    metrics = mask_coco_map(predict_instances(detector, head, [s.image for s in test], conf=0.001), test, len(names))
+    run.write_summary({**metrics, **{k: v for k, v in history.items() if k != "losses"},
+                       "last_loss": history["losses"][-1] if history["losses"] else None})  # fmt: skip
+    print(
+        f"mask head: {history['steps']} steps in {history['train_s']:.0f}s ({history['trainable_params']} trainable "
+        f"params, detector frozen); test mask mAP@0.5 {metrics['map50']:.4f}, mAP@0.5:0.95 {metrics['map']:.4f}; "
+        f"{run.path}"
+    )
+    return 0
+
+
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``detect train``, ``detect predict`` and ``detect eval`` to the ``potpourri`` command."""
+    """Add ``detect train``, ``predict``, ``eval`` and ``mask-train`` to the ``potpourri`` command."""
     from potpourri.models import yolo  # noqa: F401  (registers the detector variants)
 
     parser = subparsers.add_parser("detect", help="YOLOv6-style defect detector: train, predict, eval")
@@ -296,3 +336,15 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--out", help="output folder (default RUN/eval/vN)")
     evaluate.add_argument("--threads", type=int, default=None)
     evaluate.set_defaults(func=_cmd_eval)
+
+    mask = verbs.add_parser("mask-train", help="train a mask head on the frozen detector (Mask Frozen-DETR style)")
+    mask.add_argument("run", help="run folder written by `potpourri detect train`")
+    mask.add_argument("--data", required=True, help="ds-synth:CATEGORY (instance masks from DS-Synth)")
+    mask.add_argument("--steps", type=int, default=600)
+    mask.add_argument("--seconds", type=float, default=None, help="stop after this wall clock (includes caching)")
+    mask.add_argument("--lr", type=float, default=2e-3)
+    mask.add_argument("--per-kind", type=int, default=20)
+    mask.add_argument("--seed", type=int, default=0)
+    mask.add_argument("--out", help="output folder (default RUN/mask/vN)")
+    mask.add_argument("--threads", type=int, default=None)
+    mask.set_defaults(func=_cmd_mask_train)
