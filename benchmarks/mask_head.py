@@ -1,0 +1,183 @@
+"""Mask Frozen-DETR at toy scale: frozen detector + light mask head vs end-to-end Mask R-CNN, same wall clock.
+
+(a) the trained ``yolo_rep_n`` brick detector (a ``potpourri detect train`` run) frozen, only the mask head of
+``potpourri.inspect.frozen_mask_head`` trained for ``--budget`` seconds (including the one-off feature cache);
+(b) torchvision's ``MaskRCNN`` class with a small backbone (ImageNet EfficientNet-Lite0 stages, or our EfficientRep
+from scratch) + FPN (64 channels) and slim heads, trained end to end for the same seconds (``--maskrcnn-budgets``).
+Same DS-Synth brick data (one instance per connected defect region), 256 px, 1 thread, COCO mask AP (pycocotools).
+Run: `.venv/bin/python benchmarks/mask_head.py --run /tmp/yolo_work/run_brick --budget 150 --maskrcnn-budgets 150`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import OrderedDict
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from potpourri.data.boxes import DetectionSample
+from potpourri.inspect.frozen_mask_head import (
+    InstanceSample,
+    MaskHead,
+    MaskHeadConfig,
+    frozen_outputs,
+    mask_coco_map,
+    paste_masks,
+    predict_instances,
+    read_instance_data,
+    train_mask_head,
+    winning_anchors,
+)
+from potpourri.models.yolo_train import coco_map, evaluate_detector, load_detector, to_tensor
+
+
+def _as_boxes(samples: list[InstanceSample]) -> list[DetectionSample]:
+    return [DetectionSample(s.image, s.boxes, s.labels, s.name) for s in samples]
+
+
+@torch.no_grad()
+def oracle_box_masks(detector: nn.Module, head: MaskHead, samples: list[InstanceSample]) -> list[dict]:
+    """Masks of the head inside the ground-truth boxes (score 1): mask quality without detection errors."""
+    out = []
+    for s in samples:
+        frozen = frozen_outputs(detector, to_tensor([s.image], detector.mean, detector.std))
+        boxes = torch.from_numpy(s.boxes)
+        masks = np.zeros((0, *s.image.shape[:2]), bool)
+        if len(boxes):
+            anchors = winning_anchors(frozen.boxes[0], boxes)
+            rows = torch.zeros(len(boxes), dtype=torch.long)
+            logits = head(head.pixel_map(frozen.fine, frozen.p3), torch.cat([rows[:, None].float(), boxes], 1),
+                          head.queries(frozen.embeds, rows, anchors))  # fmt: skip
+            masks = (paste_masks(logits.sigmoid(), boxes, s.image.shape[:2]) > 0.5).numpy()
+        out.append({"masks": masks, "scores": np.ones(len(boxes)), "labels": s.labels})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- (b) Mask R-CNN
+class _FPNBackbone(nn.Module):
+    def __init__(self, body: nn.Module, in_channels: list[int], out_channels: int = 64):
+        super().__init__()
+        from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=LastLevelMaxPool())
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> OrderedDict:
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(x))))
+
+
+def build_maskrcnn(num_classes: int, backbone: str, dim: int = 64) -> nn.Module:
+    """torchvision ``MaskRCNN`` with a small backbone (strides 8/16/32 + pool), 64-channel FPN and slim heads."""
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from potpourri.models.yolo import EfficientRep, Lite0Backbone
+
+    body = Lite0Backbone(pretrained=True) if backbone == "lite0" else EfficientRep()
+    sizes = ((16,), (32,), (64,), (128,))
+    return MaskRCNN(
+        _FPNBackbone(body, list(body.out_channels), dim), num_classes=None, min_size=256, max_size=256,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+        rpn_anchor_generator=AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes)),
+        rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300, rpn_pre_nms_top_n_test=300,
+        rpn_post_nms_top_n_test=100, box_batch_size_per_image=128,
+        box_roi_pool=MultiScaleRoIAlign(["0", "1", "2"], 7, 2),
+        box_head=TwoMLPHead(dim * 49, 256), box_predictor=FastRCNNPredictor(256, num_classes + 1),
+        mask_roi_pool=MultiScaleRoIAlign(["0", "1", "2"], 14, 2),
+        mask_head=MaskRCNNHeads(dim, (dim, dim, dim, dim), 1),
+        mask_predictor=MaskRCNNPredictor(dim, dim, num_classes + 1),
+        box_detections_per_img=100,
+    )  # fmt: skip
+
+
+def _image(s: InstanceSample) -> torch.Tensor:
+    return torch.from_numpy(s.image).permute(2, 0, 1).float().div(255).contiguous()
+
+
+def train_maskrcnn(
+    model: nn.Module, samples: list[InstanceSample], seconds: float, *, batch: int = 4, lr: float = 1e-3
+):
+    """AdamW (50-step warm-up) end to end for ``seconds``; returns steps and wall time."""
+    rng = np.random.default_rng(0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
+    model.train()
+    start, step = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        picks = rng.choice(len(samples), batch, replace=False)
+        images = [_image(samples[i]) for i in picks]
+        targets = [{"boxes": torch.from_numpy(samples[i].boxes), "labels": torch.from_numpy(samples[i].labels) + 1,
+                    "masks": torch.from_numpy(samples[i].masks.astype(np.uint8))} for i in picks]  # fmt: skip
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 50)
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+    return step, time.perf_counter() - start
+
+
+@torch.no_grad()
+def predict_maskrcnn(model: nn.Module, samples: list[InstanceSample]) -> list[dict]:
+    model.eval()
+    out = []
+    for s in samples:
+        found = model([_image(s)])[0]
+        out.append({"boxes": found["boxes"].numpy(), "scores": found["scores"].numpy(),
+                    "labels": found["labels"].numpy() - 1, "masks": found["masks"][:, 0].numpy() > 0.5})  # fmt: skip
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", default="/tmp/yolo_work/run_brick", help="a `potpourri detect train` folder")
+    parser.add_argument("--budget", type=float, default=150.0, help="seconds for the mask head (a)")
+    parser.add_argument("--maskrcnn-budgets", type=float, nargs="*", default=[150.0], help="seconds for (b)")
+    parser.add_argument("--maskrcnn-backbone", choices=("lite0", "rep"), default="lite0")
+    parser.add_argument("--out", default="/tmp/mask_work/mask_head.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    detector, meta = load_detector(args.run)
+    train, test, names = read_instance_data(meta.get("data", "ds-synth:brick"), image_size=meta["image_size"])
+    rows = []
+    box = evaluate_detector(detector, _as_boxes(test), image_size=meta["image_size"])
+    head, history = train_mask_head(detector, train, MaskHeadConfig(max_steps=100_000, max_seconds=args.budget))
+    t0 = time.perf_counter()
+    mask = mask_coco_map(predict_instances(detector, head, [s.image for s in test], conf=0.001), test, len(names))
+    infer_s = time.perf_counter() - t0
+    oracle = mask_coco_map(oracle_box_masks(detector, head, test), test, len(names))
+    rows.append({"arm": "(a) frozen yolo_rep_n + mask head", "train_s": history["train_s"], "steps": history["steps"],
+                 "cache_s": history["cache_s"], "trainable_params": history["trainable_params"],
+                 "frozen_params": sum(p.numel() for p in detector.parameters()), "box_map": box["map"],
+                 "box_map50": box["map50"], "mask_map": mask["map"], "mask_map50": mask["map50"],
+                 "gt_box_mask_map": oracle["map"], "gt_box_mask_map50": oracle["map50"], "test_infer_s": infer_s,
+                 "first_loss": float(np.mean(history["losses"][:10])),
+                 "last_loss": float(np.mean(history["losses"][-10:]))})  # fmt: skip
+    print(json.dumps(rows[-1]), flush=True)
+    for seconds in args.maskrcnn_budgets:
+        torch.manual_seed(0)
+        model = build_maskrcnn(len(names), args.maskrcnn_backbone)
+        steps, train_s = train_maskrcnn(model, train, seconds)
+        preds = predict_maskrcnn(model, test)
+        box_b = coco_map(preds, _as_boxes(test), len(names))
+        mask_b = mask_coco_map(preds, test, len(names))
+        rows.append({"arm": f"(b) Mask R-CNN ({args.maskrcnn_backbone}+FPN64) end to end", "train_s": train_s,
+                     "steps": steps, "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                     "box_map": box_b["map"], "box_map50": box_b["map50"], "mask_map": mask_b["map"],
+                     "mask_map50": mask_b["map50"]})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    with open(args.out, "w") as f:
+        json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
