@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -185,3 +186,21 @@ def test_few_shot_uses_k_images(planted, small_config, lite0) -> None:
 def test_unfitted_score_is_a_clear_error(planted) -> None:
     with pytest.raises(PotpourriError, match="not fitted"):
         PatchCore(PatchCoreConfig(image_size=96)).score(planted.test[:1])
+
+
+def test_border_average_counts_the_zero_padding_and_old_runs_keep_theirs(fitted: PatchCore, tmp_path, lite0) -> None:
+    """3x3 average of a constant map: corners 4/9, edges 6/9 with zero padding (PatchCore's unfold, anomalib)."""
+    from potpourri.inspect.base import load_method
+    from potpourri.inspect.patchcore import PatchFeatures
+
+    ones = torch.ones(1, 1, 4, 4)
+    padded = PatchFeatures(lite0).aggregate(ones)[0, 0]
+    assert padded[0, 0].item() == pytest.approx(4 / 9) and padded[0, 1].item() == pytest.approx(6 / 9)
+    assert padded[1, 1].item() == pytest.approx(1.0)
+    valid_only = PatchFeatures(lite0, border_zero_pad=False).aggregate(ones)[0, 0]
+    assert torch.allclose(valid_only, torch.ones(4, 4))
+    folder = fitted.save(tmp_path / "run")
+    metadata = json.loads((folder / "metadata.json").read_text())
+    del metadata["config"]["border_zero_pad"]  # as written before the option existed
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+    assert load_method(folder).config.border_zero_pad is False

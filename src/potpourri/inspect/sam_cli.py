@@ -1,0 +1,169 @@
+"""``potpourri annotate`` (click-to-annotate with a SAM) and ``potpourri sam-train`` (the small SAM on DS-Synth).
+
+``annotate`` writes a Defect Spectrum class-id mask: a single-channel uint8 PNG, 0 = background and ``--class-id``
+on the segmented defect, the size of the input image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from potpourri.errors import PotpourriError
+
+__all__ = ["annotate", "parse_box", "parse_point", "register_cli"]
+
+
+def parse_point(text: str) -> tuple[float, float]:
+    """``"x,y"`` → (x, y) in pixels."""
+    try:
+        x, y = (float(v) for v in text.split(","))
+    except ValueError:
+        raise PotpourriError(f"point '{text}' is not x,y (two numbers, e.g. 120,64)") from None
+    return x, y
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    """``"x0,y0,x1,y1"`` → the box in pixels, corners ordered."""
+    try:
+        x0, y0, x1, y1 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise PotpourriError(f"box '{text}' is not x0,y0,x1,y1 (four numbers, e.g. 10,20,90,80)") from None
+    return min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
+
+
+def _check_inside(xy: np.ndarray, width: int, height: int, what: str) -> None:
+    if xy.size and ((xy[..., 0] < 0).any() or (xy[..., 0] >= width).any() or (xy[..., 1] < 0).any()
+                    or (xy[..., 1] >= height).any()):  # fmt: skip
+        raise PotpourriError(f"{what} {xy.tolist()} lies outside the {width}x{height} image")
+
+
+def annotate(
+    image: np.ndarray,
+    points: np.ndarray,
+    labels: np.ndarray,
+    box: np.ndarray | None,
+    *,
+    model: str | None = None,
+    sam_weights: str | None = None,
+) -> np.ndarray:
+    """(H, W) bool mask for the prompts (pixel x, y of ``image``) from a ``sam-train`` run or official weights."""
+    height, width = image.shape[:2]
+    _check_inside(points.reshape(-1, 2), width, height, "point")
+    if box is not None:
+        _check_inside(box.reshape(2, 2), width, height, "box corner")
+    if not len(points) and box is None:
+        raise PotpourriError("give at least one --points x,y or a --box x0,y0,x1,y1")
+    if (model is None) == (sam_weights is None):
+        raise PotpourriError("pass exactly one of --model RUN (a `potpourri sam-train` run) or --sam-weights PATH")
+    if sam_weights is not None:
+        return _annotate_official(image, points, labels, box, sam_weights)
+    import torch
+
+    from potpourri.inspect.sam import Sam, predict_mask
+
+    sam = Sam.load(model)
+    size = sam.config.image_size
+    scale = np.array([size / width, size / height], np.float32)
+    resized = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
+    prompt: dict[str, np.ndarray] = {}
+    if len(points):
+        prompt = {"points": (points * scale).astype(np.float32), "labels": labels.astype(np.int64)}
+    if box is not None:
+        if len(points):
+            raise PotpourriError("a sam-train model takes points or a box, not both; drop one")
+        prompt = {"boxes": (box.reshape(2, 2) * scale).reshape(4).astype(np.float32)}
+    with torch.no_grad():
+        mask = predict_mask(sam, sam.backbone_features(resized[None]), prompt)
+    return np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST))
+
+
+def _annotate_official(image, points, labels, box, path) -> np.ndarray:
+    from potpourri.inspect.sam import build_official_sam
+
+    model = build_official_sam(path)
+    module = type(model).__module__.split(".")[0]  # segment_anything or mobile_sam
+    predictor = __import__(module, fromlist=["SamPredictor"]).SamPredictor(model)
+    predictor.set_image(image)
+    masks, scores, _ = predictor.predict(
+        point_coords=points if len(points) else None,
+        point_labels=labels if len(points) else None,
+        box=box,
+        multimask_output=len(points) == 1 and box is None,
+    )
+    return masks[int(np.argmax(scores))].astype(bool)
+
+
+def _write_mask(mask: np.ndarray, class_id: int, out: str) -> Path:
+    from potpourri.weights import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * np.uint8(class_id), mode="L").save(buffer, format="PNG")
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def _cmd_annotate(args: argparse.Namespace) -> int:
+    from potpourri.imaging import read_rgb
+
+    if not 1 <= args.class_id <= 255:
+        raise PotpourriError(f"--class-id {args.class_id} must be 1..255 (0 is background)")
+    image = read_rgb(args.image)
+    positives = [parse_point(p) for p in args.points or []]
+    negatives = [parse_point(p) for p in args.negative or []]
+    points = np.array(positives + negatives, np.float32).reshape(-1, 2)
+    labels = np.array([1] * len(positives) + [0] * len(negatives), np.int64)
+    box = np.array(parse_box(args.box), np.float32) if args.box else None
+    mask = annotate(image, points, labels, box, model=args.model, sam_weights=args.sam_weights)
+    path = _write_mask(mask, args.class_id, args.out)
+    print(f"{path}: {int(mask.sum())} pixels of class {args.class_id} ({mask.mean():.1%} of the image)")
+    return 0
+
+
+def _cmd_sam_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from potpourri.inspect.sam import SamConfig, run_sam_experiment
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = SamConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                       prompt_dim=args.prompt_dim, train_neck=not args.freeze_neck)  # fmt: skip
+    summary = run_sam_experiment(out=args.out, per_category=args.per_category, test_per_category=args.test_per_category,
+                                 config=config)  # fmt: skip
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``annotate`` and ``sam-train`` to the ``potpourri`` command."""
+    p = subparsers.add_parser("annotate", help="click-to-annotate: points/box prompts → a class-id defect mask PNG")
+    p.add_argument("image", help="RGB image to annotate")
+    p.add_argument("--points", nargs="+", metavar="X,Y", help="positive clicks (pixels)")
+    p.add_argument("--negative", nargs="+", metavar="X,Y", help="negative clicks (pixels)")
+    p.add_argument("--box", metavar="X0,Y0,X1,Y1", help="box prompt (pixels)")
+    p.add_argument("--model", help="a `potpourri sam-train` run folder")
+    p.add_argument("--sam-weights", help="official sam_vit_b.pth or mobile_sam.pt (needs segment-anything/mobile_sam)")
+    p.add_argument("--class-id", type=int, default=1, help="class id written on the mask (DS-Synth: 1..6)")
+    p.add_argument("--out", required=True, help="mask PNG to write (uint8 class ids, Defect Spectrum format)")
+    p.set_defaults(func=_cmd_annotate)
+
+    t = subparsers.add_parser("sam-train", help="train the small Lite0 SAM on DS-Synth; report click/box mIoU")
+    t.add_argument("--out", help="run folder (default runs/sam/vN)")
+    t.add_argument("--steps", type=int, default=1200)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--prompt-dim", type=int, default=64)
+    t.add_argument("--freeze-neck", action="store_true", help="train only prompt encoder and mask decoder")
+    t.add_argument("--per-category", type=int, default=100, help="training images per texture")
+    t.add_argument("--test-per-category", type=int, default=20, help="held-out images per texture")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=1)
+    t.set_defaults(func=_cmd_sam_train)
