@@ -1,24 +1,13 @@
 """Category-mean baseline for the SEED experiment: cos(train mean of the true category, test pooled feature)."""
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from seed_tokenizer_data import load
 
-from potpourri.data.synth import CATEGORIES, make_samples
+from potpourri.data.synth import CATEGORIES
 from potpourri.registry import create_model
 
 torch.set_num_threads(1)
-
-
-def load(split, n):
-    images, cats = [], []
-    for c, name in enumerate(CATEGORIES):
-        for s in make_samples(name, split, n, size=128):
-            images.append(s.image)
-            cats.append(c)
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
-    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-    return (x - mean) / std, torch.tensor(cats)
 
 
 encoder = create_model("efficientnet_lite0", pretrained=True).eval()

@@ -10,8 +10,8 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from seed_tokenizer_data import load
 
-from potpourri.data.synth import CATEGORIES, make_samples
 from potpourri.models.visual_tokenizer import (
     SEEDConfig,
     SEEDTokenizer,
@@ -29,21 +29,10 @@ STEPS = int(sys.argv[1]) if len(sys.argv) > 1 else 250
 SEEDS = (0, 1)
 
 
-def load(split, n):
-    images, cats = [], []
-    for c, name in enumerate(CATEGORIES):
-        for s in make_samples(name, split, n, size=SIZE):
-            images.append(s.image)
-            cats.append(c)
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
-    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-    return (x - mean) / std, torch.tensor(cats)
-
-
 encoder = create_model("efficientnet_lite0", pretrained=True).eval()
 with torch.no_grad():
-    xtr, ctr = load("train", N_TRAIN)
-    xte, cte = load("test", N_TEST)
+    xtr, ctr = load("train", N_TRAIN, SIZE)
+    xte, cte = load("test", N_TEST, SIZE)
     ftr = torch.cat([encoder.forward_features(b) for b in xtr.split(50)])
     fte = torch.cat([encoder.forward_features(b) for b in xte.split(50)])
 print("features", tuple(ftr.shape), tuple(fte.shape), f"{time.time() - t0:.0f}s", flush=True)
