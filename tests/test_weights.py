@@ -14,7 +14,14 @@ from skimage import data
 from potpourri import PotpourriError, create_model, get_pretrained_cfg
 from potpourri.data.transforms import eval_transform
 from potpourri.models.efficientnet import LITE0_CFG, map_lite0_keys
-from potpourri.weights import cache_root, load_state_dict_file, resolve_weights, save_state_dict_atomic
+from potpourri.weights import (
+    cache_root,
+    load_bundle,
+    load_state_dict_file,
+    resolve_weights,
+    save_bundle,
+    save_state_dict_atomic,
+)
 
 IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 ESPRESSO = 967
@@ -119,3 +126,26 @@ def test_minilm_loads_offline_and_embeds_meaningfully() -> None:
     assert emb.shape == (3, 384)
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
     assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.2
+
+
+def test_bundle_round_trip_and_each_bad_file_gives_its_own_line(tmp_path: Path) -> None:
+    tensors = {"w": torch.arange(6.0).reshape(2, 3)}
+    meta = {"format": "potpourri.x", "format_version": 2, "config": {"k": 1}}
+    save_bundle(tmp_path / "m.safetensors", tensors, tmp_path / "m.json", meta)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.safetensors"]  # no temp files left
+    kwargs = {"missing": "no model here", "fix": "refit it", "format": "potpourri.x", "format_version": 2}
+    got_meta, got = load_bundle(tmp_path / "m.safetensors", tmp_path / "m.json", **kwargs)
+    assert got_meta == meta and torch.equal(got["w"], tensors["w"])
+    with pytest.raises(PotpourriError, match=r"^no model here$"):
+        load_bundle(tmp_path / "m.safetensors", tmp_path / "absent.json", **kwargs)
+    cases = {
+        "{not json": "is not valid JSON",
+        "[1, 2]": "holds no metadata object",
+        '{"format": "other", "format_version": 2}': "holds format 'other', not 'potpourri.x'",
+        '{"format": "potpourri.x", "format_version": 99}': "format 99; this potpourri reads 2",
+    }
+    for text, message in cases.items():
+        (tmp_path / "m.json").write_text(text)
+        with pytest.raises(PotpourriError, match=message) as info:
+            load_bundle(tmp_path / "m.safetensors", tmp_path / "m.json", **kwargs)
+        assert str(info.value).endswith("refit it") and "\n" not in str(info.value)

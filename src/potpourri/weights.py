@@ -30,8 +30,11 @@ __all__ = [
     "atomic_write_bytes",
     "cache_root",
     "file_sha256",
+    "load_bundle",
     "load_state_dict_file",
+    "read_json_meta",
     "resolve_weights",
+    "save_bundle",
     "save_state_dict_atomic",
 ]
 
@@ -157,6 +160,61 @@ def load_state_dict_file(path: str | os.PathLike, *, fix: str = "pass --weights 
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise PotpourriError(f"weight file '{path}' holds no state dict of tensors; {fix}")
     return state
+
+
+def save_bundle(
+    tensors_path: str | os.PathLike,
+    tensors: StateDict,
+    meta_path: str | os.PathLike,
+    meta: dict[str, Any],
+    *,
+    tensor_metadata: dict[str, str] | None = None,
+) -> None:
+    """Write a model bundle: tensors as safetensors, then its JSON metadata, each atomically."""
+    save_state_dict_atomic(tensors, tensors_path, metadata=tensor_metadata)
+    atomic_write_bytes(meta_path, json.dumps(meta, indent=2, default=float).encode())
+
+
+def read_json_meta(
+    path: str | os.PathLike,
+    *,
+    missing: str,
+    fix: str,
+    format: str | None = None,
+    format_version: int | None = None,
+) -> dict[str, Any]:
+    """Read a bundle's JSON metadata; a missing (message ``missing``), invalid or foreign file raises one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise PotpourriError(missing)
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PotpourriError(f"'{path}' is not valid JSON ({exc}); {fix}") from exc
+    if not isinstance(meta, dict):
+        raise PotpourriError(f"'{path}' holds no metadata object; {fix}")
+    if format is not None and meta.get("format") != format:
+        raise PotpourriError(f"'{path}' holds format {meta.get('format')!r}, not {format!r}; {fix}")
+    if format_version is not None and meta.get("format_version") != format_version:
+        raise PotpourriError(
+            f"'{path}' was written in {format} format {meta.get('format_version')}; this potpourri reads "
+            f"{format_version}: {fix}"
+        )
+    return meta
+
+
+def load_bundle(
+    tensors_path: str | os.PathLike,
+    meta_path: str | os.PathLike,
+    *,
+    missing: str,
+    fix: str,
+    format: str | None = None,
+    format_version: int | None = None,
+) -> tuple[dict[str, Any], StateDict]:
+    """Read a bundle written by ``save_bundle``: its checked metadata and its tensors."""
+    meta = read_json_meta(meta_path, missing=missing, fix=fix, format=format, format_version=format_version)
+    return meta, load_state_dict_file(tensors_path, fix=fix)
 
 
 def _package_location(cfg: PretrainedCfg) -> Path | None:

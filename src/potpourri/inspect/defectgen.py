@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 import os
 import time
@@ -74,7 +73,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from potpourri.errors import PotpourriError
-from potpourri.weights import atomic_write_bytes, load_state_dict_file, save_state_dict_atomic
+from potpourri.weights import load_bundle, save_bundle
 
 __all__ = [
     "DefectGenConfig",
@@ -605,8 +604,6 @@ class DefectGenLite:
         if not self.fitted:
             raise PotpourriError("nothing to save: call fit(images, masks) first")
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_state_dict_atomic(self.state_tensors(), folder / TENSORS_FILE, metadata={"method": self.name})
         meta = {
             "format": "potpourri.defectgen",
             "format_version": FORMAT_VERSION,
@@ -615,27 +612,23 @@ class DefectGenLite:
             "fit_info": self.fit_info,
             "notes": self.notes,
         }
-        atomic_write_bytes(folder / CONFIG_FILE, json.dumps(meta, indent=2).encode())
+        tensors = self.state_tensors()
+        save_bundle(folder / TENSORS_FILE, tensors, folder / CONFIG_FILE, meta, tensor_metadata={"method": self.name})
         return folder
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> DefectGenLite:
         """Load a generator written by ``save``."""
         folder = Path(folder)
-        meta_path = folder / CONFIG_FILE
-        if not meta_path.is_file():
-            raise PotpourriError(f"no Defect-Gen-lite model in '{folder}' ({CONFIG_FILE} missing); fit and save one")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except ValueError as exc:
-            raise PotpourriError(f"'{meta_path}' is not valid JSON; save the model again") from exc
-        if meta.get("format") != "potpourri.defectgen" or meta.get("format_version") != FORMAT_VERSION:
-            raise PotpourriError(
-                f"'{folder}' holds format {meta.get('format')} v{meta.get('format_version')}, "
-                f"this version reads potpourri.defectgen v{FORMAT_VERSION}; refit the generator"
-            )
+        meta, tensors = load_bundle(
+            folder / TENSORS_FILE,
+            folder / CONFIG_FILE,
+            missing=f"no Defect-Gen-lite model in '{folder}' ({CONFIG_FILE} missing); fit and save one",
+            fix="refit the generator with this potpourri",
+            format="potpourri.defectgen",
+            format_version=FORMAT_VERSION,
+        )
         gen = cls(DefectGenConfig.from_dict(meta["config"]))
-        tensors = load_state_dict_file(folder / TENSORS_FILE, fix="save the Defect-Gen-lite model again")
         for prefix, net in gen.networks().items():
             part = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
             try:

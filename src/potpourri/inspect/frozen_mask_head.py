@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
 import os
 import time
@@ -446,30 +445,30 @@ def train_mask_head(
 # ----------------------------------------------------------------------------------------------- saving
 def save_mask_head(folder: str | os.PathLike, head: MaskHead, meta: dict[str, Any]) -> Path:
     """Write ``mask_head.safetensors`` and ``mask_head.json`` (sizes, detector run) atomically."""
-    from potpourri.weights import atomic_write_bytes, save_state_dict_atomic
+    from potpourri.weights import save_bundle
 
     folder = Path(folder)
-    save_state_dict_atomic(head.state_dict(), folder / "mask_head.safetensors")
     embed_dims = [m.in_features for m in head.level_proj]
     sizes = {"fine_chs": head.lateral_fine.in_channels, "p3_chs": head.lateral_p3.in_channels,
              "embed_dims": embed_dims, "dim": head.dim, "roi_size": head.roi_size}  # fmt: skip
     record = {**meta, **sizes}
-    atomic_write_bytes(folder / "mask_head.json", json.dumps(record, indent=2).encode())
+    save_bundle(folder / "mask_head.safetensors", head.state_dict(), folder / "mask_head.json", record)
     return folder / "mask_head.safetensors"
 
 
 def load_mask_head(folder: str | os.PathLike) -> tuple[MaskHead, dict[str, Any]]:
     """The head saved by ``save_mask_head`` (eval mode) and its metadata."""
-    from potpourri.weights import load_state_dict_file
+    from potpourri.weights import load_bundle
 
     folder = Path(folder)
-    if not (folder / "mask_head.json").is_file():
-        raise PotpourriError(f"'{folder}' holds no mask_head.json; train one with `potpourri detect mask-train RUN`")
-    meta = json.loads((folder / "mask_head.json").read_text())
-    head = MaskHead(meta["fine_chs"], meta["p3_chs"], meta["embed_dims"], meta["dim"], meta["roi_size"])
-    head.load_state_dict(
-        load_state_dict_file(folder / "mask_head.safetensors", fix="re-run `potpourri detect mask-train`")
+    meta, state = load_bundle(
+        folder / "mask_head.safetensors",
+        folder / "mask_head.json",
+        missing=f"'{folder}' holds no mask_head.json; train one with `potpourri detect mask-train RUN`",
+        fix="re-run `potpourri detect mask-train`",
     )
+    head = MaskHead(meta["fine_chs"], meta["p3_chs"], meta["embed_dims"], meta["dim"], meta["roi_size"])
+    head.load_state_dict(state)
     return head.eval(), meta
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -39,7 +38,7 @@ from tqdm.auto import tqdm
 
 from potpourri.errors import PotpourriError
 from potpourri.inspect.base import ImageInput, as_rgb
-from potpourri.weights import atomic_write_bytes, load_state_dict_file, save_state_dict_atomic
+from potpourri.weights import load_bundle, save_bundle
 
 __all__ = [
     "AttentionMaps",
@@ -496,32 +495,34 @@ class OneShotSegmenter:
         """Write ``oneshot.safetensors`` (embeddings or prototypes) and ``metadata.json``, each atomically."""
         self._require_fit()
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         name = "prototypes" if self.config.method == "prototype" else "embeddings"
         tensors = {name: getattr(self, name), "class_ids": torch.tensor(self.class_ids, dtype=torch.int64)}
-        save_state_dict_atomic(tensors, folder / "oneshot.safetensors", metadata={"method": self.config.method})
-        atomic_write_bytes(folder / "metadata.json", json.dumps(self.metadata(), indent=2).encode())
+        save_bundle(
+            folder / "oneshot.safetensors",
+            tensors,
+            folder / "metadata.json",
+            self.metadata(),
+            tensor_metadata={"method": self.config.method},
+        )
         return folder
 
     @classmethod
     def load(cls, folder: str | os.PathLike, *, source: FeatureSource | None = None) -> OneShotSegmenter:
         """Load a saved segmenter; ``source`` reuses an already built feature source."""
         folder = Path(folder)
-        path = folder / "metadata.json"
-        if not path.is_file():
-            raise PotpourriError(f"'{folder}' holds no one-shot model (no metadata.json); fit one first")
-        try:
-            metadata = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise PotpourriError(f"'{path}' is not valid JSON ({exc}); refit the model") from exc
-        if metadata.get("format") != FORMAT or metadata.get("format_version") != FORMAT_VERSION:
-            raise PotpourriError(f"'{folder}' is not a {FORMAT} v{FORMAT_VERSION} model; refit with this potpourri")
+        metadata, tensors = load_bundle(
+            folder / "oneshot.safetensors",
+            folder / "metadata.json",
+            missing=f"'{folder}' holds no one-shot model (no metadata.json); fit one first",
+            fix="refit the model with this potpourri",
+            format=FORMAT,
+            format_version=FORMAT_VERSION,
+        )
         known = {f.name for f in dataclasses.fields(OneShotConfig)}
         unknown = sorted(set(metadata["config"]) - known)
         if unknown:
             raise PotpourriError(f"'{folder}' has config keys {unknown} unknown to this potpourri; refit the model")
         model = cls(OneShotConfig(**_tuple_fields(metadata["config"])), source=source)
-        tensors = load_state_dict_file(folder / "oneshot.safetensors", fix="refit the model")
         model.class_ids = [int(i) for i in tensors["class_ids"]]
         if model.config.method == "prototype":
             model.prototypes = tensors["prototypes"]

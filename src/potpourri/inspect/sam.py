@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -30,7 +29,7 @@ from scipy import ndimage
 from torch import nn
 
 from potpourri.errors import PotpourriError
-from potpourri.weights import atomic_write_bytes, load_state_dict_file, save_state_dict_atomic
+from potpourri.weights import load_bundle, save_bundle
 
 __all__ = [
     "MaskDecoder",
@@ -395,22 +394,23 @@ class Sam(nn.Module):
     # -- persistence ------------------------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> Path:
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_state_dict_atomic(self.state_dict(), folder / TENSORS_FILE, metadata={"format": FORMAT})
         meta = {"format": FORMAT, "config": asdict(self.config)}
-        atomic_write_bytes(folder / CONFIG_FILE, json.dumps(meta, indent=2).encode())
+        save_bundle(
+            folder / TENSORS_FILE, self.state_dict(), folder / CONFIG_FILE, meta, tensor_metadata={"format": FORMAT}
+        )
         return folder
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> Sam:
         """Load a run saved by ``save``; the Lite0 architecture is rebuilt without downloading weights."""
         folder = Path(folder)
-        path = folder / CONFIG_FILE
-        if not path.is_file():
-            raise PotpourriError(f"{folder}: no {CONFIG_FILE}; pass a run folder written by `potpourri sam-train`")
-        meta = json.loads(path.read_text())
-        if meta.get("format") != FORMAT:
-            raise PotpourriError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}; retrain the model")
+        meta, state = load_bundle(
+            folder / TENSORS_FILE,
+            folder / CONFIG_FILE,
+            missing=f"{folder}: no {CONFIG_FILE}; pass a run folder written by `potpourri sam-train`",
+            fix="retrain with `potpourri sam-train`",
+            format=FORMAT,
+        )
         config = SamConfig(**meta["config"])
         backbone = None
         if config.backbone != "none":
@@ -418,7 +418,6 @@ class Sam(nn.Module):
 
             backbone = create_model(config.backbone, pretrained=False)
         sam = cls(config, backbone=backbone)
-        state = load_state_dict_file(folder / TENSORS_FILE, fix="retrain with `potpourri sam-train`")
         sam.load_state_dict(state)
         return sam.eval()
 

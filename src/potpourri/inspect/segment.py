@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -35,7 +34,7 @@ from potpourri.data.synth import CLASSES
 from potpourri.errors import PotpourriError
 from potpourri.inspect.base import ImageInput, InspectionResult, as_rgb
 from potpourri.inspect.metrics import iou_per_class, mean_iou
-from potpourri.weights import atomic_write_bytes, load_state_dict_file, save_state_dict_atomic
+from potpourri.weights import load_bundle, save_bundle
 
 __all__ = [
     "ENCODER_POLICIES",
@@ -486,8 +485,6 @@ class Segmenter:
         from potpourri import __version__
 
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_state_dict_atomic(self.net.state_dict(), folder / TENSORS_FILE, metadata={"format": FORMAT})
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -497,30 +494,27 @@ class Segmenter:
             "metrics": self.metrics,
             "history": self.history,
         }
-        atomic_write_bytes(folder / CONFIG_FILE, json.dumps(meta, indent=2, default=float).encode())
+        tensors = self.net.state_dict()
+        save_bundle(folder / TENSORS_FILE, tensors, folder / CONFIG_FILE, meta, tensor_metadata={"format": FORMAT})
         return folder
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> Segmenter:
         """Load a saved segmenter; the encoder architecture is rebuilt without downloading any weights."""
         folder = Path(folder)
-        path = folder / CONFIG_FILE
-        if not path.is_file():
-            raise PotpourriError(
-                f"'{folder}' is not a segmenter run (no {CONFIG_FILE}); train one with "
-                "`potpourri inspect segment-train --data ... --out DIR`"
-            )
-        try:
-            meta = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PotpourriError(f"'{path}' is not valid JSON ({exc}); retrain the segmenter") from exc
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise PotpourriError(f"'{path}' is not potpourri segmenter metadata; retrain the segmenter")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise PotpourriError(
-                f"'{folder}' was written in segmenter format {meta.get('format_version')}; this potpourri reads "
-                f"{FORMAT_VERSION}: retrain with this version"
-            )
+        missing = (
+            f"'{folder}' is not a segmenter run (no {CONFIG_FILE}); train one with "
+            "`potpourri inspect segment-train --data ... --out DIR`"
+        )
+        fix = "retrain the segmenter with this potpourri"
+        meta, state = load_bundle(
+            folder / TENSORS_FILE,
+            folder / CONFIG_FILE,
+            missing=missing,
+            fix=fix,
+            format=FORMAT,
+            format_version=FORMAT_VERSION,
+        )
         known = {f.name for f in dataclasses.fields(SegmenterConfig)}
         unknown = sorted(set(meta["config"]) - known)
         if unknown:
@@ -530,7 +524,6 @@ class Segmenter:
         from potpourri.registry import create_model
 
         seg = cls(config, backbone=create_model(config.backbone, pretrained=False))
-        state = load_state_dict_file(folder / TENSORS_FILE, fix="retrain the segmenter")
         missing, unexpected = seg.net.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise PotpourriError(

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from potpourri.errors import PotpourriError
-from potpourri.weights import atomic_write_bytes, load_state_dict_file, save_state_dict_atomic
+from potpourri.weights import load_bundle, save_bundle
 
 __all__ = [
     "CausalQFormer",
@@ -371,9 +371,10 @@ def codebook_usage(indices: torch.Tensor, size: int) -> dict[str, float]:
 def save_tokenizer(model: SEEDTokenizer, path: str | os.PathLike) -> Path:
     """Write weights (safetensors) and ``<path>.json`` (the config), both atomically."""
     path = Path(path)
-    config = json.dumps(asdict(model.config), indent=2)
-    save_state_dict_atomic(model.state_dict(), path, metadata={"config": config})
-    atomic_write_bytes(path.with_suffix(".json"), config.encode())
+    config = asdict(model.config)
+    save_bundle(
+        path, model.state_dict(), path.with_suffix(".json"), config, tensor_metadata={"config": json.dumps(config)}
+    )
     return path
 
 
@@ -381,14 +382,17 @@ def load_tokenizer(path: str | os.PathLike) -> SEEDTokenizer:
     """Build the tokenizer from ``<path>.json`` and load the weights saved by ``save_tokenizer``."""
     path = Path(path)
     config_path = path.with_suffix(".json")
-    if not config_path.is_file():
-        raise PotpourriError(f"'{config_path}' is missing; pass a tokenizer written by save_tokenizer")
+    meta, state = load_bundle(
+        path,
+        config_path,
+        missing=f"'{config_path}' is missing; pass a tokenizer written by save_tokenizer",
+        fix="re-save the tokenizer with save_tokenizer",
+    )
     try:
-        config = SEEDConfig(**json.loads(config_path.read_text()))
-    except (TypeError, json.JSONDecodeError) as exc:
+        config = SEEDConfig(**meta)
+    except TypeError as exc:
         raise PotpourriError(f"'{config_path}' is not a SEED tokenizer config ({exc}); re-save the tokenizer") from exc
     model = SEEDTokenizer(config)
-    state = load_state_dict_file(path, fix="pass a file written by save_tokenizer")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
