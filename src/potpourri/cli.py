@@ -26,6 +26,8 @@ _VERB_MODULES = (
     "potpourri.models.vlm_cli",
     "potpourri.models.detect_cli",
     "potpourri.inspect.sam_cli",
+    "potpourri.app.chat",
+    "potpourri.app.serve",
 )
 
 
