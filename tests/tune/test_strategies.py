@@ -25,6 +25,7 @@ EXPECTED_PREFIXES = {
     "subtuning": ["blocks.0.1.", "classifier."],
     "layer-decay": [ALL],
     "lora": [".lora_", "classifier."],
+    "visual-prompt": ["prompt.", "mapping."],
 }
 KWARGS = {"subtuning": {"blocks": ["blocks.0.1"]}}
 
@@ -45,6 +46,10 @@ def test_strategy_trains_exactly_its_params_and_frozen_stay_bit_identical(name):
     if name == "lora":
         pytest.importorskip("peft")  # the [lora] extra
     model = tiny_model()
+    if name == "visual-prompt":  # AutoVP wraps a frozen source classifier: prompt -> source -> label mapping
+        from potpourri.tune.visual_prompt import VPConfig, build_visual_prompt
+
+        model = build_visual_prompt(tiny_model(num_classes=12), 3, VPConfig("fully", width=2), canvas=12)
     plan = get_strategy(name, **KWARGS.get(name, {})).prepare(model, lr=0.05)
     names = [n for n, _ in model.named_parameters()]
     expected = _expected(names, name)

@@ -12,6 +12,7 @@ block, neck, head), derived from the model's structure by ``block_map(model)`` a
 | `subtuning`        | the chosen blocks + head                 | AdamW (overridable)  |
 | `layer-decay`      | everything, lr × decay^(depth from head) | AdamW (overridable)  |
 | `lora`             | low-rank adapters on Linear / 1×1 conv + head | AdamW (overridable) |
+| `visual-prompt`    | AutoVP input prompt + resize + label mapping (tune/visual_prompt.py) | AdamW (overridable) |
 
 Example:
     plan = get_strategy("subtuning", blocks=["blocks.5.0"]).prepare(model, lr=1e-3)
@@ -430,8 +431,28 @@ class LoRA(Strategy):
         return model
 
 
+class VisualPrompt(Strategy):
+    """AutoVP: only the input prompt (+ resize scale) and the label mapping of a ``VisualPromptModel`` train."""
+
+    name = "visual-prompt"
+
+    def prepare(self, model: nn.Module, **kwargs: Any) -> Plan:
+        from potpourri.tune.visual_prompt import VisualPromptModel
+
+        if not isinstance(model, VisualPromptModel):
+            raise PotpourriError(
+                "strategy 'visual-prompt' needs a VisualPromptModel around an ImageNet classifier; build one with "
+                "potpourri.tune.visual_prompt.build_visual_prompt(...) or run `potpourri reproduce autovp`"
+            )
+        self.block_map_override = self.block_map_override or model.block_map()
+        return super().prepare(model, **kwargs)
+
+    def trained_entries(self, bmap: BlockMap) -> list[str]:
+        return ["prompt", "mapping"]
+
+
 STRATEGIES: dict[str, type[Strategy]] = {
-    s.name: s for s in (Linear, FullAdamW, FullSGD, SGDFreezeEmbed, SubTuning, LayerDecay, LoRA)
+    s.name: s for s in (Linear, FullAdamW, FullSGD, SGDFreezeEmbed, SubTuning, LayerDecay, LoRA, VisualPrompt)
 }
 
 
