@@ -45,6 +45,16 @@ def test_tune_subtuning_trains_the_named_block(image_folder, tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text())["trainable_entries"] == ["blocks.6.0", "head"]
 
 
+def test_tune_visual_prompt_keeps_the_imagenet_head_and_trains_prompt_and_mapping(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["tune", *TINY, "--data", str(image_folder), "--strategy", "visual-prompt", "--epochs", "1"]
+    assert main([*args, "--batch-size", "4", "--out", str(out)]) == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    # border prompt delta (3 x 32 x 32) + the resize scale + FullyMap 1000 ImageNet logits -> 2 classes (+ bias)
+    assert summary["trainable_params"] == 3 * 32 * 32 + 1 + 1000 * 2 + 2
+    assert summary["trainable_entries"] == ["prompt", "mapping"]
+
+
 def test_select_layers_proxy_only(image_folder, tmp_path, capsys):
     out = tmp_path / "sel"
     assert main(["select-layers", *TINY, "--data", str(image_folder), "--proxy-only", "--out", str(out)]) == 0

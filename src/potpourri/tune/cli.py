@@ -100,6 +100,17 @@ def _model_and_data(args: argparse.Namespace) -> tuple[torch.nn.Module, Dataset,
     cfg = getattr(probe, "pretrained_cfg", {}) or {}
     mean, std = tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
     img_size = args.img_size or int(cfg.get("input_size", (3, 224, 224))[-1])
+    if getattr(args, "strategy", None) == "visual-prompt":  # AutoVP: ImageNet head kept, prompt takes [0, 1] px
+        from potpourri.tune.visual_prompt import VPConfig, build_visual_prompt
+
+        train, val, classes = load_image_data(
+            args.data, img_size=img_size, mean=(0.0,) * 3, std=(1.0,) * 3, seed=args.seed
+        )
+        source = potpourri.create_model(args.model, pretrained=args.pretrained)
+        model = build_visual_prompt(
+            source, len(classes), VPConfig("fully", width=max(1, img_size // 12)), canvas=img_size
+        )
+        return model, train, val, classes
     train, val, classes = load_image_data(args.data, img_size=img_size, mean=mean, std=std, seed=args.seed)
     torch.manual_seed(args.seed)  # the new head's initialisation
     model = potpourri.create_model(args.model, pretrained=args.pretrained, num_classes=len(classes))

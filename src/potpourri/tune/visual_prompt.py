@@ -294,7 +294,10 @@ def build_visual_prompt(
     """
     source.eval()
     num_source = _num_outputs(source, canvas)
-    pad = PaddingPrompt(canvas, cfg.width, scale=cfg.scale, learn_scale=cfg.learn_scale, prompt=prompt)
+    mean, std = source_normalisation(source)
+    pad = PaddingPrompt(
+        canvas, cfg.width, scale=cfg.scale, learn_scale=cfg.learn_scale, prompt=prompt, mean=mean, std=std
+    )
     mapping: nn.Module = (
         FullyMap(num_source, num_classes) if cfg.mapping == "fully" else IndexMap(num_source, num_classes, cfg.num_map)
     )
@@ -311,6 +314,12 @@ def build_visual_prompt(
             raise PotpourriError(f"semantic mapping knows ImageNet's 1000 names, the source has {num_source} outputs")
         mapping.set_index(semantic_mapping(text_encoder(names), text_encoder(list(class_names)), cfg.num_map))
     return model
+
+
+def source_normalisation(source: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean/std the source model was trained with (timm ``pretrained_cfg``; ImageNet's when it has none)."""
+    cfg = getattr(source, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
 
 
 def _num_outputs(source: nn.Module, canvas: int) -> int:
@@ -543,7 +552,7 @@ def _probe(source: nn.Module, train: TensorDataset, val: TensorDataset, test: Te
 
     def normalised(data: TensorDataset) -> TensorDataset:
         x = F.interpolate(data.tensors[0], size=(cfg.canvas, cfg.canvas), mode="bilinear", align_corners=False)
-        mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in source_normalisation(source))
         return TensorDataset((x - mean) / std, data.tensors[1])
 
     head = source.get_classifier()
