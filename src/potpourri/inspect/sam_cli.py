@@ -142,8 +142,72 @@ def _cmd_sam_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ssprompt(args: argparse.Namespace) -> int:
+    import torch
+
+    from potpourri.inspect.sam_prompt import SSPromptConfig, run_ssprompt_experiment
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = SSPromptConfig(category=args.category, image_size=args.image_size, sam_steps=args.sam_steps,
+                            prompt_steps=args.steps, segmenter_steps=args.segmenter_steps, seed=args.seed)  # fmt: skip
+    run = run_ssprompt_experiment(config, out=args.out, sam_path=args.sam)
+    print((run.path / "results.md").read_text(), end="")
+    print(f"run: {run.path}")
+    return 0
+
+
+def _cmd_sam_clip(args: argparse.Namespace) -> int:
+    import torch
+
+    from potpourri.inspect.sam_clip import SamClipConfig, run_sam_clip_experiment
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = SamClipConfig(image_size=args.image_size, student=args.student, stage1_steps=args.stage1_steps,
+                           probe_steps=args.probe_steps, stage2_steps=args.stage2_steps, lr=args.lr,
+                           backbone_lr=args.backbone_lr or None, batch_size=args.batch_size,
+                           rehearsal_shares=tuple(args.rehearsal), seed=args.seed)  # fmt: skip
+    run = run_sam_clip_experiment(config, out=args.out, sam_path=args.sam)
+    print((run.path / "results.md").read_text(), end="")
+    print(f"run: {run.path}")
+    return 0
+
+
+def _register_sam_family(subparsers: argparse._SubParsersAction) -> None:
+    """``ssprompt`` (learned class prompts for a frozen SAM) and ``sam-clip`` (two-teacher merging)."""
+    s = subparsers.add_parser("ssprompt", help="learn one prompt per defect class for a frozen SAM (0 clicks)")
+    s.add_argument("--sam", help="a `potpourri sam-train` / ssprompt SAM folder (default: pretrain one)")
+    s.add_argument("--category", default="brick", help="DS-Synth texture the prompts are learned on")
+    s.add_argument("--image-size", type=int, default=96)
+    s.add_argument("--sam-steps", type=int, default=2000, help="SAM pretraining steps when --sam is not given")
+    s.add_argument("--steps", type=int, default=300, help="prompt-learning steps per class")
+    s.add_argument("--segmenter-steps", type=int, default=400, help="the supervised segmenter's steps")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--out", help="run folder (default runs/ssprompt/vN)")
+    s.set_defaults(func=_cmd_ssprompt)
+
+    c = subparsers.add_parser("sam-clip", help="merge a SAM and a Lite0 teacher into one student; forgetting table")
+    c.add_argument("--sam", help="SAM folder (teacher A; its image_size must match; default: pretrain one)")
+    c.add_argument("--student", default="sam",
+                   help="timm model (random init, cut at stride 16), or 'sam' (teacher A's encoder)")  # fmt: skip
+    c.add_argument("--image-size", type=int, default=96)
+    c.add_argument("--stage1-steps", type=int, default=0, help="A-only steps (0 for --student sam; ~600 otherwise)")
+    c.add_argument("--probe-steps", type=int, default=200)
+    c.add_argument("--stage2-steps", type=int, default=150)
+    c.add_argument("--lr", type=float, default=2e-3, help="heads (and a random-init backbone)")
+    c.add_argument("--backbone-lr", type=float, default=2e-4, help="backbone learning rate (0: use --lr)")
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--rehearsal", type=float, nargs="+", default=[0.5], help="share(s) of teacher A data in stage 2")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--out", help="run folder (default runs/sam-clip/vN)")
+    c.set_defaults(func=_cmd_sam_clip)
+
+
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``annotate`` and ``sam-train`` to the ``potpourri`` command."""
+    """Add ``annotate``, ``sam-train``, ``ssprompt`` and ``sam-clip`` to the ``potpourri`` command."""
     p = subparsers.add_parser("annotate", help="click-to-annotate: points/box prompts → a class-id defect mask PNG")
     p.add_argument("image", help="RGB image to annotate")
     p.add_argument("--points", nargs="+", metavar="X,Y", help="positive clicks (pixels)")
@@ -167,3 +231,4 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=1)
     t.set_defaults(func=_cmd_sam_train)
+    _register_sam_family(subparsers)
