@@ -8,6 +8,11 @@ Example:
     potpourri vlm train --image-size 128 --n-train 140 --steps 150 --kinds yesno,refer --threads 1
     potpourri vlm train --lm tiny --encoder test_efficientnet --random --steps 5     # seconds: a smoke run
     potpourri vlm eval runs/vlm/v0
+    potpourri vlm baseline --image-size 128 --n-train 140 --kinds yesno,refer --threads 1   # the non-LLM baseline
+
+``baseline`` trains the non-LLM baseline (``potpourri.models.vlm_baseline``: segmenter boxes + defect-classifier
+answers) on the same training images and scores it on the same test instructions as ``train`` with the same data
+options; its ``summary.json`` holds the classifier-answer and segmenter-answer variants and the question-only one.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import yaml
 
 from potpourri.errors import PotpourriError
 
-__all__ = ["register_cli", "run_eval", "run_train"]
+__all__ = ["register_cli", "run_baseline", "run_eval", "run_train"]
 
 _DEFAULT_KINDS = "yesno,refer,list,caption"
 
@@ -128,6 +133,42 @@ def run_eval(run_dir: str | Path, *, n_test: int | None = None, task_identifiers
     return _evaluate_and_write(Run(out), vlm, cfg, train_instructions, started)
 
 
+def run_baseline(cfg: dict[str, Any], out: str | None = None):
+    """Fit the non-LLM baseline on the training images, answer the test instructions; returns the ``Run``."""
+    from potpourri.models.vlm_baseline import BaselineConfig, InspectionBaseline
+    from potpourri.models.vlm_train import score, trivial_predictions
+    from potpourri.runs import new_run, seed_everything
+    from potpourri.weights import atomic_write_bytes
+
+    started = time.perf_counter()
+    seed_everything(cfg["seed"])
+    run = new_run("vlm", out)
+    run.write_config(cfg)
+    run.write_env(seed=cfg["seed"])
+    samples, instructions = _data(cfg, "train", cfg["n_train"])
+    test_samples, test_instructions = _data(cfg, "test", cfg["n_test"], offset_seed=1)
+    baseline = InspectionBaseline(BaselineConfig(
+        encoder=cfg["encoder"], pretrained=cfg["pretrained"], seg_size=cfg["seg_size"], seg_steps=cfg["seg_steps"],
+        min_pixels=cfg["min_pixels"], seed=cfg["seed"],
+    )).fit(samples)  # fmt: skip
+    predictions = {source: baseline.predict(test_samples, test_instructions, answers=source)
+                   for source in ("classifier", "segmenter")}  # fmt: skip
+    lines = [
+        json.dumps({"kind": i.kind, "prompt": i.prompt, "answer": i.answer, "classifier": a, "segmenter": b}) + "\n"
+        for i, a, b in zip(test_instructions, predictions["classifier"], predictions["segmenter"], strict=True)
+    ]
+    atomic_write_bytes(run.path / "predictions.jsonl", "".join(lines).encode())
+    summary = {
+        "model": score(test_instructions, predictions["classifier"]),
+        "segmenter_answers": score(test_instructions, predictions["segmenter"]),
+        "question_only_baseline": score(test_instructions, trivial_predictions(instructions, test_instructions)),
+        "fit_seconds": baseline.seconds,
+        "seconds": time.perf_counter() - started,
+    }
+    run.write_summary(summary)
+    return run
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
     model, base = summary["model"], summary["question_only_baseline"]
     names = [k for k in model if not k.startswith("n_")]
@@ -157,21 +198,41 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_baseline(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = {k: v for k, v in vars(args).items() if k not in ("func", "out", "threads", "vlm_command")}
+    cfg["kinds"] = ",".join(_kinds(cfg["kinds"]))
+    run = run_baseline(cfg, args.out)
+    summary = run.read_summary()
+    _print_summary(summary)
+    segmenter = summary["segmenter_answers"]
+    print(
+        "segmenter-only answers: " + ", ".join(f"{k} {v:.3f}" for k, v in segmenter.items() if not k.startswith("n_"))
+    )
+    print(f"run: {run.path}")
+    return 0
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--encoder", default="efficientnet_lite0", help="a registered or timm model name")
+    parser.add_argument("--random", dest="pretrained", action="store_false", help="random weights (smoke runs)")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--categories", type=lambda s: s.split(","), default=["brick"])
+    parser.add_argument("--n-train", type=int, default=140, help="train images per category (kinds cycle)")
+    parser.add_argument("--n-test", type=int, default=70, help="test images per category")
+    parser.add_argument("--kinds", default=_DEFAULT_KINDS, help="instruction kinds, comma-separated")
+    parser.add_argument("--no-task-ids", dest="task_identifiers", action="store_false", help="drop [task] (ablation)")
+
+
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``potpourri vlm train|eval``."""
-    vlm = subparsers.add_parser("vlm", help="MiniGPT-v2-style VLM on DS-Synth: train | eval")
+    """Add ``potpourri vlm train|eval|baseline``."""
+    vlm = subparsers.add_parser("vlm", help="MiniGPT-v2-style VLM on DS-Synth: train | eval | baseline")
     verbs = vlm.add_subparsers(dest="vlm_command", required=True)
     train = verbs.add_parser("train", help="train the projection (stage 1), optionally LoRA (stage 2), then evaluate")
     train.add_argument("--lm", default="smollm2_135m", help="smollm2_135m | tiny (random, tests) | a HF model folder")
-    train.add_argument("--encoder", default="efficientnet_lite0", help="a registered or timm model name")
-    train.add_argument("--random", dest="pretrained", action="store_false", help="random weights (smoke runs)")
     train.add_argument("--merge", default="1x4", choices=("none", "1x4", "2x2"))
-    train.add_argument("--image-size", type=int, default=128)
-    train.add_argument("--categories", type=lambda s: s.split(","), default=["brick"])
-    train.add_argument("--n-train", type=int, default=140, help="train images per category (kinds cycle)")
-    train.add_argument("--n-test", type=int, default=70, help="test images per category")
-    train.add_argument("--kinds", default=_DEFAULT_KINDS, help="instruction kinds, comma-separated")
-    train.add_argument("--no-task-ids", dest="task_identifiers", action="store_false", help="drop [task] (ablation)")
+    _add_data_arguments(train)
     train.add_argument("--steps", type=int, default=200, help="stage-1 (projection) steps")
     train.add_argument("--lora-steps", type=int, default=0, help="stage-2 (projection + LoRA) steps afterwards")
     train.add_argument("--lr", type=float, default=1e-3)
@@ -191,3 +252,12 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--task-ids", choices=("on", "off"), default=None, help="override the run's identifiers")
     evaluate.add_argument("--threads", type=int, default=0)
     evaluate.set_defaults(func=_cmd_eval)
+    base = verbs.add_parser("baseline", help="non-LLM baseline: segmenter boxes + defect-classifier answers, scored")
+    _add_data_arguments(base)
+    base.add_argument("--seg-size", type=int, default=128, help="segmenter working resolution")
+    base.add_argument("--seg-steps", type=int, default=200, help="segmenter training steps (frozen encoder)")
+    base.add_argument("--min-pixels", type=int, default=4, help="drop mask components smaller than this")
+    base.add_argument("--seed", type=int, default=0)
+    base.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    base.add_argument("--out", default=None, help="run folder (default runs/vlm/v<N>)")
+    base.set_defaults(func=_cmd_baseline)

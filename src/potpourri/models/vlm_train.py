@@ -11,7 +11,8 @@ Evaluation (greedy answers, parsed tolerantly by ``potpourri.textgeo``):
 * ``where_acc``, ``identify_acc``, ``grounding_recall``/``detection_recall`` (box + class at IoU > 0.5).
 
 ``trivial_predictions`` is the baseline that reads only the question: the majority training answer of the same
-kind and queried class (for ``refer``: the class's mean training box).
+kind and queried class (for ``refer``: the class's mean training box). The non-LLM baseline (segmenter boxes,
+defect-classifier answers) is ``potpourri.models.vlm_baseline``, scored by the same ``score``.
 """
 
 from __future__ import annotations
