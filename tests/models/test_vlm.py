@@ -189,6 +189,27 @@ def test_save_and_load_trainable_parts_round_trip(tmp_path, features) -> None:
         _vlm(merge="2x2").load_trainable(path)
 
 
+def test_vision_norm_makes_image_tokens_scale_free_trains_with_the_projection_and_must_match_on_load(
+    tmp_path, features
+) -> None:
+    torch.manual_seed(0)
+    vlm = build_vlm(encoder="test_efficientnet", lm="tiny", pretrained=False, vision_norm=True)
+    with torch.no_grad():  # LayerNorm: tokens of a feature map scaled by 1000 equal those of the map itself
+        torch.testing.assert_close(
+            vlm.image_tokens(features * 1000.0), vlm.image_tokens(features), rtol=1e-4, atol=1e-4
+        )
+    trainable = {n for n, p in vlm.named_parameters() if p.requires_grad}
+    assert trainable == {"proj.weight", "proj.bias", "vision_norm.weight", "vision_norm.bias"}
+    _one_step(vlm, features)
+    path = vlm.save_trainable(tmp_path / "trainable.safetensors")
+    torch.manual_seed(0)
+    fresh = build_vlm(encoder="test_efficientnet", lm="tiny", pretrained=False, vision_norm=True)
+    fresh.load_trainable(path)
+    assert torch.equal(fresh.vision_norm.weight, vlm.vision_norm.weight)
+    with pytest.raises(PotpourriError, match="vision_norm=True"):
+        _vlm().load_trainable(path)
+
+
 def test_generate_matches_greedy_decoding_without_cache(features) -> None:
     vlm = _vlm()
     torch.nn.init.normal_(vlm.proj.weight, std=0.5)

@@ -69,7 +69,7 @@ def load_vlm_run(run_dir: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
     if not isinstance(cfg, dict) or any(key not in cfg for key in needed):
         raise PotpourriError(f"'{folder / 'config.yaml'}' is not a VLM config (needs {', '.join(needed)})")
     torch.manual_seed(cfg["seed"])  # as `vlm train` does: a random (--random) encoder is rebuilt bit-identically
-    extra = {k: cfg[k] for k in ("lora_rank", "lora_alpha") if k in cfg}
+    extra = {k: cfg[k] for k in ("lora_rank", "lora_alpha", "vision_norm") if k in cfg}
     vlm = build_vlm(encoder=cfg["encoder"], lm=cfg["lm"], pretrained=cfg["pretrained"], merge=cfg["merge"], **extra)
     vlm.load_trainable(folder / "trainable.safetensors")
     return vlm.eval(), cfg

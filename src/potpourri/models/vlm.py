@@ -44,6 +44,7 @@ class VLMConfig:
     """What the trainable parts depend on; saved next to them so they load into the same shapes."""
 
     merge: str = "1x4"  # none | 1x4 | 2x2
+    vision_norm: bool = False  # LayerNorm on the merged tokens before the projection (MiniGPT's ln_vision)
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
@@ -137,7 +138,10 @@ class VisionLanguageModel(nn.Module):
             raise PotpourriError("the tokenizer has no end-of-sequence token; pass a Hugging Face causal-LM tokenizer")
         feature_dim = int(getattr(encoder, "num_features", 0)) or self._probe_channels()
         hidden = self.lm.get_input_embeddings().weight.shape[1]
-        self.proj = nn.Linear(feature_dim * MERGES[self.config.merge], hidden)  # MiniGPT-v2's llama_proj
+        token_dim = feature_dim * MERGES[self.config.merge]
+        # raw Lite0 tokens project to ~80x the norm of the LM's text embeddings; a LayerNorm brings them to scale
+        self.vision_norm = nn.LayerNorm(token_dim) if self.config.vision_norm else nn.Identity()
+        self.proj = nn.Linear(token_dim, hidden)  # MiniGPT-v2's llama_proj
         self.stage = 1
         self.lora = False
         self.set_stage(1)
@@ -169,13 +173,14 @@ class VisionLanguageModel(nn.Module):
         self.lora = True
 
     def set_stage(self, stage: int) -> None:
-        """Stage 1: only the projection trains; stage 2: projection + LoRA (q/v); everything else frozen."""
+        """Stage 1: only the projection (and vision norm) trains; stage 2: + LoRA (q/v); everything else frozen."""
         if stage not in (1, 2):
             raise PotpourriError(f"unknown training stage {stage}; use 1 (projection) or 2 (projection + LoRA)")
         if stage == 2:
             self.add_lora()
         self.requires_grad_(False)
         self.proj.requires_grad_(True)
+        self.vision_norm.requires_grad_(True)
         if stage == 2:
             for name, param in self.lm.named_parameters():
                 param.requires_grad_(".lora_" in name)
@@ -201,7 +206,8 @@ class VisionLanguageModel(nn.Module):
             with safe_open(str(path), "pt") as fh:
                 meta = fh.metadata() or {}
         saved = json.loads(meta.get("config", "{}"))
-        for key in ("merge", "lora_rank", "lora_alpha"):
+        saved.setdefault("vision_norm", False)  # files written before the option existed
+        for key in ("merge", "vision_norm", "lora_rank", "lora_alpha"):
             if key in saved and saved[key] != getattr(self.config, key):
                 raise PotpourriError(f"'{path}' was trained with {key}={saved[key]}, this model has "
                                      f"{getattr(self.config, key)}; build the model with the same setting")  # fmt: skip
@@ -227,7 +233,7 @@ class VisionLanguageModel(nn.Module):
 
     def image_tokens(self, features: torch.Tensor) -> torch.Tensor:
         """Feature map ``(B, C, h, w)`` -> projected image tokens ``(B, N, D)``."""
-        return self.proj(merge_tokens(features, self.config.merge))  # (B, N, D)
+        return self.proj(self.vision_norm(merge_tokens(features, self.config.merge)))  # (B, N, D)
 
     # ---- text side
     def prompt_text(self, instruction: str) -> str:

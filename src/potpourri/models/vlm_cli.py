@@ -62,7 +62,7 @@ def _build(cfg: dict[str, Any]):
     torch.manual_seed(cfg["seed"])
     return build_vlm(
         encoder=cfg["encoder"], lm=cfg["lm"], pretrained=cfg["pretrained"], merge=cfg["merge"],
-        lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"],
+        lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"], vision_norm=cfg.get("vision_norm", False),
     )  # fmt: skip
 
 
@@ -232,6 +232,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     train = verbs.add_parser("train", help="train the projection (stage 1), optionally LoRA (stage 2), then evaluate")
     train.add_argument("--lm", default="smollm2_135m", help="smollm2_135m | tiny (random, tests) | a HF model folder")
     train.add_argument("--merge", default="1x4", choices=("none", "1x4", "2x2"))
+    train.add_argument("--vision-norm", action="store_true", help="LayerNorm on image tokens before the projection")
     _add_data_arguments(train)
     train.add_argument("--steps", type=int, default=200, help="stage-1 (projection) steps")
     train.add_argument("--lora-steps", type=int, default=0, help="stage-2 (projection + LoRA) steps afterwards")
