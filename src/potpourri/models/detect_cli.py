@@ -6,6 +6,7 @@ images with a seed (``--test-fraction``). See ``potpourri.data.boxes`` for the f
 
 Example:
     potpourri detect train --data ds-synth:brick --epochs 20
+    potpourri detect train --data ds-synth:brick --epochs 20 --assigner atss   # static ATSS instead of TAL
     potpourri detect predict runs/detect/v0 photo.png --conf 0.3
     potpourri detect eval runs/detect/v0 --data ds-synth:brick --reparam
     potpourri detect mask-train runs/detect/v0 --data ds-synth:brick --seconds 150   # frozen detector + mask head
@@ -94,6 +95,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         optimizer=args.optimizer,
         cls_loss=args.cls_loss,
+        assigner=args.assigner,
         backbone_pretrained=args.backbone_pretrained,
         eval_every=args.eval_every,
         seed=args.seed,
@@ -120,6 +122,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "train_boxes": int(sum(len(s.labels) for s in data.train)),
         "test_boxes": metrics["boxes"],
         "epochs": args.epochs,
+        "assigner": args.assigner,
         "steps": result.steps,
         "train_s": round(result.seconds, 1),
         "params": sum(p.numel() for p in model.parameters()),
@@ -143,7 +146,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     report = Report(f"potpourri detect train on {args.data}")
     report.section(
         "Summary",
-        f"{args.model}, {len(data.train)} training images at {args.image_size} px, {result.steps} steps "
+        f"{args.model} ({args.assigner} assigner), {len(data.train)} training images at {args.image_size} px, "
+        f"{result.steps} steps "
         f"({args.epochs} epochs) in {summary['train_s']} s; test on {len(data.test)} images.",
     )
     report.table(
@@ -306,6 +310,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--lr", type=float, default=2e-3)
     train.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
     train.add_argument("--cls-loss", choices=("vfl", "bce"), default="vfl")
+    train.add_argument(
+        "--assigner", choices=("tal", "atss"), default="tal", help="label assignment: task-aligned (TAL) or ATSS"
+    )
     train.add_argument("--eval-every", type=int, default=0, help="epochs between test mAP evaluations (0: at end)")
     train.add_argument("--per-kind", type=int, default=20, help="ds-synth: training images per defect kind")
     train.add_argument("--test-fraction", type=float, default=0.2, help="folders: share of images held out")

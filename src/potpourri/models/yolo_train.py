@@ -5,6 +5,14 @@
   the box centre); alignment ``t = s^α · IoU^β`` (``s``: predicted score of the box's class); the ``topk``
   candidates with the largest ``t`` are positives; an anchor claimed by several boxes keeps the one it overlaps most;
   class targets are soft, ``t`` rescaled per box so that its best anchor gets the box's best IoU.
+* **Simpler alternative** ``ATSSAssigner`` (ATSS, Zhang et al. 2020; YOLOv6 uses it for its warm-up epochs): static,
+  from geometry alone. Each anchor point gets a square anchor box of side ``anchor_scale · stride``; per box and
+  pyramid level the ``topk`` anchor points nearest the box centre are candidates; the positives are the candidates
+  whose anchor-box IoU with the box reaches ``mean + std`` of the candidates' IoUs and whose point lies inside the
+  box (a box left without one gets its best candidate, the nearest on ties); an anchor claimed by several boxes
+  keeps the one with the larger anchor-box IoU; class targets are the IoU of the anchor's *predicted* box with its
+  box (as YOLOv6's ``ATSSAssigner``). No α, β; the assignment of an image never changes during training.
+  ``make_assigner`` builds either by name (``--assigner tal|atss``).
 * **Losses** (YOLOv6 weights 1 : 2.5 : 0.5): varifocal (or BCE) on soft class targets, GIoU on boxes
   (``torchvision.ops.generalized_box_iou_loss``), distribution focal loss on the box bins; all normalised by the sum
   of target scores.
@@ -43,6 +51,8 @@ from potpourri.models.yolo import (
 )
 
 __all__ = [
+    "ASSIGNERS",
+    "ATSSAssigner",
     "AssignResult",
     "DetectTrainConfig",
     "DetectTrainResult",
@@ -57,6 +67,7 @@ __all__ = [
     "distribution_focal_loss",
     "evaluate_detector",
     "load_detector",
+    "make_assigner",
     "save_detector",
     "to_tensor",
     "train_detector",
@@ -101,9 +112,11 @@ class TaskAlignedAssigner:
         gt_labels: torch.Tensor,
         gt_boxes: torch.Tensor,
         gt_mask: torch.Tensor,
+        strides: torch.Tensor | None = None,
     ) -> AssignResult:
         """``pd_scores`` (B, A, K) probabilities, ``pd_boxes`` (B, A, 4), ``anchors`` (A, 2) as (x, y);
-        ``gt_labels`` (B, M), ``gt_boxes`` (B, M, 4), ``gt_mask`` (B, M) marks real (not padding) boxes."""
+        ``gt_labels`` (B, M), ``gt_boxes`` (B, M, 4), ``gt_mask`` (B, M) marks real (not padding) boxes;
+        ``strides`` (A,) is accepted for a common signature with ``ATSSAssigner`` and not used."""
         batch, num_anchors, num_classes = pd_scores.shape
         num_gt = gt_boxes.shape[1]
         device = pd_scores.device
@@ -156,6 +169,107 @@ class TaskAlignedAssigner:
         return AssignResult(labels, boxes, scores, fg, gt_index)
 
 
+def _empty_assignment(batch: int, num_anchors: int, num_classes: int, device: torch.device) -> AssignResult:
+    return AssignResult(
+        torch.zeros(batch, num_anchors, dtype=torch.long, device=device),
+        torch.zeros(batch, num_anchors, 4, device=device),
+        torch.zeros(batch, num_anchors, num_classes, device=device),
+        torch.zeros(batch, num_anchors, dtype=torch.bool, device=device),
+        torch.zeros(batch, num_anchors, dtype=torch.long, device=device),
+    )
+
+
+class ATSSAssigner:
+    """Adaptive training-sample selection (ATSS): per level the ``topk`` anchors nearest the box centre, kept when
+    their anchor-box IoU reaches the candidates' ``mean + std`` and their point lies inside the box."""
+
+    def __init__(self, num_classes: int, *, topk: int = 9, anchor_scale: float = 5.0, eps: float = 1e-9):
+        self.num_classes, self.topk, self.anchor_scale, self.eps = num_classes, topk, anchor_scale, eps
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        pd_scores: torch.Tensor,
+        pd_boxes: torch.Tensor,
+        anchors: torch.Tensor,
+        gt_labels: torch.Tensor,
+        gt_boxes: torch.Tensor,
+        gt_mask: torch.Tensor,
+        strides: torch.Tensor | None = None,
+    ) -> AssignResult:
+        """As ``TaskAlignedAssigner``; ``strides`` (A,) gives each anchor's stride (levels are runs of equal stride,
+        as ``make_anchors`` lays them out). ``pd_scores`` only sets the shape: the assignment ignores predictions."""
+        batch, num_anchors, num_classes = pd_scores.shape
+        device = pd_scores.device
+        if gt_boxes.shape[1] == 0 or not gt_mask.any():
+            return _empty_assignment(batch, num_anchors, num_classes, device)
+        if strides is None or strides.shape != (num_anchors,):
+            raise PotpourriError(f"ATSSAssigner needs the stride of each of the {num_anchors} anchors")
+        num_gt = gt_boxes.shape[1]
+        gt_labels = gt_labels.long().clamp(0, num_classes - 1)
+        valid = gt_mask.bool()[..., None]  # (B, M, 1)
+        half = strides[:, None] * self.anchor_scale / 2
+        anchor_boxes = torch.cat([anchors - half, anchors + half], -1)  # (A, 4)
+        ious = box_iou_elementwise(gt_boxes[:, :, None], anchor_boxes[None, None])  # (B, M, A)
+        centres = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2  # (B, M, 2)
+        distances = (anchors[None, None] - centres[:, :, None]).square().sum(-1)  # (B, M, A)
+
+        # candidates: the topk nearest anchor points on each level
+        candidates = torch.zeros_like(ious, dtype=torch.bool)
+        levels = torch.unique_consecutive(strides, return_counts=True)[1].tolist()
+        start = 0
+        for count in levels:
+            nearest = distances[..., start : start + count].topk(min(self.topk, count), -1, largest=False).indices
+            candidates[..., start : start + count].scatter_(-1, nearest, True)
+            start += count
+        candidates &= valid
+
+        # adaptive threshold: mean + (sample) std of the candidates' IoUs, per box
+        n = candidates.sum(-1, keepdim=True).clamp_min(1)  # (B, M, 1)
+        mean = (ious * candidates).sum(-1, keepdim=True) / n
+        var = ((ious - mean).square() * candidates).sum(-1, keepdim=True) / (n - 1).clamp_min(1)
+        threshold = mean + var.sqrt()
+        offsets = torch.cat(
+            [anchors[None, None] - gt_boxes[:, :, None, :2], gt_boxes[:, :, None, 2:] - anchors[None, None]], -1
+        )  # (B, M, A, 4)
+        inside = offsets.amin(-1) > self.eps
+        positive = candidates & (ious >= threshold) & inside
+        # a box left without a positive (e.g. smaller than a cell) gets its best candidate, the nearest on ties
+        ranked = torch.where(candidates, ious, torch.full_like(ious, -1.0))
+        tied = candidates & (ranked >= ranked.amax(-1, keepdim=True) - self.eps)
+        best = torch.where(tied, distances, torch.full_like(distances, float("inf"))).argmin(-1)  # (B, M)
+        lonely = ~positive.any(-1, keepdim=True)  # (B, M, 1)
+        positive |= torch.zeros_like(positive).scatter_(2, best[..., None], True) & lonely
+        positive &= valid
+
+        # an anchor claimed by several boxes keeps the one whose anchor box it overlaps most
+        claimed = positive.sum(1, keepdim=True) > 1  # (B, 1, A)
+        if claimed.any():
+            winner = torch.where(positive, ious, torch.full_like(ious, -1.0)).argmax(1)  # (B, A)
+            one_hot = F.one_hot(winner, num_gt).transpose(1, 2).bool()  # (B, M, A)
+            positive = torch.where(claimed, one_hot & positive, positive)
+
+        fg = positive.any(1)  # (B, A)
+        gt_index = positive.float().argmax(1)  # (B, A)
+        labels = gt_labels.gather(1, gt_index)  # (B, A)
+        boxes = gt_boxes.gather(1, gt_index[..., None].expand(-1, -1, 4))  # (B, A, 4)
+        quality = box_iou_elementwise(pd_boxes, boxes) * fg  # (B, A): IoU of the predicted box with its target
+        scores = F.one_hot(labels, num_classes).float() * quality[..., None]  # (B, A, K)
+        return AssignResult(labels, boxes, scores, fg, gt_index)
+
+
+ASSIGNERS = ("tal", "atss")
+
+
+def make_assigner(name: str, num_classes: int, *, topk: int | None = None) -> TaskAlignedAssigner | ATSSAssigner:
+    """The assigner called ``name`` (``tal`` or ``atss``) with its default ``topk`` (13 and 9) unless given."""
+    if name == "tal":
+        return TaskAlignedAssigner(num_classes, topk=topk or 13)
+    if name == "atss":
+        return ATSSAssigner(num_classes, topk=topk or 9)
+    raise PotpourriError(f"unknown assigner '{name}'; choose one of {', '.join(ASSIGNERS)}")
+
+
 # ----------------------------------------------------------------------------------------------- losses
 def distribution_focal_loss(bin_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """DFL (GFL, Li et al. 2020): cross-entropy towards the two bins around a continuous ``target``, weighted by
@@ -193,7 +307,7 @@ class DetectionLoss:
         *,
         cls_loss: str = "vfl",
         weights: tuple[float, float, float] = (1.0, 2.5, 0.5),
-        assigner: TaskAlignedAssigner | None = None,
+        assigner: TaskAlignedAssigner | ATSSAssigner | None = None,
     ):
         if cls_loss not in ("vfl", "bce"):
             raise PotpourriError(f"unknown class loss '{cls_loss}'; choose vfl or bce")
@@ -215,7 +329,9 @@ class DetectionLoss:
         anchors, stride_of = make_anchors(image_size, self.strides, raw.device)
         distances = dfl_expectation(bin_logits, self.reg_max)  # (B, A, 4) in strides
         pd_boxes = distances_to_boxes(distances * stride_of[:, None], anchors)  # (B, A, 4) pixels
-        assigned = self.assigner(logits.detach().sigmoid(), pd_boxes.detach(), anchors, gt_labels, gt_boxes, gt_mask)
+        assigned = self.assigner(
+            logits.detach().sigmoid(), pd_boxes.detach(), anchors, gt_labels, gt_boxes, gt_mask, strides=stride_of
+        )
         score_sum = assigned.scores.sum().clamp_min(1.0)
 
         if self.cls_loss == "vfl":
@@ -428,7 +544,8 @@ class DetectTrainConfig:
     grad_clip: float | None = 10.0
     cls_loss: str = "vfl"  # vfl | bce
     loss_weights: tuple[float, float, float] = (1.0, 2.5, 0.5)  # class, GIoU, DFL (YOLOv6)
-    topk: int = 13
+    assigner: str = "tal"  # tal | atss
+    topk: int | None = None  # candidates per box (tal: 13) or per box and level (atss: 9)
     augment: bool = True
     backbone_pretrained: bool = False  # yolo_lite0_pan: ImageNet EfficientNet-Lite0 backbone
     eval_every: int = 0  # epochs between test mAP evaluations; 0: only at the end
@@ -498,7 +615,7 @@ def train_detector(
     model.train()
     loss_fn = DetectionLoss(
         model.num_classes, model.reg_max, model.strides, cls_loss=cfg.cls_loss, weights=cfg.loss_weights,
-        assigner=TaskAlignedAssigner(model.num_classes, topk=cfg.topk),
+        assigner=make_assigner(cfg.assigner, model.num_classes, topk=cfg.topk),
     )  # fmt: skip
     optimizer = _optimizer(model, cfg)
     batch_size = min(cfg.batch_size, len(train))
