@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -23,3 +24,16 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def python_exe() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_when_marked(request: pytest.FixtureRequest):
+    """Modules with ``pytestmark = pytest.mark.one_thread`` run on one torch thread (tiny models are fastest and
+    steadiest so on a shared 2-core machine); the thread count is restored afterwards."""
+    if request.node.get_closest_marker("one_thread") is None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,7 +8,6 @@ import re
 
 import numpy as np
 import pytest
-import torch
 
 from potpourri.app.assistant import answer_mask, answer_regions, draw_answer
 from potpourri.cli import main
@@ -18,12 +17,7 @@ from tests.app.conftest import BOX_ANSWER, GRID_BOX, HEIGHT, QUESTION, WIDTH, WO
 RED = (255, 0, 0)  # the first region's colour
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.one_thread  # tiny models: one torch thread (tests/conftest.py)
 
 
 def _expected_pixel_box() -> tuple[int, int, int, int]:

@@ -18,14 +18,7 @@ from potpourri.models.allseeing import (
     train_head,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: extra threads only contend with the other workers of a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.one_thread  # tiny models: one torch thread (tests/conftest.py)
 
 
 def _direct_info_nce(region: torch.Tensor, text: torch.Tensor, scale: float, positives: list[list[bool]]) -> float:

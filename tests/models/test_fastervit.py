@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import fastervit  # noqa: F401  (registers faster_vit_*_224 into timm: the reference implementation)
 import pytest
 import timm
@@ -27,13 +25,7 @@ VARIANTS = ["0", "1", "2", pytest.param("3", marks=pytest.mark.slow)]  # FasterV
 PACKAGE_PARAMS_M = {"0": 31.4, "1": 53.4, "2": 75.9, "3": 159.5}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on 2 shared cores, two threads are many times slower (oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.one_thread  # tiny models: one torch thread (tests/conftest.py)
 
 
 def _randomise(model: nn.Module, seed: int) -> nn.Module:

@@ -19,14 +19,7 @@ from potpourri.models.simdetr import (
     region_descriptors,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: extra threads only contend with the other workers of a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.one_thread  # tiny models: one torch thread (tests/conftest.py)
 
 
 def _planted_map(seed: int = 0, rows: int = 5, cols: int = 4) -> tuple[torch.Tensor, tuple[int, int, int, int]]:

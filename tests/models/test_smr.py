@@ -21,13 +21,7 @@ from potpourri.models.smr import (
     unmerge,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.one_thread  # tiny models: one torch thread (tests/conftest.py)
 
 
 @pytest.mark.parametrize(("n", "r"), [(16, 3), (17, 8), (9, 4)])

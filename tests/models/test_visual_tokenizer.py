@@ -21,13 +21,7 @@ from potpourri.models.visual_tokenizer import (
 )
 from potpourri.models.vlm import char_tokenizer, tiny_llama
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.one_thread  # tiny models: one torch thread (tests/conftest.py)
 
 
 def _tiny(**kwargs) -> SEEDTokenizer:

@@ -17,13 +17,7 @@ PROMPTS = ["[vqa] is there a crack?", "[refer] where is the scratch?", "describe
 ANSWERS = ["yes", "{<12><3><56><100>}", "a brick surface with no defect"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest, and steadiest on a shared machine, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.one_thread  # tiny models: one torch thread (tests/conftest.py)
 
 
 def _vlm(merge: str = "1x4", seed: int = 0) -> VisionLanguageModel:

@@ -15,12 +15,7 @@ CAPTIONS = ["a brick with a scratch", "a moss surface, clean"]
 CODES = torch.tensor([[0, 1, 2, 3], [7, 6, 5, 4]])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.one_thread  # tiny models: one torch thread (tests/conftest.py)
 
 
 def _writer(lora_rank: int = 4) -> ImageTokenWriter:

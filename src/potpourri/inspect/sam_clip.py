@@ -397,8 +397,8 @@ def run_sam_clip_experiment(
     progress: bool = True,
 ):
     """Stage 1 (A), probe (B head), then B without vs with rehearsal of A; a table of both tasks after each arm."""
-    from potpourri.inspect.sam import SamConfig, synth_regions, train_sam
-    from potpourri.inspect.sam_prompt import image_embeddings
+    from potpourri.inspect.sam import synth_regions
+    from potpourri.inspect.sam_prompt import image_embeddings, load_or_pretrain_sam
     from potpourri.registry import create_model
     from potpourri.runs import new_run
 
@@ -410,17 +410,7 @@ def run_sam_clip_experiment(
     timings: dict[str, float] = {}
 
     # teachers, frozen
-    if sam_path is not None:
-        sam = Sam.load(sam_path)
-        if sam.config.image_size != cfg.image_size:
-            raise PotpourriError(f"{sam_path}: SAM image_size {sam.config.image_size} != {cfg.image_size}")
-    else:
-        sam_cfg = SamConfig(image_size=cfg.image_size, steps=cfg.sam_steps, seed=cfg.seed)
-        sam = Sam(sam_cfg, backbone=create_model(sam_cfg.backbone, pretrained=True))
-        images, items = synth_regions("train", cfg.sam_per_category, size=cfg.image_size, seed=cfg.seed)
-        train_sam(sam, images, items, progress=progress)
-        sam.save(run.path / "sam")
-    sam.eval().requires_grad_(False)
+    sam = load_or_pretrain_sam(sam_path, cfg, run.path / "sam", progress=progress)
     lite0 = create_model("efficientnet_lite0", pretrained=True).eval().requires_grad_(False)
     mean, std = sam.pixel_mean, sam.pixel_std  # Lite0's normalisation, shared by both teachers and the student
 

@@ -239,6 +239,25 @@ def _markdown(rows: list[dict[str, Any]], arms: list[str]) -> str:
     return "\n".join(lines)
 
 
+def load_or_pretrain_sam(sam_path: str | os.PathLike | None, cfg: Any, save_to: Path, *, progress: bool = True) -> Sam:
+    """The frozen SAM of the experiments: loaded from ``sam_path``, or pretrained with random clicks and boxes on
+    DS-Synth (``cfg.sam_steps``, ``cfg.sam_per_category``) and saved to ``save_to``."""
+    from potpourri.inspect.sam import SamConfig, synth_regions, train_sam
+    from potpourri.registry import create_model
+
+    if sam_path is not None:
+        sam = Sam.load(sam_path)
+        if sam.config.image_size != cfg.image_size:
+            raise PotpourriError(f"{sam_path}: SAM image_size {sam.config.image_size} != {cfg.image_size}")
+    else:
+        sam_cfg = SamConfig(image_size=cfg.image_size, steps=cfg.sam_steps, seed=cfg.seed)
+        sam = Sam(sam_cfg, backbone=create_model(sam_cfg.backbone, pretrained=True))
+        images, items = synth_regions("train", cfg.sam_per_category, size=cfg.image_size, seed=cfg.seed)
+        train_sam(sam, images, items, progress=progress)
+        sam.save(save_to)
+    return sam.eval().requires_grad_(False)
+
+
 def run_ssprompt_experiment(
     config: SSPromptConfig | None = None,
     *,
@@ -251,9 +270,8 @@ def run_ssprompt_experiment(
     Writes summary.json, metrics.csv, results.md, prompts.safetensors and the SAM (``sam/``) into the run folder.
     """
     from potpourri.data.synth import CLASSES, DEFECTS
-    from potpourri.inspect.sam import SamConfig, centre_click, predict_mask, synth_regions, train_sam
+    from potpourri.inspect.sam import centre_click, predict_mask
     from potpourri.inspect.segment import SegmenterConfig, train_segmenter
-    from potpourri.registry import create_model
     from potpourri.runs import new_run
     from potpourri.weights import save_state_dict_atomic
 
@@ -266,17 +284,7 @@ def run_ssprompt_experiment(
     timings: dict[str, float] = {}
 
     # 1. the "pretrained" SAM: trained once with random clicks and boxes, then frozen
-    if sam_path is not None:
-        sam = Sam.load(sam_path)
-        if sam.config.image_size != cfg.image_size:
-            raise PotpourriError(f"{sam_path}: SAM image_size {sam.config.image_size} != {cfg.image_size}")
-    else:
-        sam_cfg = SamConfig(image_size=cfg.image_size, steps=cfg.sam_steps, seed=cfg.seed)
-        sam = Sam(sam_cfg, backbone=create_model(sam_cfg.backbone, pretrained=True))
-        images, items = synth_regions("train", cfg.sam_per_category, size=cfg.image_size, seed=cfg.seed)
-        train_sam(sam, images, items, progress=progress)
-        sam.save(run.path / "sam")
-    sam.eval().requires_grad_(False)
+    sam = load_or_pretrain_sam(sam_path, cfg, run.path / "sam", progress=progress)
     frozen = {k: v.clone() for k, v in sam.state_dict().items()}
     timings["sam_s"] = time.perf_counter() - started
 
