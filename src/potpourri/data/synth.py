@@ -46,6 +46,7 @@ __all__ = [
     "SPLIT_FRACTION",
     "SynthSample",
     "SynthTask",
+    "location_phrase",
     "make_sample",
     "make_samples",
     "make_task",
@@ -346,7 +347,8 @@ def _clean_crop(category: str, split: str, size: int, rng: np.random.Generator):
     return clean, (y0, x0, y0 + side, x0 + side), (turns, flip)
 
 
-def _location(center: tuple[float, float], size: int) -> str:
+def location_phrase(center: tuple[float, float], size: int) -> str:
+    """Where a point lies on a ``size`` px image, as caption words (a 3x3 grid): "in the top left", "on the right"."""
     row, col = min(2, int(center[0] / size * 3)), min(2, int(center[1] / size * 3))
     where = _LOCATIONS[row][col]
     preposition = {"center": "in the", "top": "at the", "bottom": "at the", "left": "on the", "right": "on the"}
@@ -391,7 +393,7 @@ def make_sample(
         ys, xs = np.nonzero(region)  # the caption places the defect where its pixels are, not where it was aimed
         drawn.append((name, (float(ys.mean()), float(xs.mean())) if len(ys) else (float(xy[1]), float(xy[0])), phrase))
     defects = tuple(
-        Defect(name=n, center=c, phrase=f"{p} {_location(c, size)}")
+        Defect(name=n, center=c, phrase=f"{p} {location_phrase(c, size)}")
         for n, c, p in drawn
         if (mask == CLASSES.index(n)).any()  # a later defect may hide an earlier one; captions name visible ones
     )

@@ -31,7 +31,7 @@ import torch
 from scipy import ndimage
 
 from potpourri.data.instructions import Instruction
-from potpourri.data.synth import CLASSES, DEFECTS, SynthSample, _location
+from potpourri.data.synth import CLASSES, DEFECTS, SynthSample, location_phrase
 from potpourri.errors import PotpourriError
 from potpourri.textgeo import box_to_text, mask_to_box, phrase_to_text
 
@@ -78,7 +78,7 @@ def component_boxes(mask: np.ndarray, min_pixels: int = 4) -> dict[str, tuple[tu
 
 def _location_of(box: Sequence[float], size: tuple[int, int]) -> str:
     center = ((box[1] + box[3]) / 2, (box[0] + box[2]) / 2)  # (row, column), as the generator's centres
-    return _location(center, size[1])
+    return location_phrase(center, size[1])
 
 
 def answer_texts(
