@@ -520,7 +520,7 @@ class AutoVPConfig:
     """``potpourri reproduce autovp``: DS-Synth defect types, AutoVP search vs linear probing at the same canvas."""
 
     categories: tuple[str, ...] = ("brick",)
-    n_per_class: int = 12
+    n_per_class: int = 40  # 30 train + 10 val per class; at 12 the 21-image validation set makes halving noise
     image_size: int = 64  # DS-Synth render size; the source sees a ``canvas`` px input either way
     canvas: int = 96
     val_fraction: float = 0.25
