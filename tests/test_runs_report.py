@@ -34,6 +34,15 @@ def test_explicit_out_folder(tmp_path: Path) -> None:
     assert new_run("demo", tmp_path / "mine").path == tmp_path / "mine"
 
 
+def test_new_run_with_a_config_writes_config_and_env_at_once(tmp_path: Path) -> None:
+    import yaml
+
+    run = new_run("x", tmp_path / "r", config={"lr": 0.1, "name": "a"}, seed=3)
+    assert yaml.safe_load((run.path / "config.yaml").read_text()) == {"lr": 0.1, "name": "a"}
+    assert json.loads((run.path / "env.json").read_text())["seed"] == 3
+    assert not (new_run("x", tmp_path / "bare").path / "config.yaml").exists()
+
+
 def test_environment_records_versions_and_threads() -> None:
     env = environment(seed=1)
     assert env["torch"] == torch.__version__ and env["threads"] == torch.get_num_threads() and env["seed"] == 1

@@ -59,9 +59,11 @@ def predict_images(
     names = class_names(cfg.label_set if cfg else "imagenet", model.num_classes)
     topk = min(topk, model.num_classes)
 
-    run = new_run("predict", out)
-    run.write_config({"model": model_name, "images": [str(p) for p in paths], "topk": topk, "weights": weights})
-    run.write_env()
+    run = new_run(
+        "predict",
+        out,
+        config={"model": model_name, "images": [str(p) for p in paths], "topk": topk, "weights": weights},
+    )
     rows = []
     for start in range(0, len(pictures), batch_size):
         batch = torch.stack([transform(img) for img in pictures[start : start + batch_size]])  # (B, 3, H, W)

@@ -116,11 +116,19 @@ class Run:
         return json.loads((self.path / "summary.json").read_text())
 
 
-def new_run(verb: str, out: str | os.PathLike | None = None, *, root: str | os.PathLike = "runs") -> Run:
-    """Create ``out`` or the next free ``<root>/<verb>/v<N>`` folder and return its ``Run``.
+def new_run(
+    verb: str,
+    out: str | os.PathLike | None = None,
+    *,
+    root: str | os.PathLike = "runs",
+    config: dict[str, Any] | None = None,
+    seed: int | None = None,
+) -> Run:
+    """Create ``out`` or the next free ``<root>/<verb>/v<N>`` folder and return its ``Run``; with ``config`` also
+    write ``config.yaml`` and ``env.json`` (recording ``seed``).
 
     Example:
-        run = new_run("demo"); run.write_config(vars(args)); run.write_env(seed=0)
+        run = new_run("demo", config=vars(args), seed=0)
     """
     if out is not None:
         path = Path(out)
@@ -130,4 +138,8 @@ def new_run(verb: str, out: str | os.PathLike | None = None, *, root: str | os.P
         taken = [int(m.group(1)) for p in parent.iterdir() if (m := re.fullmatch(r"v(\d+)", p.name))]
         path = parent / f"v{max(taken, default=-1) + 1}"
     path.mkdir(parents=True, exist_ok=True)
-    return Run(path)
+    run = Run(path)
+    if config is not None:
+        run.write_config(config)
+        run.write_env(seed=seed)
+    return run

@@ -19,9 +19,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     cfg = get_pretrained_cfg(args.model)
     model = create_model(args.model, pretrained=args.pretrained, weights=args.weights)
     size = args.size or (cfg.input_size[-1] if cfg else 224)
-    run = new_run("export", args.out)
-    run.write_config(vars(args) | {"func": None})
-    run.write_env()
+    run = new_run("export", args.out, config=vars(args) | {"func": None})
     names = class_names(cfg.label_set, model.num_classes) if cfg and getattr(model, "num_classes", 0) else None
     result = export_onnx(
         model, run.path, input_size=(3, size, size), cfg=cfg, class_names=names, reparam=args.reparam, name=args.model
@@ -45,9 +43,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         reparam=args.reparam,
     )
-    run = new_run("bench", args.out)
-    run.write_config(vars(args) | {"func": None})
-    run.write_env()
+    run = new_run("bench", args.out, config=vars(args) | {"func": None})
     for row in rows:
         run.log_metrics(asdict(row))
     table = markdown_table(rows, reference=args.models[0])
@@ -79,9 +75,7 @@ def _cmd_auto_replace(args: argparse.Namespace) -> int:
     task = make_task("classification", n_per_class=max(1, args.images // 21 + 1), size=args.size, seed=args.seed)
     images = (torch.from_numpy(task.train_images).permute(0, 3, 1, 2).float() / 127.5 - 1.0)[: args.images]
     images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))]
-    run = new_run("auto-replace", args.out)
-    run.write_config(vars(args) | {"func": None})
-    run.write_env(args.seed)
+    run = new_run("auto-replace", args.out, config=vars(args) | {"func": None}, seed=args.seed)
     _, exact_diff = mlp_to_conv(model, images[:2])
     plan = auto_replace(
         model,

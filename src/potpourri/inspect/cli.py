@@ -172,9 +172,12 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         if args.method == "patchcore"
         else importlib.import_module(f"potpourri.inspect.{args.method}").config_from_args(args)
     )
-    run = new_run("inspect", args.out)
-    run.write_config({"verb": "inspect fit", "method": args.method, "data": args.data, **vars(config)})
-    run.write_env(seed=args.seed)
+    run = new_run(
+        "inspect",
+        args.out,
+        config={"verb": "inspect fit", "method": args.method, "data": args.data, **vars(config)},
+        seed=args.seed,
+    )
     notes = [n for n in (_size_note(data.train, config.image_size, "training"),) if n]
 
     start = time.perf_counter()
@@ -293,9 +296,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     results = method.predict(paths)
     seconds = time.perf_counter() - start
-    run = new_run("predict", args.out, root=args.run)
-    run.write_config({"verb": "inspect predict", "run": args.run, "images": [str(p) for p in paths]})
-    run.write_env()
+    run = new_run(
+        "predict",
+        args.out,
+        root=args.run,
+        config={"verb": "inspect predict", "run": args.run, "images": [str(p) for p in paths]},
+    )
     notes = [n for n in (_size_note(paths, size, "input"),) if n]
     if not method.thresholds.calibrated:
         notes.append("the run has no calibrated threshold: no labels or masks (refit with --threshold)")

@@ -568,9 +568,12 @@ def _cmd_oneshot(args: argparse.Namespace) -> int:
     truth = [read_mask(m) for m in args.truth] if args.truth else None
     if truth is not None and len(truth) != len(paths):
         raise PotpourriError(f"{len(truth)} --truth masks for {len(paths)} images; give one per image, in order")
-    run = new_run("oneshot", args.out)
-    run.write_config({"verb": "inspect oneshot", **dataclasses.asdict(model.config), "images": paths})
-    run.write_env(seed=args.seed)
+    run = new_run(
+        "oneshot",
+        args.out,
+        config={"verb": "inspect oneshot", **dataclasses.asdict(model.config), "images": paths},
+        seed=args.seed,
+    )
     model.save(run.path / "model")
     start = time.perf_counter()
     predicted = model.predict(paths)

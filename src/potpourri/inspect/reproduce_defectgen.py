@@ -164,9 +164,7 @@ def reproduce_defectgen(cfg: DefectGenExperimentConfig | None = None, *, out: st
 
     cfg = cfg or DefectGenExperimentConfig()
     started = time.perf_counter()
-    run = new_run("reproduce-defect-gen", out)
-    run.write_config(asdict(cfg))
-    run.write_env(seed=cfg.seeds[0])
+    run = new_run("reproduce-defect-gen", out, config=asdict(cfg), seed=cfg.seeds[0])
     class_names = list(CLASSES)
     notes: list[str] = []
     generators = []

@@ -646,9 +646,12 @@ def run_sam_experiment(*, out: str | os.PathLike | None = None, per_category: in
 
     config = config or SamConfig()
     torch.manual_seed(config.seed)
-    run = new_run("sam", out)
-    run.write_config({**asdict(config), "per_category": per_category, "test_per_category": test_per_category})
-    run.write_env(seed=config.seed)
+    run = new_run(
+        "sam",
+        out,
+        config={**asdict(config), "per_category": per_category, "test_per_category": test_per_category},
+        seed=config.seed,
+    )
     start = time.perf_counter()
     sam = Sam(config, backbone=create_model(config.backbone, pretrained=True))
     train_images, train_items = synth_regions("train", per_category, size=config.image_size, seed=config.seed)

@@ -404,9 +404,9 @@ def run_sam_clip_experiment(
 
     cfg = config or SamClipConfig()
     started = time.perf_counter()
-    run = new_run("sam-clip", out)
-    run.write_config({**asdict(cfg), "sam_path": str(sam_path) if sam_path else None})
-    run.write_env(seed=cfg.seed)
+    run = new_run(
+        "sam-clip", out, config={**asdict(cfg), "sam_path": str(sam_path) if sam_path else None}, seed=cfg.seed
+    )
     timings: dict[str, float] = {}
 
     # teachers, frozen

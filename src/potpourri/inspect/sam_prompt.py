@@ -278,9 +278,9 @@ def run_ssprompt_experiment(
     cfg = config or SSPromptConfig()
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    run = new_run("ssprompt", out)
-    run.write_config({**asdict(cfg), "sam_path": str(sam_path) if sam_path else None})
-    run.write_env(seed=cfg.seed)
+    run = new_run(
+        "ssprompt", out, config={**asdict(cfg), "sam_path": str(sam_path) if sam_path else None}, seed=cfg.seed
+    )
     timings: dict[str, float] = {}
 
     # 1. the "pretrained" SAM: trained once with random clicks and boxes, then frozen

@@ -161,9 +161,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         dice_weight=args.dice_weight,
         seed=args.seed,
     )
-    run = new_run("segment", args.out)
-    run.write_config({"verb": "inspect segment-train", "data": args.data, **vars(config)})
-    run.write_env(seed=args.seed)
+    run = new_run(
+        "segment", args.out, config={"verb": "inspect segment-train", "data": args.data, **vars(config)}, seed=args.seed
+    )
     segmenter = train_segmenter(data.train_images, data.train_masks, config)
     for row in segmenter.history:
         run.log_metrics(row)
@@ -234,9 +234,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     segmenter = Segmenter.load(args.run)
     paths = find_images(args.images)
-    run = new_run("predict", args.out, root=args.run)
-    run.write_config({"verb": "inspect segment-predict", "run": args.run, "images": [str(p) for p in paths]})
-    run.write_env()
+    run = new_run(
+        "predict",
+        args.out,
+        root=args.run,
+        config={"verb": "inspect segment-predict", "run": args.run, "images": [str(p) for p in paths]},
+    )
     masks_dir = run.path / "masks"
     masks_dir.mkdir(exist_ok=True)
     names = segmenter.config.class_names

@@ -257,9 +257,7 @@ def reproduce_all_seeing(cfg: AllSeeingConfig, *, out: str | None = None) -> Run
     from potpourri.registry import create_model
 
     started = time.perf_counter()
-    run = new_run("reproduce-all-seeing", out)
-    run.write_config(asdict(cfg))
-    run.write_env(seed=cfg.seeds[0])
+    run = new_run("reproduce-all-seeing", out, config=asdict(cfg), seed=cfg.seeds[0])
     kinds = (*DEFECTS, MULTI)
     split_samples = {}
     for split, per_kind in (("train", cfg.train_per_kind), ("test", cfg.test_per_kind)):

@@ -100,9 +100,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         seed=args.seed,
     )
-    run = new_run("detect", args.out)
-    run.write_config({"verb": "detect train", "data": args.data, **vars(config)})
-    run.write_env(seed=args.seed)
+    run = new_run(
+        "detect", args.out, config={"verb": "detect train", "data": args.data, **vars(config)}, seed=args.seed
+    )
     result = train_detector(data.train, data.test, config, run_path=run.path, resume=args.resume)
     columns = list(dict.fromkeys(k for row in result.history for k in row))  # test mAP appears only on eval epochs
     for row in result.history:

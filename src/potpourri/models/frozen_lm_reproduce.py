@@ -270,9 +270,7 @@ def reproduce_frozen_lm(cfg: FrozenLMConfig | None = None, *, out: str | None = 
 
     cfg = cfg or FrozenLMConfig()
     started = time.perf_counter()
-    run = new_run("reproduce-frozen-lm", out)
-    run.write_config(asdict(cfg))
-    run.write_env(seed=cfg.seeds[0])
+    run = new_run("reproduce-frozen-lm", out, config=asdict(cfg), seed=cfg.seeds[0])
     train_images, train_labels, _ = make_clutter(cfg.n_train, size=cfg.image_size, seed=0)
     test_images, test_labels, test_masks = make_clutter(cfg.n_test, size=cfg.image_size, seed=1)
     train = normalized_dataset(train_images, train_labels, MEAN, STD)

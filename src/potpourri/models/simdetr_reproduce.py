@@ -100,9 +100,7 @@ def reproduce_simdetr(cfg: SimDETRConfig, *, out: str | None = None) -> Run:
     from potpourri.textgeo import box_iou
 
     started = time.perf_counter()
-    run = new_run("reproduce-simdetr", out)
-    run.write_config(asdict(cfg))
-    run.write_env(seed=cfg.seed)
+    run = new_run("reproduce-simdetr", out, config=asdict(cfg), seed=cfg.seed)
     seed_everything(cfg.seed)
     kinds = (*DEFECTS, MULTI)
     size = (cfg.image_size, cfg.image_size)

@@ -429,9 +429,7 @@ def reproduce_smr(cfg: SMRConfig | None = None, *, out: str | None = None, teach
     if unknown:
         raise PotpourriError(f"unknown SMR arm '{unknown[0]}'; choose from {', '.join(ARMS)}")
     started = time.perf_counter()
-    run = new_run("reproduce-smr", out)
-    run.write_config(asdict(cfg))
-    run.write_env(seed=cfg.seeds[0])
+    run = new_run("reproduce-smr", out, config=asdict(cfg), seed=cfg.seeds[0])
     teacher = teacher if teacher is not None else Lite0Teacher(stage=cfg.teacher_stage, upsample=4)
     pre_images = _to_tensor(make_clutter(cfg.n_pretrain, size=cfg.image_size, seed=20)[0])  # labels never used
     probe_x, probe_y, _ = make_clutter(cfg.n_probe_train, size=cfg.image_size, seed=21)

@@ -94,9 +94,7 @@ def run_train(cfg: dict[str, Any], out: str | None = None):
 
     started = time.perf_counter()
     seed_everything(cfg["seed"])
-    run = new_run("vlm", out)
-    run.write_config(cfg)
-    run.write_env(seed=cfg["seed"])
+    run = new_run("vlm", out, config=cfg, seed=cfg["seed"])
     vlm = _build(cfg)
     samples, instructions = _data(cfg, "train", cfg["n_train"])
     features = encode_samples(vlm, samples)
@@ -142,9 +140,7 @@ def run_baseline(cfg: dict[str, Any], out: str | None = None):
 
     started = time.perf_counter()
     seed_everything(cfg["seed"])
-    run = new_run("vlm", out)
-    run.write_config(cfg)
-    run.write_env(seed=cfg["seed"])
+    run = new_run("vlm", out, config=cfg, seed=cfg["seed"])
     samples, instructions = _data(cfg, "train", cfg["n_train"])
     test_samples, test_instructions = _data(cfg, "test", cfg["n_test"], offset_seed=1)
     baseline = InspectionBaseline(BaselineConfig(

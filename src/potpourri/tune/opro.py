@@ -437,9 +437,7 @@ def reproduce_opro(cfg: OproConfig | None = None, *, out: str | None = None):
 
     cfg = cfg or OproConfig()
     started = time.perf_counter()
-    run = new_run("reproduce-opro", out)
-    run.write_config(asdict(cfg))
-    run.write_env(seed=cfg.seeds[0])
+    run = new_run("reproduce-opro", out, config=asdict(cfg), seed=cfg.seeds[0])
     seed_everything(0)
     task = make_task("classification", categories=cfg.categories, n_per_class=cfg.n_per_class, size=cfg.image_size)
     pcfg = get_pretrained_cfg("efficientnet_lite0")

@@ -200,9 +200,7 @@ def proxy_study(cfg: ProxyStudyConfig | None = None, *, out: str | os.PathLike |
 
     cfg = cfg or ProxyStudyConfig()
     started = time.perf_counter()
-    run = new_run("reproduce-layer-proxies", out)
-    run.write_config(asdict(cfg))
-    run.write_env(seed=cfg.seeds[0])
+    run = new_run("reproduce-layer-proxies", out, config=asdict(cfg), seed=cfg.seeds[0])
     train_set, test_set = _data(cfg, "train", cfg.train_per_class), _data(cfg, "test", cfg.test_per_class)
     num_classes = int(train_set.tensors[1].max()) + 1
     seed_everything(0)

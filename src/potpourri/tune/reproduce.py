@@ -127,9 +127,7 @@ def reproduce_freeze_embed(cfg: FreezeEmbedConfig | None = None, *, out: str | o
 
     cfg = cfg or FreezeEmbedConfig()
     started = time.perf_counter()
-    run = new_run("reproduce-freeze-embed", out)
-    run.write_config(asdict(cfg))
-    run.write_env(seed=cfg.seeds[0])
+    run = new_run("reproduce-freeze-embed", out, config=asdict(cfg), seed=cfg.seeds[0])
     task = make_task(
         "classification", categories=cfg.categories, n_per_class=cfg.n_per_class, seed=0, size=cfg.image_size
     )
@@ -254,9 +252,7 @@ def reproduce_subtuning(cfg: SubTuningConfig | None = None, *, out: str | os.Pat
 
     cfg = cfg or SubTuningConfig()
     started = time.perf_counter()
-    run = new_run("reproduce-subtuning", out)
-    run.write_config(asdict(cfg))
-    run.write_env(seed=cfg.seeds[0])
+    run = new_run("reproduce-subtuning", out, config=asdict(cfg), seed=cfg.seeds[0])
     pcfg = get_pretrained_cfg("efficientnet_lite0")
     mean, std = pcfg.mean, pcfg.std
 

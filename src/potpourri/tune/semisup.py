@@ -454,9 +454,7 @@ def reproduce_semisup(cfg: SemiSupConfig | None = None, *, out: str | None = Non
 
     cfg = cfg or SemiSupConfig()
     started = time.perf_counter()
-    run = new_run("reproduce-semi-supervised", out)
-    run.write_config(asdict(cfg))
-    run.write_env(seed=cfg.seeds[0])
+    run = new_run("reproduce-semi-supervised", out, config=asdict(cfg), seed=cfg.seeds[0])
     pool_images, pool_labels, _ = make_clutter(cfg.n_unlabelled, size=cfg.image_size, seed=10)
     test_images, test_labels, _ = make_clutter(cfg.n_test, size=cfg.image_size, seed=11)
     unlabelled = _to_tensor(pool_images)  # U: every pool image, labels never used

@@ -587,9 +587,7 @@ def reproduce_autovp(cfg: AutoVPConfig | None = None, *, out: str | None = None)
 
     cfg = cfg or AutoVPConfig()
     started = time.perf_counter()
-    run = new_run("reproduce-autovp", out)
-    run.write_config(asdict(cfg))
-    run.write_env(seed=cfg.seed)
+    run = new_run("reproduce-autovp", out, config=asdict(cfg), seed=cfg.seed)
     seed_everything(cfg.seed)
     task = make_task(
         "classification", categories=cfg.categories, n_per_class=cfg.n_per_class, seed=cfg.seed, size=cfg.image_size
