@@ -10,7 +10,16 @@ import torch
 
 from potpourri import PotpourriError
 from potpourri.data.instructions import Instruction
-from potpourri.models.vlm import IMAGE_SLOT, VisionLanguageModel, build_vlm, char_tokenizer, merge_tokens, tiny_llama
+from potpourri.models.vlm import (
+    IMAGE_SLOT,
+    VisionLanguageModel,
+    build_vlm,
+    char_tokenizer,
+    merge_tokens,
+    tiny_llama,
+    token_centres,
+    vlm_from_config,
+)
 from potpourri.models.vlm_train import VLMTrainConfig, evaluate_vlm, score, train_vlm, trivial_predictions
 
 PROMPTS = ["[vqa] is there a crack?", "[refer] where is the scratch?", "describe this surface"]
@@ -204,6 +213,57 @@ def test_vision_norm_makes_image_tokens_scale_free_trains_with_the_projection_an
         _vlm().load_trainable(path)
 
 
+@pytest.mark.parametrize(("merge", "h", "w"), [("none", 3, 5), ("1x4", 4, 8), ("2x2", 4, 6), ("1x4", 2, 4)])
+def test_token_centres_are_the_mean_cell_centre_of_each_merged_token(merge: str, h: int, w: int) -> None:
+    ys, xs = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij")
+    cells = torch.stack([xs, ys])[None]  # (1, 2, h, w): each cell's own centre as its two channels
+    merged = merge_tokens(cells, merge)[0]  # (N, k*2), channel order [cell0 (x, y), cell1 (x, y), ...]
+    expected = merged.view(merged.shape[0], -1, 2).mean(dim=1)  # (N, 2): maps divisible by the merge, no padding
+    torch.testing.assert_close(token_centres(h, w, merge), expected)
+
+
+def test_position_adds_a_trainable_per_token_offset_and_must_match_on_load(tmp_path, features) -> None:
+    torch.manual_seed(0)
+    vlm = build_vlm(encoder="test_efficientnet", lm="tiny", pretrained=False, position=True)
+    same = features[:1].mean(dim=(2, 3), keepdim=True).expand(1, -1, 4, 4)  # every cell alike: only position differs
+    with torch.no_grad():
+        tokens = vlm.image_tokens(same)[0]  # (4, D)
+        plain = vlm.proj(merge_tokens(same, "1x4"))[0]
+    assert torch.allclose(plain[0], plain[3])  # without the position the four row tokens are identical ...
+    assert (tokens[0] - tokens[3]).abs().max() > 1e-3  # ... with it they differ
+    trainable = {n for n, p in vlm.named_parameters() if p.requires_grad}
+    assert trainable == {"proj.weight", "proj.bias", "position.weight", "position.bias"}
+    before = vlm.position.weight.detach().clone()
+    _one_step(vlm, features)
+    assert not torch.equal(before, vlm.position.weight)
+    path = vlm.save_trainable(tmp_path / "trainable.safetensors")
+    cfg = {"encoder": "test_efficientnet", "lm": "tiny", "pretrained": False, "merge": "1x4", "seed": 0,
+           "position": True}  # fmt: skip
+    fresh = vlm_from_config(cfg)
+    fresh.load_trainable(path)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.image_tokens(features), vlm.image_tokens(features), rtol=0, atol=0)
+    with pytest.raises(PotpourriError, match="position=True"):
+        vlm_from_config({**cfg, "position": False}).load_trainable(path)
+
+
+def test_feature_index_takes_an_earlier_level_as_tokens_and_rejects_bad_levels() -> None:
+    torch.manual_seed(0)
+    vlm = build_vlm(encoder="test_efficientnet", lm="tiny", pretrained=False, feature_index=3)
+    encoder, info = vlm.encoder, vlm.encoder.feature_info[3]
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the same map by hand: stem, then the blocks up to the level's module
+        x = encoder.bn1(encoder.conv_stem(pixels))
+        for i in range(int(info["module"].split(".")[1]) + 1):
+            x = encoder.blocks[i](x)
+    maps = vlm.encode_images(pixels)
+    torch.testing.assert_close(maps, x)
+    assert maps.shape[1:] == (info["num_chs"], 64 // info["reduction"], 64 // info["reduction"])
+    assert vlm.proj.in_features == 4 * info["num_chs"]  # 1x4 merge of this level's channels
+    with pytest.raises(PotpourriError, match="out of range"):
+        build_vlm(encoder="test_efficientnet", lm="tiny", pretrained=False, feature_index=9)
+
+
 def test_generate_matches_greedy_decoding_without_cache(features) -> None:
     vlm = _vlm()
     torch.nn.init.normal_(vlm.proj.weight, std=0.5)
@@ -247,6 +307,38 @@ def test_planted_task_loss_decreases_and_answers_follow_the_image() -> None:
     assert score(items[:2], trivial_predictions(items, items[:2]))["yesno_acc"] == 0.5
 
 
+def test_a_run_killed_in_stage_2_resumes_to_the_same_parameters_as_an_uninterrupted_one(tmp_path) -> None:
+    features, items = _planted()
+    common = dict(batch_size=3, warmup_steps=1, log_every=1, progress=False, checkpoint_every=2)
+
+    def both_stages(vlm: VisionLanguageModel, state, resume: bool = False) -> dict[str, torch.Tensor]:
+        for stage, steps in ((1, 3), (2, 5)):
+            cfg = VLMTrainConfig(stage=stage, steps=steps, lr=1e-2, **common)
+            train_vlm(vlm, features, items, cfg, state_dir=state, resume=resume)
+        return vlm.trainable_state_dict()
+
+    straight = both_stages(_vlm(), tmp_path / "straight")
+    killed, calls = _vlm(), []
+    forward = killed.forward
+
+    def dies_at_the_seventh_step(*args, **kwargs):  # stage 1: 3 steps; stage 2 dies at step 4 (checkpoint: 2)
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return forward(*args, **kwargs)
+
+    killed.forward = dies_at_the_seventh_step
+    with pytest.raises(KeyboardInterrupt):
+        both_stages(killed, tmp_path / "killed")
+    assert json.loads((tmp_path / "killed" / "last.json").read_text())["step"] == 2
+    resumed = both_stages(_vlm(), tmp_path / "killed", resume=True)
+    assert set(resumed) == set(straight) and any(".lora_" in k for k in resumed)
+    for name, value in straight.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0)
+    with pytest.raises(PotpourriError, match="state folder"):
+        train_vlm(_vlm(), features, items, VLMTrainConfig(steps=1, **common), resume=True)
+
+
 def test_score_parses_boxes_words_and_lists() -> None:
     size = (100, 100)
     items = [
@@ -280,3 +372,9 @@ def test_cli_train_then_eval_reproduces_the_summary(tmp_path, capsys) -> None:
     assert json.loads(trained)["model"] == json.loads((out / "eval" / "summary.json").read_text())["model"]
     assert "yesno_acc" in capsys.readouterr().out
     assert main(["vlm", "eval", str(tmp_path)]) == 2  # not a run folder: one line, exit 2
+    rows = (out / "metrics.csv").read_text()
+    assert main([*args, "--resume", "--lr", "0.5"]) == 2  # another setting: refused, the run untouched
+    assert "cannot resume with lr=0.5" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0  # finished: nothing trains again, no row is logged twice
+    assert (out / "metrics.csv").read_text() == rows
+    assert json.loads((out / "summary.json").read_text())["model"] == json.loads(trained)["model"]

@@ -50,7 +50,7 @@ def load_vlm_run(run_dir: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
     """
     import yaml
 
-    from potpourri.models.vlm import build_vlm
+    from potpourri.models.vlm import vlm_from_config
 
     folder = Path(run_dir)
     if not folder.is_dir():
@@ -68,9 +68,7 @@ def load_vlm_run(run_dir: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
     needed = ("encoder", "lm", "pretrained", "merge", "image_size", "seed")
     if not isinstance(cfg, dict) or any(key not in cfg for key in needed):
         raise PotpourriError(f"'{folder / 'config.yaml'}' is not a VLM config (needs {', '.join(needed)})")
-    torch.manual_seed(cfg["seed"])  # as `vlm train` does: a random (--random) encoder is rebuilt bit-identically
-    extra = {k: cfg[k] for k in ("lora_rank", "lora_alpha", "vision_norm") if k in cfg}
-    vlm = build_vlm(encoder=cfg["encoder"], lm=cfg["lm"], pretrained=cfg["pretrained"], merge=cfg["merge"], **extra)
+    vlm = vlm_from_config(cfg)
     vlm.load_trainable(folder / "trainable.safetensors")
     return vlm.eval(), cfg
 

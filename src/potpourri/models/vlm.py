@@ -32,7 +32,17 @@ import torch.nn.functional as F
 from potpourri.errors import PotpourriError
 from potpourri.weights import load_state_dict_file, save_state_dict_atomic
 
-__all__ = ["IMAGE_SLOT", "VLMBatch", "VLMConfig", "VisionLanguageModel", "build_vlm", "char_tokenizer", "merge_tokens"]
+__all__ = [
+    "IMAGE_SLOT",
+    "VLMBatch",
+    "VLMConfig",
+    "VisionLanguageModel",
+    "build_vlm",
+    "char_tokenizer",
+    "merge_tokens",
+    "token_centres",
+    "vlm_from_config",
+]
 
 IMAGE_SLOT = "<ImageHere>"
 MERGES = {"none": 1, "1x4": 4, "2x2": 4}
@@ -45,6 +55,8 @@ class VLMConfig:
 
     merge: str = "1x4"  # none | 1x4 | 2x2
     vision_norm: bool = False  # LayerNorm on the merged tokens before the projection (MiniGPT's ln_vision)
+    feature_index: int = -1  # timm ``feature_info`` index of the map that becomes tokens; -1: forward_features
+    position: bool = False  # add a trainable map of each token's (x, y) centre: CNN features lack ViT's positions
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
@@ -74,6 +86,26 @@ def merge_tokens(features: torch.Tensor, merge: str) -> torch.Tensor:
     h, w = h + pad_h, w + pad_w
     x = x.view(b, c, h // rows, rows, w // cols, cols).permute(0, 2, 4, 3, 5, 1)  # (B, H/r, W/c, r, c, C)
     return x.reshape(b, (h // rows) * (w // cols), rows * cols * c)  # (B, N, k*C)
+
+
+POSITION_FREQUENCIES = 6
+
+
+def token_centres(h: int, w: int, merge: str) -> torch.Tensor:
+    """Centres ``(N, 2)`` as (x, y) in [0, 1] of the tokens ``merge_tokens`` makes from an ``h x w`` map, same order."""
+    rows, cols = {"none": (1, 1), "1x4": (1, 4), "2x2": (2, 2)}[merge]
+    n_rows, n_cols = -(-h // rows), -(-w // cols)  # padded grid, as merge_tokens pads
+    ys = (torch.arange(n_rows, dtype=torch.float32) * rows + rows / 2) / h
+    xs = (torch.arange(n_cols, dtype=torch.float32) * cols + cols / 2) / w
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([grid_x.flatten(), grid_y.flatten()], dim=1).clamp(0, 1)
+
+
+def fourier_features(points: torch.Tensor, frequencies: int = POSITION_FREQUENCIES) -> torch.Tensor:
+    """``(N, 2)`` points in [0, 1] -> ``(N, 4 * frequencies)`` sines and cosines at 2^k * pi, k < ``frequencies``."""
+    scales = (2.0 ** torch.arange(frequencies, dtype=torch.float32)) * torch.pi  # (F,)
+    angles = points[:, :, None] * scales  # (N, 2, F)
+    return torch.cat([angles.sin(), angles.cos()], dim=2).flatten(1)  # (N, 4F)
 
 
 def _as_feature_map(output: torch.Tensor, encoder: nn.Module) -> torch.Tensor:
@@ -136,19 +168,23 @@ class VisionLanguageModel(nn.Module):
         self.tokenizer = tokenizer
         if getattr(tokenizer, "eos_token_id", None) is None:
             raise PotpourriError("the tokenizer has no end-of-sequence token; pass a Hugging Face causal-LM tokenizer")
-        feature_dim = int(getattr(encoder, "num_features", 0)) or self._probe_channels()
+        if self.config.feature_index >= 0 and not hasattr(encoder, "forward_intermediates"):
+            raise PotpourriError(f"encoder {type(encoder).__name__} has no forward_intermediates; use feature_index=-1")
+        plain = self.config.feature_index < 0 and int(getattr(encoder, "num_features", 0))
+        feature_dim = plain or self._probe_channels()
         hidden = self.lm.get_input_embeddings().weight.shape[1]
         token_dim = feature_dim * MERGES[self.config.merge]
         # raw Lite0 tokens project to ~80x the norm of the LM's text embeddings; a LayerNorm brings them to scale
         self.vision_norm = nn.LayerNorm(token_dim) if self.config.vision_norm else nn.Identity()
         self.proj = nn.Linear(token_dim, hidden)  # MiniGPT-v2's llama_proj
+        self.position = nn.Linear(4 * POSITION_FREQUENCIES, hidden) if self.config.position else None
         self.stage = 1
         self.lora = False
         self.set_stage(1)
 
     def _probe_channels(self) -> int:
         with torch.no_grad():
-            return _as_feature_map(self.encoder.forward_features(torch.zeros(1, 3, 64, 64)), self.encoder).shape[1]
+            return self.encode_images(torch.zeros(1, 3, 64, 64)).shape[1]
 
     def train(self, mode: bool = True) -> VisionLanguageModel:
         super().train(mode)
@@ -181,6 +217,8 @@ class VisionLanguageModel(nn.Module):
         self.requires_grad_(False)
         self.proj.requires_grad_(True)
         self.vision_norm.requires_grad_(True)
+        if self.position is not None:
+            self.position.requires_grad_(True)
         if stage == 2:
             for name, param in self.lm.named_parameters():
                 param.requires_grad_(".lora_" in name)
@@ -206,22 +244,28 @@ class VisionLanguageModel(nn.Module):
             with safe_open(str(path), "pt") as fh:
                 meta = fh.metadata() or {}
         saved = json.loads(meta.get("config", "{}"))
-        saved.setdefault("vision_norm", False)  # files written before the option existed
-        for key in ("merge", "vision_norm", "lora_rank", "lora_alpha"):
+        saved.setdefault("vision_norm", False)  # files written before the options existed
+        saved.setdefault("position", False)
+        saved.setdefault("feature_index", -1)
+        for key in ("merge", "feature_index", "vision_norm", "position", "lora_rank", "lora_alpha"):
             if key in saved and saved[key] != getattr(self.config, key):
                 raise PotpourriError(f"'{path}' was trained with {key}={saved[key]}, this model has "
                                      f"{getattr(self.config, key)}; build the model with the same setting")  # fmt: skip
+        self.load_trainable_state(state, source=f"'{path}'")
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor], *, source: str = "the state") -> None:
+        """Copy trainable parts (``trainable_state_dict``'s keys) in; switches to stage 2 when they hold LoRA."""
         self.set_stage(2 if any(".lora_" in k for k in state) else 1)
         own = dict(self.named_parameters())
         expected = {n for n, p in own.items() if p.requires_grad}
         if set(state) != expected:
             missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise PotpourriError(f"'{path}' does not fit this model (missing {missing[:2]}, unexpected {extra[:2]})")
+            raise PotpourriError(f"{source} does not fit this model (missing {missing[:2]}, unexpected {extra[:2]})")
         with torch.no_grad():
             for name, value in state.items():
                 if own[name].shape != value.shape:
                     raise PotpourriError(
-                        f"'{path}': {name} has shape {tuple(value.shape)}, model {tuple(own[name].shape)}"
+                        f"{source}: {name} has shape {tuple(value.shape)}, model {tuple(own[name].shape)}"
                     )
                 own[name].copy_(value)
 
@@ -229,11 +273,24 @@ class VisionLanguageModel(nn.Module):
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Frozen encoder: normalised ``(B, 3, H, W)`` -> feature map ``(B, C, h, w)`` (cacheable: it never trains)."""
-        return _as_feature_map(self.encoder.forward_features(pixels), self.encoder)
+        index = self.config.feature_index
+        if index < 0:
+            return _as_feature_map(self.encoder.forward_features(pixels), self.encoder)
+        n_levels = len(getattr(self.encoder, "feature_info", []))
+        if n_levels and index >= n_levels:
+            raise PotpourriError(
+                f"feature_index {index} out of range: this encoder has {n_levels} levels (0-{n_levels - 1})"
+            )
+        maps = self.encoder.forward_intermediates(pixels, indices=[index], intermediates_only=True)
+        return _as_feature_map(maps[0], self.encoder)
 
     def image_tokens(self, features: torch.Tensor) -> torch.Tensor:
-        """Feature map ``(B, C, h, w)`` -> projected image tokens ``(B, N, D)``."""
-        return self.proj(self.vision_norm(merge_tokens(features, self.config.merge)))  # (B, N, D)
+        """Feature map ``(B, C, h, w)`` -> projected image tokens ``(B, N, D)`` (+ their position when enabled)."""
+        tokens = self.proj(self.vision_norm(merge_tokens(features, self.config.merge)))  # (B, N, D)
+        if self.position is None:
+            return tokens
+        centres = token_centres(features.shape[2], features.shape[3], self.config.merge).to(tokens.device)
+        return tokens + self.position(fourier_features(centres).to(tokens.dtype))[None]  # (B, N, D)
 
     # ---- text side
     def prompt_text(self, instruction: str) -> str:
@@ -420,6 +477,17 @@ def build_vlm(
         if tokenizer is None:
             raise PotpourriError("this language model comes without a tokenizer; pass tokenizer=...")
     return VisionLanguageModel(encoder, lm, tokenizer, config=VLMConfig(merge=merge, **config))
+
+
+def vlm_from_config(cfg: dict[str, Any]) -> VisionLanguageModel:
+    """The (untrained) model a ``potpourri vlm train`` ``config.yaml`` describes; seeded, so a ``--random`` encoder is
+    rebuilt bit-identically. Options added later fall back to their defaults for older runs."""
+    torch.manual_seed(cfg["seed"])
+    keys = ("lora_rank", "lora_alpha", "vision_norm", "position", "feature_index")
+    options = {k: cfg[k] for k in keys if k in cfg}
+    if "lora_targets" in cfg:
+        options["lora_targets"] = tuple(str(cfg["lora_targets"]).split(","))
+    return build_vlm(encoder=cfg["encoder"], lm=cfg["lm"], pretrained=cfg["pretrained"], merge=cfg["merge"], **options)
 
 
 def encoder_transform_stats(encoder: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:

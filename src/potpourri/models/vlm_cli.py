@@ -56,16 +56,6 @@ def _data(cfg: dict[str, Any], split: str, n: int, offset_seed: int = 0):
     return samples, instructions
 
 
-def _build(cfg: dict[str, Any]):
-    from potpourri.models.vlm import build_vlm
-
-    torch.manual_seed(cfg["seed"])
-    return build_vlm(
-        encoder=cfg["encoder"], lm=cfg["lm"], pretrained=cfg["pretrained"], merge=cfg["merge"],
-        lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"], vision_norm=cfg.get("vision_norm", False),
-    )  # fmt: skip
-
-
 def _evaluate_and_write(run, vlm, cfg: dict[str, Any], train_instructions, started: float) -> dict[str, Any]:
     from potpourri.models.vlm_train import encode_samples, evaluate_vlm, score, trivial_predictions
     from potpourri.weights import atomic_write_bytes
@@ -87,31 +77,65 @@ def _evaluate_and_write(run, vlm, cfg: dict[str, Any], train_instructions, start
     return summary
 
 
-def run_train(cfg: dict[str, Any], out: str | None = None):
-    """Build, train (stage 1, then stage 2 if ``lora_steps``), evaluate; returns the ``Run``."""
+def run_train(cfg: dict[str, Any], out: str | None = None, *, resume: bool = False):
+    """Build, train (stage 1, then stage 2 if ``lora_steps``), evaluate; returns the ``Run``. ``resume=True``
+    continues the run in ``out`` from its last checkpoint (same options required)."""
+    from potpourri.models.vlm import vlm_from_config
     from potpourri.models.vlm_train import VLMTrainConfig, encode_samples, train_vlm
     from potpourri.runs import new_run, seed_everything
 
     started = time.perf_counter()
+    if resume:
+        _check_resumable(cfg, out)
     seed_everything(cfg["seed"])
     run = new_run("vlm", out, config=cfg, seed=cfg["seed"])
-    vlm = _build(cfg)
+    state_dir = run.path / "state"
+    if resume:
+        _trim_metrics(run, state_dir)
+    vlm = vlm_from_config(cfg)
     samples, instructions = _data(cfg, "train", cfg["n_train"])
     features = encode_samples(vlm, samples)
-    checkpoint = run.path / "trainable.safetensors"
     common = dict(batch_size=cfg["batch_size"], seed=cfg["seed"], checkpoint_every=cfg["checkpoint_every"])
-    train_vlm(vlm, features, instructions, VLMTrainConfig(stage=1, steps=cfg["steps"], lr=cfg["lr"], **common),
-              run=run, checkpoint=checkpoint)  # fmt: skip
-    if cfg["lora_steps"]:
-        train_vlm(vlm, features, instructions,
-                  VLMTrainConfig(stage=2, steps=cfg["lora_steps"], lr=cfg["lora_lr"], **common),
-                  run=run, checkpoint=checkpoint)  # fmt: skip
+    stages = [(1, cfg["steps"], cfg["lr"])] + ([(2, cfg["lora_steps"], cfg["lora_lr"])] if cfg["lora_steps"] else [])
+    for stage, steps, lr in stages:
+        train_vlm(vlm, features, instructions, VLMTrainConfig(stage=stage, steps=steps, lr=lr, **common), run=run,
+                  checkpoint=run.path / "trainable.safetensors", state_dir=state_dir, resume=resume)  # fmt: skip
     _evaluate_and_write(run, vlm, cfg, instructions, started)
     return run
 
 
+def _check_resumable(cfg: dict[str, Any], out: str | None) -> None:
+    """A resumed run needs its folder and the options it was started with."""
+    folder = Path(out) if out else None
+    if folder is None or not (folder / "config.yaml").is_file():
+        raise PotpourriError("--resume needs --out DIR, the folder of a `potpourri vlm train` run to continue")
+    saved = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+    changed = [k for k in cfg if k in saved and saved[k] != cfg[k]]
+    if changed:
+        key = changed[0]
+        raise PotpourriError(f"cannot resume with {key}={cfg[key]!r}: the run used {saved[key]!r}; "
+                             "use the same setting or start a new --out")  # fmt: skip
+
+
+def _trim_metrics(run, state_dir: Path) -> None:
+    """Keep the logged rows up to the checkpoint the run resumes from (the rest is trained again)."""
+    import csv
+
+    metrics, last = run.path / "metrics.csv", state_dir / "last.json"
+    if not metrics.is_file():
+        return
+    done = json.loads(last.read_text()) if last.is_file() else {"stage": 0, "step": 0}
+    with open(metrics, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    metrics.unlink()
+    for row in rows:
+        if (int(row["stage"]), int(row["step"])) <= (done["stage"], done["step"]):
+            run.log_metrics(row)
+
+
 def run_eval(run_dir: str | Path, *, n_test: int | None = None, task_identifiers: bool | None = None):
     """Score a trained run again (optionally on more test images or with identifiers switched)."""
+    from potpourri.models.vlm import vlm_from_config
     from potpourri.runs import Run
 
     folder = Path(run_dir)
@@ -123,7 +147,7 @@ def run_eval(run_dir: str | Path, *, n_test: int | None = None, task_identifiers
     if task_identifiers is not None:
         cfg["task_identifiers"] = task_identifiers
     started = time.perf_counter()
-    vlm = _build(cfg)
+    vlm = vlm_from_config(cfg)
     vlm.load_trainable(folder / "trainable.safetensors")
     _, train_instructions = _data(cfg, "train", cfg["n_train"])
     out = folder / "eval"
@@ -178,9 +202,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = {k: v for k, v in vars(args).items() if k not in ("func", "out", "threads", "vlm_command")}
+    resume = args.resume
+    cfg = {k: v for k, v in vars(args).items() if k not in ("func", "out", "threads", "vlm_command", "resume")}
     cfg["kinds"] = ",".join(_kinds(cfg["kinds"]))
-    run = run_train(cfg, args.out)
+    run = run_train(cfg, args.out, resume=resume)
     _print_summary(run.read_summary())
     print(f"run: {run.path}")
     return 0
@@ -229,6 +254,14 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--lm", default="smollm2_135m", help="smollm2_135m | tiny (random, tests) | a HF model folder")
     train.add_argument("--merge", default="1x4", choices=("none", "1x4", "2x2"))
     train.add_argument("--vision-norm", action="store_true", help="LayerNorm on image tokens before the projection")
+    train.add_argument(
+        "--feature-index",
+        type=int,
+        default=-1,
+        help="encoder level whose map becomes tokens (timm feature_info index; -1: final features)",
+    )
+    train.add_argument("--position", action="store_true", help="add each image token's (x, y) centre, learned map")
+    train.add_argument("--lora-targets", default="q_proj,v_proj", help="LM modules that get LoRA, comma-separated")
     _add_data_arguments(train)
     train.add_argument("--steps", type=int, default=200, help="stage-1 (projection) steps")
     train.add_argument("--lora-steps", type=int, default=0, help="stage-2 (projection + LoRA) steps afterwards")
@@ -240,6 +273,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--max-new-tokens", type=int, default=0, help="0: 24, or 64 with caption/grounding kinds")
     train.add_argument("--checkpoint-every", type=int, default=50)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     train.add_argument("--out", default=None, help="run folder (default runs/vlm/v<N>)")
     train.set_defaults(func=_cmd_train)

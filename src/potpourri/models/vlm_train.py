@@ -2,6 +2,9 @@
 
 One plain loop (AdamW, warm-up + cosine via ``tune.trainer.lr_at``, gradient clipping, atomic checkpoints of the
 trainable parts). The encoder is frozen and in eval mode, so its feature maps are computed once per image and cached.
+With ``state_dir`` the loop also keeps a resumable checkpoint (trainable parts, AdamW moments, data order, RNG; the
+tuning engine's ``save_checkpoint`` format): ``resume=True`` continues where it stopped and ends with the same
+parameters as an uninterrupted run.
 
 Evaluation (greedy answers, parsed tolerantly by ``potpourri.textgeo``):
 
@@ -17,6 +20,7 @@ defect-classifier answers) is ``potpourri.models.vlm_baseline``, scored by the s
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections import Counter, defaultdict
@@ -71,6 +75,19 @@ def encode_samples(vlm: VisionLanguageModel, samples: Sequence[SynthSample], *, 
     return torch.cat(chunks)
 
 
+class _TrainableParts:
+    """The VLM's trainable parts seen as a module's ``state_dict`` (what ``tune.trainer.save_checkpoint`` stores)."""
+
+    def __init__(self, vlm: VisionLanguageModel) -> None:
+        self.vlm = vlm
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.vlm.trainable_state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.vlm.load_trainable_state(state, source="the checkpoint")
+
+
 def train_vlm(
     vlm: VisionLanguageModel,
     features: torch.Tensor,
@@ -79,25 +96,43 @@ def train_vlm(
     *,
     run: Run | None = None,
     checkpoint: str | Path | None = None,
+    state_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> list[dict[str, float]]:
     """Train the current stage's parameters on (image features, instruction, answer); returns the logged history.
+
+    ``checkpoint``: a file for the trainable parts; ``state_dir``: a folder for the resumable state (``resume=True``
+    continues from it; a stage already finished there is skipped).
 
     Example:
         history = train_vlm(vlm, encode_samples(vlm, samples), make_instructions(samples), VLMTrainConfig(steps=100))
     """
     from tqdm.auto import tqdm
 
+    from potpourri.tune.trainer import load_checkpoint, save_checkpoint
+
     if not instructions:
         raise PotpourriError("no instructions to train on; generate some with make_instructions(samples)")
+    if resume and state_dir is None:
+        raise PotpourriError("resume needs the state folder of the run to continue (state_dir)")
     vlm.set_stage(cfg.stage)
-    params = [p for p in vlm.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
     order: list[int] = []
     history: list[dict[str, float]] = []
+    first = 0
+    saved = _saved_stage(state_dir) if resume else None
+    if saved is not None and saved > cfg.stage:
+        return history  # a later stage was already checkpointed: this one is done
+    params = [p for p in vlm.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if saved == cfg.stage:
+        record = load_checkpoint(Path(state_dir), model=_TrainableParts(vlm), optimizer=optimizer)  # type: ignore[arg-type]
+        first, order = record["step"], list(record["order"])
+        generator.set_state(torch.tensor(record["generator"], dtype=torch.uint8))
     running, seen, started = 0.0, 0, time.perf_counter()
     vlm.train()
-    for step in tqdm(range(cfg.steps), desc=f"vlm stage {cfg.stage}", disable=not cfg.progress):
+    steps = range(first, cfg.steps)
+    for step in tqdm(steps, desc=f"vlm stage {cfg.stage}", initial=first, total=cfg.steps, disable=not cfg.progress):
         if len(order) < cfg.batch_size:  # reshuffle an epoch's order when it runs out
             order += torch.randperm(len(instructions), generator=generator).tolist()
         batch, order = [instructions[i] for i in order[: cfg.batch_size]], order[cfg.batch_size :]
@@ -119,10 +154,27 @@ def train_vlm(
             if run is not None:
                 run.log_metrics(row)
             running, seen = 0.0, 0
-        if checkpoint is not None and (last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)):
-            vlm.save_trainable(checkpoint)
+        if last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
+            if checkpoint is not None:
+                vlm.save_trainable(checkpoint)
+            if state_dir is not None:
+                state = {
+                    "step": step + 1,
+                    "stage": cfg.stage,
+                    "order": order,
+                    "generator": generator.get_state().tolist(),
+                }
+                save_checkpoint(Path(state_dir), model=_TrainableParts(vlm), optimizer=optimizer, ema=None, state=state)  # type: ignore[arg-type]
     vlm.eval()
     return history
+
+
+def _saved_stage(state_dir: str | Path | None) -> int | None:
+    """The stage of the resumable checkpoint in ``state_dir`` (None when there is none)."""
+    last = Path(state_dir) / "last.json" if state_dir is not None else None
+    if last is None or not last.is_file():
+        return None
+    return int(json.loads(last.read_text())["stage"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
