@@ -3,7 +3,9 @@
 Usage: .venv/bin/python benchmarks/vlm_image_use.py runs/vlm/<run>      (a `potpourri vlm train` run folder)
 
 If the true image's loss is no lower than a shuffled image's, the answers ignore the image; if the mean image beats
-the true one on the test split, what the model learned about individual images does not generalise.
+the true one on the test split, what the model learned about individual images does not generalise. For boxes
+(``refer``) it also scores greedy answers with the true and the shuffled image: the shuffled score is the chance level
+of this very model (right kind of box, wrong image).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from potpourri.models.vlm_cli import _build, _data
-from potpourri.models.vlm_train import encode_samples
+from potpourri.models.vlm import vlm_from_config
+from potpourri.models.vlm_cli import _data
+from potpourri.models.vlm_train import encode_samples, evaluate_vlm
 
 
 def main() -> None:
@@ -24,7 +27,7 @@ def main() -> None:
     run = sys.argv[1]
     cfg = yaml.safe_load(Path(run, "config.yaml").read_text())
     started = time.perf_counter()
-    vlm = _build(cfg)
+    vlm = vlm_from_config(cfg)
     vlm.load_trainable(f"{run}/trainable.safetensors")
     vlm.eval()
     samples, items = _data(cfg, "test", cfg["n_test"], offset_seed=1)
@@ -52,6 +55,11 @@ def main() -> None:
                     total += vlm(f[s : s + 8], [i.prompt for i in chunk], [i.answer for i in chunk]).item() * len(chunk)
                 losses[name] = round(total / len(sub), 4)
         print(f"{kind} (n={len(sub)}) test loss: {losses}")
+        if kind == "refer":
+            for name in ("true", "shuffled"):
+                metrics, _ = evaluate_vlm(vlm, variants[name](torch.arange(len(samples))), sub, max_new_tokens=20,
+                                          progress=False)  # fmt: skip
+                print(f"refer acc@IoU>0.5 with the {name} image: {metrics['refer_acc']:.3f}")
     print(f"seconds {time.perf_counter() - started:.0f}")
 
 
