@@ -57,8 +57,10 @@ def main() -> None:
         print(f"{kind} (n={len(sub)}) test loss: {losses}")
         if kind == "refer":
             for name in ("true", "shuffled"):
-                metrics, _ = evaluate_vlm(vlm, variants[name](torch.arange(len(samples))), sub, max_new_tokens=20,
-                                          progress=False)  # fmt: skip
+                features = variants[name](torch.arange(len(samples)))
+                metrics, _ = evaluate_vlm(
+                    vlm, features, sub, max_new_tokens=cfg.get("max_new_tokens") or 24, progress=False
+                )
                 print(f"refer acc@IoU>0.5 with the {name} image: {metrics['refer_acc']:.3f}")
     print(f"seconds {time.perf_counter() - started:.0f}")
 

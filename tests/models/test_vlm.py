@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -222,6 +223,21 @@ def test_token_centres_are_the_mean_cell_centre_of_each_merged_token(merge: str,
     torch.testing.assert_close(token_centres(h, w, merge), expected)
 
 
+def test_token_centres_of_padded_tokens_sit_on_their_real_cells() -> None:
+    centres = token_centres(3, 5, "1x4")  # tokens: columns 0-3 and column 4 (+3 padding), rows 0, 1, 2
+    expected = [[2 / 5, y] for y in (0.5 / 3, 1.5 / 3, 2.5 / 3) for _ in range(2)]
+    for i, y in enumerate((0.5 / 3, 1.5 / 3, 2.5 / 3)):
+        expected[2 * i + 1] = [4.5 / 5, y]
+    torch.testing.assert_close(centres, torch.tensor(expected))
+
+
+def test_bad_lora_targets_and_feature_levels_fail_at_build_time_with_one_line() -> None:
+    with pytest.raises(PotpourriError, match="LoRA target 'bogus' is no module"):
+        build_vlm(encoder="test_efficientnet", lm="tiny", pretrained=False, lora_targets=("q_proj", "bogus"))
+    with pytest.raises(PotpourriError, match="feature_index -2"):
+        build_vlm(encoder="test_efficientnet", lm="tiny", pretrained=False, feature_index=-2)
+
+
 def test_position_adds_a_trainable_per_token_offset_and_must_match_on_load(tmp_path, features) -> None:
     torch.manual_seed(0)
     vlm = build_vlm(encoder="test_efficientnet", lm="tiny", pretrained=False, position=True)
@@ -330,7 +346,7 @@ def test_a_run_killed_in_stage_2_resumes_to_the_same_parameters_as_an_uninterrup
     killed.forward = dies_at_the_seventh_step
     with pytest.raises(KeyboardInterrupt):
         both_stages(killed, tmp_path / "killed")
-    assert json.loads((tmp_path / "killed" / "last.json").read_text())["step"] == 2
+    assert json.loads((tmp_path / "killed" / "stage2" / "last.json").read_text())["step"] == 2
     resumed = both_stages(_vlm(), tmp_path / "killed", resume=True)
     assert set(resumed) == set(straight) and any(".lora_" in k for k in resumed)
     for name, value in straight.items():
@@ -378,3 +394,6 @@ def test_cli_train_then_eval_reproduces_the_summary(tmp_path, capsys) -> None:
     assert main([*args, "--resume"]) == 0  # finished: nothing trains again, no row is logged twice
     assert (out / "metrics.csv").read_text() == rows
     assert json.loads((out / "summary.json").read_text())["model"] == json.loads(trained)["model"]
+    shutil.rmtree(out / "state")  # a finished run without resumable state (older runs): refused, not retrained
+    assert main([*args, "--resume"]) == 2 and "nothing to resume" in capsys.readouterr().err
+    assert (out / "metrics.csv").read_text() == rows

@@ -92,18 +92,21 @@ POSITION_FREQUENCIES = 6
 
 
 def token_centres(h: int, w: int, merge: str) -> torch.Tensor:
-    """Centres ``(N, 2)`` as (x, y) in [0, 1] of the tokens ``merge_tokens`` makes from an ``h x w`` map, same order."""
+    """Centres ``(N, 2)`` as (x, y) in [0, 1] of the tokens ``merge_tokens`` makes from an ``h x w`` map, same order;
+    a token that covers padding is centred on its real cells."""
     rows, cols = {"none": (1, 1), "1x4": (1, 4), "2x2": (2, 2)}[merge]
-    n_rows, n_cols = -(-h // rows), -(-w // cols)  # padded grid, as merge_tokens pads
-    ys = (torch.arange(n_rows, dtype=torch.float32) * rows + rows / 2) / h
-    xs = (torch.arange(n_cols, dtype=torch.float32) * cols + cols / 2) / w
-    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.stack([grid_x.flatten(), grid_y.flatten()], dim=1).clamp(0, 1)
+
+    def centres(n: int, k: int) -> torch.Tensor:  # blocks of k cells along a side of n cells, the last one clipped
+        start = torch.arange(0, n, k, dtype=torch.float32)
+        return (start + torch.clamp(start + k, max=n)) / 2 / n
+
+    grid_y, grid_x = torch.meshgrid(centres(h, rows), centres(w, cols), indexing="ij")
+    return torch.stack([grid_x.flatten(), grid_y.flatten()], dim=1)
 
 
 def fourier_features(points: torch.Tensor, frequencies: int = POSITION_FREQUENCIES) -> torch.Tensor:
     """``(N, 2)`` points in [0, 1] -> ``(N, 4 * frequencies)`` sines and cosines at 2^k * pi, k < ``frequencies``."""
-    scales = (2.0 ** torch.arange(frequencies, dtype=torch.float32)) * torch.pi  # (F,)
+    scales = (2.0 ** torch.arange(frequencies, dtype=torch.float32, device=points.device)) * torch.pi  # (F,)
     angles = points[:, :, None] * scales  # (N, 2, F)
     return torch.cat([angles.sin(), angles.cos()], dim=2).flatten(1)  # (N, 4F)
 
@@ -168,10 +171,8 @@ class VisionLanguageModel(nn.Module):
         self.tokenizer = tokenizer
         if getattr(tokenizer, "eos_token_id", None) is None:
             raise PotpourriError("the tokenizer has no end-of-sequence token; pass a Hugging Face causal-LM tokenizer")
-        if self.config.feature_index >= 0 and not hasattr(encoder, "forward_intermediates"):
-            raise PotpourriError(f"encoder {type(encoder).__name__} has no forward_intermediates; use feature_index=-1")
-        plain = self.config.feature_index < 0 and int(getattr(encoder, "num_features", 0))
-        feature_dim = plain or self._probe_channels()
+        feature_dim = self._feature_channels()
+        self._check_lora_targets()
         hidden = self.lm.get_input_embeddings().weight.shape[1]
         token_dim = feature_dim * MERGES[self.config.merge]
         # raw Lite0 tokens project to ~80x the norm of the LM's text embeddings; a LayerNorm brings them to scale
@@ -182,9 +183,32 @@ class VisionLanguageModel(nn.Module):
         self.lora = False
         self.set_stage(1)
 
-    def _probe_channels(self) -> int:
+    def _feature_channels(self) -> int:
+        """Channels of the token map: timm's ``num_features`` / ``feature_info``, else one probe forward."""
+        index, encoder = self.config.feature_index, self.encoder
+        if index < -1:
+            raise PotpourriError(f"feature_index {index}: use -1 (final features) or a level 0, 1, ...")
+        if index >= 0:
+            if not hasattr(encoder, "forward_intermediates"):
+                raise PotpourriError(f"encoder {type(encoder).__name__} has no forward_intermediates; use -1")
+            info = list(getattr(encoder, "feature_info", []))
+            if info and index >= len(info):
+                raise PotpourriError(f"feature_index {index} out of range: this encoder has levels 0-{len(info) - 1}")
+            if info and "num_chs" in info[index]:
+                return int(info[index]["num_chs"])
+        elif int(getattr(encoder, "num_features", 0)):
+            return int(encoder.num_features)
+        size = int((getattr(encoder, "pretrained_cfg", None) or {}).get("input_size", (3, 64, 64))[-1])
         with torch.no_grad():
-            return self.encode_images(torch.zeros(1, 3, 64, 64)).shape[1]
+            return self.encode_images(torch.zeros(1, 3, size, size)).shape[1]
+
+    def _check_lora_targets(self) -> None:
+        """Every LoRA target must name some LM module (checked now, not after stage 1)."""
+        names = [name for name, _ in self.lm.named_modules()]
+        for target in self.config.lora_targets:
+            if not any(name == target or name.endswith("." + target) for name in names):
+                raise PotpourriError(f"LoRA target '{target}' is no module of this LM (e.g. q_proj, k_proj, v_proj, "
+                                     "o_proj, gate_proj, up_proj, down_proj for LLaMA)")  # fmt: skip
 
     def train(self, mode: bool = True) -> VisionLanguageModel:
         super().train(mode)
@@ -247,8 +271,9 @@ class VisionLanguageModel(nn.Module):
         saved.setdefault("vision_norm", False)  # files written before the options existed
         saved.setdefault("position", False)
         saved.setdefault("feature_index", -1)
-        for key in ("merge", "feature_index", "vision_norm", "position", "lora_rank", "lora_alpha"):
-            if key in saved and saved[key] != getattr(self.config, key):
+        for key in ("merge", "feature_index", "vision_norm", "position", "lora_rank", "lora_alpha", "lora_targets"):
+            value = tuple(saved[key]) if key == "lora_targets" and key in saved else saved.get(key)
+            if key in saved and value != getattr(self.config, key):
                 raise PotpourriError(f"'{path}' was trained with {key}={saved[key]}, this model has "
                                      f"{getattr(self.config, key)}; build the model with the same setting")  # fmt: skip
         self.load_trainable_state(state, source=f"'{path}'")
@@ -486,7 +511,7 @@ def vlm_from_config(cfg: dict[str, Any]) -> VisionLanguageModel:
     keys = ("lora_rank", "lora_alpha", "vision_norm", "position", "feature_index")
     options = {k: cfg[k] for k in keys if k in cfg}
     if "lora_targets" in cfg:
-        options["lora_targets"] = tuple(str(cfg["lora_targets"]).split(","))
+        options["lora_targets"] = tuple(t.strip() for t in str(cfg["lora_targets"]).split(",") if t.strip())
     return build_vlm(encoder=cfg["encoder"], lm=cfg["lm"], pretrained=cfg["pretrained"], merge=cfg["merge"], **options)
 
 

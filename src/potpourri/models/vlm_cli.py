@@ -109,6 +109,9 @@ def _check_resumable(cfg: dict[str, Any], out: str | None) -> None:
     folder = Path(out) if out else None
     if folder is None or not (folder / "config.yaml").is_file():
         raise PotpourriError("--resume needs --out DIR, the folder of a `potpourri vlm train` run to continue")
+    if not any((folder / "state").glob("stage*/last.json")) and (folder / "summary.json").is_file():
+        raise PotpourriError(f"nothing to resume in '{folder}': the run finished without resumable checkpoints "
+                             "(runs before --resume existed); start a new --out")  # fmt: skip
     saved = yaml.safe_load((folder / "config.yaml").read_text()) or {}
     changed = [k for k in cfg if k in saved and saved[k] != cfg[k]]
     if changed:
@@ -121,10 +124,12 @@ def _trim_metrics(run, state_dir: Path) -> None:
     """Keep the logged rows up to the checkpoint the run resumes from (the rest is trained again)."""
     import csv
 
-    metrics, last = run.path / "metrics.csv", state_dir / "last.json"
+    from potpourri.models.vlm_train import _saved_stage
+
+    metrics, stage = run.path / "metrics.csv", _saved_stage(state_dir)
     if not metrics.is_file():
         return
-    done = json.loads(last.read_text()) if last.is_file() else {"stage": 0, "step": 0}
+    done = json.loads((state_dir / f"stage{stage}" / "last.json").read_text()) if stage else {"stage": 0, "step": 0}
     with open(metrics, newline="") as fh:
         rows = list(csv.DictReader(fh))
     metrics.unlink()

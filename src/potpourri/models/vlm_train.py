@@ -20,7 +20,6 @@ defect-classifier answers) is ``potpourri.models.vlm_baseline``, scored by the s
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections import Counter, defaultdict
@@ -101,8 +100,8 @@ def train_vlm(
 ) -> list[dict[str, float]]:
     """Train the current stage's parameters on (image features, instruction, answer); returns the logged history.
 
-    ``checkpoint``: a file for the trainable parts; ``state_dir``: a folder for the resumable state (``resume=True``
-    continues from it; a stage already finished there is skipped).
+    ``checkpoint``: a file for the trainable parts; ``state_dir``: a folder for the resumable state, one ``stage<N>/``
+    per stage (``resume=True`` continues from it; a stage already finished there is skipped).
 
     Example:
         history = train_vlm(vlm, encode_samples(vlm, samples), make_instructions(samples), VLMTrainConfig(steps=100))
@@ -125,8 +124,9 @@ def train_vlm(
         return history  # a later stage was already checkpointed: this one is done
     params = [p for p in vlm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    stage_dir = Path(state_dir) / f"stage{cfg.stage}" if state_dir is not None else None
     if saved == cfg.stage:
-        record = load_checkpoint(Path(state_dir), model=_TrainableParts(vlm), optimizer=optimizer)  # type: ignore[arg-type]
+        record = load_checkpoint(stage_dir, model=_TrainableParts(vlm), optimizer=optimizer)  # type: ignore[arg-type]
         first, order = record["step"], list(record["order"])
         generator.set_state(torch.tensor(record["generator"], dtype=torch.uint8))
     running, seen, started = 0.0, 0, time.perf_counter()
@@ -157,24 +157,24 @@ def train_vlm(
         if last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
             if checkpoint is not None:
                 vlm.save_trainable(checkpoint)
-            if state_dir is not None:
+            if stage_dir is not None:
                 state = {
                     "step": step + 1,
                     "stage": cfg.stage,
                     "order": order,
                     "generator": generator.get_state().tolist(),
                 }
-                save_checkpoint(Path(state_dir), model=_TrainableParts(vlm), optimizer=optimizer, ema=None, state=state)  # type: ignore[arg-type]
+                save_checkpoint(stage_dir, model=_TrainableParts(vlm), optimizer=optimizer, ema=None, state=state)  # type: ignore[arg-type]
     vlm.eval()
     return history
 
 
 def _saved_stage(state_dir: str | Path | None) -> int | None:
-    """The stage of the resumable checkpoint in ``state_dir`` (None when there is none)."""
-    last = Path(state_dir) / "last.json" if state_dir is not None else None
-    if last is None or not last.is_file():
+    """The latest stage with a resumable checkpoint in ``state_dir`` (one ``stage<N>/`` folder per stage)."""
+    if state_dir is None:
         return None
-    return int(json.loads(last.read_text())["stage"])
+    stages = [int(last.parent.name[5:]) for last in Path(state_dir).glob("stage*/last.json")]
+    return max(stages, default=None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
