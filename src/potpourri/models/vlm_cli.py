@@ -124,9 +124,9 @@ def _trim_metrics(run, state_dir: Path) -> None:
     """Keep the logged rows up to the checkpoint the run resumes from (the rest is trained again)."""
     import csv
 
-    from potpourri.models.vlm_train import _saved_stage
+    from potpourri.models.vlm_train import saved_stage
 
-    metrics, stage = run.path / "metrics.csv", _saved_stage(state_dir)
+    metrics, stage = run.path / "metrics.csv", saved_stage(state_dir)
     if not metrics.is_file():
         return
     done = json.loads((state_dir / f"stage{stage}" / "last.json").read_text()) if stage else {"stage": 0, "step": 0}

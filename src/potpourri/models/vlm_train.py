@@ -39,7 +39,15 @@ from potpourri.runs import Run
 from potpourri.textgeo import box_iou, box_to_text, dequantize_box, parse_boxes, parse_phrases, quantize_box
 from potpourri.tune.trainer import lr_at
 
-__all__ = ["VLMTrainConfig", "encode_samples", "evaluate_vlm", "score", "train_vlm", "trivial_predictions"]
+__all__ = [
+    "VLMTrainConfig",
+    "encode_samples",
+    "evaluate_vlm",
+    "saved_stage",
+    "score",
+    "train_vlm",
+    "trivial_predictions",
+]
 
 
 @dataclass
@@ -119,7 +127,7 @@ def train_vlm(
     order: list[int] = []
     history: list[dict[str, float]] = []
     first = 0
-    saved = _saved_stage(state_dir) if resume else None
+    saved = saved_stage(state_dir) if resume else None
     if saved is not None and saved > cfg.stage:
         return history  # a later stage was already checkpointed: this one is done
     params = [p for p in vlm.parameters() if p.requires_grad]
@@ -169,7 +177,7 @@ def train_vlm(
     return history
 
 
-def _saved_stage(state_dir: str | Path | None) -> int | None:
+def saved_stage(state_dir: str | Path | None) -> int | None:
     """The latest stage with a resumable checkpoint in ``state_dir`` (one ``stage<N>/`` folder per stage)."""
     if state_dir is None:
         return None
