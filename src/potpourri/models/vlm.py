@@ -45,7 +45,8 @@ __all__ = [
 ]
 
 IMAGE_SLOT = "<ImageHere>"
-MERGES = {"none": 1, "1x4": 4, "2x2": 4}
+MERGE_BLOCKS = {"none": (1, 1), "1x4": (1, 4), "2x2": (2, 2)}  # (rows, cols) of cells per token
+MERGES = {name: rows * cols for name, (rows, cols) in MERGE_BLOCKS.items()}
 IGNORE = -100
 
 
@@ -80,7 +81,7 @@ def merge_tokens(features: torch.Tensor, merge: str) -> torch.Tensor:
     b, c, h, w = features.shape
     if merge == "none":
         return features.flatten(2).transpose(1, 2)  # (B, H*W, C)
-    rows, cols = (1, 4) if merge == "1x4" else (2, 2)
+    rows, cols = MERGE_BLOCKS[merge]
     pad_h, pad_w = (-h) % rows, (-w) % cols
     x = F.pad(features, (0, pad_w, 0, pad_h))  # (B, C, H', W')
     h, w = h + pad_h, w + pad_w
@@ -94,7 +95,7 @@ POSITION_FREQUENCIES = 6
 def token_centres(h: int, w: int, merge: str) -> torch.Tensor:
     """Centres ``(N, 2)`` as (x, y) in [0, 1] of the tokens ``merge_tokens`` makes from an ``h x w`` map, same order;
     a token that covers padding is centred on its real cells."""
-    rows, cols = {"none": (1, 1), "1x4": (1, 4), "2x2": (2, 2)}[merge]
+    rows, cols = MERGE_BLOCKS[merge]
 
     def centres(n: int, k: int) -> torch.Tensor:  # blocks of k cells along a side of n cells, the last one clipped
         start = torch.arange(0, n, k, dtype=torch.float32)
@@ -301,11 +302,6 @@ class VisionLanguageModel(nn.Module):
         index = self.config.feature_index
         if index < 0:
             return _as_feature_map(self.encoder.forward_features(pixels), self.encoder)
-        n_levels = len(getattr(self.encoder, "feature_info", []))
-        if n_levels and index >= n_levels:
-            raise PotpourriError(
-                f"feature_index {index} out of range: this encoder has {n_levels} levels (0-{n_levels - 1})"
-            )
         maps = self.encoder.forward_intermediates(pixels, indices=[index], intermediates_only=True)
         return _as_feature_map(maps[0], self.encoder)
 

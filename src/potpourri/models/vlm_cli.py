@@ -109,7 +109,9 @@ def _check_resumable(cfg: dict[str, Any], out: str | None) -> None:
     folder = Path(out) if out else None
     if folder is None or not (folder / "config.yaml").is_file():
         raise PotpourriError("--resume needs --out DIR, the folder of a `potpourri vlm train` run to continue")
-    if not any((folder / "state").glob("stage*/last.json")) and (folder / "summary.json").is_file():
+    from potpourri.models.vlm_train import saved_stage
+
+    if saved_stage(folder / "state") is None and (folder / "summary.json").is_file():
         raise PotpourriError(f"nothing to resume in '{folder}': the run finished without resumable checkpoints "
                              "(runs before --resume existed); start a new --out")  # fmt: skip
     saved = yaml.safe_load((folder / "config.yaml").read_text()) or {}
