@@ -2,7 +2,7 @@
 
 Both methods see the same 224 px images (bicubic resize, Lite0 normalisation), use blocks 2 and 4, a 3×3 average,
 a 10 % greedy coreset, 9-neighbour image-score reweighting and σ=4 map smoothing; both are scored with
-``potpourri.inspect.metrics``. anomalib's ``PatchcoreModel`` (its torch model) is driven directly: training-mode
+``potpourri.core.metrics``. anomalib's ``PatchcoreModel`` (its torch model) is driven directly: training-mode
 forward passes fill its embedding store, ``subsample_embedding`` runs its k-center greedy coreset, eval-mode
 forward passes give scores and maps. Ours and anomalib alternate order per category; threads are pinned.
 ``ours_zero_pad`` is an ablation: our PatchCore with anomalib's border averaging (``count_include_pad=True``).
@@ -30,8 +30,8 @@ import torch
 from PIL import Image
 
 from potpourri import PotpourriError, create_model
-from potpourri.inspect.cli import ds_synth_category, read_folder
-from potpourri.inspect.metrics import image_auroc, pixel_auroc
+from potpourri.core.metrics import image_auroc, pixel_auroc
+from potpourri.data.folders import ds_synth_category, read_folder
 from potpourri.inspect.patchcore import PatchCore, PatchCoreConfig
 
 CATEGORIES = ("brick", "grass", "gravel", "moon", "tissue")

@@ -21,11 +21,11 @@ import time
 import numpy as np
 import torch
 
+from potpourri.core.metrics import evaluate
+from potpourri.data.folders import ds_synth_category, read_folder, truth_masks
 from potpourri.data.synth import CATEGORIES
-from potpourri.inspect.anomalyclip import AnomalyCLIP, AnomalyCLIPConfig, _batched_features, train_prompts
+from potpourri.inspect.anomalyclip import AnomalyCLIP, AnomalyCLIPConfig, batched_features, train_prompts
 from potpourri.inspect.anomalyclip_standin import StandInTowers
-from potpourri.inspect.cli import _truth_masks, ds_synth_category, read_folder
-from potpourri.inspect.metrics import evaluate
 from potpourri.inspect.patchcore import PatchCore, PatchCoreConfig
 from potpourri.inspect.winclip import WinCLIP, WinCLIPConfig
 
@@ -49,7 +49,7 @@ def main() -> None:
     started = time.perf_counter()
 
     data = {c: read_folder(str(ds_synth_category(c))) for c in CATEGORIES}
-    masks = {c: _truth_masks(d, SIZE)[0] for c, d in data.items()}
+    masks = {c: truth_masks(d, SIZE)[0] for c, d in data.items()}
     labels = {c: np.asarray(d.labels) for c, d in data.items()}
 
     towers = StandInTowers.pretrained(image_size=SIZE, seed=args.seed)
@@ -59,7 +59,7 @@ def main() -> None:
     t0 = time.perf_counter()
     features = {}
     for c, d in data.items():  # the frozen tower is shared: embed every category's test split once
-        features[c] = _batched_features(towers, torch.stack([anomaly.tensor(p) for p in d.test]), 16)
+        features[c] = batched_features(towers, torch.stack([anomaly.tensor(p) for p in d.test]), 16)
     feature_s = time.perf_counter() - t0
 
     results: list[dict] = []

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from potpourri.data.synth import make_task
-from potpourri.inspect.defectgen import DefectGenConfig, DefectGenLite, preview_grid
+from potpourri.segment.defectgen import DefectGenConfig, DefectGenLite, preview_grid
 
 torch.set_num_threads(1)
 overrides = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}

@@ -12,8 +12,8 @@ import timm
 import torch
 
 from potpourri import create_model
+from potpourri.core.registry import count_macs
 from potpourri.deploy.latency import bench_models, markdown_table
-from potpourri.registry import count_macs
 
 
 def main() -> None:

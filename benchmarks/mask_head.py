@@ -1,7 +1,7 @@
 """Mask Frozen-DETR at toy scale: frozen detector + light mask head vs end-to-end Mask R-CNN, same wall clock.
 
 (a) the trained ``yolo_rep_n`` brick detector (a ``potpourri detect train`` run) frozen, only the mask head of
-``potpourri.inspect.frozen_mask_head`` trained for ``--budget`` seconds (including the one-off feature cache);
+``potpourri.detect.mask_head`` trained for ``--budget`` seconds (including the one-off feature cache);
 (b) torchvision's ``MaskRCNN`` class with a small backbone (ImageNet EfficientNet-Lite0 stages, or our EfficientRep
 from scratch) + FPN (64 channels) and slim heads, trained end to end for the same seconds (``--maskrcnn-budgets``).
 Same DS-Synth brick data (one instance per connected defect region), 256 px, 1 thread, COCO mask AP (pycocotools).
@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from potpourri.data.boxes import DetectionSample
-from potpourri.inspect.frozen_mask_head import (
+from potpourri.detect.mask_head import (
     InstanceSample,
     MaskHead,
     MaskHeadConfig,
@@ -33,7 +33,7 @@ from potpourri.inspect.frozen_mask_head import (
     train_mask_head,
     winning_anchors,
 )
-from potpourri.models.yolo_train import coco_map, evaluate_detector, load_detector, to_tensor
+from potpourri.detect.train import coco_map, evaluate_detector, load_detector, to_tensor
 
 
 def _as_boxes(samples: list[InstanceSample]) -> list[DetectionSample]:

@@ -20,10 +20,10 @@ import torch
 import torch.nn as nn
 
 import potpourri
-from potpourri.deploy.latency import interleaved_timings
-from potpourri.registry import count_macs
+from potpourri.core.registry import count_macs
+from potpourri.core.timing import interleaved_timings
+from potpourri.models.blocks import block_map, entry_of
 from potpourri.tune.multitask import MultiTaskModel
-from potpourri.tune.strategies import block_map, entry_of
 
 LATE_BLOCKS = ["blocks.6.0", "blocks.5.3", "blocks.5.2", "blocks.5.1", "blocks.5.0"]
 SWEEP_BLOCKS = ["blocks.1.0", "blocks.3.0", "blocks.4.0", "blocks.5.0", "blocks.6.0", "neck", "head"]

@@ -18,9 +18,9 @@ import time
 import numpy as np
 import torch
 
+from potpourri.core.metrics import iou_per_class
 from potpourri.data.synth import CLASSES, DEFECTS, MULTI, make_samples
-from potpourri.inspect.metrics import iou_per_class
-from potpourri.inspect.oneshot import OneShotConfig, OneShotSegmenter
+from potpourri.segment.oneshot import OneShotConfig, OneShotSegmenter
 
 
 def support_set(category: str, k: int, seed: int, size: int) -> tuple[list[np.ndarray], list[np.ndarray]]:

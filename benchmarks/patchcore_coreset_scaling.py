@@ -18,8 +18,8 @@ import time
 import numpy as np
 import torch
 
+from potpourri.core.metrics import aupro, image_auroc, pixel_auroc
 from potpourri.data.synth import make_samples
-from potpourri.inspect.metrics import aupro, image_auroc, pixel_auroc
 from potpourri.inspect.patchcore import PatchCore, PatchCoreConfig, memory_budget, partitioned_coreset
 
 

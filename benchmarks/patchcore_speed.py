@@ -18,7 +18,7 @@ import torch
 from skimage import data
 
 from potpourri import create_model
-from potpourri.inspect.metrics import image_auroc
+from potpourri.core.metrics import image_auroc
 from potpourri.inspect.patchcore import PatchCore, PatchCoreConfig, greedy_coreset
 
 

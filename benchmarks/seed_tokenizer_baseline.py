@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from seed_tokenizer_data import load
 
+from potpourri.core.registry import create_model
 from potpourri.data.synth import CATEGORIES
-from potpourri.registry import create_model
 
 torch.set_num_threads(1)
 

@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 
 from seed_tokenizer_data import load  # noqa: E402
 
-from potpourri.registry import create_model  # noqa: E402
+from potpourri.core.registry import create_model  # noqa: E402
 
 encoder = create_model("efficientnet_lite0", pretrained=True).eval()
 with torch.no_grad():

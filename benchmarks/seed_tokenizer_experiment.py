@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from seed_tokenizer_data import load
 
+from potpourri.core.registry import create_model
 from potpourri.models.visual_tokenizer import (
     SEEDConfig,
     SEEDTokenizer,
@@ -20,7 +21,6 @@ from potpourri.models.visual_tokenizer import (
     retrieve_nearest,
     train_tokenizer,
 )
-from potpourri.registry import create_model
 
 torch.set_num_threads(1)
 t0 = time.time()

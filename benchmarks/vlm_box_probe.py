@@ -20,10 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import box_iou, generalized_box_iou_loss
 
+from potpourri.core.registry import create_model
 from potpourri.data.instructions import make_instructions
 from potpourri.data.synth import DEFECTS, make_samples
 from potpourri.models.vlm import encoder_transform_stats
-from potpourri.registry import create_model
 
 
 def features(encoder: nn.Module, samples: list, level: str) -> torch.Tensor:

@@ -18,8 +18,7 @@ import torch
 import yaml
 
 from potpourri.models.vlm import vlm_from_config
-from potpourri.models.vlm_cli import _data
-from potpourri.models.vlm_train import encode_samples, evaluate_vlm
+from potpourri.vlm.train import encode_samples, evaluate_vlm, instruction_data
 
 
 def main() -> None:
@@ -30,7 +29,7 @@ def main() -> None:
     vlm = vlm_from_config(cfg)
     vlm.load_trainable(f"{run}/trainable.safetensors")
     vlm.eval()
-    samples, items = _data(cfg, "test", cfg["n_test"], offset_seed=1)
+    samples, items = instruction_data(cfg, "test", cfg["n_test"], offset_seed=1)
     feats = encode_samples(vlm, samples)
     with torch.no_grad():
         text_norm = vlm.lm.get_input_embeddings().weight.norm(dim=1).mean().item()

@@ -22,6 +22,7 @@ from collections import Counter
 import numpy as np
 import torch
 
+from potpourri.core.registry import create_model
 from potpourri.data.synth import CATEGORIES, make_samples
 from potpourri.models.visual_tokenizer import (
     SEEDConfig,
@@ -31,8 +32,7 @@ from potpourri.models.visual_tokenizer import (
     retrieve_nearest,
     train_tokenizer,
 )
-from potpourri.models.vlm_seed import ImageTokenWriter, ImageWriterTrainConfig, train_image_writer
-from potpourri.registry import create_model
+from potpourri.vlm.seed import ImageTokenWriter, ImageWriterTrainConfig, train_image_writer
 
 FREE_PROMPTS = [
     ("a scratched brick", "brick", "scratch"),

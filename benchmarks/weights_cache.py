@@ -13,8 +13,8 @@ import time
 import torch
 
 from potpourri import create_model
+from potpourri.core.weights import resolve_weights
 from potpourri.models.efficientnet import LITE0_CFG
-from potpourri.weights import resolve_weights
 
 
 def main(repeats: int = 5) -> None:

@@ -13,7 +13,7 @@ import statistics
 import torch
 
 from potpourri import create_model, reparameterize
-from potpourri.deploy.latency import interleaved_timings
+from potpourri.core.timing import interleaved_timings
 from potpourri.models import yolo  # noqa: F401  (registers the detectors)
 
 
@@ -38,7 +38,7 @@ def main() -> None:
     torch.manual_seed(0)
     models: dict[str, torch.nn.Module] = {}
     if args.run:
-        from potpourri.models.yolo_train import load_detector
+        from potpourri.detect.train import load_detector
 
         model, meta = load_detector(args.run)
         models[f"{meta['model']} (trained)"] = model

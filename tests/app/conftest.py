@@ -37,10 +37,10 @@ class TinyRun:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
+    from potpourri.core.runs import new_run
     from potpourri.data.instructions import Instruction
     from potpourri.models.vlm import build_vlm
-    from potpourri.models.vlm_train import VLMTrainConfig, encode_samples, train_vlm
-    from potpourri.runs import new_run
+    from potpourri.vlm.train import VLMTrainConfig, encode_samples, train_vlm
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

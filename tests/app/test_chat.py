@@ -11,7 +11,7 @@ import pytest
 
 from potpourri.app.assistant import answer_mask, answer_regions, draw_answer
 from potpourri.cli import main
-from potpourri.imaging import read_rgb
+from potpourri.core.imaging import read_rgb
 from tests.app.conftest import BOX_ANSWER, GRID_BOX, HEIGHT, QUESTION, WIDTH, WORD_ANSWER
 
 RED = (255, 0, 0)  # the first region's colour
@@ -101,8 +101,8 @@ def test_inspect_run_adds_the_patchcore_verdict(tiny_run, patchcore_run, tmp_pat
 
 def test_inspect_segmenter_run_tints_its_defect_classes(tiny_run, tmp_path) -> None:
     from potpourri.app.assistant import Assistant
-    from potpourri.inspect.segment import Segmenter, SegmenterConfig, colour_mask
-    from potpourri.registry import create_model
+    from potpourri.core.registry import create_model
+    from potpourri.segment.segmenter import Segmenter, SegmenterConfig, colour_mask
 
     images = np.full((2, 32, 32, 3), 40, dtype=np.uint8)
     masks = np.zeros((2, 32, 32), dtype=np.int64)

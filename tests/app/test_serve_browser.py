@@ -66,7 +66,7 @@ def test_upload_ask_and_see_the_answer_and_the_drawn_boxes(tiny_run, patchcore_r
 
     from potpourri.app.assistant import Assistant
     from potpourri.app.serve import build_app
-    from potpourri.models.vlm_train import encode_samples
+    from potpourri.vlm.train import encode_samples
 
     torch.set_num_threads(1)
     # the expectation: the trained model's own greedy answer for this image (resized to the run's size) + question

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from potpourri.core.errors import PotpourriError
 from potpourri.data.boxes import (
     boxes_from_mask,
     read_coco,
@@ -17,7 +18,6 @@ from potpourri.data.boxes import (
     synth_detection_samples,
 )
 from potpourri.data.synth import DEFECTS
-from potpourri.errors import PotpourriError
 
 
 def _sorted_rows(boxes: np.ndarray, labels: np.ndarray) -> list[tuple]:

@@ -9,10 +9,10 @@ from itertools import pairwise
 import numpy as np
 import pytest
 
+from potpourri.core.errors import PotpourriError
 from potpourri.data.corruptions import CORRUPTIONS, Corrupted, corrupt
 from potpourri.data.layouts import DSSynth
 from potpourri.data.synth import make_sample
-from potpourri.errors import PotpourriError
 
 IMAGE = make_sample("tissue", "test", "good", 0, size=64).image  # a colourful real-photo crop, (64, 64, 3) uint8
 DETERMINISTIC = {"gaussian_blur", "defocus_blur", "zoom_blur", "brightness", "contrast", "saturate", "pixelate",

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from potpourri import PotpourriError
+from potpourri.core.textgeo import parse_boxes, parse_phrases, quantize_box
 from potpourri.data.instructions import KINDS, TEMPLATES, location_words, make_instructions
 from potpourri.data.synth import CLASSES, make_samples
-from potpourri.textgeo import parse_boxes, parse_phrases, quantize_box
 
 MINIGPT_RE = re.compile(r"\{<\d{1,3}><\d{1,3}><\d{1,3}><\d{1,3}>\}")
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from potpourri.core.errors import PotpourriError
 from potpourri.data.layouts import DefectSpectrum, DSSynth, Folder, ImageFolder, MVTecAD, read_image
 from potpourri.data.synth import CLASSES, make_sample
-from potpourri.errors import PotpourriError
 
 
 def test_defect_spectrum_reads_back_class_index_masks(tiny_synth) -> None:
@@ -163,8 +163,8 @@ def test_ds_synth_dataset_transform_and_labels() -> None:
 
 
 def test_model_transform_uses_the_pretrained_config(tiny_synth) -> None:
+    from potpourri.core.weights import PretrainedCfg
     from potpourri.data.transforms import model_transform
-    from potpourri.weights import PretrainedCfg
 
     cfg = PretrainedCfg(name="toy", input_size=(3, 48, 48), mean=(0.2, 0.4, 0.6), std=(0.5, 0.25, 0.125))
     root, _ = tiny_synth

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from potpourri.core.errors import PotpourriError
 from potpourri.data.synth import (
     CATEGORIES,
     CLASSES,
@@ -20,7 +21,6 @@ from potpourri.data.synth import (
     split_rows,
     write_ds_synth,
 )
-from potpourri.errors import PotpourriError
 
 KINDS = (*CLASSES, MULTI)
 

@@ -11,13 +11,12 @@ import pytest
 import torch
 
 from potpourri import PotpourriError, create_model, list_models
-from potpourri.deploy import latency
+from potpourri.core.registry import REGISTRY
 from potpourri.deploy.export import export_onnx
-from potpourri.deploy.latency import LatencyRow, bench_models, interleaved_timings, markdown_table
-from potpourri.registry import _REGISTRY
+from potpourri.deploy.latency import LatencyRow, bench_models, markdown_table
 
 pytest.importorskip("onnxruntime", reason="the [onnx] extra is part of the dev install")
-IMAGE_MODELS = [n for n in list_models() if _REGISTRY[n].modality == "image"]
+IMAGE_MODELS = [n for n in list_models() if REGISTRY[n].modality == "image"]
 POTPOURRI = str(Path(sys.executable).with_name("potpourri"))
 # ViTs resample their position embedding (bicubic, antialiased: no ONNX op) unless built at the export size
 BUILD_AT_64 = {"vit_tiny_frozenlm": {"img_size": 64}}
@@ -40,9 +39,9 @@ def test_reparameterised_export_matches_the_unfused_model(tmp_path: Path) -> Non
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
     result = export_onnx(model, tmp_path, input_size=(3, 64, 64), reparam=True)
-    from potpourri.deploy.export import _session
+    from potpourri.deploy.export import ort_session
 
-    session = _session(result.onnx_path)
+    session = ort_session(result.onnx_path)
     x = torch.randn(3, 3, 64, 64)  # a batch size other than the traced one
     (onnx_out,) = session.run(None, {"input": x.numpy()})
     with torch.no_grad():
@@ -59,27 +58,6 @@ def test_unexportable_model_fails_in_one_line(tmp_path: Path) -> None:
         export_onnx(DataDependent(), tmp_path, input_size=(3, 8, 8))
     assert "\n" not in str(info.value)
     assert not list(tmp_path.glob("*.onnx*"))  # no half-written graph left behind
-
-
-def test_interleaved_timings_with_a_planted_clock(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = [0.0]
-    calls: list[str] = []
-
-    def fake_clock() -> float:
-        return clock[0]
-
-    def make(name: str, seconds: float):
-        def call() -> None:
-            calls.append(name)
-            clock[0] += seconds
-
-        return call
-
-    monkeypatch.setattr(latency.time, "perf_counter", fake_clock)
-    timings = interleaved_timings({"a": make("a", 0.03), "b": make("b", 0.1)}, warmup=1, rounds=3, min_time_s=0.05)
-    assert timings["a"] == pytest.approx([0.03] * 3) and timings["b"] == pytest.approx([0.1] * 3)
-    # after one warm-up each, rounds alternate: a runs twice (to pass 50 ms), then b once
-    assert calls == ["a", "b"] + ["a", "a", "b"] * 3
 
 
 def test_markdown_table_speedups_are_against_the_reference() -> None:

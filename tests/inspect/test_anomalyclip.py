@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 open_clip = pytest.importorskip("open_clip")
 
-from potpourri.errors import PotpourriError  # noqa: E402
+from potpourri.core.errors import PotpourriError  # noqa: E402
 from potpourri.inspect.anomalyclip import (  # noqa: E402
     AnomalyCLIP,
     AnomalyCLIPConfig,

@@ -9,8 +9,9 @@ import pytest
 from safetensors import safe_open
 from sklearn.metrics import f1_score
 
-from potpourri.errors import PotpourriError
-from potpourri.inspect.base import FORMAT_VERSION, InspectionResult, calibrate_thresholds, load_method
+from potpourri.core.errors import PotpourriError
+from potpourri.core.results import InspectionResult
+from potpourri.inspect.base import FORMAT_VERSION, calibrate_thresholds, load_method
 
 
 def test_calibration_uses_f1_max_threshold() -> None:

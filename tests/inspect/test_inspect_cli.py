@@ -93,7 +93,7 @@ def test_bad_data_specs_are_one_line_errors(tmp_path: Path, capsys) -> None:
 
 
 def test_ds_synth_category_is_generated_once_as_an_mvtec_folder() -> None:
-    from potpourri.inspect.cli import read_folder
+    from potpourri.data.folders import read_folder
 
     data = read_folder("ds-synth:brick")
     assert data.layout == "mvtec" and len(data.train) == 20  # 2 x per_class good training images

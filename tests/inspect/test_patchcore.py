@@ -11,8 +11,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from potpourri.errors import PotpourriError
-from potpourri.inspect.metrics import image_auroc
+from potpourri.core.errors import PotpourriError
+from potpourri.core.metrics import image_auroc
 from potpourri.inspect.patchcore import (
     PatchCore,
     PatchCoreConfig,

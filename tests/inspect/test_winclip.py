@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from potpourri.inspect.anomalyclip import Towers
-from potpourri.inspect.metrics import pixel_auroc
+from potpourri.core.metrics import pixel_auroc
+from potpourri.inspect.towers import Towers
 from potpourri.inspect.winclip import (
     ANOMALOUS_STATES,
     NORMAL_STATES,

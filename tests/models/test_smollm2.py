@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from potpourri import PotpourriError, create_model
+from potpourri.core.weights import cache_root, resolve_weights
 from potpourri.models.smollm2 import SMOLLM2_CFG, load_causal_lm
-from potpourri.weights import cache_root, resolve_weights
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from potpourri.models.vlm import (
     token_centres,
     vlm_from_config,
 )
-from potpourri.models.vlm_train import VLMTrainConfig, evaluate_vlm, score, train_vlm, trivial_predictions
+from potpourri.vlm.train import VLMTrainConfig, evaluate_vlm, score, train_vlm, trivial_predictions
 
 PROMPTS = ["[vqa] is there a crack?", "[refer] where is the scratch?", "describe this surface"]
 ANSWERS = ["yes", "{<12><3><56><100>}", "a brick surface with no defect"]

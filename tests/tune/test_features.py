@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import TensorDataset
 
-from potpourri.errors import PotpourriError
+from potpourri.core.errors import PotpourriError
 from potpourri.tune.features import extract_features
 from potpourri.tune.trainer import fit
 from tests.tune.tune_testkit import colour_data, tiny_model

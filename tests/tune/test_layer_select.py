@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 from torch.utils.data import TensorDataset
 
-from potpourri.errors import PotpourriError
+from potpourri.core.errors import PotpourriError
+from potpourri.models.blocks import block_map
 from potpourri.tune.layer_select import finetuning_profile, greedy_select, proxy_scores, rank_correlation
-from potpourri.tune.strategies import block_map
 from tests.tune.tune_testkit import colour_data, tiny_model
 
 

@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 from torch.utils.data import TensorDataset
 
-from potpourri.errors import PotpourriError
+from potpourri.core.errors import PotpourriError
+from potpourri.models.blocks import block_map, entry_of
 from potpourri.tune.multitask import BlockProgram, MultiTaskModel
-from potpourri.tune.strategies import block_map, entry_of
 from potpourri.tune.trainer import fit
 from tests.tune.tune_testkit import colour_data, tiny_model
 

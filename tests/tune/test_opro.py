@@ -9,17 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from potpourri.errors import PotpourriError
-from potpourri.tune.opro import (
-    LMProposer,
-    Param,
-    RandomProposer,
-    SearchSpace,
-    bucketize,
-    meta_prompt,
-    opro_search,
-    probe_space,
-)
+from potpourri.core.errors import PotpourriError
+from potpourri.papers.opro import probe_space
+from potpourri.tune.opro import LMProposer, Param, RandomProposer, SearchSpace, bucketize, meta_prompt, opro_search
 
 SPACE = SearchSpace([Param("x", 0, 20, integer=True), Param("lr", 1e-4, 1.0, log=True, aliases=("learning rate",))])
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+from potpourri.papers.layer_proxies import agreement, cached_inputs, tune_single_block
 from potpourri.tune.layer_select import proxy_scores, rank_correlation
 from potpourri.tune.multitask import BlockProgram
-from potpourri.tune.proxy_study import agreement, cached_inputs, tune_single_block
 from potpourri.tune.strategies import get_strategy
 from potpourri.tune.trainer import TuneConfig, fit, train
 from tests.tune.test_layer_select import PlantedNet, planted_data
@@ -92,7 +92,7 @@ def test_cached_inputs_are_the_activations_entering_each_block():
 
 @pytest.mark.slow
 def test_quick_layer_proxy_study_writes_a_consistent_summary(tmp_path):
-    from potpourri.tune.proxy_study import run
+    from potpourri.papers.layer_proxies import run
 
     result = run(quick=True, out=str(tmp_path / "run"))
     summary = result.read_summary()

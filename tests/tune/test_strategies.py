@@ -10,8 +10,9 @@ import timm
 import torch
 import torch.nn as nn
 
-from potpourri.errors import PotpourriError
-from potpourri.tune.strategies import STRATEGIES, apply_bn_policy, block_map, get_strategy, recalibrate_bn
+from potpourri.core.errors import PotpourriError
+from potpourri.models.blocks import block_map
+from potpourri.tune.strategies import STRATEGIES, apply_bn_policy, get_strategy, recalibrate_bn
 from potpourri.tune.trainer import TuneConfig, train
 from tests.tune.tune_testkit import TINY_BLOCKS, colour_data, tiny_model
 

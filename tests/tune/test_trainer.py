@@ -16,9 +16,10 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
-from potpourri.errors import PotpourriError
+from potpourri.core.errors import PotpourriError
+from potpourri.core.training import load_checkpoint, lr_at
 from potpourri.tune.strategies import get_strategy
-from potpourri.tune.trainer import TuneConfig, load_checkpoint, lr_at, train
+from potpourri.tune.trainer import TuneConfig, train
 from tests.tune.tune_testkit import colour_data, tiny_model
 
 

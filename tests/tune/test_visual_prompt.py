@@ -9,14 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from potpourri.errors import PotpourriError
+from potpourri.core.errors import PotpourriError
+from potpourri.models.visual_prompt import cooccurrence, frequency_mapping
 from potpourri.tune.strategies import get_strategy
 from potpourri.tune.visual_prompt import (
     PaddingPrompt,
     VPConfig,
     build_visual_prompt,
-    cooccurrence,
-    frequency_mapping,
     semantic_mapping,
     successive_halving,
     train_visual_prompt,

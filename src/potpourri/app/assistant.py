@@ -1,5 +1,5 @@
 """The inspection assistant behind ``potpourri chat`` and ``potpourri serve``: a trained VLM run answers a question
-about an image; boxes and masks written as text in the answer are parsed (``potpourri.textgeo``) and drawn; an
+about an image; boxes and masks written as text in the answer are parsed (``potpourri.core.textgeo``) and drawn; an
 optional inspection run (PatchCore / any ``inspect fit`` method, or the defect segmenter) adds its verdict.
 
 Example:
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from potpourri.errors import PotpourriError
+from potpourri.core.errors import PotpourriError
 
 __all__ = [
     "Assistant",
@@ -94,7 +94,7 @@ class _Inspector:
 
         height, width = image.shape[:2]
         if self.method == "segmenter":
-            from potpourri.inspect.segment import colour_mask
+            from potpourri.segment.segmenter import colour_mask
 
             classes = self.model.predict(image[None])[0]  # (H, W) class ids at the image's own size
             names = self.model.config.class_names
@@ -129,7 +129,7 @@ def load_inspector(run_dir: str | os.PathLike) -> _Inspector:
 
         method = load_method(folder)
         return _Inspector(method, method.name)
-    from potpourri.inspect.segment import CONFIG_FILE, Segmenter
+    from potpourri.segment.segmenter import CONFIG_FILE, Segmenter
 
     if not (folder / CONFIG_FILE).is_file():
         raise PotpourriError(
@@ -146,7 +146,7 @@ def load_inspector(run_dir: str | os.PathLike) -> _Inspector:
 def answer_regions(answer: str, size: tuple[int, int]) -> list[tuple[str, Box]]:
     """Every box in a MiniGPT-v2 answer as ``(phrase, pixel box)`` on an image of ``size`` (width, height);
     boxes before the first ``<p>phrase</p>`` get the phrase ``""``. Never raises."""
-    from potpourri.textgeo import dequantize_box, parse_boxes, parse_phrases
+    from potpourri.core.textgeo import dequantize_box, parse_boxes, parse_phrases
 
     if not isinstance(answer, str):
         return []
@@ -159,7 +159,7 @@ def answer_regions(answer: str, size: tuple[int, int]) -> list[tuple[str, Box]]:
 
 def answer_mask(answer: str, size: tuple[int, int]) -> np.ndarray | None:
     """The union of the masks written as ``<poly>`` / ``<rle>`` text in an answer, ``(H, W)`` bool; None if none."""
-    from potpourri.textgeo import polygon_text_to_mask, rle_text_to_mask
+    from potpourri.core.textgeo import polygon_text_to_mask, rle_text_to_mask
 
     if not isinstance(answer, str) or ("<poly>" not in answer and "<rle>" not in answer):
         return None
@@ -234,7 +234,7 @@ class Assistant:
         """The frozen encoder's feature map ``(1, C, h, w)`` of an RGB image resized to the run's training size."""
         from PIL import Image
 
-        from potpourri.models.vlm_train import encode_samples
+        from potpourri.vlm.train import encode_samples
 
         size = (self.image_size, self.image_size)
         resized = np.asarray(Image.fromarray(image).convert("RGB").resize(size, Image.Resampling.BICUBIC))
@@ -243,7 +243,7 @@ class Assistant:
     def ask(self, image: Any, question: str) -> Reply:
         """Answer ``question`` about ``image`` (path, PIL image or (H, W, 3) uint8 array); draw what the answer
         locates on the image at its own size."""
-        from potpourri.inspect.base import as_rgb
+        from potpourri.core.imaging import as_rgb
 
         question = (question or "").strip()
         if not question:

@@ -9,15 +9,14 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import os
 from typing import Any
 
 import numpy as np
 
-from potpourri.errors import PotpourriError
+from potpourri.core.errors import PotpourriError
 
-__all__ = ["build_app", "register_cli", "require_gradio"]
+__all__ = ["build_app", "require_gradio"]
 
 TITLE = "potpourri inspection assistant"
 
@@ -66,30 +65,3 @@ def build_app(assistant: Any) -> Any:
         ask.click(answer, inputs=[image, question], outputs=outputs)
         question.submit(answer, inputs=[image, question], outputs=outputs)
     return app
-
-
-def _cmd_serve(args: argparse.Namespace) -> int:
-    import torch
-
-    from potpourri.app.assistant import Assistant
-
-    require_gradio()  # fail before the model loads
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    assistant = Assistant(args.run, inspect=args.inspect, max_new_tokens=args.max_new_tokens)
-    app = build_app(assistant)
-    print(f"serving on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
-    app.launch(server_name=args.host, server_port=args.port, quiet=True, show_error=True)
-    return 0
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``potpourri serve``."""
-    serve = subparsers.add_parser("serve", help="the assistant as a web app (Gradio; pip install 'potpourri[app]')")
-    serve.add_argument("--run", required=True, help="a run folder written by `potpourri vlm train`")
-    serve.add_argument("--inspect", default=None, help="also show a PatchCore (`inspect fit`) or segmenter run")
-    serve.add_argument("--port", type=int, default=7860)
-    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
-    serve.add_argument("--max-new-tokens", type=int, default=64)
-    serve.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
-    serve.set_defaults(func=_cmd_serve)

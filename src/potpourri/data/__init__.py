@@ -1,5 +1,7 @@
 """Data in: dataset layouts on disk, the DS-Synth defect benchmark, and the ImageNet-C corruption suite.
 
+Contract: imports core/ only.
+
 Example:
     >>> from potpourri.data import make_task
     >>> task = make_task("classification", categories=("brick",), n_per_class=1, size=64)

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from potpourri.errors import PotpourriError
+from potpourri.core.errors import PotpourriError
 
 __all__ = [
     "DetectionData",
@@ -187,7 +187,7 @@ def parse_yolo_labels(
 
 def read_yolo(root: str | os.PathLike) -> tuple[list[DetectionSample], tuple[str, ...], list[str]]:
     """Samples of a YOLO folder (``images/`` + ``labels/``), its class names and notes."""
-    from potpourri.imaging import IMAGE_SUFFIXES, read_rgb
+    from potpourri.core.imaging import IMAGE_SUFFIXES, read_rgb
 
     root = Path(root)
     if not (root / "images").is_dir() or not (root / "labels").is_dir():
@@ -221,7 +221,7 @@ def read_coco(
     json_path: str | os.PathLike, image_root: str | os.PathLike | None = None
 ) -> tuple[list[DetectionSample], tuple[str, ...], list[str]]:
     """Samples of a COCO ``instances.json`` (images beside it or in ``images/``), class names and notes."""
-    from potpourri.imaging import read_rgb
+    from potpourri.core.imaging import read_rgb
 
     json_path = Path(json_path)
     try:

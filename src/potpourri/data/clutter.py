@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy.ndimage import gaussian_filter
 
-from potpourri.errors import PotpourriError
+from potpourri.core.errors import PotpourriError
 
 __all__ = ["CLUTTER_CLASSES", "SHAPES", "make_clutter", "token_masks"]
 

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from potpourri.errors import PotpourriError
+from potpourri.core.errors import PotpourriError
 
 __all__ = ["CORRUPTIONS", "Corrupted", "corrupt"]
 

@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
+from potpourri.core.errors import PotpourriError
+from potpourri.core.textgeo import box_to_text, mask_to_box, phrase_to_text
 from potpourri.data.synth import CLASSES, DEFECTS, SynthSample
-from potpourri.errors import PotpourriError
-from potpourri.textgeo import box_to_text, mask_to_box, phrase_to_text
 
 __all__ = ["IDENTIFIERS", "KINDS", "TEMPLATES", "Instruction", "location_words", "make_instructions"]
 

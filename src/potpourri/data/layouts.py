@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from potpourri.errors import PotpourriError
-from potpourri.imaging import IMAGE_SUFFIXES
-from potpourri.imaging import read_rgb as read_image
+from potpourri.core.errors import PotpourriError
+from potpourri.core.imaging import IMAGE_SUFFIXES
+from potpourri.core.imaging import read_rgb as read_image
 
 __all__ = ["DSSynth", "DefectSpectrum", "Folder", "ImageFolder", "MVTecAD", "Sample", "read_image", "read_mask"]
 

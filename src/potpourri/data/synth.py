@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from potpourri.errors import PotpourriError
+from potpourri.core.errors import PotpourriError
 
 __all__ = [
     "CATEGORIES",

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2 as T
 
-from potpourri.errors import PotpourriError
-from potpourri.weights import PretrainedCfg
+from potpourri.core.errors import PotpourriError
+from potpourri.core.weights import PretrainedCfg
 
 __all__ = ["eval_transform", "model_transform"]
 
@@ -29,7 +29,7 @@ __all__ = ["eval_transform", "model_transform"]
 def model_transform(model: str | PretrainedCfg, *, size: int | None = None) -> Callable[[np.ndarray], torch.Tensor]:
     """(H, W, 3) uint8 -> (3, S, S) float tensor: resized to the config's input size and normalised by its mean/std."""
     if isinstance(model, str):
-        from potpourri.registry import get_pretrained_cfg
+        from potpourri.core.registry import get_pretrained_cfg
 
         cfg = get_pretrained_cfg(model)
         if cfg is None:

@@ -25,8 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from potpourri.deploy.latency import interleaved_timings
-from potpourri.errors import PotpourriError
+from potpourri.core.errors import PotpourriError
+from potpourri.core.timing import interleaved_timings
 from potpourri.models.efficientmod import ContextModulation
 
 __all__ = [

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from potpourri.core.errors import PotpourriError
+from potpourri.core.io import atomic_write_bytes
+from potpourri.core.weights import PretrainedCfg
 from potpourri.deploy.reparam import reparameterize
-from potpourri.errors import PotpourriError
-from potpourri.weights import PretrainedCfg, atomic_write_bytes
 
 __all__ = ["ExportResult", "export_onnx", "onnx_parity", "require_onnxruntime"]
 
@@ -44,7 +45,7 @@ def require_onnxruntime() -> Any:
     return onnxruntime
 
 
-def _session(path: Path, threads: int | None = None) -> Any:
+def ort_session(path: Path, threads: int | None = None) -> Any:
     ort = require_onnxruntime()
     options = ort.SessionOptions()
     if threads:
@@ -56,7 +57,7 @@ def _session(path: Path, threads: int | None = None) -> Any:
 @torch.no_grad()
 def onnx_parity(model: nn.Module, onnx_path: str | os.PathLike, x: torch.Tensor) -> float:
     """Max absolute difference between the eval-mode model and ONNX Runtime on ``x``."""
-    session = _session(Path(onnx_path))
+    session = ort_session(Path(onnx_path))
     (ort_out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     return float((torch.from_numpy(ort_out) - model.eval()(x)).abs().max())
 

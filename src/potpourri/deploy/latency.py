@@ -7,18 +7,17 @@ is logged before and after so a noisy run can be recognised.
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from potpourri.errors import PotpourriError
+from potpourri.core.errors import PotpourriError
+from potpourri.core.timing import interleaved_timings, quartiles
 
-__all__ = ["LatencyRow", "bench_models", "interleaved_timings", "markdown_table"]
+__all__ = ["LatencyRow", "bench_models", "markdown_table"]
 
 BACKENDS = ("eager", "onnxruntime")
 
@@ -38,37 +37,6 @@ class LatencyRow:
     rounds: int
 
 
-def interleaved_timings(
-    candidates: dict[str, Callable[[], Any]], *, warmup: int = 2, rounds: int = 10, min_time_s: float = 0.05
-) -> dict[str, list[float]]:
-    """Seconds per call of each candidate, one entry per round, with rounds interleaved across candidates.
-
-    Each round repeats a call until ``min_time_s`` has passed, so short calls are not lost in timer noise.
-    """
-    for call in candidates.values():
-        for _ in range(warmup):
-            call()
-    timings: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(rounds):
-        for name, call in candidates.items():
-            calls, start = 0, time.perf_counter()
-            while True:
-                call()
-                calls += 1
-                elapsed = time.perf_counter() - start
-                if elapsed >= min_time_s:
-                    break
-            timings[name].append(elapsed / calls)
-    return timings
-
-
-def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
-    if len(values) < 2:
-        return values[0], values[0], values[0]
-    q1, _, q3 = statistics.quantiles(values, n=4)
-    return q1, statistics.median(values), q3
-
-
 def _eager_call(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
     def call() -> Any:
         with torch.inference_mode():
@@ -78,10 +46,10 @@ def _eager_call(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
 
 
 def _onnx_call(model: torch.nn.Module, x: torch.Tensor, threads: int, folder: str, name: str) -> Callable[[], Any]:
-    from potpourri.deploy.export import _session, export_onnx
+    from potpourri.deploy.export import export_onnx, ort_session
 
     result = export_onnx(model, folder, input_size=tuple(x.shape[1:]), name=name.replace("/", "_"))
-    session = _session(result.onnx_path, threads)
+    session = ort_session(result.onnx_path, threads)
     feed = {session.get_inputs()[0].name: x.numpy()}
     return lambda: session.run(None, feed)
 
@@ -103,8 +71,8 @@ def bench_models(
     Example:
         rows, conditions = bench_models(["efficientmod_xxs", "repconvnet_s"], batches=[1, 8], reparam=True)
     """
+    from potpourri.core.registry import create_model
     from potpourri.deploy.reparam import reparameterize
-    from potpourri.registry import create_model
 
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
@@ -134,7 +102,7 @@ def bench_models(
             timings = interleaved_timings(keyed, rounds=rounds)
             for key, values in timings.items():
                 name, backend = key.split("|")
-                q1, median, q3 = _quartiles(values)
+                q1, median, q3 = quartiles(values)
                 rows.append(
                     LatencyRow(name, backend, batch, threads, median * 1e3, q1 * 1e3, q3 * 1e3, batch / median, rounds)
                 )

@@ -31,16 +31,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from potpourri.errors import PotpourriError
-from potpourri.inspect.base import ImageInput, InspectionMethod, as_rgb
+from potpourri.core.errors import PotpourriError
+from potpourri.core.imaging import ImageInput, as_rgb
+from potpourri.inspect.base import InspectionMethod
+from potpourri.inspect.towers import OBJECT_PROMPTS, PromptLearner, Towers, replace_prefix
 
 __all__ = [
     "METHOD",
     "AnomalyCLIP",
     "AnomalyCLIPConfig",
     "ClipTowers",
-    "PromptLearner",
-    "Towers",
     "dice_loss",
     "dual_path_image_features",
     "focal_loss",
@@ -49,8 +49,6 @@ __all__ = [
     "train_prompts",
     "vv_attention",
 ]
-
-OBJECT_PROMPTS = ("object.", "damaged object.")  # normal, anomalous: AnomalyCLIP's object-agnostic class names
 
 
 # ----------------------------------------------------------------------------------------------- losses
@@ -146,69 +144,6 @@ def dual_path_image_features(
         tokens = visual.ln_post(taps[number][:, 1:]) @ visual.proj  # (B, N, D)
         patch_maps.append(tokens.view(tokens.shape[0], gh, gw, -1))  # (B, h, w, D)
     return global_embedding, patch_maps
-
-
-# ----------------------------------------------------------------------------------------------- prompts
-class PromptLearner(nn.Module):
-    """Object-agnostic prompts: ``n_ctx`` vectors before "object." / "damaged object." and deep text tokens.
-
-    ``deep`` holds ``depth - 1`` sets of ``deep_length`` tokens that replace positions 1..deep_length at the input
-    of text layers 1..depth-1 (layer 0 sees the ``n_ctx`` context vectors instead).
-    """
-
-    def __init__(self, width: int, *, n_ctx: int = 12, depth: int = 9, deep_length: int = 4, seed: int = 0) -> None:
-        super().__init__()
-        if n_ctx < 1 or deep_length > n_ctx or depth < 1:
-            raise PotpourriError(f"bad prompt shape: n_ctx={n_ctx}, deep_length={deep_length}, depth={depth}")
-        g = torch.Generator().manual_seed(seed)
-        self.ctx_normal = nn.Parameter(torch.randn(n_ctx, width, generator=g) * 0.02)  # [V1..VE]
-        self.ctx_anomalous = nn.Parameter(torch.randn(n_ctx, width, generator=g) * 0.02)  # [W1..WE]
-        self.deep = nn.Parameter(torch.randn(depth - 1, deep_length, width, generator=g) * 0.02)
-        self.n_ctx = n_ctx
-
-    def insert(self, token_embeddings: torch.Tensor) -> torch.Tensor:
-        """Put the context vectors at positions 1..n_ctx of the (2, T, W) normal/anomalous template embeddings."""
-        ctx = torch.stack([self.ctx_normal, self.ctx_anomalous])  # (2, n_ctx, W)
-        return torch.cat([token_embeddings[:, :1], ctx, token_embeddings[:, 1 + self.n_ctx :]], dim=1)
-
-    def deep_tokens(self, layer: int) -> torch.Tensor | None:
-        """The (deep_length, W) tokens to write at the input of text layer ``layer`` (0-based), or None."""
-        return self.deep[layer - 1] if 1 <= layer <= self.deep.shape[0] else None
-
-
-def replace_prefix(x: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
-    """(B, T, W) with positions 1..len(tokens) replaced by ``tokens`` (same for every row); no in-place write."""
-    if tokens is None:
-        return x
-    return torch.cat([x[:, :1], tokens.unsqueeze(0).expand(x.shape[0], -1, -1), x[:, 1 + tokens.shape[0] :]], dim=1)
-
-
-# ----------------------------------------------------------------------------------------------- open_clip towers
-class Towers(nn.Module):
-    """The contract both image/text tower pairs meet (open_clip here, Lite0 + MiniLM in the stand-in).
-
-    ``frozen_image_features`` (cacheable, no grad) → ``project_image`` (global (B, D), per-layer (B, h, w, D));
-    ``prompt_text_features`` (2, D) with grad on the prompts; ``encode_texts`` (N, D) frozen;
-    ``window_embeddings`` (B, h', w', D) for WinCLIP; ``trainable`` lists what training may change.
-    """
-
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    @property
-    def trainable(self) -> list[nn.Parameter]:
-        return list(self.prompts.parameters())
-
-    @property
-    def bridge_parameters(self) -> list[nn.Parameter]:
-        """Parameters that align the image tower to the text tower (none for a real CLIP)."""
-        return []
-
-    def named_trainable(self) -> dict[str, nn.Parameter]:
-        """The trainable parameters by their module path (the names saved in ``model.safetensors``)."""
-        ids = {id(p) for p in self.trainable}
-        return {name: p for name, p in self.named_parameters() if id(p) in ids}
 
 
 def _open_clip() -> Any:
@@ -398,7 +333,7 @@ def image_logits(global_embedding: torch.Tensor, text: torch.Tensor, temperature
     return F.normalize(global_embedding, dim=-1) @ F.normalize(text, dim=-1).T / temperature
 
 
-def _batched_features(towers: nn.Module, tensors: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
+def batched_features(towers: nn.Module, tensors: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
     from tqdm.auto import tqdm
 
     parts: list[dict[str, torch.Tensor]] = []
@@ -436,7 +371,7 @@ def train_prompts(
     params = list(params) if params is not None else towers.trainable
     if not params:
         raise PotpourriError("nothing to train: these towers have no trainable parameters")
-    features = features if features is not None else _batched_features(towers, images, batch_size)
+    features = features if features is not None else batched_features(towers, images, batch_size)
     optimizer = torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999))
     generator = torch.Generator().manual_seed(seed)
     size = masks.shape[-1]
@@ -492,7 +427,7 @@ class AnomalyCLIPConfig:
 
 def load_aux_data(specs: Sequence[str], size: int) -> tuple[list[Path], np.ndarray, np.ndarray]:
     """Labelled auxiliary images (test split of each ``--aux-data`` folder) with (N, S, S) masks and (N,) labels."""
-    from potpourri.inspect.cli import _truth_masks, read_folder
+    from potpourri.data.folders import read_folder, truth_masks
 
     paths: list[Path] = []
     masks, labels = [], []
@@ -500,7 +435,7 @@ def load_aux_data(specs: Sequence[str], size: int) -> tuple[list[Path], np.ndarr
         data = read_folder(spec)
         if not data.test:
             raise PotpourriError(f"--aux-data '{spec}' has no labelled test/ images with ground_truth masks")
-        truth, notes = _truth_masks(data, size)
+        truth, notes = truth_masks(data, size)
         if truth is None:
             raise PotpourriError(f"--aux-data '{spec}': {notes[0]}; AnomalyCLIP trains on masks")
         paths += data.test
@@ -654,10 +589,10 @@ def build_towers(config: Any) -> Towers:
 
 def config_from_args(args: Any) -> AnomalyCLIPConfig:
     """The CLI's ``inspect fit --method anomalyclip`` options as a config."""
-    return AnomalyCLIPConfig(**_common_args(args))
+    return AnomalyCLIPConfig(**common_args(args))
 
 
-def _common_args(args: Any) -> dict[str, Any]:
+def common_args(args: Any) -> dict[str, Any]:
     aux = tuple(_expand_aux(getattr(args, "aux_data", None) or ""))
     clip = getattr(args, "clip", None)
     out = {

@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from potpourri.errors import PotpourriError
-from potpourri.inspect.anomalyclip import OBJECT_PROMPTS, PromptLearner, Towers, replace_prefix
+from potpourri.core.errors import PotpourriError
+from potpourri.inspect.towers import OBJECT_PROMPTS, PromptLearner, Towers, replace_prefix
 
 __all__ = ["StandInTowers"]
 
@@ -78,7 +78,7 @@ class StandInTowers(Towers):
     @classmethod
     def pretrained(cls, **kwargs: Any) -> StandInTowers:
         """The stand-in built from the offline pretrained EfficientNet-Lite0 and MiniLM-L6."""
-        from potpourri.registry import create_model
+        from potpourri.core.registry import create_model
 
         return cls(
             create_model("efficientnet_lite0", pretrained=True), create_model("minilm_l6", pretrained=True), **kwargs

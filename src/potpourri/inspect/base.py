@@ -19,20 +19,17 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from PIL import Image
 
-from potpourri.errors import PotpourriError
-from potpourri.imaging import load_rgb
-from potpourri.inspect.metrics import f1_max
-from potpourri.weights import atomic_write_bytes, load_state_dict_file, save_state_dict_atomic
+from potpourri.core.errors import PotpourriError
+from potpourri.core.imaging import ImageInput
+from potpourri.core.io import atomic_write_bytes, load_state_dict_file, save_state_dict_atomic
+from potpourri.core.metrics import f1_max
+from potpourri.core.results import InspectionResult
 
 __all__ = [
     "FORMAT_VERSION",
-    "ImageInput",
     "InspectionMethod",
-    "InspectionResult",
     "Thresholds",
-    "as_rgb",
     "load_method",
 ]
 
@@ -45,29 +42,6 @@ _METHOD_MODULES = {
     "anomalyclip": "potpourri.inspect.anomalyclip",
     "winclip": "potpourri.inspect.winclip",
 }
-
-ImageInput = str | os.PathLike | Image.Image | np.ndarray
-
-
-def as_rgb(image: ImageInput) -> Image.Image:
-    """A path, PIL image or HxW(x3) uint8 array as an RGB PIL image."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim not in (2, 3):
-            raise PotpourriError(f"image array must be HxW or HxWx3 uint8, got {image.dtype} {image.shape}")
-        return Image.fromarray(image).convert("RGB")
-    return load_rgb(image)
-
-
-@dataclass(frozen=True)
-class InspectionResult:
-    """One image's verdict: image score, (H, W) anomaly map, predicted defect mask and label (None: no threshold)."""
-
-    score: float
-    anomaly_map: np.ndarray  # (H, W) float32, at the method's input resolution
-    mask: np.ndarray | None  # (H, W) bool, anomaly_map >= pixel threshold
-    label: bool | None  # True = defect, score >= image threshold
 
 
 @dataclass
@@ -185,7 +159,7 @@ class InspectionMethod(ABC):
         return self.results(scores, maps)
 
     def metadata(self) -> dict[str, Any]:
-        from potpourri import __version__
+        from potpourri.core.version import __version__
 
         return {
             "format": "potpourri.inspect",

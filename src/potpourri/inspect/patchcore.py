@@ -19,8 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from potpourri.errors import PotpourriError
-from potpourri.inspect.base import ImageInput, InspectionMethod, as_rgb
+from potpourri.core.errors import PotpourriError
+from potpourri.core.imaging import ImageInput, as_rgb
+from potpourri.inspect.base import InspectionMethod
 
 __all__ = [
     "METHOD",
@@ -282,7 +283,7 @@ class PatchCore(InspectionMethod):
     @property
     def features(self) -> PatchFeatures:
         if self._features is None:
-            from potpourri.registry import create_model
+            from potpourri.core.registry import create_model
 
             backbone = self._backbone or create_model(self.config.backbone, pretrained=True)
             self._features = PatchFeatures(

@@ -21,15 +21,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from potpourri.errors import PotpourriError
+from potpourri.core.errors import PotpourriError
+from potpourri.core.imaging import ImageInput
 from potpourri.inspect.anomalyclip import (
     AnomalyCLIP,
-    _common_args,
+    common_args,
     image_logits,
     load_aux_data,
     train_prompts,
 )
-from potpourri.inspect.base import ImageInput
 
 __all__ = ["METHOD", "WinCLIP", "WinCLIPConfig", "harmonic_window_map", "prompt_ensemble"]
 
@@ -210,7 +210,7 @@ class WinCLIP(AnomalyCLIP):
 def config_from_args(args: Any) -> WinCLIPConfig:
     """The CLI's ``inspect fit --method winclip`` options as a config."""
     extra = {"object_name": args.object_name} if getattr(args, "object_name", None) else {}
-    return WinCLIPConfig(**_common_args(args), **extra)
+    return WinCLIPConfig(**common_args(args), **extra)
 
 
 METHOD = WinCLIP

@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 
+from potpourri.core.registry import register_model
 from potpourri.models._base import ClassifierMixin
-from potpourri.registry import register_model
 
 __all__ = ["EfficientMod", "EfficientModCfg", "efficientmod_s", "efficientmod_xs", "efficientmod_xxs"]
 

@@ -13,9 +13,10 @@ import timm
 import torch
 import torch.nn as nn
 
-from potpourri.errors import PotpourriError
-from potpourri.registry import register_model
-from potpourri.weights import PretrainedCfg, load_state_dict_file, resolve_weights
+from potpourri.core.errors import PotpourriError
+from potpourri.core.io import load_state_dict_file
+from potpourri.core.registry import register_model
+from potpourri.core.weights import PretrainedCfg, resolve_weights
 
 __all__ = ["efficientnet_lite0", "load_pretrained", "map_lite0_keys"]
 

@@ -24,8 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 
+from potpourri.core.registry import register_model
 from potpourri.models._base import ClassifierMixin
-from potpourri.registry import register_model
 
 __all__ = [
     "FasterViT",

@@ -20,10 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from potpourri.errors import PotpourriError
+from potpourri.core.errors import PotpourriError
+from potpourri.core.registry import register_model
 from potpourri.models._hf import quiet_transformers
 from potpourri.models.efficientnet import LITE0_CFG
-from potpourri.registry import register_model
 
 __all__ = [
     "FrozenLMLayer",
@@ -104,11 +104,11 @@ def load_lm_layer(
     """Take layer ``layer`` of a language model: a registered name (``minilm_l6``, ``smollm2_135m``), a local
     Hugging Face folder or hub id, or a loaded ``transformers`` model. ``random_init`` gives a freshly initialised
     layer of the same shape (the paper's control)."""
-    from potpourri.registry import _REGISTRY, create_model
+    from potpourri.core.registry import REGISTRY, create_model
 
     if isinstance(lm, nn.Module):
         model = lm
-    elif str(lm) in _REGISTRY:
+    elif str(lm) in REGISTRY:
         wrapper = create_model(str(lm), pretrained=not random_init)
         model = wrapper.bert if hasattr(wrapper, "bert") else getattr(wrapper, "lm", None)
         if model is None:
@@ -334,7 +334,7 @@ def efficientnet_lite0_frozenlm(pretrained: bool = False, **kwargs: Any) -> Froz
 
     A departure from the paper (which trains a ViT from scratch): the block is added residually, so a pretrained
     CNN keeps its features at initialisation."""
-    from potpourri.registry import create_model
+    from potpourri.core.registry import create_model
 
     spec = _spec(kwargs)
     cnn = create_model("efficientnet_lite0", pretrained=pretrained, **kwargs)

@@ -12,10 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from potpourri.errors import PotpourriError
+from potpourri.core.errors import PotpourriError
+from potpourri.core.registry import register_model
+from potpourri.core.weights import PretrainedCfg, resolve_weights
 from potpourri.models._hf import quiet_transformers
-from potpourri.registry import register_model
-from potpourri.weights import PretrainedCfg, resolve_weights
 
 __all__ = ["MiniLMEncoder", "minilm_l6"]
 

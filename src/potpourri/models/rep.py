@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from potpourri.core.registry import register_model
 from potpourri.models._base import ClassifierMixin
-from potpourri.registry import register_model
 
 __all__ = ["RepConv", "RepConvNet", "fold_bn", "repconvnet_s"]
 

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from potpourri.errors import PotpourriError
+from potpourri.core.errors import PotpourriError
+from potpourri.core.registry import register_model
+from potpourri.core.weights import PretrainedCfg, resolve_weights
 from potpourri.models._hf import quiet_transformers
-from potpourri.registry import register_model
-from potpourri.weights import PretrainedCfg, resolve_weights
 
 __all__ = ["CausalLM", "load_causal_lm", "smollm2_135m"]
 

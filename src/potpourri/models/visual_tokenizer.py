@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from potpourri.errors import PotpourriError
-from potpourri.weights import load_bundle, save_bundle
+from potpourri.core.errors import PotpourriError
+from potpourri.core.io import load_bundle, save_bundle
 
 __all__ = [
     "CausalQFormer",

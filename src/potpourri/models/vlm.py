@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from potpourri.errors import PotpourriError
-from potpourri.weights import load_state_dict_file, save_state_dict_atomic
+from potpourri.core.errors import PotpourriError
+from potpourri.core.io import load_state_dict_file, save_state_dict_atomic
 
 __all__ = [
     "IMAGE_SLOT",
@@ -125,18 +125,18 @@ def _as_feature_map(output: torch.Tensor, encoder: nn.Module) -> torch.Tensor:
     raise PotpourriError(f"encoder output of shape {tuple(output.shape)} is neither a feature map nor tokens")
 
 
-def _token_ids(tokenizer: Any, text: str) -> list[int]:
+def token_ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _cache_kwarg(lm: nn.Module) -> str:
+def cache_kwarg(lm: nn.Module) -> str:
     """The KV-cache keyword of this transformers version (``cache`` from 5.24, ``past_key_values`` before)."""
     import inspect
 
     return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
 
 
-def _new_cache(lm: nn.Module) -> Any:
+def new_cache(lm: nn.Module) -> Any:
     from transformers import DynamicCache
 
     try:
@@ -338,8 +338,8 @@ class VisionLanguageModel(nn.Module):
             before, slot, after = self.prompt_text(instruction).partition(IMAGE_SLOT)
             if not slot or IMAGE_SLOT in after:
                 raise PotpourriError(f"the prompt needs exactly one {IMAGE_SLOT} slot; got {instruction!r}")
-            ids_before, ids_after = _token_ids(self.tokenizer, before), _token_ids(self.tokenizer, after)
-            ids_answer = [*_token_ids(self.tokenizer, answers[b]), eos] if answers is not None else []
+            ids_before, ids_after = token_ids(self.tokenizer, before), token_ids(self.tokenizer, after)
+            ids_answer = [*token_ids(self.tokenizer, answers[b]), eos] if answers is not None else []
             rows.append((ids_before, ids_after, ids_answer))
         n_img = image.shape[1]
         lengths = [len(a) + n_img + len(c) + len(d) for a, c, d in rows]
@@ -396,7 +396,7 @@ class VisionLanguageModel(nn.Module):
         position_ids = (mask.cumsum(1) - 1).clamp(min=0)
         eos = self.tokenizer.eos_token_id
         embed = self.lm.get_input_embeddings()
-        cache = {_cache_kwarg(self.lm): _new_cache(self.lm)}  # filled in place by every forward below
+        cache = {cache_kwarg(self.lm): new_cache(self.lm)}  # filled in place by every forward below
         out = self.lm(
             inputs_embeds=batch.embeds, attention_mask=mask, position_ids=position_ids, use_cache=True, **cache
         )
@@ -479,7 +479,7 @@ def build_vlm(
         build_vlm(pretrained=True)                                    # EfficientNet-Lite0 + SmolLM2-135M
         build_vlm(encoder="test_efficientnet", lm="tiny", pretrained=False)   # seconds, for smoke tests
     """
-    from potpourri.registry import create_model
+    from potpourri.core.registry import create_model
 
     if isinstance(encoder, str):
         encoder = create_model(encoder, pretrained=pretrained)

@@ -15,7 +15,7 @@ Design (after ``meituan/YOLOv6`` v3: ``efficientrep.py``, ``reppan.py``, ``effid
 train and eval alike, so ONNX export and re-parameterisation parity compare the same thing. ``decode`` turns it into
 boxes and scores, ``postprocess`` adds torchvision NMS. Inputs are normalised RGB (``(x/255 − 0.5)/0.5``); their
 sides must be multiples of 32. ``reparameterize()`` folds every ``RepConv`` (and every conv-BN) into one conv.
-Losses, assigner and the training loop: ``potpourri.models.yolo_train``.
+Losses, assigner and the training loop: ``potpourri.detect.train``.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from potpourri.errors import PotpourriError
+from potpourri.core.errors import PotpourriError
+from potpourri.core.registry import register_model
 from potpourri.models.rep import RepConv, fold_bn
-from potpourri.registry import register_model
 
 __all__ = [
     "ConvBNAct",
@@ -148,7 +148,7 @@ class Lite0Backbone(nn.Module):
 
     def __init__(self, pretrained: bool = False, weights: str | None = None):
         super().__init__()
-        from potpourri.registry import create_model
+        from potpourri.core.registry import create_model
 
         net = create_model("efficientnet_lite0", pretrained=pretrained, weights=weights)
         self.conv_stem, self.bn1, self.blocks = net.conv_stem, net.bn1, net.blocks

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from potpourri.weights import atomic_write_bytes
+from potpourri.core.io import atomic_write_bytes
 
 __all__ = ["Report"]
 

@@ -25,9 +25,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from potpourri.errors import PotpourriError
-from potpourri.tune.strategies import block_map, check_blocks, entry_of, get_strategy
-from potpourri.tune.trainer import TuneConfig, epoch_batches, evaluate, iter_batches, labels_of, train
+from potpourri.core.errors import PotpourriError
+from potpourri.core.training import epoch_batches, iter_batches
+from potpourri.models.blocks import block_map, check_blocks, entry_of
+from potpourri.tune.strategies import get_strategy
+from potpourri.tune.trainer import TuneConfig, evaluate, labels_of, train
 
 __all__ = [
     "PROXIES",

@@ -22,8 +22,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from potpourri.errors import PotpourriError
-from potpourri.tune.strategies import block_map, check_blocks, entry_of
+from potpourri.core.errors import PotpourriError
+from potpourri.models.blocks import block_map, check_blocks, entry_of
 
 __all__ = ["BlockProgram", "MultiTaskModel", "load_task_model"]
 
@@ -261,7 +261,7 @@ def load_task_model(backbone: nn.Module, run: str | Path) -> tuple[nn.Module, li
     """A fine-tuned copy of ``backbone`` and its tuned entries, from a ``potpourri tune`` run folder."""
     import yaml
 
-    from potpourri.weights import load_state_dict_file
+    from potpourri.core.io import load_state_dict_file
 
     folder = Path(run)
     config_path, weights_path = folder / "config.yaml", folder / "model.safetensors"

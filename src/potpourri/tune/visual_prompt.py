@@ -26,235 +26,50 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
-from potpourri.errors import PotpourriError
+from potpourri.core.errors import PotpourriError
+from potpourri.models.visual_prompt import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MAPPINGS,
+    FullyMap,
+    IndexMap,
+    PaddingPrompt,
+    VisualPromptModel,
+    imagenet_class_names,
+    semantic_mapping,
+)
 
 __all__ = [
-    "MAPPINGS",
-    "AutoVPConfig",
-    "FullyMap",
     "HalvingResult",
-    "IndexMap",
-    "PaddingPrompt",
     "VPConfig",
-    "VisualPromptModel",
     "accuracy",
     "autovp_search",
     "build_visual_prompt",
-    "cooccurrence",
-    "frequency_mapping",
-    "imagenet_class_names",
-    "reproduce_autovp",
     "search_space",
-    "semantic_mapping",
     "successive_halving",
     "train_visual_prompt",
 ]
-
-MAPPINGS = ("freq", "iter", "semantic", "fully")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # input transform: trainable resize + padding prompt
 
 
-class PaddingPrompt(nn.Module):
-    """Resize to ``canvas - 2*width``, pad to ``canvas``, zoom by ``scale``, add ``sigmoid(delta)`` on the border."""
-
-    def __init__(
-        self,
-        canvas: int,
-        width: int,
-        *,
-        scale: float = 1.0,
-        learn_scale: bool = True,
-        prompt: bool = True,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-    ) -> None:
-        super().__init__()
-        if not 0 <= 2 * width < canvas:
-            raise PotpourriError(
-                f"prompt width {width} leaves no image in a {canvas}px canvas; use width < {canvas // 2}"
-            )
-        self.canvas_size, self.width, self.use_prompt = canvas, width, prompt
-        self.image_size = canvas - 2 * width
-        self.delta = nn.Parameter(torch.zeros(3, canvas, canvas))  # sigmoid(0) = 0.5: a grey border at the start
-        if learn_scale:
-            self.scale = nn.Parameter(torch.tensor(float(scale)))
-        else:
-            self.register_buffer("scale", torch.tensor(float(scale)))
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
-
-    def visible_side(self) -> int:
-        """Side in pixels of the zoomed image inside the canvas (the prompt covers everything outside it)."""
-        return min(self.canvas_size, max(1, round(self.image_size * float(self.scale.detach()))))
-
-    def mask(self) -> torch.Tensor:
-        """(1, C, C) 1 on the border the prompt may change, 0 on the image."""
-        mask = torch.ones(1, self.canvas_size, self.canvas_size, device=self.delta.device)
-        side = self.visible_side()
-        lo = (self.canvas_size - side) // 2
-        mask[:, lo : lo + side, lo : lo + side] = 0
-        return mask
-
-    def place(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, h, w) in [0, 1] -> (B, 3, C, C): resized, centred on black, zoomed by ``scale``."""
-        x = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        lo = self.width
-        x = F.pad(x, (lo, self.canvas_size - self.image_size - lo, lo, self.canvas_size - self.image_size - lo))
-        theta = torch.zeros(x.shape[0], 2, 3, device=x.device, dtype=x.dtype)
-        theta[:, 0, 0] = theta[:, 1, 1] = 1.0 / self.scale  # output (u, v) samples input (u/s, v/s): a zoom by s
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, C, C, 2)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-    def canvas(self, images: torch.Tensor) -> torch.Tensor:
-        """The prompted canvas in pixel space, before normalisation (B, 3, C, C)."""
-        x = self.place(images)
-        if self.use_prompt:
-            x = x + torch.sigmoid(self.delta) * self.mask()
-        return x
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, h, w) -> (B, 3, C, C), normalised
-        return (self.canvas(images) - self.mean) / self.std
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # output label mappings
 
 
-class IndexMap(nn.Module):
-    """Target logit k = mean of the source logits ``index[k]`` (FreqMap, IterMap, SemanticMap); no parameters."""
-
-    def __init__(self, num_source: int, num_target: int, num_map: int = 1) -> None:
-        super().__init__()
-        if num_target * num_map > num_source:
-            raise PotpourriError(f"{num_target} classes × num_map {num_map} exceed the {num_source} source classes")
-        self.num_source = num_source
-        self.register_buffer("index", torch.arange(num_target * num_map).view(num_target, num_map))  # (K, m)
-
-    def set_index(self, index: torch.Tensor) -> None:
-        self.index.copy_(torch.as_tensor(index, dtype=torch.long).view_as(self.index))
-
-    def forward(self, logits: torch.Tensor) -> torch.Tensor:  # (B, S) -> (B, K)
-        return logits[:, self.index].mean(-1)  # (B, K, m) -> (B, K)
-
-
-class FullyMap(nn.Module):
-    """FullyMap: a linear layer from the source logits to the task's classes."""
-
-    def __init__(self, num_source: int, num_target: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(num_source, num_target)
-
-    def forward(self, logits: torch.Tensor) -> torch.Tensor:  # (B, S) -> (B, K)
-        return self.fc(logits)
-
-
-def cooccurrence(source_pred: torch.Tensor, labels: torch.Tensor, num_source: int, num_target: int) -> torch.Tensor:
-    """(S, K) counts of (source argmax, target label) pairs."""
-    flat = source_pred.long() * num_target + labels.long()
-    return torch.bincount(flat, minlength=num_source * num_target).view(num_source, num_target)
-
-
-def frequency_mapping(counts: torch.Tensor, num_map: int = 1) -> torch.Tensor:
-    """(K, num_map) source indices: greedy over cells by count, each source used once (AutoVP's FreqMap).
-
-    Targets left short (too few non-zero cells) take the lowest unused source indices, as AutoVP does.
-    """
-    num_source, num_target = counts.shape
-    chosen: list[list[int]] = [[] for _ in range(num_target)]
-    used = torch.zeros(num_source, dtype=torch.bool)
-    flat = counts.flatten().double()
-    order = torch.argsort(-flat, stable=True)  # ties: lower source index first
-    for cell in order.tolist():
-        if flat[cell] <= 0 or all(len(c) == num_map for c in chosen):
-            break
-        source, target = divmod(cell, num_target)
-        if len(chosen[target]) < num_map and not used[source]:
-            chosen[target].append(source)
-            used[source] = True
-    free = iter(torch.nonzero(~used).flatten().tolist())
-    for target in range(num_target):
-        while len(chosen[target]) < num_map:
-            chosen[target].append(next(free))
-    return torch.tensor(chosen, dtype=torch.long)
-
-
-def semantic_mapping(source_emb: torch.Tensor, target_emb: torch.Tensor, num_map: int = 1) -> torch.Tensor:
-    """(K, num_map): round robin over targets, each takes its most cosine-similar unused source class."""
-    sim = F.normalize(target_emb.float(), dim=-1) @ F.normalize(source_emb.float(), dim=-1).T  # (K, S)
-    order = torch.argsort(-sim, dim=1, stable=True)
-    used = torch.zeros(source_emb.shape[0], dtype=torch.bool)
-    chosen: list[list[int]] = [[] for _ in range(target_emb.shape[0])]
-    for _ in range(num_map):
-        for target in range(target_emb.shape[0]):
-            source = next(s for s in order[target].tolist() if not used[s])
-            chosen[target].append(source)
-            used[source] = True
-    return torch.tensor(chosen, dtype=torch.long)
-
-
-def imagenet_class_names() -> list[str]:
-    """The 1000 ImageNet-1k class descriptions in logit order ("tench, Tinca tinca", …), shipped with timm."""
-    from timm.data import ImageNetInfo
-
-    info = ImageNetInfo()
-    return [info.index_to_description(i) for i in range(info.num_classes())]
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # the model
-
-
-class VisualPromptModel(nn.Module):
-    """prompt (input transform) -> frozen source classifier -> label mapping."""
-
-    def __init__(self, prompt: PaddingPrompt, source: nn.Module, mapping: nn.Module) -> None:
-        super().__init__()
-        self.prompt, self.source, self.mapping = prompt, source, mapping
-        self.source.requires_grad_(False)
-        self.source.keep_frozen = True  # strategies never train it (see strategies.frozen_by_design)
-
-    def block_map(self) -> dict[str, list[str]]:
-        """The block map the ``visual-prompt`` strategy trains: prompt and mapping, never the source."""
-        return {"prompt": ["prompt"], "source": ["source"], "mapping": ["mapping"]}
-
-    def source_logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.source(self.prompt(images))  # (B, 3, h, w) -> (B, S)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, h, w) -> (B, K)
-        return self.mapping(self.source_logits(images))
-
-    @torch.no_grad()
-    def remap_frequency(self, data: TensorDataset, *, batch_size: int = 64) -> torch.Tensor:
-        """FreqMap with the current prompt: set the mapping from the source argmax / label counts on ``data``."""
-        if not isinstance(self.mapping, IndexMap):
-            raise PotpourriError("frequency mapping needs an IndexMap; this model uses a FullyMap")
-        was_training = self.training
-        self.eval()
-        images, labels = data.tensors[0], data.tensors[1]
-        preds = torch.cat(
-            [self.source_logits(images[i : i + batch_size]).argmax(1) for i in range(0, len(data), batch_size)]
-        )
-        self.train(was_training)
-        index = frequency_mapping(
-            cooccurrence(preds, labels, self.mapping.num_source, len(self.mapping.index)), self.mapping.index.shape[1]
-        )
-        self.mapping.set_index(index)
-        return index
 
 
 @dataclass
@@ -369,8 +184,8 @@ def _train_until(
     trial: _Trial, train: TensorDataset, val: TensorDataset | None, epochs: int, *, batch_size: int, seed: int
 ) -> float | None:
     """Train ``trial`` on from its last epoch up to ``epochs``; returns the validation accuracy (None: no val)."""
+    from potpourri.core.training import epoch_batches
     from potpourri.tune.strategies import apply_bn_policy
-    from potpourri.tune.trainer import epoch_batches
 
     model = trial.model
     images, labels = train.tensors[0], train.tensors[1]
@@ -513,237 +328,3 @@ def autovp_search(
 
 # ----------------------------------------------------------------------------------------------------------------
 # reproduce autovp
-
-
-@dataclass
-class AutoVPConfig:
-    """``potpourri reproduce autovp``: DS-Synth defect types, AutoVP search vs linear probing at the same canvas."""
-
-    categories: tuple[str, ...] = ("brick",)
-    n_per_class: int = 40  # 30 train + 10 val per class; at 12 the 21-image validation set makes halving noise
-    image_size: int = 64  # DS-Synth render size; the source sees a ``canvas`` px input either way
-    canvas: int = 96
-    val_fraction: float = 0.25
-    mappings: tuple[str, ...] = MAPPINGS
-    scales: tuple[float, ...] = (0.75, 1.0, 1.25)
-    widths: tuple[int, ...] = (8, 16)
-    min_epochs: int = 1
-    eta: int = 3
-    lr: float = 0.1  # at 1e-2 every prompt arm underfits (train acc <= 0.43 after 9 epochs)
-    batch_size: int = 16
-    probe_lrs: tuple[float, ...] = (1e-3, 1e-2)
-    probe_epochs: int = 30
-    seed: int = 0
-
-
-def _pixels(images: np.ndarray, labels: np.ndarray) -> TensorDataset:
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0  # (N, 3, H, W) in [0, 1]
-    return TensorDataset(x, torch.from_numpy(labels))
-
-
-def _probe(source: nn.Module, train: TensorDataset, val: TensorDataset, test: TensorDataset, cfg: AutoVPConfig):
-    """Linear probe on the source's pooled features, image resized to the full canvas; lr picked on val."""
-    from collections import OrderedDict
-
-    from potpourri.tune.features import extract_features
-    from potpourri.tune.strategies import get_strategy
-    from potpourri.tune.trainer import TuneConfig, evaluate
-    from potpourri.tune.trainer import train as train_loop
-
-    def normalised(data: TensorDataset) -> TensorDataset:
-        x = F.interpolate(data.tensors[0], size=(cfg.canvas, cfg.canvas), mode="bilinear", align_corners=False)
-        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in source_normalisation(source))
-        return TensorDataset((x - mean) / std, data.tensors[1])
-
-    head = source.get_classifier()
-    feats = {
-        k: extract_features(source, normalised(d), head) for k, d in (("train", train), ("val", val), ("test", test))
-    }
-    num_classes = int(train.tensors[1].max()) + 1
-    best = None
-    for lr in cfg.probe_lrs:
-        torch.manual_seed(cfg.seed)
-        probe = nn.Sequential(OrderedDict(head=nn.Linear(feats["train"].tensors[0].shape[1], num_classes)))
-        plan = get_strategy("linear").prepare(probe, lr=lr)
-        tcfg = TuneConfig(epochs=cfg.probe_epochs, batch_size=cfg.batch_size, lr=lr, seed=cfg.seed, progress=False)
-        result = train_loop(probe, feats["train"], feats["val"], plan, tcfg)
-        if best is None or result.val_acc > best[1]:
-            best = (lr, result.val_acc, evaluate(probe, feats["test"])["acc"], evaluate(probe, feats["train"])["acc"])
-    return {
-        "lr": best[0],
-        "val_acc": best[1],
-        "test_acc": best[2],
-        "train_acc": best[3],
-        "trainable_params": (head.in_features + 1) * num_classes,
-    }
-
-
-def reproduce_autovp(cfg: AutoVPConfig | None = None, *, out: str | None = None):
-    """Search (mapping, scale, width) by successive halving; compare with a zero prompt and a linear probe."""
-    from potpourri.data.synth import make_task
-    from potpourri.registry import create_model
-    from potpourri.runs import new_run, seed_everything
-    from potpourri.tune.reproduce import _split
-
-    cfg = cfg or AutoVPConfig()
-    started = time.perf_counter()
-    run = new_run("reproduce-autovp", out, config=asdict(cfg), seed=cfg.seed)
-    seed_everything(cfg.seed)
-    task = make_task(
-        "classification", categories=cfg.categories, n_per_class=cfg.n_per_class, seed=cfg.seed, size=cfg.image_size
-    )
-    train_idx, val_idx = _split(task.train_labels, cfg.val_fraction, seed=cfg.seed)
-    train = _pixels(task.train_images[train_idx], task.train_labels[train_idx])
-    val = _pixels(task.train_images[val_idx], task.train_labels[val_idx])
-    test = _pixels(task.test_images, task.test_labels)
-    k = len(task.class_names)
-    source = create_model("efficientnet_lite0", pretrained=True).eval()
-    before = {n: p.detach().clone() for n, p in source.state_dict().items()}
-    text_encoder = None
-    if "semantic" in cfg.mappings:
-        minilm = create_model("minilm_l6", pretrained=True).eval()
-        text_encoder = minilm.encode
-
-    configs = search_space(cfg.mappings, cfg.scales, cfg.widths)
-    result, trials = autovp_search(
-        source,
-        train,
-        val,
-        configs,
-        num_classes=k,
-        class_names=task.class_names,
-        text_encoder=text_encoder,
-        canvas=cfg.canvas,
-        min_epochs=cfg.min_epochs,
-        eta=cfg.eta,
-        lr=cfg.lr,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-    )
-    for r, rung in enumerate(result.rungs):
-        for i, s in rung["scores"].items():
-            run.log_metrics(
-                {
-                    "rung": r,
-                    "epochs": rung["budget"],
-                    "config": configs[i].label(),
-                    "val_acc": s,
-                    "kept": i in rung["kept"],
-                    "train_loss": trials[i].history[rung["budget"] - 1]["train_loss"],
-                    "scale_at_end": float(trials[i].model.prompt.scale.detach()),
-                }
-            )
-    winner = trials[result.best]
-    rows = [
-        {
-            "method": f"AutoVP search winner ({configs[result.best].label()})",
-            "epochs": winner.epochs_done,
-            "train_acc": accuracy(winner.model, train),
-            "val_acc": result.best_score,
-            "test_acc": accuracy(winner.model, test),
-            "trainable_params": sum(p.numel() for p in winner.model.parameters() if p.requires_grad),
-        }
-    ]
-    per_mapping = {}
-    for i, c in enumerate(configs):  # each mapping's best configuration at the last rung it reached
-        r = max(j for j, rung in enumerate(result.rungs) if i in rung["scores"])
-        key = (r, result.rungs[r]["scores"][i])
-        if c.mapping not in per_mapping or key > per_mapping[c.mapping][0]:
-            per_mapping[c.mapping] = (key, i)
-    for mapping, ((r, val_acc), i) in per_mapping.items():
-        if i == result.best:
-            continue
-        rows.append(
-            {
-                "method": f"best {mapping} ({configs[i].label()}), stopped at rung {r}",
-                "epochs": trials[i].epochs_done,
-                "train_acc": accuracy(trials[i].model, train),
-                "val_acc": val_acc,
-                "test_acc": accuracy(trials[i].model, test),
-                "trainable_params": sum(p.numel() for p in trials[i].model.parameters() if p.requires_grad),
-            }
-        )
-    best_cfg = configs[result.best]
-    zero = build_visual_prompt(
-        source,
-        k,
-        VPConfig("freq", scale=best_cfg.scale, width=best_cfg.width),
-        canvas=cfg.canvas,
-        train_data=train,
-        prompt=False,
-    )
-    rows.append(
-        {
-            "method": "no prompt + FreqMap (no training)",
-            "epochs": 0,
-            "train_acc": accuracy(zero, train),
-            "val_acc": accuracy(zero, val),
-            "test_acc": accuracy(zero, test),
-            "trainable_params": 0,
-        }
-    )
-    probe = _probe(source, train, val, test, cfg)
-    rows.append(
-        {
-            "method": f"linear probe, {cfg.canvas}px input (lr {probe['lr']:g})",
-            "epochs": cfg.probe_epochs,
-            "train_acc": probe["train_acc"],
-            "val_acc": probe["val_acc"],
-            "test_acc": probe["test_acc"],
-            "trainable_params": probe["trainable_params"],
-        }
-    )
-    identical = all(torch.equal(before[n], p) for n, p in source.state_dict().items())
-    seconds = time.perf_counter() - started
-    lines = [
-        f"AutoVP on DS-Synth defect types ({', '.join(cfg.categories)}; {k} classes; {len(train)} train / "
-        f"{len(val)} val / {len(test)} test images), frozen ImageNet EfficientNet-Lite0, {cfg.canvas}px canvas; "
-        f"successive halving over {len(configs)} configs (eta {cfg.eta}, epochs {[r['budget'] for r in result.rungs]}, "
-        f"survivors {[len(r['scores']) for r in result.rungs]}).",
-        "",
-        "| method | epochs | train acc | val acc | test acc | trainable params |",
-        "|---|---|---|---|---|---|",
-        *(
-            f"| {r['method']} | {r['epochs']} | {r['train_acc']:.3f} | {r['val_acc']:.3f} | {r['test_acc']:.3f} | "
-            f"{r['trainable_params']:,} |"
-            for r in rows
-        ),
-        "",
-        f"Source model bit-identical after the search: {identical}. Runtime {seconds:.0f} s.",
-    ]
-    (run.path / "results.md").write_text("\n".join(lines) + "\n")
-    run.write_summary(
-        {
-            "rows": rows,
-            "best": asdict(best_cfg),
-            "rungs": [
-                {
-                    "budget": r["budget"],
-                    "scores": {configs[i].label(): s for i, s in r["scores"].items()},
-                    "kept": [configs[i].label() for i in r["kept"]],
-                }
-                for r in result.rungs
-            ],
-            "source_bit_identical": identical,
-            "seconds": seconds,
-        }
-    )
-    return run
-
-
-def run(quick: bool, out: str | None):
-    """``potpourri reproduce autovp`` (or its seconds-long smoke run)."""
-    cfg = AutoVPConfig()
-    if quick:
-        cfg = AutoVPConfig(
-            n_per_class=2,
-            image_size=32,
-            canvas=48,
-            val_fraction=0.5,
-            mappings=("freq", "fully"),
-            scales=(1.0,),
-            widths=(8,),
-            probe_lrs=(1e-2,),
-            probe_epochs=2,
-        )
-    return reproduce_autovp(cfg, out=out)

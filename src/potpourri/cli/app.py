@@ -1,0 +1,76 @@
+"""``potpourri chat`` (terminal) and ``potpourri serve`` (Gradio web app) around a trained VLM run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from potpourri.app.chat import ChatSession, repl
+from potpourri.app.serve import build_app, require_gradio
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    import torch
+
+    from potpourri.app.assistant import Assistant
+    from potpourri.core.imaging import read_rgb
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    read_rgb(args.image)  # a missing or corrupt image fails before the model loads
+    assistant = Assistant(args.run, inspect=args.inspect, max_new_tokens=args.max_new_tokens)
+    session = ChatSession(assistant, args.image, args.out)
+    if args.question is not None:
+        session.turn(args.question)
+    else:
+        repl(session, sys.stdin, sys.stdout)
+    print(f"transcript: {session.run.path / 'transcript.jsonl'}")
+    return 0
+
+
+def _register_chat(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``potpourri chat``."""
+    chat = subparsers.add_parser("chat", help="ask a trained VLM about an image (terminal; boxes drawn and saved)")
+    chat.add_argument("image", help="the image to ask about")
+    chat.add_argument("--run", required=True, help="a run folder written by `potpourri vlm train`")
+    chat.add_argument("--question", "-q", default=None, help="answer this one question and exit (default: a REPL)")
+    chat.add_argument(
+        "--inspect", default=None, help="also show a PatchCore (`inspect fit`) or segmenter run's verdict"
+    )
+    chat.add_argument("--max-new-tokens", type=int, default=64)
+    chat.add_argument("--out", default=None, help="output folder (default RUN/chat/v<N>)")
+    chat.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    chat.set_defaults(func=_cmd_chat)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from potpourri.app.assistant import Assistant
+
+    require_gradio()  # fail before the model loads
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    assistant = Assistant(args.run, inspect=args.inspect, max_new_tokens=args.max_new_tokens)
+    app = build_app(assistant)
+    print(f"serving on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
+    app.launch(server_name=args.host, server_port=args.port, quiet=True, show_error=True)
+    return 0
+
+
+def _register_serve(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``potpourri serve``."""
+    serve = subparsers.add_parser("serve", help="the assistant as a web app (Gradio; pip install 'potpourri[app]')")
+    serve.add_argument("--run", required=True, help="a run folder written by `potpourri vlm train`")
+    serve.add_argument("--inspect", default=None, help="also show a PatchCore (`inspect fit`) or segmenter run")
+    serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--max-new-tokens", type=int, default=64)
+    serve.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    serve.set_defaults(func=_cmd_serve)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``potpourri chat`` and ``potpourri serve``."""
+    _register_chat(subparsers)
+    _register_serve(subparsers)

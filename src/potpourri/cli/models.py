@@ -1,0 +1,88 @@
+"""``potpourri list`` / ``info`` / ``fetch`` / ``predict``: the model registry and pretrained classifiers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from potpourri.core.errors import PotpourriError
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from potpourri.core.registry import REGISTRY, list_models
+
+    names = list_models(args.pattern or "", pretrained=args.pretrained)
+    if not names:
+        raise PotpourriError(f"no model matches '{args.pattern}'")
+    width = max(len(n) for n in names)
+    for name in names:
+        entry = REGISTRY[name]
+        flag = "pretrained" if entry.has_pretrained else "-"
+        print(f"{name:<{width}}  {entry.modality:<9}  {flag:<10}  {entry.module}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from potpourri.core.registry import model_info
+
+    info = model_info(args.name)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key, value in info.items():
+        if key.endswith("params"):
+            value = f"{value:,} ({value / 1e6:.2f} M)"
+        print(f"{key:<17} {value}")
+    return 0
+
+
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    from potpourri.core.registry import get_entry
+    from potpourri.core.weights import resolve_weights
+
+    for name in args.names:
+        entry = get_entry(name)
+        if entry.pretrained_cfg is None:
+            raise PotpourriError(f"model '{name}' has no pretrained weights to fetch")
+        path = resolve_weights(entry.pretrained_cfg, cache_dir=args.cache_dir, refresh=True)
+        entry.fn(pretrained=True)  # prove the weights load into the model
+        print(f"{name}: {path}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from potpourri.tune.predict import predict_images
+
+    run = predict_images(args.model, args.images, topk=args.topk, weights=args.weights, out=args.out)
+    for row in run.read_summary()["predictions"]:
+        top = ", ".join(f"{p['label']} ({p['prob']:.3f})" for p in row["top"])
+        print(f"{row['image']}: {top}")
+    print(f"report: {run.path / 'report.html'}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``potpourri list``, ``info``, ``fetch`` and ``predict``."""
+    sub = subparsers
+    p = sub.add_parser("list", help="list registered models")
+    p.add_argument("pattern", nargs="?", help="fnmatch pattern or substring, e.g. 'efficient*'")
+    p.add_argument("--pretrained", action="store_true", help="only models with pretrained weights")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("info", help="parameters, input size, weights source, license and paper of a model")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("fetch", help="make pretrained weights available offline (convert and cache)")
+    p.add_argument("names", nargs="+", metavar="NAME")
+    p.add_argument("--cache-dir", help="cache folder (default $POTPOURRI_CACHE or ~/.cache/potpourri)")
+    p.set_defaults(func=_cmd_fetch)
+
+    p = sub.add_parser("predict", help="classify images with a pretrained model")
+    p.add_argument("model")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--weights", help="explicit weight file (safetensors or weights-only torch file)")
+    p.add_argument("--out", help="run folder (default runs/predict/vN)")
+    p.set_defaults(func=_cmd_predict)

@@ -1,0 +1,50 @@
+"""``potpourri demo`` and ``potpourri reproduce <experiment>``: the demo and every paper re-run at CPU scale."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from potpourri.papers.registry import EXPERIMENTS, run_experiment
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run = run_experiment(args.experiment, quick=args.quick, out=args.out)
+    print((run.path / "results.md").read_text(), end="")
+    print(f"run: {run.path}")
+    return 0
+
+
+def _register_reproduce(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``potpourri reproduce``."""
+    p = subparsers.add_parser("reproduce", help="re-run a paper's experiment at CPU scale (tables in docs/results.md)")
+    p.add_argument(
+        "experiment",
+        choices=sorted(EXPERIMENTS),
+        help="; ".join(f"{name}: {help_}" for name, (_, help_) in sorted(EXPERIMENTS.items())),
+    )
+    p.add_argument("--quick", action="store_true", help="a seconds-long smoke run of the same code path")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", help="run folder (default runs/reproduce-<experiment>/vN)")
+    p.set_defaults(func=_cmd_reproduce)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from potpourri.papers.demo import run_demo
+
+    run = run_demo(out=args.out, seed=args.seed, threads=args.threads)
+    print(f"report: {run.path / 'report.html'}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``potpourri demo`` and ``potpourri reproduce``."""
+    p = subparsers.add_parser("demo", help="offline end-to-end demo: data, features, probe, report.html")
+    p.add_argument("--out", help="run folder (default runs/demo/vN)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.set_defaults(func=_cmd_demo)
+    _register_reproduce(subparsers)

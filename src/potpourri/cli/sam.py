@@ -1,0 +1,236 @@
+"""``potpourri annotate`` (click-to-annotate with a SAM) and ``potpourri sam-train`` (the small SAM on DS-Synth).
+
+``annotate`` writes a Defect Spectrum class-id mask: a single-channel uint8 PNG, 0 = background and ``--class-id``
+on the segmented defect, the size of the input image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from potpourri.core.errors import PotpourriError
+
+__all__ = ["annotate", "parse_box", "parse_point", "register"]
+
+
+def parse_point(text: str) -> tuple[float, float]:
+    """``"x,y"`` → (x, y) in pixels."""
+    try:
+        x, y = (float(v) for v in text.split(","))
+    except ValueError:
+        raise PotpourriError(f"point '{text}' is not x,y (two numbers, e.g. 120,64)") from None
+    return x, y
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    """``"x0,y0,x1,y1"`` → the box in pixels, corners ordered."""
+    try:
+        x0, y0, x1, y1 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise PotpourriError(f"box '{text}' is not x0,y0,x1,y1 (four numbers, e.g. 10,20,90,80)") from None
+    return min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
+
+
+def _check_inside(xy: np.ndarray, width: int, height: int, what: str) -> None:
+    if xy.size and ((xy[..., 0] < 0).any() or (xy[..., 0] >= width).any() or (xy[..., 1] < 0).any()
+                    or (xy[..., 1] >= height).any()):  # fmt: skip
+        raise PotpourriError(f"{what} {xy.tolist()} lies outside the {width}x{height} image")
+
+
+def annotate(
+    image: np.ndarray,
+    points: np.ndarray,
+    labels: np.ndarray,
+    box: np.ndarray | None,
+    *,
+    model: str | None = None,
+    sam_weights: str | None = None,
+) -> np.ndarray:
+    """(H, W) bool mask for the prompts (pixel x, y of ``image``) from a ``sam-train`` run or official weights."""
+    height, width = image.shape[:2]
+    _check_inside(points.reshape(-1, 2), width, height, "point")
+    if box is not None:
+        _check_inside(box.reshape(2, 2), width, height, "box corner")
+    if not len(points) and box is None:
+        raise PotpourriError("give at least one --points x,y or a --box x0,y0,x1,y1")
+    if (model is None) == (sam_weights is None):
+        raise PotpourriError("pass exactly one of --model RUN (a `potpourri sam-train` run) or --sam-weights PATH")
+    if sam_weights is not None:
+        return _annotate_official(image, points, labels, box, sam_weights)
+    import torch
+
+    from potpourri.models.sam import Sam
+    from potpourri.segment.sam import predict_mask
+
+    sam = Sam.load(model)
+    size = sam.config.image_size
+    scale = np.array([size / width, size / height], np.float32)
+    resized = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
+    prompt: dict[str, np.ndarray] = {}
+    if len(points):
+        prompt = {"points": (points * scale).astype(np.float32), "labels": labels.astype(np.int64)}
+    if box is not None:
+        if len(points):
+            raise PotpourriError("a sam-train model takes points or a box, not both; drop one")
+        prompt = {"boxes": (box.reshape(2, 2) * scale).reshape(4).astype(np.float32)}
+    with torch.no_grad():
+        mask = predict_mask(sam, sam.backbone_features(resized[None]), prompt)
+    return np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST))
+
+
+def _annotate_official(image, points, labels, box, path) -> np.ndarray:
+    from potpourri.models.sam import build_official_sam
+
+    model = build_official_sam(path)
+    module = type(model).__module__.split(".")[0]  # segment_anything or mobile_sam
+    predictor = __import__(module, fromlist=["SamPredictor"]).SamPredictor(model)
+    predictor.set_image(image)
+    masks, scores, _ = predictor.predict(
+        point_coords=points if len(points) else None,
+        point_labels=labels if len(points) else None,
+        box=box,
+        multimask_output=len(points) == 1 and box is None,
+    )
+    return masks[int(np.argmax(scores))].astype(bool)
+
+
+def _write_mask(mask: np.ndarray, class_id: int, out: str) -> Path:
+    from potpourri.core.io import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * np.uint8(class_id), mode="L").save(buffer, format="PNG")
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def _cmd_annotate(args: argparse.Namespace) -> int:
+    from potpourri.core.imaging import read_rgb
+
+    if not 1 <= args.class_id <= 255:
+        raise PotpourriError(f"--class-id {args.class_id} must be 1..255 (0 is background)")
+    image = read_rgb(args.image)
+    positives = [parse_point(p) for p in args.points or []]
+    negatives = [parse_point(p) for p in args.negative or []]
+    points = np.array(positives + negatives, np.float32).reshape(-1, 2)
+    labels = np.array([1] * len(positives) + [0] * len(negatives), np.int64)
+    box = np.array(parse_box(args.box), np.float32) if args.box else None
+    mask = annotate(image, points, labels, box, model=args.model, sam_weights=args.sam_weights)
+    path = _write_mask(mask, args.class_id, args.out)
+    print(f"{path}: {int(mask.sum())} pixels of class {args.class_id} ({mask.mean():.1%} of the image)")
+    return 0
+
+
+def _cmd_sam_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from potpourri.models.sam import SamConfig
+    from potpourri.segment.sam import run_sam_experiment
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = SamConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                       prompt_dim=args.prompt_dim, train_neck=not args.freeze_neck)  # fmt: skip
+    summary = run_sam_experiment(out=args.out, per_category=args.per_category, test_per_category=args.test_per_category,
+                                 config=config)  # fmt: skip
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_ssprompt(args: argparse.Namespace) -> int:
+    import torch
+
+    from potpourri.papers.ssprompt import SSPromptConfig, run_ssprompt_experiment
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = SSPromptConfig(category=args.category, image_size=args.image_size, sam_steps=args.sam_steps,
+                            prompt_steps=args.steps, segmenter_steps=args.segmenter_steps, seed=args.seed)  # fmt: skip
+    run = run_ssprompt_experiment(config, out=args.out, sam_path=args.sam)
+    print((run.path / "results.md").read_text(), end="")
+    print(f"run: {run.path}")
+    return 0
+
+
+def _cmd_sam_clip(args: argparse.Namespace) -> int:
+    import torch
+
+    from potpourri.papers.sam_clip import SamClipConfig, run_sam_clip_experiment
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = SamClipConfig(image_size=args.image_size, student=args.student, stage1_steps=args.stage1_steps,
+                           probe_steps=args.probe_steps, stage2_steps=args.stage2_steps, lr=args.lr,
+                           backbone_lr=args.backbone_lr or None, batch_size=args.batch_size,
+                           rehearsal_shares=tuple(args.rehearsal), seed=args.seed)  # fmt: skip
+    run = run_sam_clip_experiment(config, out=args.out, sam_path=args.sam)
+    print((run.path / "results.md").read_text(), end="")
+    print(f"run: {run.path}")
+    return 0
+
+
+def _register_sam_family(subparsers: argparse._SubParsersAction) -> None:
+    """``ssprompt`` (learned class prompts for a frozen SAM) and ``sam-clip`` (two-teacher merging)."""
+    s = subparsers.add_parser("ssprompt", help="learn one prompt per defect class for a frozen SAM (0 clicks)")
+    s.add_argument("--sam", help="a `potpourri sam-train` / ssprompt SAM folder (default: pretrain one)")
+    s.add_argument("--category", default="brick", help="DS-Synth texture the prompts are learned on")
+    s.add_argument("--image-size", type=int, default=96)
+    s.add_argument("--sam-steps", type=int, default=2000, help="SAM pretraining steps when --sam is not given")
+    s.add_argument("--steps", type=int, default=300, help="prompt-learning steps per class")
+    s.add_argument("--segmenter-steps", type=int, default=400, help="the supervised segmenter's steps")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--out", help="run folder (default runs/ssprompt/vN)")
+    s.set_defaults(func=_cmd_ssprompt)
+
+    c = subparsers.add_parser("sam-clip", help="merge a SAM and a Lite0 teacher into one student; forgetting table")
+    c.add_argument("--sam", help="SAM folder (teacher A; its image_size must match; default: pretrain one)")
+    c.add_argument("--student", default="sam",
+                   help="timm model (random init, cut at stride 16), or 'sam' (teacher A's encoder)")  # fmt: skip
+    c.add_argument("--image-size", type=int, default=96)
+    c.add_argument("--stage1-steps", type=int, default=0, help="A-only steps (0 for --student sam; ~600 otherwise)")
+    c.add_argument("--probe-steps", type=int, default=200)
+    c.add_argument("--stage2-steps", type=int, default=150)
+    c.add_argument("--lr", type=float, default=2e-3, help="heads (and a random-init backbone)")
+    c.add_argument("--backbone-lr", type=float, default=2e-4, help="backbone learning rate (0: use --lr)")
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--rehearsal", type=float, nargs="+", default=[0.5], help="share(s) of teacher A data in stage 2")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--out", help="run folder (default runs/sam-clip/vN)")
+    c.set_defaults(func=_cmd_sam_clip)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``annotate``, ``sam-train``, ``ssprompt`` and ``sam-clip`` to the ``potpourri`` command."""
+    p = subparsers.add_parser("annotate", help="click-to-annotate: points/box prompts → a class-id defect mask PNG")
+    p.add_argument("image", help="RGB image to annotate")
+    p.add_argument("--points", nargs="+", metavar="X,Y", help="positive clicks (pixels)")
+    p.add_argument("--negative", nargs="+", metavar="X,Y", help="negative clicks (pixels)")
+    p.add_argument("--box", metavar="X0,Y0,X1,Y1", help="box prompt (pixels)")
+    p.add_argument("--model", help="a `potpourri sam-train` run folder")
+    p.add_argument("--sam-weights", help="official sam_vit_b.pth or mobile_sam.pt (needs segment-anything/mobile_sam)")
+    p.add_argument("--class-id", type=int, default=1, help="class id written on the mask (DS-Synth: 1..6)")
+    p.add_argument("--out", required=True, help="mask PNG to write (uint8 class ids, Defect Spectrum format)")
+    p.set_defaults(func=_cmd_annotate)
+
+    t = subparsers.add_parser("sam-train", help="train the small Lite0 SAM on DS-Synth; report click/box mIoU")
+    t.add_argument("--out", help="run folder (default runs/sam/vN)")
+    t.add_argument("--steps", type=int, default=1200)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--prompt-dim", type=int, default=64)
+    t.add_argument("--freeze-neck", action="store_true", help="train only prompt encoder and mask decoder")
+    t.add_argument("--per-category", type=int, default=100, help="training images per texture")
+    t.add_argument("--test-per-category", type=int, default=20, help="held-out images per texture")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=1)
+    t.set_defaults(func=_cmd_sam_train)
+    _register_sam_family(subparsers)

@@ -1,0 +1,560 @@
+"""Mask Frozen-DETR at toy scale: a light mask head trained on top of a FROZEN box detector.
+
+After Liang & Yuan, "Mask Frozen-DETR" (arXiv 2308.03747; withdrawn from ICLR 2024, no official code). The paper's
+idea: keep a trained detector entirely frozen and train only a lightweight network that predicts each instance's mask
+*inside the box the detector gives*, from the detector's features and the instance's query embedding. Our detector
+is the anchor-free YOLOv6-style ``potpourri.models.yolo`` model (no DETR queries), so the design below adapts it.
+
+Exact design (our own code; every number is a default of ``MaskHeadConfig``):
+
+1. **Frozen detector outputs** (``frozen_outputs``; run under ``torch.no_grad`` in eval mode, so no BN statistics
+   move). Pixel features: the backbone's stride-4 map (EfficientRep ``stages.0``, 32 channels for ``yolo_rep_n``;
+   ``blocks.1`` for the Lite0 backbone) and the neck's P3 (stride 8, the finest map the head sees). *Instance
+   embedding*: the detector has no queries, so we take the head's feature at the **winning anchor** (the anchor point
+   whose prediction became the detection): the concatenation of its class-branch and box-branch 3×3-conv features
+   (``2·C_l`` channels at level ``l``). At inference the winning anchor is the one that survived NMS; in training
+   (ground-truth boxes) it is the anchor whose decoded box overlaps the ground-truth box most (IoU), i.e. the
+   anchor that would have detected it.
+2. **Image feature encoder**: 1×1 lateral convs of the stride-4 map and of P3 to ``dim`` = 64 channels, P3
+   upsampled bilinearly to stride 4 and added, then 3×3 conv → GroupNorm(8) → ReLU → 3×3 conv: a stride-4 pixel
+   embedding map (the paper: deformable encoder layers at stride 4 + a projected stride-4 backbone feature).
+3. **Box feature encoder**: ``torchvision.ops.roi_align`` of the pixel map in each box, ``roi_size`` = 28,
+   ``spatial_scale`` = 1/4, ``sampling_ratio`` = 2, ``aligned=True``; two (x, y) ∈ [−1, 1] coordinate channels are
+   concatenated (positional encoding), then two 3×3 conv → GroupNorm(8) → ReLU layers (the paper: two deformable
+   encoder layers with sine positions).
+4. **Query feature encoder**: a per-level linear map ``2·C_l → dim`` of the instance embedding, then an MLP
+   (Linear → ReLU → Linear).
+5. **Mask prediction**: ``logits[k, y, x] = <R_k[:, y, x], q_k> / sqrt(dim) + b``: the dot product of each RoI
+   pixel feature with the instance's query, 28×28 logits inside the box, pasted back into the image by
+   ``paste_masks`` (bilinear ``grid_sample``; a mask texel covers 1/28 of the box, exactly as ``roi_align``).
+6. **Losses** (``mask_losses``): per-pixel BCE (mean) + Dice (``1 − (2Σpt + 1)/(Σp + Σt + 1)`` per instance,
+   mean), weight 1 each, on 28×28 targets = ``roi_align`` of the instance's binary mask in the same box, ≥ 0.5
+   (Mask R-CNN's target). No mask-IoU scoring head: mask score = detection score.
+7. **Training** uses ground-truth boxes jittered by ±``jitter`` (10 %) of their width/height as RoIs (Mask R-CNN's
+   recipe); inference uses the detector's boxes. Because the detector is frozen, its outputs are computed once per
+   training image and cached: each mask-head step costs only the head (no augmentation; a deliberate choice).
+
+Instances come from DS-Synth masks: one per connected defect region, exactly the regions ``potpourri.data.boxes``
+turns into boxes (``instance_masks_from_mask``). Mask AP is COCO's (``pycocotools``, ``iouType="segm"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy import ndimage
+
+from potpourri.core.errors import PotpourriError
+
+__all__ = [
+    "FrozenOutputs",
+    "InstanceSample",
+    "MaskHead",
+    "MaskHeadConfig",
+    "dice_loss",
+    "freeze",
+    "frozen_outputs",
+    "instance_masks_from_mask",
+    "jitter_boxes",
+    "load_mask_head",
+    "mask_coco_map",
+    "mask_losses",
+    "mask_targets",
+    "paste_masks",
+    "predict_instances",
+    "read_instance_data",
+    "save_mask_head",
+    "synth_instance_samples",
+    "train_mask_head",
+    "winning_anchors",
+]
+
+_FINE_TAPS = {"EfficientRep": "stages.0", "Lite0Backbone": "blocks.1"}  # stride-4 maps of the two backbones
+
+
+# ----------------------------------------------------------------------------------------------- data
+@dataclass
+class InstanceSample:
+    """An (H, W, 3) uint8 image, instance ``masks`` (N, H, W) bool, their ``boxes`` (N, 4) xyxy and ``labels`` (N,)."""
+
+    image: np.ndarray
+    masks: np.ndarray
+    boxes: np.ndarray
+    labels: np.ndarray
+    name: str = ""
+
+
+def instance_masks_from_mask(
+    mask: np.ndarray, *, merge_gap: float = 0.03, min_pixels: int = 12, class_offset: int = 1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Instance masks (N, H, W) bool, boxes (N, 4) and labels (N,) of a class-index mask.
+
+    The same regions, in the same order, as ``potpourri.data.boxes.boxes_from_mask`` (merged connected regions).
+    """
+    if mask.ndim != 2:
+        raise PotpourriError(f"mask must be (H, W) class indices, got shape {mask.shape}")
+    grow = math.ceil(merge_gap * max(mask.shape) / 2)
+    eight = np.ones((3, 3), bool)
+    masks, boxes, labels = [], [], []
+    for value in np.unique(mask):
+        if value < class_offset:
+            continue
+        region = mask == value
+        joined = ndimage.binary_dilation(region, eight, iterations=grow) if grow else region
+        components, count = ndimage.label(joined, structure=eight)
+        components = np.where(region, components, 0)
+        for index, found in enumerate(ndimage.find_objects(components, max_label=count), start=1):
+            if found is None or (components[found] == index).sum() < min_pixels:
+                continue
+            ys, xs = found
+            masks.append(components == index)
+            boxes.append((xs.start, ys.start, xs.stop, ys.stop))
+            labels.append(int(value) - class_offset)
+    out = np.stack(masks) if masks else np.zeros((0, *mask.shape), bool)
+    return out, np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int64)
+
+
+def synth_instance_samples(
+    category: str, split: str, n: int, *, seed: int = 0, size: int = 256, kinds: Sequence[str] | None = None
+) -> list[InstanceSample]:
+    """``n`` DS-Synth samples with instance masks (the sampling of ``boxes.synth_detection_samples``)."""
+    from potpourri.data.synth import DEFECTS, MULTI, make_samples
+
+    kinds = tuple(kinds) if kinds is not None else (*DEFECTS, MULTI)
+    out = []
+    for s in make_samples(category, split, n, seed=seed, size=size, kinds=kinds):
+        masks, boxes, labels = instance_masks_from_mask(s.mask)
+        out.append(InstanceSample(s.image, masks, boxes, labels, f"{s.category}/{s.split}/{s.kind}/{s.index:03d}"))
+    return out
+
+
+def read_instance_data(
+    spec: str, *, image_size: int = 256, per_kind: int = 20, seed: int = 0
+) -> tuple[list[InstanceSample], list[InstanceSample], tuple[str, ...]]:
+    """Train and test instance samples of ``ds-synth:<category>``, split as ``boxes.read_detection_data`` does."""
+    from potpourri.data.synth import CATEGORIES, DEFECTS, MULTI
+
+    category = spec.split(":", 1)[1] if spec.startswith("ds-synth:") else None
+    if category not in CATEGORIES:
+        raise PotpourriError(f"mask data must be ds-synth:<category> with one of {', '.join(CATEGORIES)}; got '{spec}'")
+    kinds = (*DEFECTS, MULTI)
+    train = synth_instance_samples(category, "train", per_kind * len(kinds), seed=seed, size=image_size)
+    train += synth_instance_samples(category, "train", max(1, per_kind // 2), seed=seed, size=image_size,
+                                    kinds=("good",))  # fmt: skip
+    test = synth_instance_samples(category, "test", max(2, per_kind // 2) * len(kinds), seed=seed, size=image_size)
+    return train, test, tuple(DEFECTS)
+
+
+# ----------------------------------------------------------------------------------------------- frozen detector
+@dataclass
+class FrozenOutputs:
+    """What the frozen detector gives the mask head for a batch of images (all detached)."""
+
+    fine: torch.Tensor  # (B, C4, H/4, W/4) stride-4 backbone map
+    p3: torch.Tensor  # (B, n3, H/8, W/8)
+    embeds: list[torch.Tensor]  # per level (B, h_l·w_l, 2·C_l): class ⊕ box branch features per anchor
+    boxes: torch.Tensor  # (B, A, 4) decoded xyxy pixels
+    probs: torch.Tensor  # (B, A, K) class probabilities
+    raw: torch.Tensor  # (B, A, 4·(R+1)+K) the detector's raw output
+
+
+def _fine_module(detector: nn.Module) -> nn.Module:
+    name = _FINE_TAPS.get(type(detector.backbone).__name__)
+    if name is None:
+        raise PotpourriError(f"no stride-4 tap known for backbone {type(detector.backbone).__name__}")
+    return detector.backbone.get_submodule(name)
+
+
+@torch.no_grad()
+def frozen_outputs(detector: nn.Module, x: torch.Tensor) -> FrozenOutputs:
+    """Run the frozen detector once on normalised ``x`` (B, 3, H, W); features, per-anchor embeddings, boxes."""
+    from potpourri.models.yolo import decode
+
+    if detector.training:
+        raise PotpourriError("the frozen detector must be in eval mode (call detector.eval()) so BN stays fixed")
+    taps: list[torch.Tensor] = []
+    handle = _fine_module(detector).register_forward_hook(lambda _m, _i, out: taps.append(out))
+    try:
+        feats = detector.forward_features(x)
+    finally:
+        handle.remove()
+    head, raws, embeds = detector.head, [], []
+    for i, f in enumerate(feats):  # EffiDeHead.forward, keeping the branch features
+        f = head.stems[i](f)
+        reg, cls = head.reg_convs[i](f), head.cls_convs[i](f)
+        raws.append(torch.cat([head.reg_preds[i](reg), head.cls_preds[i](cls)], 1).flatten(2))
+        embeds.append(torch.cat([cls, reg], 1).flatten(2).transpose(1, 2).contiguous())
+    raw = torch.cat(raws, 2).transpose(1, 2)
+    boxes, probs = decode(raw, num_classes=detector.num_classes, reg_max=detector.reg_max,
+                          image_size=tuple(x.shape[-2:]), strides=detector.strides)  # fmt: skip
+    return FrozenOutputs(taps[0], feats[0], embeds, boxes, probs, raw)
+
+
+def _box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    from torchvision.ops import box_iou
+
+    return box_iou(a, b)
+
+
+def winning_anchors(pred_boxes: torch.Tensor, gt_boxes: torch.Tensor) -> torch.Tensor:
+    """For each ground-truth box (M, 4), the anchor (index into A) whose decoded box (A, 4) overlaps it most."""
+    if len(gt_boxes) == 0:
+        return torch.zeros(0, dtype=torch.long)
+    return _box_iou(gt_boxes, pred_boxes).argmax(1)
+
+
+# ----------------------------------------------------------------------------------------------- mask head
+@dataclass
+class MaskHeadConfig:
+    """Mask-head sizes and the training recipe."""
+
+    dim: int = 64
+    roi_size: int = 28
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 8
+    max_steps: int = 600
+    max_seconds: float | None = None
+    jitter: float = 0.1
+    seed: int = 0
+    progress: bool = True
+
+
+def _conv_gn(in_chs: int, out_chs: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_chs, out_chs, 3, padding=1, bias=False), nn.GroupNorm(8, out_chs), nn.ReLU())
+
+
+class MaskHead(nn.Module):
+    """Image encoder (stride 4) → RoIAlign → box encoder; query MLP; mask logits = <RoI pixel, query> (module doc)."""
+
+    def __init__(self, fine_chs: int, p3_chs: int, embed_dims: Sequence[int], dim: int = 64, roi_size: int = 28):
+        super().__init__()
+        self.dim, self.roi_size = dim, roi_size
+        self.lateral_fine = nn.Conv2d(fine_chs, dim, 1)
+        self.lateral_p3 = nn.Conv2d(p3_chs, dim, 1)
+        self.pixel = nn.Sequential(_conv_gn(dim, dim), nn.Conv2d(dim, dim, 3, padding=1))
+        self.box = nn.Sequential(_conv_gn(dim + 2, dim), _conv_gn(dim, dim))
+        self.level_proj = nn.ModuleList(nn.Linear(c, dim) for c in embed_dims)
+        self.query = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    @classmethod
+    def for_detector(cls, detector: nn.Module, dim: int = 64, roi_size: int = 28) -> MaskHead:
+        """A head sized to ``detector``'s stride-4 map, P3 and per-level head widths."""
+        fine = _fine_module(detector)
+        fine_chs = [m for m in fine.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+        neck = detector.neck.out_channels
+        return cls(fine_chs, neck[0], [2 * c for c in neck], dim, roi_size)
+
+    def pixel_map(self, fine: torch.Tensor, p3: torch.Tensor) -> torch.Tensor:
+        """Stride-4 pixel embeddings (B, dim, H/4, W/4)."""
+        up = F.interpolate(self.lateral_p3(p3), size=fine.shape[-2:], mode="bilinear", align_corners=False)
+        return self.pixel(self.lateral_fine(fine) + up)
+
+    def queries(self, embeds: Sequence[torch.Tensor], image_index: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        """Query vectors (K, dim) of the instances at ``anchor`` (indices into all levels) of image ``image_index``."""
+        out = torch.zeros(len(anchor), self.dim, device=anchor.device)
+        start = 0
+        for level, emb in enumerate(embeds):
+            count = emb.shape[1]
+            pick = (anchor >= start) & (anchor < start + count)
+            if pick.any():
+                out = out.index_put((pick.nonzero()[:, 0],),
+                                    self.level_proj[level](emb[image_index[pick], anchor[pick] - start]))  # fmt: skip
+            start += count
+        return self.query(out)
+
+    def forward(
+        self, pixels: torch.Tensor, rois: torch.Tensor, queries: torch.Tensor, stride: float = 4.0
+    ) -> torch.Tensor:
+        """Mask logits (K, S, S) in each RoI (K, 5) = (image index, x1, y1, x2, y2) pixels, given queries (K, dim)."""
+        from torchvision.ops import roi_align
+
+        size = self.roi_size
+        feats = roi_align(pixels, rois, size, spatial_scale=1.0 / stride, sampling_ratio=2, aligned=True)
+        axis = (torch.arange(size, device=feats.device, dtype=feats.dtype) + 0.5) / size * 2 - 1
+        ys, xs = torch.meshgrid(axis, axis, indexing="ij")
+        coords = torch.stack([xs, ys])[None].expand(len(feats), -1, -1, -1)
+        feats = self.box(torch.cat([feats, coords], 1))  # (K, dim, S, S)
+        return torch.einsum("kchw,kc->khw", feats, queries) / math.sqrt(self.dim) + self.bias
+
+
+# ----------------------------------------------------------------------------------------------- geometry
+def jitter_boxes(boxes: torch.Tensor, amount: float, image_size: tuple[int, int], generator: torch.Generator):
+    """Each side moved by U(−amount, amount) × the box's width/height, clipped to the image, at least 1 px wide."""
+    wh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
+    moved = boxes + (torch.rand(boxes.shape, generator=generator) * 2 - 1) * amount * wh
+    height, width = image_size
+    x1, x2 = moved[:, 0].clamp(0, width - 1), moved[:, 2].clamp(0, width)
+    y1, y2 = moved[:, 1].clamp(0, height - 1), moved[:, 3].clamp(0, height)
+    return torch.stack([x1, y1, torch.maximum(x2, x1 + 1), torch.maximum(y2, y1 + 1)], 1)
+
+
+def mask_targets(masks: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Binary (K, S, S) targets: ``roi_align`` of each instance mask (K, H, W) in its box (K, 4), ≥ 0.5."""
+    from torchvision.ops import roi_align
+
+    if len(masks) == 0:
+        return torch.zeros(0, size, size)
+    rois = torch.cat([torch.arange(len(boxes), dtype=boxes.dtype)[:, None], boxes], 1)
+    return (roi_align(masks[:, None].float(), rois, size, 1.0, sampling_ratio=2, aligned=True)[:, 0] >= 0.5).float()
+
+
+def paste_masks(probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """In-box mask probabilities (K, S, S) → full-image (K, H, W): texel (i, j) covers 1/S of its box, as RoIAlign."""
+    height, width = image_size
+    if len(probs) == 0:
+        return torch.zeros(0, height, width)
+    xs = torch.arange(width, dtype=probs.dtype) + 0.5
+    ys = torch.arange(height, dtype=probs.dtype) + 0.5
+    gx = (xs[None] - boxes[:, 0:1]) / (boxes[:, 2:3] - boxes[:, 0:1]).clamp_min(1e-6) * 2 - 1  # (K, W)
+    gy = (ys[None] - boxes[:, 1:2]) / (boxes[:, 3:4] - boxes[:, 1:2]).clamp_min(1e-6) * 2 - 1  # (K, H)
+    grid = torch.stack([gx[:, None, :].expand(-1, height, -1), gy[:, :, None].expand(-1, -1, width)], -1)
+    return F.grid_sample(probs[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------- losses
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Mean over instances of ``1 − (2Σpt + s)/(Σp + Σt + s)``, p = sigmoid(logits); shapes (K, S, S)."""
+    p = logits.sigmoid().flatten(1)
+    t = targets.flatten(1)
+    return (1 - (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)).mean()
+
+
+def mask_losses(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``bce`` (mean per pixel), ``dice`` and ``total`` = bce + dice."""
+    bce = F.binary_cross_entropy_with_logits(logits, targets)
+    dice = dice_loss(logits, targets)
+    return {"bce": bce, "dice": dice, "total": bce + dice}
+
+
+# ----------------------------------------------------------------------------------------------- training
+def _normalise(images: Sequence[np.ndarray], detector: nn.Module) -> torch.Tensor:
+    from potpourri.detect.train import to_tensor
+
+    return to_tensor(images, detector.mean, detector.std)
+
+
+def _cache(detector: nn.Module, samples: Sequence[InstanceSample], batch_size: int = 16) -> FrozenOutputs:
+    parts = [frozen_outputs(detector, _normalise([s.image for s in samples[i : i + batch_size]], detector))
+             for i in range(0, len(samples), batch_size)]  # fmt: skip
+    return FrozenOutputs(
+        torch.cat([p.fine for p in parts]), torch.cat([p.p3 for p in parts]),
+        [torch.cat([p.embeds[level] for p in parts]) for level in range(len(parts[0].embeds))],
+        torch.cat([p.boxes for p in parts]), torch.cat([p.probs for p in parts]), torch.cat([p.raw for p in parts]),
+    )  # fmt: skip
+
+
+def freeze(detector: nn.Module) -> nn.Module:
+    """Put ``detector`` in eval mode with every parameter's ``requires_grad`` off; returns it."""
+    detector.eval()
+    for p in detector.parameters():
+        p.requires_grad_(False)
+    return detector
+
+
+def _step_batch(
+    head: MaskHead,
+    cache: FrozenOutputs,
+    samples: Sequence[InstanceSample],
+    picks: Sequence[int],
+    cfg: MaskHeadConfig,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor] | None:
+    idx = torch.as_tensor(list(picks))
+    rois, anchors, image_index, targets = [], [], [], []
+    for row, i in enumerate(picks):
+        s = samples[i]
+        if len(s.boxes) == 0:
+            continue
+        gt = torch.from_numpy(s.boxes)
+        boxes = jitter_boxes(gt, cfg.jitter, s.image.shape[:2], generator)
+        rois.append(torch.cat([torch.full((len(boxes), 1), float(row)), boxes], 1))
+        anchors.append(winning_anchors(cache.boxes[i], gt))
+        image_index.append(torch.full((len(boxes),), row, dtype=torch.long))
+        targets.append(mask_targets(torch.from_numpy(s.masks), boxes, head.roi_size))
+    if not rois:
+        return None
+    pixels = head.pixel_map(cache.fine[idx], cache.p3[idx])
+    rows = torch.cat(image_index)
+    queries = head.queries([e[idx] for e in cache.embeds], rows, torch.cat(anchors))
+    logits = head(pixels, torch.cat(rois), queries)
+    return mask_losses(logits, torch.cat(targets))
+
+
+def train_mask_head(
+    detector: nn.Module,
+    samples: Sequence[InstanceSample],
+    cfg: MaskHeadConfig | None = None,
+    head: MaskHead | None = None,
+) -> tuple[MaskHead, dict[str, Any]]:
+    """Freeze ``detector``, cache its outputs on ``samples`` and train a ``MaskHead`` (AdamW, cosine); head, history."""
+    from tqdm.auto import tqdm
+
+    cfg = cfg or MaskHeadConfig()
+    if not samples:
+        raise PotpourriError("no training samples for the mask head")
+    torch.manual_seed(cfg.seed)
+    freeze(detector)
+    start = time.perf_counter()
+    cache = _cache(detector, samples)
+    cache_s = time.perf_counter() - start
+    head = head or MaskHead.for_detector(detector, cfg.dim, cfg.roi_size)
+    head.train()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, cfg.max_steps))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    with_boxes = [i for i, s in enumerate(samples) if len(s.boxes)]
+    losses: list[float] = []
+    bar = tqdm(total=cfg.max_steps, desc="mask head", disable=not cfg.progress, unit="step")
+    step = 0
+    while step < cfg.max_steps:
+        if cfg.max_seconds is not None and time.perf_counter() - start > cfg.max_seconds:
+            break
+        picks = rng.choice(with_boxes, size=min(cfg.batch_size, len(with_boxes)), replace=False).tolist()
+        out = _step_batch(head, cache, samples, picks, cfg, generator)
+        if out is None:
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        out["total"].backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(float(out["total"].detach()))
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    history = {"steps": step, "losses": losses, "train_s": time.perf_counter() - start, "cache_s": cache_s,
+               "trainable_params": sum(p.numel() for p in head.parameters())}  # fmt: skip
+    return head.eval(), history
+
+
+# ----------------------------------------------------------------------------------------------- saving
+def save_mask_head(folder: str | os.PathLike, head: MaskHead, meta: dict[str, Any]) -> Path:
+    """Write ``mask_head.safetensors`` and ``mask_head.json`` (sizes, detector run) atomically."""
+    from potpourri.core.io import save_bundle
+
+    folder = Path(folder)
+    embed_dims = [m.in_features for m in head.level_proj]
+    sizes = {"fine_chs": head.lateral_fine.in_channels, "p3_chs": head.lateral_p3.in_channels,
+             "embed_dims": embed_dims, "dim": head.dim, "roi_size": head.roi_size}  # fmt: skip
+    record = {**meta, **sizes}
+    save_bundle(folder / "mask_head.safetensors", head.state_dict(), folder / "mask_head.json", record)
+    return folder / "mask_head.safetensors"
+
+
+def load_mask_head(folder: str | os.PathLike) -> tuple[MaskHead, dict[str, Any]]:
+    """The head saved by ``save_mask_head`` (eval mode) and its metadata."""
+    from potpourri.core.io import load_bundle
+
+    folder = Path(folder)
+    meta, state = load_bundle(
+        folder / "mask_head.safetensors",
+        folder / "mask_head.json",
+        missing=f"'{folder}' holds no mask_head.json; train one with `potpourri detect mask-train RUN`",
+        fix="re-run `potpourri detect mask-train`",
+    )
+    head = MaskHead(meta["fine_chs"], meta["p3_chs"], meta["embed_dims"], meta["dim"], meta["roi_size"])
+    head.load_state_dict(state)
+    return head.eval(), meta
+
+
+# ----------------------------------------------------------------------------------------------- inference
+@torch.no_grad()
+def predict_instances(
+    detector: nn.Module,
+    head: MaskHead,
+    images: Sequence[np.ndarray],
+    *,
+    conf: float = 0.05,
+    iou: float = 0.6,
+    max_det: int = 100,
+    batch_size: int = 16,
+) -> list[dict[str, np.ndarray]]:
+    """Per image: detector ``boxes``, ``scores``, ``labels`` (NMS) and binary ``masks`` (N, H, W) from the head."""
+    from torchvision.ops import batched_nms
+
+    head.eval()
+    results = []
+    for start in range(0, len(images), batch_size):
+        chunk = list(images[start : start + batch_size])
+        out = frozen_outputs(detector, _normalise(chunk, detector))
+        pixels = head.pixel_map(out.fine, out.p3)
+        height, width = chunk[0].shape[:2]
+        for row in range(len(chunk)):
+            boxes = out.boxes[row].clone()
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+            scores, labels = out.probs[row].max(-1)
+            anchor = (scores > conf).nonzero()[:, 0]
+            kept = anchor[batched_nms(boxes[anchor], scores[anchor], labels[anchor], iou)[:max_det]]
+            kept = kept[(boxes[kept, 2] - boxes[kept, 0] >= 1) & (boxes[kept, 3] - boxes[kept, 1] >= 1)]
+            rows = torch.full((len(kept),), row, dtype=torch.long)
+            if len(kept):
+                queries = head.queries(out.embeds, rows, kept)
+                rois = torch.cat([rows[:, None].float(), boxes[kept]], 1)
+                probs = head(pixels, rois, queries).sigmoid()
+                masks = paste_masks(probs, boxes[kept], (height, width)) > 0.5
+            else:
+                masks = torch.zeros(0, height, width, dtype=torch.bool)
+            results.append({"boxes": boxes[kept].numpy(), "scores": scores[kept].numpy(),
+                            "labels": labels[kept].numpy(), "masks": masks.numpy()})  # fmt: skip
+    return results
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+def mask_coco_map(
+    predictions: Sequence[dict[str, Any]], targets: Sequence[InstanceSample], num_classes: int
+) -> dict[str, float]:
+    """COCO mask ``map`` (0.5:0.95) and ``map50`` by ``pycocotools`` (``iouType="segm"``, RLE masks)."""
+    from pycocotools import mask as mask_utils
+
+    from potpourri.detect.train import require_pycocotools
+
+    if len(predictions) != len(targets):
+        raise PotpourriError(f"{len(predictions)} predictions for {len(targets)} images")
+    coco_cls, eval_cls = require_pycocotools()
+
+    def rle(m: np.ndarray) -> dict[str, Any]:
+        encoded = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        encoded["counts"] = encoded["counts"].decode("ascii")
+        return encoded
+
+    images, annotations, results = [], [], []
+    for image_id, (pred, target) in enumerate(zip(predictions, targets, strict=True), start=1):
+        height, width = target.image.shape[:2]
+        images.append({"id": image_id, "width": width, "height": height})
+        for m, box, label in zip(target.masks, target.boxes.tolist(), target.labels.tolist(), strict=True):
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label) + 1,
+                                "segmentation": rle(m), "area": float(m.sum()), "iscrowd": 0,
+                                "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})  # fmt: skip
+        for m, score, label in zip(pred["masks"], pred["scores"], pred["labels"], strict=True):
+            results.append({"image_id": image_id, "category_id": int(label) + 1, "score": float(score),
+                            "segmentation": rle(np.asarray(m))})  # fmt: skip
+    if not annotations:
+        return {"map": float("nan"), "map50": float("nan"), "detections": len(results)}
+    if not results:
+        return {"map": 0.0, "map50": 0.0, "detections": 0}
+    truth = coco_cls()
+    truth.dataset = {"images": images, "annotations": annotations,
+                     "categories": [{"id": k + 1, "name": str(k)} for k in range(num_classes)]}  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth.createIndex()
+        evaluator = eval_cls(truth, truth.loadRes(results), "segm")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {"map": float(evaluator.stats[0]), "map50": float(evaluator.stats[1]), "detections": len(results)}

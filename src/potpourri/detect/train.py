@@ -1,0 +1,685 @@
+"""Training and evaluation of ``potpourri.models.yolo`` detectors: assigner, losses, COCO mAP, one plain loop.
+
+* **Assigner** ``TaskAlignedAssigner`` (TOOD / YOLOv6 TAL): an anchor is a candidate for a ground-truth box when its
+  centre lies inside the box (plus, so that a box smaller than a cell is never left without one, the anchor nearest
+  the box centre); alignment ``t = s^α · IoU^β`` (``s``: predicted score of the box's class); the ``topk``
+  candidates with the largest ``t`` are positives; an anchor claimed by several boxes keeps the one it overlaps most;
+  class targets are soft, ``t`` rescaled per box so that its best anchor gets the box's best IoU.
+* **Simpler alternative** ``ATSSAssigner`` (ATSS, Zhang et al. 2020; YOLOv6 uses it for its warm-up epochs): static,
+  from geometry alone. Each anchor point gets a square anchor box of side ``anchor_scale · stride``; per box and
+  pyramid level the ``topk`` anchor points nearest the box centre are candidates; the positives are the candidates
+  whose anchor-box IoU with the box reaches ``mean + std`` of the candidates' IoUs and whose point lies inside the
+  box (a box left without one gets its best candidate, the nearest on ties); an anchor claimed by several boxes
+  keeps the one with the larger anchor-box IoU; class targets are the IoU of the anchor's *predicted* box with its
+  box (as YOLOv6's ``ATSSAssigner``). No α, β; the assignment of an image never changes during training.
+  ``make_assigner`` builds either by name (``--assigner tal|atss``).
+* **Losses** (YOLOv6 weights 1 : 2.5 : 0.5): varifocal (or BCE) on soft class targets, GIoU on boxes
+  (``torchvision.ops.generalized_box_iou_loss``), distribution focal loss on the box bins; all normalised by the sum
+  of target scores.
+* **Metrics** ``coco_map``: COCO mAP@0.5 and mAP@0.5:0.95 through ``pycocotools`` (101-point interpolation, 100
+  detections per image).
+* **Loop** ``train_detector``: AdamW or SGD, linear warm-up then cosine (``potpourri.tune.trainer.lr_at``), flips and
+  quarter turns as augmentation, atomic checkpoints (``potpourri.tune.trainer.save_checkpoint``) and resume, tqdm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from potpourri.core.errors import PotpourriError
+from potpourri.data.boxes import DetectionSample
+from potpourri.models.yolo import (
+    YoloDetector,
+    dfl_expectation,
+    distances_to_boxes,
+    make_anchors,
+    postprocess,
+)
+
+__all__ = [
+    "ASSIGNERS",
+    "ATSSAssigner",
+    "AssignResult",
+    "DetectTrainConfig",
+    "DetectTrainResult",
+    "DetectionLoss",
+    "TaskAlignedAssigner",
+    "augment",
+    "box_iou_elementwise",
+    "build_detector",
+    "coco_map",
+    "collate",
+    "detect_images",
+    "distribution_focal_loss",
+    "evaluate_detector",
+    "load_detector",
+    "make_assigner",
+    "save_detector",
+    "to_tensor",
+    "train_detector",
+    "varifocal_loss",
+]
+
+
+# ----------------------------------------------------------------------------------------------- assigner
+def box_iou_elementwise(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
+    """IoU of xyxy boxes ``a`` and ``b`` that broadcast against each other: ``(..., 4), (..., 4) -> (...)``."""
+    width = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])).clamp_min(0)
+    height = (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])).clamp_min(0)
+    inter = width * height
+    area_a = (a[..., 2] - a[..., 0]).clamp_min(0) * (a[..., 3] - a[..., 1]).clamp_min(0)
+    area_b = (b[..., 2] - b[..., 0]).clamp_min(0) * (b[..., 3] - b[..., 1]).clamp_min(0)
+    return inter / (area_a + area_b - inter + eps)
+
+
+@dataclass
+class AssignResult:
+    """Per anchor: target class, box (xyxy pixels), soft class scores, foreground flag and assigned box index."""
+
+    labels: torch.Tensor  # (B, A) int64
+    boxes: torch.Tensor  # (B, A, 4)
+    scores: torch.Tensor  # (B, A, K)
+    fg: torch.Tensor  # (B, A) bool
+    gt_index: torch.Tensor  # (B, A) int64, meaningful where fg
+
+
+class TaskAlignedAssigner:
+    """Task-aligned assignment (TOOD): top-k candidates by ``score^alpha · IoU^beta`` per ground-truth box."""
+
+    def __init__(self, num_classes: int, *, topk: int = 13, alpha: float = 1.0, beta: float = 6.0, eps: float = 1e-9):
+        self.num_classes, self.topk, self.alpha, self.beta, self.eps = num_classes, topk, alpha, beta, eps
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        pd_scores: torch.Tensor,
+        pd_boxes: torch.Tensor,
+        anchors: torch.Tensor,
+        gt_labels: torch.Tensor,
+        gt_boxes: torch.Tensor,
+        gt_mask: torch.Tensor,
+        strides: torch.Tensor | None = None,
+    ) -> AssignResult:
+        """``pd_scores`` (B, A, K) probabilities, ``pd_boxes`` (B, A, 4), ``anchors`` (A, 2) as (x, y);
+        ``gt_labels`` (B, M), ``gt_boxes`` (B, M, 4), ``gt_mask`` (B, M) marks real (not padding) boxes;
+        ``strides`` (A,) is accepted for a common signature with ``ATSSAssigner`` and not used."""
+        batch, num_anchors, num_classes = pd_scores.shape
+        num_gt = gt_boxes.shape[1]
+        device = pd_scores.device
+        if num_gt == 0 or not gt_mask.any():
+            return AssignResult(
+                torch.zeros(batch, num_anchors, dtype=torch.long, device=device),
+                torch.zeros(batch, num_anchors, 4, device=device),
+                torch.zeros(batch, num_anchors, num_classes, device=device),
+                torch.zeros(batch, num_anchors, dtype=torch.bool, device=device),
+                torch.zeros(batch, num_anchors, dtype=torch.long, device=device),
+            )
+        gt_labels = gt_labels.long().clamp(0, num_classes - 1)  # padding rows hold any valid index; masked below
+        # candidates: anchor centres inside the box, and the anchor nearest the box centre
+        offsets = torch.cat(
+            [anchors[None, None] - gt_boxes[:, :, None, :2], gt_boxes[:, :, None, 2:] - anchors[None, None]], -1
+        )  # (B, M, A, 4)
+        candidates = offsets.amin(-1) > self.eps  # (B, M, A)
+        centres = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2  # (B, M, 2)
+        nearest = (anchors[None, None] - centres[:, :, None]).square().sum(-1).argmin(-1)  # (B, M)
+        candidates.scatter_(2, nearest[..., None], True)
+        candidates &= gt_mask[..., None].bool()
+
+        overlaps = box_iou_elementwise(gt_boxes[:, :, None], pd_boxes[:, None]) * candidates  # (B, M, A)
+        class_scores = pd_scores.transpose(1, 2).gather(1, gt_labels[..., None].expand(-1, -1, num_anchors))
+        align = class_scores.pow(self.alpha) * overlaps.pow(self.beta) * candidates  # (B, M, A)
+
+        # the top-k candidates of each box (non-candidates rank below every candidate)
+        ranked = torch.where(candidates, align, torch.full_like(align, -1.0))
+        top = ranked.topk(min(self.topk, num_anchors), dim=-1).indices  # (B, M, k)
+        positive = torch.zeros_like(candidates).scatter_(2, top, True) & candidates  # (B, M, A)
+
+        # an anchor claimed by several boxes keeps the one it overlaps most
+        claimed = positive.sum(1, keepdim=True) > 1  # (B, 1, A)
+        if claimed.any():
+            best = torch.where(positive, overlaps, torch.full_like(overlaps, -1.0)).argmax(1)  # (B, A)
+            best_one_hot = F.one_hot(best, num_gt).transpose(1, 2).bool()  # (B, M, A)
+            positive = torch.where(claimed, best_one_hot & positive, positive)
+
+        fg = positive.any(1)  # (B, A)
+        gt_index = positive.float().argmax(1)  # (B, A)
+        labels = gt_labels.gather(1, gt_index)  # (B, A)
+        boxes = gt_boxes.gather(1, gt_index[..., None].expand(-1, -1, 4))  # (B, A, 4)
+
+        # soft targets: alignment rescaled per box so its best positive scores the box's best IoU
+        align = align * positive
+        best_align = align.amax(-1, keepdim=True)  # (B, M, 1)
+        best_iou = (overlaps * positive).amax(-1, keepdim=True)  # (B, M, 1)
+        norm = (align * best_iou / (best_align + self.eps)).amax(1)  # (B, A)
+        scores = F.one_hot(labels, num_classes).float() * (fg.float() * norm)[..., None]  # (B, A, K)
+        return AssignResult(labels, boxes, scores, fg, gt_index)
+
+
+def _empty_assignment(batch: int, num_anchors: int, num_classes: int, device: torch.device) -> AssignResult:
+    return AssignResult(
+        torch.zeros(batch, num_anchors, dtype=torch.long, device=device),
+        torch.zeros(batch, num_anchors, 4, device=device),
+        torch.zeros(batch, num_anchors, num_classes, device=device),
+        torch.zeros(batch, num_anchors, dtype=torch.bool, device=device),
+        torch.zeros(batch, num_anchors, dtype=torch.long, device=device),
+    )
+
+
+class ATSSAssigner:
+    """Adaptive training-sample selection (ATSS): per level the ``topk`` anchors nearest the box centre, kept when
+    their anchor-box IoU reaches the candidates' ``mean + std`` and their point lies inside the box."""
+
+    def __init__(self, num_classes: int, *, topk: int = 9, anchor_scale: float = 5.0, eps: float = 1e-9):
+        self.num_classes, self.topk, self.anchor_scale, self.eps = num_classes, topk, anchor_scale, eps
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        pd_scores: torch.Tensor,
+        pd_boxes: torch.Tensor,
+        anchors: torch.Tensor,
+        gt_labels: torch.Tensor,
+        gt_boxes: torch.Tensor,
+        gt_mask: torch.Tensor,
+        strides: torch.Tensor | None = None,
+    ) -> AssignResult:
+        """As ``TaskAlignedAssigner``; ``strides`` (A,) gives each anchor's stride (levels are runs of equal stride,
+        as ``make_anchors`` lays them out). ``pd_scores`` only sets the shape: the assignment ignores predictions."""
+        batch, num_anchors, num_classes = pd_scores.shape
+        device = pd_scores.device
+        if gt_boxes.shape[1] == 0 or not gt_mask.any():
+            return _empty_assignment(batch, num_anchors, num_classes, device)
+        if strides is None or strides.shape != (num_anchors,):
+            raise PotpourriError(f"ATSSAssigner needs the stride of each of the {num_anchors} anchors")
+        num_gt = gt_boxes.shape[1]
+        gt_labels = gt_labels.long().clamp(0, num_classes - 1)
+        valid = gt_mask.bool()[..., None]  # (B, M, 1)
+        half = strides[:, None] * self.anchor_scale / 2
+        anchor_boxes = torch.cat([anchors - half, anchors + half], -1)  # (A, 4)
+        ious = box_iou_elementwise(gt_boxes[:, :, None], anchor_boxes[None, None])  # (B, M, A)
+        centres = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2  # (B, M, 2)
+        distances = (anchors[None, None] - centres[:, :, None]).square().sum(-1)  # (B, M, A)
+
+        # candidates: the topk nearest anchor points on each level
+        candidates = torch.zeros_like(ious, dtype=torch.bool)
+        levels = torch.unique_consecutive(strides, return_counts=True)[1].tolist()
+        start = 0
+        for count in levels:
+            nearest = distances[..., start : start + count].topk(min(self.topk, count), -1, largest=False).indices
+            candidates[..., start : start + count].scatter_(-1, nearest, True)
+            start += count
+        candidates &= valid
+
+        # adaptive threshold: mean + (sample) std of the candidates' IoUs, per box
+        n = candidates.sum(-1, keepdim=True).clamp_min(1)  # (B, M, 1)
+        mean = (ious * candidates).sum(-1, keepdim=True) / n
+        var = ((ious - mean).square() * candidates).sum(-1, keepdim=True) / (n - 1).clamp_min(1)
+        threshold = mean + var.sqrt()
+        offsets = torch.cat(
+            [anchors[None, None] - gt_boxes[:, :, None, :2], gt_boxes[:, :, None, 2:] - anchors[None, None]], -1
+        )  # (B, M, A, 4)
+        inside = offsets.amin(-1) > self.eps
+        positive = candidates & (ious >= threshold) & inside
+        # a box left without a positive (e.g. smaller than a cell) gets its best candidate, the nearest on ties
+        ranked = torch.where(candidates, ious, torch.full_like(ious, -1.0))
+        tied = candidates & (ranked >= ranked.amax(-1, keepdim=True) - self.eps)
+        best = torch.where(tied, distances, torch.full_like(distances, float("inf"))).argmin(-1)  # (B, M)
+        lonely = ~positive.any(-1, keepdim=True)  # (B, M, 1)
+        positive |= torch.zeros_like(positive).scatter_(2, best[..., None], True) & lonely
+        positive &= valid
+
+        # an anchor claimed by several boxes keeps the one whose anchor box it overlaps most
+        claimed = positive.sum(1, keepdim=True) > 1  # (B, 1, A)
+        if claimed.any():
+            winner = torch.where(positive, ious, torch.full_like(ious, -1.0)).argmax(1)  # (B, A)
+            one_hot = F.one_hot(winner, num_gt).transpose(1, 2).bool()  # (B, M, A)
+            positive = torch.where(claimed, one_hot & positive, positive)
+
+        fg = positive.any(1)  # (B, A)
+        gt_index = positive.float().argmax(1)  # (B, A)
+        labels = gt_labels.gather(1, gt_index)  # (B, A)
+        boxes = gt_boxes.gather(1, gt_index[..., None].expand(-1, -1, 4))  # (B, A, 4)
+        quality = box_iou_elementwise(pd_boxes, boxes) * fg  # (B, A): IoU of the predicted box with its target
+        scores = F.one_hot(labels, num_classes).float() * quality[..., None]  # (B, A, K)
+        return AssignResult(labels, boxes, scores, fg, gt_index)
+
+
+ASSIGNERS = ("tal", "atss")
+
+
+def make_assigner(name: str, num_classes: int, *, topk: int | None = None) -> TaskAlignedAssigner | ATSSAssigner:
+    """The assigner called ``name`` (``tal`` or ``atss``) with its default ``topk`` (13 and 9) unless given."""
+    if name == "tal":
+        return TaskAlignedAssigner(num_classes, topk=topk or 13)
+    if name == "atss":
+        return ATSSAssigner(num_classes, topk=topk or 9)
+    raise PotpourriError(f"unknown assigner '{name}'; choose one of {', '.join(ASSIGNERS)}")
+
+
+# ----------------------------------------------------------------------------------------------- losses
+def distribution_focal_loss(bin_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """DFL (GFL, Li et al. 2020): cross-entropy towards the two bins around a continuous ``target``, weighted by
+    nearness: ``(N, R+1), (N,) -> (N,)``; ``target`` must lie in [0, R)."""
+    left = target.floor().long()
+    weight_right = target - left.float()
+    return (
+        F.cross_entropy(bin_logits, left, reduction="none") * (1 - weight_right)
+        + F.cross_entropy(bin_logits, left + 1, reduction="none") * weight_right
+    )
+
+
+def varifocal_loss(
+    logits: torch.Tensor,
+    target_scores: torch.Tensor,
+    positive: torch.Tensor,
+    *,
+    alpha: float = 0.75,
+    gamma: float = 2.0,
+) -> torch.Tensor:
+    """Varifocal loss (VarifocalNet; YOLOv6 ``VarifocalLoss``), summed: negatives weighted ``alpha · p^gamma``,
+    positives by their target score."""
+    weight = alpha * logits.sigmoid().pow(gamma) * (1 - positive) + target_scores * positive
+    return (F.binary_cross_entropy_with_logits(logits, target_scores, reduction="none") * weight).sum()
+
+
+class DetectionLoss:
+    """Class + GIoU + DFL loss of a raw detector output against padded ground truth."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        reg_max: int,
+        strides: Sequence[int],
+        *,
+        cls_loss: str = "vfl",
+        weights: tuple[float, float, float] = (1.0, 2.5, 0.5),
+        assigner: TaskAlignedAssigner | ATSSAssigner | None = None,
+    ):
+        if cls_loss not in ("vfl", "bce"):
+            raise PotpourriError(f"unknown class loss '{cls_loss}'; choose vfl or bce")
+        self.num_classes, self.reg_max, self.strides = num_classes, reg_max, tuple(strides)
+        self.cls_loss, self.weights = cls_loss, weights
+        self.assigner = assigner or TaskAlignedAssigner(num_classes)
+
+    def __call__(
+        self,
+        raw: torch.Tensor,
+        gt_labels: torch.Tensor,
+        gt_boxes: torch.Tensor,
+        gt_mask: torch.Tensor,
+        image_size: tuple[int, int],
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Total loss and its parts; ``raw`` (B, A, 4·(R+1)+K), ground truth padded to (B, M, ...)."""
+        bins_count = 4 * (self.reg_max + 1)
+        bin_logits, logits = raw[..., :bins_count], raw[..., bins_count:]  # (B, A, 4·(R+1)), (B, A, K)
+        anchors, stride_of = make_anchors(image_size, self.strides, raw.device)
+        distances = dfl_expectation(bin_logits, self.reg_max)  # (B, A, 4) in strides
+        pd_boxes = distances_to_boxes(distances * stride_of[:, None], anchors)  # (B, A, 4) pixels
+        assigned = self.assigner(
+            logits.detach().sigmoid(), pd_boxes.detach(), anchors, gt_labels, gt_boxes, gt_mask, strides=stride_of
+        )
+        score_sum = assigned.scores.sum().clamp_min(1.0)
+
+        if self.cls_loss == "vfl":
+            positive = F.one_hot(assigned.labels, self.num_classes).float() * assigned.fg[..., None]
+            loss_cls = varifocal_loss(logits, assigned.scores, positive) / score_sum
+        else:
+            loss_cls = F.binary_cross_entropy_with_logits(logits, assigned.scores, reduction="sum") / score_sum
+
+        fg = assigned.fg
+        if fg.any():
+            from torchvision.ops import generalized_box_iou_loss
+
+            weight = assigned.scores.sum(-1)[fg]  # (P,) each positive's soft score
+            giou = generalized_box_iou_loss(pd_boxes[fg], assigned.boxes[fg], reduction="none")  # (P,)
+            loss_box = (giou * weight).sum() / score_sum
+            target = torch.cat([anchors - assigned.boxes[..., :2], assigned.boxes[..., 2:] - anchors], -1)
+            target = (target / stride_of[None, :, None])[fg].clamp(0, self.reg_max - 0.01)  # (P, 4) in strides
+            dfl = distribution_focal_loss(bin_logits[fg].reshape(-1, self.reg_max + 1), target.reshape(-1))
+            loss_dfl = (dfl.reshape(-1, 4).mean(-1) * weight).sum() / score_sum
+        else:
+            loss_box = loss_dfl = bin_logits.sum() * 0.0  # keeps the graph connected on a batch without boxes
+        w_cls, w_box, w_dfl = self.weights
+        total = w_cls * loss_cls + w_box * loss_box + w_dfl * loss_dfl
+        parts = {"loss_cls": loss_cls.item(), "loss_giou": loss_box.item(), "loss_dfl": loss_dfl.item()}
+        return total, {**parts, "positives": int(fg.sum())}
+
+
+# ----------------------------------------------------------------------------------------------- data
+def augment(sample: DetectionSample, rng: np.random.Generator) -> DetectionSample:
+    """Random horizontal/vertical flip and quarter turn of a square sample, boxes moved with the pixels."""
+    image, boxes = sample.image, sample.boxes.copy()
+    side = image.shape[0]
+    if image.shape[0] != image.shape[1]:
+        raise PotpourriError(f"augment expects square images, got {image.shape[1]}x{image.shape[0]}")
+    if rng.random() < 0.5:  # horizontal flip: x -> side - x
+        image, boxes = image[:, ::-1], np.stack([side - boxes[:, 2], boxes[:, 1], side - boxes[:, 0], boxes[:, 3]], 1)
+    if rng.random() < 0.5:  # vertical flip: y -> side - y
+        image, boxes = image[::-1], np.stack([boxes[:, 0], side - boxes[:, 3], boxes[:, 2], side - boxes[:, 1]], 1)
+    for _ in range(int(rng.integers(0, 4))):  # np.rot90 (counter-clockwise): (x, y) -> (y, side - x)
+        image, boxes = np.rot90(image), np.stack([boxes[:, 1], side - boxes[:, 2], boxes[:, 3], side - boxes[:, 0]], 1)
+    return DetectionSample(np.ascontiguousarray(image), boxes.reshape(-1, 4), sample.labels, sample.name)
+
+
+def to_tensor(images: Sequence[np.ndarray], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(H, W, 3) uint8 images → normalised (B, 3, H, W) float32."""
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    return x.contiguous()  # the permute leaves channels-last strides
+
+
+def collate(
+    samples: Sequence[DetectionSample], mean: Sequence[float], std: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images (B, 3, H, W) and ground truth padded to the batch's most boxes: labels, boxes, mask."""
+    most = max([len(s.labels) for s in samples] + [1])
+    labels = torch.zeros(len(samples), most, dtype=torch.long)
+    boxes = torch.zeros(len(samples), most, 4)
+    mask = torch.zeros(len(samples), most, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        n = len(s.labels)
+        labels[i, :n], boxes[i, :n], mask[i, :n] = torch.from_numpy(s.labels), torch.from_numpy(s.boxes), True
+    return to_tensor([s.image for s in samples], mean, std), labels, boxes, mask
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+def require_pycocotools() -> Any:
+    try:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+    except ImportError as exc:
+        raise PotpourriError("COCO mAP needs pycocotools: pip install 'pycocotools>=2.0.8'") from exc
+    return COCO, COCOeval
+
+
+def coco_map(
+    predictions: Sequence[dict[str, Any]], targets: Sequence[DetectionSample], num_classes: int
+) -> dict[str, Any]:
+    """COCO ``map50``, ``map`` (0.5:0.95) and per-class AP@0.5 (NaN: class absent) by ``pycocotools``.
+
+    ``predictions[i]`` holds ``boxes`` (N, 4) xyxy, ``scores`` and ``labels`` for ``targets[i]``.
+    """
+    if len(predictions) != len(targets):
+        raise PotpourriError(f"{len(predictions)} predictions for {len(targets)} images")
+    coco_cls, eval_cls = require_pycocotools()
+    images, annotations, results = [], [], []
+    for image_id, (pred, target) in enumerate(zip(predictions, targets, strict=True), start=1):
+        height, width = target.image.shape[:2]
+        images.append({"id": image_id, "width": width, "height": height})
+        for box, label in zip(target.boxes.tolist(), target.labels.tolist(), strict=True):
+            w, h = box[2] - box[0], box[3] - box[1]
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label) + 1,
+                                "bbox": [box[0], box[1], w, h], "area": w * h, "iscrowd": 0})  # fmt: skip
+        boxes, scores, labels = (np.asarray(pred[k].cpu() if torch.is_tensor(pred[k]) else pred[k]) for k in
+                                 ("boxes", "scores", "labels"))  # fmt: skip
+        for box, score, label in zip(boxes.reshape(-1, 4).tolist(), scores.tolist(), labels.tolist(), strict=True):
+            results.append({"image_id": image_id, "category_id": int(label) + 1, "score": float(score),
+                            "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})  # fmt: skip
+    empty = {"map50": float("nan"), "map": float("nan"), "per_class_ap50": [float("nan")] * num_classes}
+    if not annotations:
+        return {**empty, "images": len(images), "boxes": 0, "detections": len(results)}
+    if not results:
+        present = {a["category_id"] - 1 for a in annotations}
+        per_class = [0.0 if k in present else float("nan") for k in range(num_classes)]
+        return {"map50": 0.0, "map": 0.0, "per_class_ap50": per_class, "images": len(images),
+                "boxes": len(annotations), "detections": 0}  # fmt: skip
+    truth = coco_cls()
+    truth.dataset = {"images": images, "annotations": annotations,
+                     "categories": [{"id": k + 1, "name": str(k)} for k in range(num_classes)]}  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress and its summary table
+        truth.createIndex()
+        detections = truth.loadRes(results)
+        evaluator = eval_cls(truth, detections, "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    precision = evaluator.eval["precision"][0, :, :, 0, -1]  # IoU 0.5, all recalls, classes, area all, 100 dets
+    per_class = [float(np.mean(p[p > -1])) if (p > -1).any() else float("nan") for p in precision.T]
+    return {"map50": float(evaluator.stats[1]), "map": float(evaluator.stats[0]), "per_class_ap50": per_class,
+            "images": len(images), "boxes": len(annotations), "detections": len(results)}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- inference
+@torch.no_grad()
+def detect_images(
+    model: YoloDetector,
+    images: Sequence[np.ndarray],
+    *,
+    image_size: int,
+    conf: float = 0.25,
+    iou: float = 0.6,
+    max_det: int = 100,
+    batch_size: int = 16,
+) -> list[dict[str, np.ndarray]]:
+    """Detections per (H, W, 3) uint8 image, in that image's own pixels: ``boxes``, ``scores``, ``labels``."""
+    from PIL import Image
+
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        resized = [
+            im if im.shape[:2] == (image_size, image_size)
+            else np.asarray(Image.fromarray(im).resize((image_size, image_size), Image.Resampling.BILINEAR))
+            for im in chunk
+        ]  # fmt: skip
+        raw = model(to_tensor(resized, model.mean, model.std))
+        found = postprocess(raw, model, image_size=(image_size, image_size), conf=conf, iou=iou, max_det=max_det)
+        for im, det in zip(chunk, found, strict=True):
+            scale = np.array([im.shape[1], im.shape[0], im.shape[1], im.shape[0]], np.float32) / image_size
+            out.append({"boxes": det["boxes"].numpy() * scale, "scores": det["scores"].numpy(),
+                        "labels": det["labels"].numpy()})  # fmt: skip
+    return out
+
+
+def evaluate_detector(
+    model: YoloDetector, samples: Sequence[DetectionSample], *, image_size: int, batch_size: int = 16
+) -> dict[str, Any]:
+    """COCO mAP of ``model`` on ``samples`` (confidence 0.001, NMS IoU 0.6, 100 detections per image)."""
+    predictions = detect_images(model, [s.image for s in samples], image_size=image_size, conf=0.001,
+                                batch_size=batch_size)  # fmt: skip
+    return coco_map(predictions, samples, model.num_classes)
+
+
+# ----------------------------------------------------------------------------------------------- saving
+def save_detector(folder: str | os.PathLike, model: YoloDetector, meta: dict[str, Any]) -> Path:
+    """Write ``detector.safetensors`` and ``detector.json`` (architecture, classes, input size, normalisation)."""
+    from potpourri.core.io import atomic_write_bytes, save_state_dict_atomic
+
+    folder = Path(folder)
+    save_state_dict_atomic(model.state_dict(), folder / "detector.safetensors")
+    record = {**meta, "num_classes": model.num_classes, "reg_max": model.reg_max, "mean": list(model.mean),
+              "std": list(model.std), "strides": list(model.strides)}  # fmt: skip
+    atomic_write_bytes(folder / "detector.json", json.dumps(record, indent=2).encode())
+    return folder / "detector.safetensors"
+
+
+def load_detector(folder: str | os.PathLike) -> tuple[YoloDetector, dict[str, Any]]:
+    """The detector saved by ``save_detector`` (or ``potpourri detect train``) in eval mode, and its metadata."""
+    from potpourri.core.io import load_state_dict_file
+    from potpourri.core.registry import create_model
+
+    folder = Path(folder)
+    meta_path = folder / "detector.json"
+    if not meta_path.is_file():
+        raise PotpourriError(
+            f"'{folder}' holds no detector.json; pass a run folder written by `potpourri detect train`"
+        )
+    meta = json.loads(meta_path.read_text())
+    model = create_model(meta["model"], num_classes=meta["num_classes"], reg_max=meta["reg_max"])
+    state = load_state_dict_file(folder / "detector.safetensors", fix="re-run `potpourri detect train`")
+    model.load_state_dict(state)
+    return model.eval(), meta
+
+
+# ----------------------------------------------------------------------------------------------- training
+@dataclass
+class DetectTrainConfig:
+    """Every knob of detector training."""
+
+    model: str = "yolo_rep_n"
+    class_names: tuple[str, ...] = ()
+    image_size: int = 256
+    epochs: int = 30
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    optimizer: str = "adamw"  # adamw | sgd (momentum 0.937, as YOLOv6)
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.05
+    grad_clip: float | None = 10.0
+    cls_loss: str = "vfl"  # vfl | bce
+    loss_weights: tuple[float, float, float] = (1.0, 2.5, 0.5)  # class, GIoU, DFL (YOLOv6)
+    assigner: str = "tal"  # tal | atss
+    topk: int | None = None  # candidates per box (tal: 13) or per box and level (atss: 9)
+    augment: bool = True
+    backbone_pretrained: bool = False  # yolo_lite0_pan: ImageNet EfficientNet-Lite0 backbone
+    eval_every: int = 0  # epochs between test mAP evaluations; 0: only at the end
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class DetectTrainResult:
+    """The trained model (eval mode), per-epoch history and wall time."""
+
+    model: YoloDetector
+    history: list[dict[str, Any]]
+    seconds: float
+    steps: int
+    final: dict[str, Any] = field(default_factory=dict)
+
+
+def build_detector(cfg: DetectTrainConfig) -> YoloDetector:
+    """The configured detector with ``len(cfg.class_names)`` classes."""
+    from potpourri.core.registry import create_model
+
+    if not cfg.class_names:
+        raise PotpourriError("class_names is empty; a detector needs at least one class")
+    extra = {"backbone_pretrained": True} if cfg.backbone_pretrained else {}
+    if cfg.backbone_pretrained and cfg.model != "yolo_lite0_pan":
+        raise PotpourriError(f"--backbone-pretrained needs --model yolo_lite0_pan (got '{cfg.model}')")
+    return create_model(cfg.model, num_classes=len(cfg.class_names), **extra)
+
+
+def _optimizer(model: nn.Module, cfg: DetectTrainConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]  # conv weights; no decay on BN, biases
+    rest = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.937, nesterov=True)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    raise PotpourriError(f"unknown optimizer '{cfg.optimizer}'; choose adamw or sgd")
+
+
+def train_detector(
+    train: Sequence[DetectionSample],
+    test: Sequence[DetectionSample] | None,
+    cfg: DetectTrainConfig,
+    *,
+    run_path: str | os.PathLike | None = None,
+    resume: bool = False,
+    model: YoloDetector | None = None,
+) -> DetectTrainResult:
+    """Train a detector on ``train`` (square images of ``cfg.image_size``); checkpoints in ``run_path/checkpoints``.
+
+    Example:
+        result = train_detector(data.train, data.test, DetectTrainConfig(class_names=data.class_names, epochs=5))
+    """
+    from tqdm.auto import tqdm
+
+    from potpourri.core.runs import seed_everything
+    from potpourri.core.training import epoch_batches, load_checkpoint, lr_at, save_checkpoint
+
+    if not train:
+        raise PotpourriError("no training images")
+    if any(s.image.shape[:2] != (cfg.image_size, cfg.image_size) for s in train):
+        raise PotpourriError(f"training images must be {cfg.image_size}x{cfg.image_size}; resize them first")
+    seed_everything(cfg.seed)
+    model = model if model is not None else build_detector(cfg)
+    model.train()
+    loss_fn = DetectionLoss(
+        model.num_classes, model.reg_max, model.strides, cls_loss=cfg.cls_loss, weights=cfg.loss_weights,
+        assigner=make_assigner(cfg.assigner, model.num_classes, topk=cfg.topk),
+    )  # fmt: skip
+    optimizer = _optimizer(model, cfg)
+    batch_size = min(cfg.batch_size, len(train))
+    drop_last = len(train) % batch_size == 1  # a batch of one image breaks BatchNorm
+    steps_per_epoch = len(epoch_batches(len(train), batch_size, seed=0, epoch=0, shuffle=False, drop_last=drop_last))
+    total = cfg.epochs * steps_per_epoch
+    checkpoints = Path(run_path) / "checkpoints" if run_path is not None else None
+    history: list[dict[str, Any]] = []
+    start_epoch, step, elapsed = 0, 0, 0.0
+    if resume:
+        if checkpoints is None:
+            raise PotpourriError("resume needs a run folder")
+        state = load_checkpoint(checkpoints, model=model, optimizer=optimizer)
+        start_epoch, step, history, elapsed = state["epoch"] + 1, state["step"], state["history"], state["seconds"]
+    size = (cfg.image_size, cfg.image_size)
+    started = time.perf_counter() - elapsed
+    bar = tqdm(total=total, initial=step, desc="detect train", disable=not cfg.progress, unit="step")
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        sums: dict[str, float] = {}
+        batches = epoch_batches(len(train), batch_size, seed=cfg.seed, epoch=epoch, shuffle=True, drop_last=drop_last)
+        for batch_index, indices in enumerate(batches):
+            rng = np.random.default_rng([cfg.seed, epoch, batch_index])  # a function of the position: resumable
+            chosen = [augment(train[i], rng) if cfg.augment else train[i] for i in indices]
+            images, gt_labels, gt_boxes, gt_mask = collate(chosen, model.mean, model.std)
+            lr = lr_at(step, base=cfg.lr, total=total, warmup=cfg.warmup_steps, min_ratio=cfg.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            raw = model(images)  # (B, A, 4·(R+1)+K)
+            loss, parts = loss_fn(raw, gt_labels, gt_boxes, gt_mask, size)
+            if not torch.isfinite(loss):
+                raise PotpourriError(f"loss became {loss.item()} at step {step}; lower --lr (now {cfg.lr})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            step += 1
+            for key, value in {"loss": loss.item(), **parts}.items():
+                sums[key] = sums.get(key, 0.0) + value
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+        row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": lr}
+        row.update({k: v / len(batches) for k, v in sums.items()})
+        row["seconds"] = time.perf_counter() - started
+        last = epoch + 1 == cfg.epochs
+        if test and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
+            metrics = evaluate_detector(model, test, image_size=cfg.image_size)
+            row.update(test_map50=metrics["map50"], test_map=metrics["map"])
+            model.train()
+        history.append(row)
+        if checkpoints is not None:
+            state = {"epoch": epoch, "step": step, "history": history, "seconds": row["seconds"],
+                     "config": _plain(asdict(cfg))}  # fmt: skip
+            save_checkpoint(checkpoints, model=model, optimizer=optimizer, ema=None, state=state)
+    bar.close()
+    seconds = time.perf_counter() - started
+    model.eval()
+    return DetectTrainResult(model, history, seconds, step, history[-1] if history else {})
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value if not isinstance(value, float) or math.isfinite(value) else None

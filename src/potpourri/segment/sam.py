@@ -1,0 +1,291 @@
+"""Promptable defect segmentation with the Segment Anything architecture (Kirillov et al., 2023), small and on CPU.
+
+Reading order: prompt encoder (random-Fourier positional encoding, point-type embeddings) → two-way transformer →
+mask decoder (output tokens, hypernetwork MLPs, IoU head) → image encoder (frozen EfficientNet-Lite0 to stride 16,
+projected by a SAM-style neck) → ``Sam`` → prompt sampling and losses → ``train_sam`` / ``evaluate_sam`` → the
+official-checkpoint path (``segment_anything`` key layout, ``sam_vit_b.pth`` / ``mobile_sam.pt``).
+
+Module and parameter names of ``prompt_encoder.*`` and ``mask_decoder.*`` are those of ``segment_anything``, so an
+official checkpoint's prompt encoder and mask decoder load into ours unchanged (at width 256).
+
+Example:
+    >>> sam = Sam(SamConfig(prompt_dim=32), backbone=None)  # doctest: +SKIP
+    >>> masks, iou = sam(images, points=pts, labels=lbl)  # (B, 3, H/4, W/4), (B, 3)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from potpourri.models.sam import Sam, SamConfig
+
+__all__ = [
+    "evaluate_sam",
+    "sam_loss",
+    "train_sam",
+]
+
+
+# ----------------------------------------------------------------------------------------------- prompts, losses
+def regions(mask: np.ndarray, min_pixels: int = 16) -> list[np.ndarray]:
+    """Binary masks of the defect regions of a class-id mask: one per class present with ``min_pixels`` or more."""
+    return [mask == c for c in np.unique(mask) if c != 0 and (mask == c).sum() >= min_pixels]
+
+
+def box_of(region: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(region)
+    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
+
+
+def centre_click(region: np.ndarray) -> np.ndarray:
+    """The pixel of ``region`` farthest from its boundary (the usual first click of interactive evaluation)."""
+    dist = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    return np.array([x, y], np.float32)
+
+
+def next_click(pred: np.ndarray, region: np.ndarray) -> tuple[np.ndarray, int]:
+    """Corrective click at the centre of the largest error: positive on missed pixels, negative on false ones."""
+    missed, false = region & ~pred, pred & ~region
+    error = missed if missed.sum() >= false.sum() else false
+    if not error.any():
+        return centre_click(region), 1
+    components, count = ndimage.label(error)
+    sizes = ndimage.sum(error, components, range(1, count + 1))
+    largest = components == (1 + int(np.argmax(sizes)))
+    return centre_click(largest), int(error is missed)
+
+
+def sample_prompt(region: np.ndarray, rng: np.random.Generator, kind: str) -> dict[str, np.ndarray]:
+    """A training prompt from a ground-truth region: "point" (one positive), "points" (2–3 mixed) or "box"."""
+    ys, xs = np.nonzero(region)
+    if kind == "box":  # SAM's box noise: 10% of the side, at most 20 px
+        box = box_of(region)
+        side = np.array([box[2] - box[0], box[3] - box[1]] * 2, np.float32)
+        noise = rng.normal(0, 1, 4) * np.minimum(0.1 * side, 20)
+        box = np.clip(box + noise, 0, region.shape[0] - 1).astype(np.float32)
+        return {"boxes": np.array([min(box[0], box[2]), min(box[1], box[3]), max(box[0], box[2]), max(box[1], box[3])])}
+    count = 1 if kind == "point" else int(rng.integers(2, 4))
+    points, labels = [], []
+    x0, y0, x1, y1 = box_of(region)
+    pad = 0.25 * max(x1 - x0, y1 - y0) + 4
+    for i in range(count):
+        if i == 0 or rng.random() < 0.6:
+            j = int(rng.integers(len(ys)))
+            points.append((xs[j], ys[j]))
+            labels.append(1)
+        else:  # a negative click near the region
+            for _ in range(20):
+                x = rng.uniform(x0 - pad, x1 + pad)
+                y = rng.uniform(y0 - pad, y1 + pad)
+                xi, yi = int(np.clip(x, 0, region.shape[1] - 1)), int(np.clip(y, 0, region.shape[0] - 1))
+                if not region[yi, xi]:
+                    break
+            points.append((xi, yi))
+            labels.append(0)
+    return {"points": np.array(points, np.float32), "labels": np.array(labels, np.int64)}
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+    """Sigmoid focal loss per mask, averaged over pixels: (B, M)."""
+    prob = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = prob * target + (1 - prob) * (1 - target)
+    weight = alpha * target + (1 - alpha) * (1 - target)
+    return (weight * ce * (1 - p_t) ** gamma).flatten(2).mean(-1)
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice per mask: (B, M)."""
+    prob = torch.sigmoid(logits).flatten(2)
+    target = target.flatten(2)
+    return 1 - (2 * (prob * target).sum(-1) + eps) / (prob.sum(-1) + target.sum(-1) + eps)
+
+
+def sam_loss(
+    logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor, *, focal_weight: float = 20.0
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """SAM's loss: focal·w + dice on the best of the M masks only, plus MSE of predicted IoU against actual IoU.
+
+    ``logits`` (B, M, S, S) at the target's resolution, ``target`` (B, 1, S, S) in {0, 1}.
+    """
+    target = target.expand_as(logits)
+    mask_loss = focal_weight * focal_loss(logits, target) + dice_loss(logits, target)  # (B, M)
+    best = mask_loss.argmin(dim=1)  # SAM backpropagates only the lowest-loss mask of an ambiguous prompt
+    rows = torch.arange(len(best))
+    with torch.no_grad():
+        pred = logits > 0
+        inter = (pred & (target > 0.5)).flatten(2).sum(-1).float()
+        union = (pred | (target > 0.5)).flatten(2).sum(-1).float()
+        iou = inter / union.clamp(min=1)  # (B, M)
+    iou_loss = F.mse_loss(iou_pred, iou)
+    loss = mask_loss[rows, best].mean() + iou_loss
+    return loss, {"mask": float(mask_loss[rows, best].mean().detach()), "iou_mse": float(iou_loss.detach())}
+
+
+# ----------------------------------------------------------------------------------------------- data
+def synth_regions(
+    split: str, per_category: int, *, size: int, seed: int = 0, multi_share: float = 0.5,
+    categories=("brick", "grass", "gravel"),
+):  # fmt: skip
+    """DS-Synth defect images → images (N, S, S, 3) and (image index, region) pairs; ``multi_share`` of the images
+    hold 2–3 defects, so that the prompt, not the image alone, says which region is meant."""
+    from potpourri.data.synth import DEFECTS, MULTI, make_samples
+
+    n_multi = round(per_category * multi_share)
+    images, items = [], []
+    for category in categories:
+        samples = make_samples(category, split, per_category - n_multi, seed=seed, size=size, kinds=DEFECTS)
+        samples += make_samples(category, split, n_multi, seed=seed, size=size, kinds=(MULTI,))
+        for sample in samples:
+            for region in regions(sample.mask):
+                items.append((len(images), region))
+            images.append(sample.image)
+    return np.stack(images), items
+
+
+# ----------------------------------------------------------------------------------------------- train / evaluate
+def _batch_prompts(prompts: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    if "boxes" in prompts[0]:
+        return {"boxes": torch.from_numpy(np.stack([p["boxes"] for p in prompts]))}
+    return {
+        "points": torch.from_numpy(np.stack([p["points"] for p in prompts])),
+        "labels": torch.from_numpy(np.stack([p["labels"] for p in prompts])),
+    }
+
+
+def _upsample(logits: torch.Tensor, size: int) -> torch.Tensor:
+    return F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def train_sam(
+    sam: Sam, images: np.ndarray, items: list[tuple[int, np.ndarray]], *, progress: bool = True, log=None
+) -> list[float]:
+    """Train prompt encoder and mask decoder (and the neck if ``train_neck``) on regions with sampled prompts."""
+    from tqdm import tqdm
+
+    cfg = sam.config
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    features = torch.cat([sam.backbone_features(images[i : i + 16]) for i in range(0, len(images), 16)])
+    params = [p for p in sam.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    warmup = max(1, cfg.steps // 20)  # linear warm-up, then cosine decay
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps)))
+    )
+    sam.train()
+    losses = []
+    for step in tqdm(range(cfg.steps), disable=not progress, desc="sam-train"):
+        kind = ("point", "points", "box")[step % 3]  # one prompt kind per batch: the token count is fixed
+        chosen = rng.integers(len(items), size=cfg.batch_size)
+        if kind == "points":
+            count = int(rng.integers(2, 4))
+            prompts = [sample_prompt(items[j][1], rng, "points") for j in chosen]
+            prompts = [
+                {"points": np.resize(p["points"], (count, 2)), "labels": np.resize(p["labels"], count)} for p in prompts
+            ]
+        else:
+            prompts = [sample_prompt(items[j][1], rng, kind) for j in chosen]
+        target = torch.from_numpy(np.stack([items[j][1] for j in chosen])).float()[:, None]  # (B, 1, S, S)
+        logits, iou_pred = sam.decode(features[[items[j][0] for j in chosen]], **_batch_prompts(prompts),
+                                      multimask_output=kind == "point")  # fmt: skip
+        loss, parts = sam_loss(_upsample(logits, cfg.image_size), iou_pred, target, focal_weight=cfg.focal_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if log is not None and (step % 100 == 0 or step == cfg.steps - 1):
+            log({"step": step, "loss": loss.item(), **parts})
+    sam.eval()
+    return losses
+
+
+@torch.no_grad()
+def predict_mask(sam: Sam, features: torch.Tensor, prompt: dict[str, np.ndarray]) -> np.ndarray:
+    """One (S, S) bool mask for one image's features (1, C, h, w); a single click takes the best-predicted of 3."""
+    single_click = "points" in prompt and len(prompt["points"]) == 1
+    logits, iou_pred = sam.decode(features, **_batch_prompts([prompt]), multimask_output=single_click)
+    best = int(iou_pred[0].argmax())
+    return (_upsample(logits[:, best : best + 1], sam.config.image_size)[0, 0] > 0).numpy()
+
+
+def _iou(pred: np.ndarray, target: np.ndarray) -> float:
+    return float((pred & target).sum() / max(1, (pred | target).sum()))
+
+
+@torch.no_grad()
+def evaluate_sam(sam: Sam, images: np.ndarray, items: list[tuple[int, np.ndarray]], *, progress: bool = True):
+    """mIoU over regions for 1 centre click, 3 clicks (2 corrective), the tight box; and the box-fill baseline."""
+    from tqdm import tqdm
+
+    sam.eval()
+    features = torch.cat([sam.backbone_features(images[i : i + 16]) for i in range(0, len(images), 16)])
+    scores: dict[str, list[float]] = {"1 click": [], "3 clicks": [], "box": [], "box filled (baseline)": []}
+    for index, region in tqdm(items, disable=not progress, desc="sam-eval"):
+        feats = features[index : index + 1]
+        points, labels = [centre_click(region)], [1]
+        pred = predict_mask(sam, feats, {"points": np.stack(points), "labels": np.array(labels)})
+        scores["1 click"].append(_iou(pred, region))
+        for _ in range(2):
+            point, label = next_click(pred, region)
+            points.append(point)
+            labels.append(label)
+            pred = predict_mask(sam, feats, {"points": np.stack(points), "labels": np.array(labels)})
+        scores["3 clicks"].append(_iou(pred, region))
+        box = box_of(region)
+        scores["box"].append(_iou(predict_mask(sam, feats, {"boxes": box}), region))
+        filled = np.zeros_like(region)
+        filled[int(box[1]) : int(box[3]) + 1, int(box[0]) : int(box[2]) + 1] = True
+        scores["box filled (baseline)"].append(_iou(filled, region))
+    return {name: float(np.mean(v)) for name, v in scores.items()} | {"regions": len(items)}
+
+
+def run_sam_experiment(*, out: str | os.PathLike | None = None, per_category: int = 100, test_per_category: int = 20,
+                       config: SamConfig | None = None, progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Train on DS-Synth training rows, evaluate on held-out rows, save the run and return its summary."""
+    from potpourri.core.registry import create_model
+    from potpourri.core.runs import new_run
+
+    config = config or SamConfig()
+    torch.manual_seed(config.seed)
+    run = new_run(
+        "sam",
+        out,
+        config={**asdict(config), "per_category": per_category, "test_per_category": test_per_category},
+        seed=config.seed,
+    )
+    start = time.perf_counter()
+    sam = Sam(config, backbone=create_model(config.backbone, pretrained=True))
+    train_images, train_items = synth_regions("train", per_category, size=config.image_size, seed=config.seed)
+    test_images, test_items = synth_regions("test", test_per_category, size=config.image_size, seed=config.seed)
+    frozen = {k: v.clone() for k, v in sam.image_encoder.backbone.state_dict().items()}
+    losses = train_sam(sam, train_images, train_items, progress=progress, log=run.log_metrics)
+    train_s = time.perf_counter() - start
+    same = all(torch.equal(frozen[k], v) for k, v in sam.image_encoder.backbone.state_dict().items())
+    metrics = evaluate_sam(sam, test_images, test_items, progress=progress)
+    sam.save(run.path)
+    summary = {
+        "metrics": metrics,
+        "train_regions": len(train_items),
+        "train_images": len(train_images),
+        "test_images": len(test_images),
+        "first_loss": float(np.mean(losses[:30])),
+        "last_loss": float(np.mean(losses[-30:])),
+        "backbone_unchanged": same,
+        "trainable_params": sum(p.numel() for p in sam.parameters() if p.requires_grad),
+        "train_s": round(train_s, 1),
+        "total_s": round(time.perf_counter() - start, 1),
+    }
+    run.write_summary(summary)
+    return summary | {"run": str(run.path)}
