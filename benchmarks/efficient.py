@@ -15,7 +15,7 @@ import timm
 import torch
 
 from potpourri import create_model, reparameterize
-from potpourri.deploy.latency import bench_models, markdown_table
+from potpourri.deploy.latency import bench_models, latency_table
 
 
 def build() -> dict[str, torch.nn.Module]:
@@ -55,7 +55,7 @@ def main() -> None:
     rows, conditions = bench_models(
         list(models), models=models, batches=args.batch, threads=1, image_size=args.size, rounds=args.rounds
     )
-    print(markdown_table(rows, reference="deit_tiny_patch16_224"))
+    print(latency_table(rows, reference="deit_tiny_patch16_224"))
     print(f"conditions: {conditions}")
     by = {(r.model, r.batch): r.median_ms for r in rows}
     for batch in args.batch:

@@ -13,7 +13,7 @@ import torch
 
 from potpourri import create_model
 from potpourri.core.registry import count_macs
-from potpourri.deploy.latency import bench_models, markdown_table
+from potpourri.deploy.latency import bench_models, latency_table
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     rows, conditions = bench_models(
         list(models), models=models, batches=[1], threads=1, image_size=args.size, rounds=args.rounds
     )
-    print(markdown_table(rows, reference="vit_tiny"))
+    print(latency_table(rows, reference="vit_tiny"))
     print(f"load average before/after: {conditions['loadavg_before'][0]:.2f}/{conditions['loadavg_after'][0]:.2f}")
 
 

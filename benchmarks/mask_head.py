@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from potpourri.data.boxes import DetectionSample
+from potpourri.data.transforms import images_to_tensor
 from potpourri.detect.mask_head import (
     InstanceSample,
     MaskHead,
@@ -33,7 +34,7 @@ from potpourri.detect.mask_head import (
     train_mask_head,
     winning_anchors,
 )
-from potpourri.detect.train import coco_map, evaluate_detector, load_detector, to_tensor
+from potpourri.detect.train import coco_map, evaluate_detector, load_detector
 
 
 def _as_boxes(samples: list[InstanceSample]) -> list[DetectionSample]:
@@ -45,7 +46,7 @@ def oracle_box_masks(detector: nn.Module, head: MaskHead, samples: list[Instance
     """Masks of the head inside the ground-truth boxes (score 1): mask quality without detection errors."""
     out = []
     for s in samples:
-        frozen = frozen_outputs(detector, to_tensor([s.image], detector.mean, detector.std))
+        frozen = frozen_outputs(detector, images_to_tensor([s.image], detector.mean, detector.std).contiguous())
         boxes = torch.from_numpy(s.boxes)
         masks = np.zeros((0, *s.image.shape[:2]), bool)
         if len(boxes):

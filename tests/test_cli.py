@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -87,6 +88,9 @@ def test_predict_a_cat_writes_a_run(cat_jpg: Path, tmp_path: Path) -> None:
     assert 281 <= summary["predictions"][0]["top"][0]["index"] <= 285
     for name in ("config.yaml", "env.json", "metrics.csv", "report.html"):
         assert (out / name).is_file()
+    header, row = csv.reader((out / "predictions.csv").read_text().splitlines())
+    assert header == ["image", "label1", "prob1", "label2", "prob2", "label3", "prob3"]
+    assert row[1] == summary["predictions"][0]["top"][0]["label"]
 
 
 def test_runs_are_numbered(cat_jpg: Path, tmp_path: Path) -> None:
@@ -128,3 +132,30 @@ def test_text_model_cannot_predict_images(cat_jpg: Path) -> None:
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     result = potpourri("--debug", "predict", "efficientnet_lite0", str(tmp_path / "nope.jpg"))
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_one_flag_vocabulary_with_hidden_old_spellings() -> None:
+    from potpourri.cli import build_parser, flags
+
+    parser = build_parser()
+    assert parser.parse_args(["tune", "--data", "d", "--image-size", "96"]).image_size == 96
+    assert parser.parse_args(["tune", "--data", "d", "--img-size", "96"]).image_size == 96  # old spelling
+    assert parser.parse_args(["export", "efficientnet_lite0", "--size", "128"]).image_size == 128
+    tune_help = parser._subparsers._group_actions[0].choices["tune"].format_help()
+    assert "--image-size" in tune_help and "--img-size" not in tune_help  # the alias is hidden
+
+    args = parser.parse_args(["inspect", "predict", "--run", "R", "a.png", "b.png"])
+    flags.normalise_run(args)
+    assert args.run == "R" and args.images == ["a.png", "b.png"]
+    args = parser.parse_args(["inspect", "predict", "R", "a.png"])  # the old positional run
+    flags.normalise_run(args)
+    assert args.run == "R" and args.images == ["a.png"]
+
+
+def test_run_flag_errors_are_one_line(capsys) -> None:
+    from potpourri.cli import main
+
+    assert main(["detect", "eval", "--data", "ds-synth:brick"]) == 2
+    assert "give the run folder: --run RUN" in capsys.readouterr().err
+    assert main(["detect", "eval", "--run", "R", "extra", "--data", "ds-synth:brick"]) == 2
+    assert "unexpected argument 'extra'" in capsys.readouterr().err

@@ -13,7 +13,7 @@ import torch
 from potpourri import PotpourriError, create_model, list_models
 from potpourri.core.registry import REGISTRY
 from potpourri.deploy.export import export_onnx
-from potpourri.deploy.latency import LatencyRow, bench_models, markdown_table
+from potpourri.deploy.latency import LatencyRow, bench_models, latency_table
 
 pytest.importorskip("onnxruntime", reason="the [onnx] extra is part of the dev install")
 IMAGE_MODELS = [n for n in list_models() if REGISTRY[n].modality == "image"]
@@ -65,7 +65,7 @@ def test_markdown_table_speedups_are_against_the_reference() -> None:
         LatencyRow("ref", "eager", 1, 1, 10.0, 9.0, 11.0, 100.0, 5),
         LatencyRow("fast", "eager", 1, 1, 4.0, 3.9, 4.1, 250.0, 5),
     ]
-    table = markdown_table(rows, reference="ref")
+    table = latency_table(rows, reference="ref")
     assert "| fast | eager | 1 | 4.00 |" in table and "2.50x" in table
 
 

@@ -120,7 +120,7 @@ def test_losses_against_hand_computation() -> None:
     assert out["bce"].item() == pytest.approx(bce, rel=1e-5)
     assert out["dice"].item() == pytest.approx(dice, rel=1e-5)
     assert out["total"].item() == pytest.approx(bce + dice, rel=1e-5)
-    assert dice_loss(torch.full((1, 4, 4), 30.0), torch.ones(1, 4, 4)).item() == pytest.approx(0.0, abs=1e-6)
+    assert dice_loss(torch.full((1, 4, 4), 30.0).sigmoid(), torch.ones(1, 4, 4)).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_loss_decreases_on_planted_example() -> None:

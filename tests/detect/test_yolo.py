@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from potpourri import create_model
+from potpourri.core.boxes import box_iou_elementwise
 from potpourri.core.errors import PotpourriError
 from potpourri.data.boxes import DetectionSample, boxes_from_mask
 from potpourri.detect.train import (
@@ -20,7 +21,6 @@ from potpourri.detect.train import (
     DetectTrainConfig,
     TaskAlignedAssigner,
     augment,
-    box_iou_elementwise,
     coco_map,
     distribution_focal_loss,
     load_detector,

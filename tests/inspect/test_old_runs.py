@@ -1,8 +1,9 @@
 """Runs written before the folder re-layout (potpourri 0.1.0, December 2026) still load and predict the same.
 
-``tests/fixtures/old_layout/patchcore_v0.1.0`` was written by ``potpourri inspect fit --data ds-synth:brick --image-size 64
---coreset-ratio 0.05 --threads 1`` with the old layout; ``expected.json`` holds the old code's scores on three crops
-of scikit-image's brick photo (the third with a planted white square).
+``tests/fixtures/old_layout/patchcore_v0.1.0`` was written by ``potpourri inspect fit --data ds-synth:brick
+--image-size 64 --coreset-ratio 0.05 --threads 1`` with the old layout (reports and images left out);
+``expected.json`` holds the old code's scores on three crops of scikit-image's brick photo (the third with a planted
+white square).
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ def test_old_patchcore_run_works_from_the_cli(tmp_path):
     for i, crop in enumerate(_crops(expected)):
         paths.append(str(tmp_path / f"crop{i}.png"))
         Image.fromarray(crop).save(paths[-1])
-    assert main(["inspect", "predict", str(RUN), *paths, "--out", str(tmp_path / "out")]) == 0
-    rows = (tmp_path / "out" / "predictions.csv").read_text().splitlines()
+    assert main(["inspect", "predict", str(RUN), *paths, "--out", str(tmp_path / "old")]) == 0  # old spelling
+    assert main(["inspect", "predict", "--run", str(RUN), *paths, "--out", str(tmp_path / "new")]) == 0
+    rows = (tmp_path / "new" / "predictions.csv").read_text().splitlines()
     assert len(rows) == 1 + len(paths)
+    scores = [float(row.split(",")[1]) for row in rows[1:]]
+    np.testing.assert_allclose(scores, expected["scores"], rtol=1e-5)
+    assert rows == (tmp_path / "old" / "predictions.csv").read_text().splitlines()

@@ -16,12 +16,12 @@ from potpourri.core.metrics import image_auroc
 from potpourri.inspect.patchcore import (
     PatchCore,
     PatchCoreConfig,
-    gaussian_blur,
     greedy_coreset,
     memory_budget,
     nearest_neighbors,
     partitioned_coreset,
 )
+from potpourri.models.layers import gaussian_blur
 
 
 def _planted_points(seed: int = 0) -> torch.Tensor:

@@ -440,6 +440,8 @@ def test_cli_writes_masks_panels_and_report(tmp_path) -> None:
     assert len(masks) == 2 and np.asarray(Image.open(masks[0])).shape == (SIZE, SIZE)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["miou"] > 0.5  # real Lite0 features on two flat colours
+    rows = (out / "predictions.csv").read_text().splitlines()
+    assert len(rows) == 1 + summary["images"] and rows[0].startswith("image,pixels_")
     assert len(list((out / "images").glob("*.png"))) == 2 and "IoU against --truth" in (out / "report.html").read_text()
     again = ["inspect", "oneshot", str(paths["query_a"]), "--load", str(out / "model"), "--out", str(tmp_path / "r2")]
     assert main(again) == 0

@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from potpourri.cli import app, data, deploy, detect, inspect, models, papers, sam, tune, vlm
+from potpourri.cli import app, data, deploy, detect, flags, inspect, models, papers, sam, tune, vlm
 from potpourri.core.errors import PotpourriError
 from potpourri.core.version import __version__
 
@@ -40,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        flags.normalise_run(args)
         if not getattr(args, "func", None):
             parser.print_help()
             return 2

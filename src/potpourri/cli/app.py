@@ -5,14 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from potpourri.app.chat import ChatSession, repl
-from potpourri.app.serve import build_app, require_gradio
-
 
 def _cmd_chat(args: argparse.Namespace) -> int:
     import torch
 
     from potpourri.app.assistant import Assistant
+    from potpourri.app.chat import ChatSession, repl
     from potpourri.core.imaging import read_rgb
 
     if args.threads:
@@ -47,6 +45,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import torch
 
     from potpourri.app.assistant import Assistant
+    from potpourri.app.serve import build_app, require_gradio
 
     require_gradio()  # fail before the model loads
     if args.threads:

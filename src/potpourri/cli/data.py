@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from potpourri.cli import flags
 from potpourri.core.errors import PotpourriError
 from potpourri.core.imaging import find_images
 
@@ -21,7 +22,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     manifest = write_ds_synth(
         args.out,
         seed=args.seed,
-        size=args.size,
+        size=args.image_size,
         per_class=args.per_class,
         categories=categories,
         severity=args.severity,
@@ -71,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("synth", help="write the DS-Synth defect benchmark (Defect Spectrum + MVTec AD layouts)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    flags.add_image_size(p, default=256, help="image side in pixels (default 256)", old="--size")
     p.add_argument("--per-class", type=int, default=20, help="test images per defect class and per category")
     p.add_argument("--categories", help="comma-separated subset of brick,grass,gravel,moon,tissue (default all)")
     p.add_argument("--severity", type=float, default=0.5, help="defect size and contrast in [0, 1] (default 0.5)")

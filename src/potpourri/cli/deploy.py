@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
+from potpourri.cli import flags
 from potpourri.core.errors import PotpourriError
 
 
@@ -18,7 +19,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise PotpourriError(f"unknown export format '{args.format}'; choose onnx")
     cfg = get_pretrained_cfg(args.model)
     model = create_model(args.model, pretrained=args.pretrained, weights=args.weights)
-    size = args.size or (cfg.input_size[-1] if cfg else 224)
+    size = args.image_size or (cfg.input_size[-1] if cfg else 224)
     run = new_run("export", args.out, config=vars(args) | {"func": None})
     names = class_names(cfg.label_set, model.num_classes) if cfg and getattr(model, "num_classes", 0) else None
     result = export_onnx(
@@ -31,7 +32,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from potpourri.core.runs import new_run
-    from potpourri.deploy.latency import bench_models, markdown_table
+    from potpourri.deploy.latency import bench_models, latency_table
     from potpourri.report.html import Report
 
     rows, conditions = bench_models(
@@ -39,14 +40,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         batches=args.batch,
         threads=args.threads,
         backends=args.backend,
-        image_size=args.size,
+        image_size=args.image_size,
         rounds=args.rounds,
         reparam=args.reparam,
     )
     run = new_run("bench", args.out, config=vars(args) | {"func": None})
     for row in rows:
         run.log_metrics(asdict(row))
-    table = markdown_table(rows, reference=args.models[0])
+    table = latency_table(rows, reference=args.models[0])
     (run.path / "results.md").write_text(table + "\n")
     run.write_summary({"rows": [asdict(r) for r in rows], "conditions": conditions})
     report = Report("potpourri bench")
@@ -71,8 +72,8 @@ def _cmd_auto_replace(args: argparse.Namespace) -> int:
 
     seed_everything(args.seed)
     torch.set_num_threads(args.threads)
-    model = create_model(args.model, pretrained=args.pretrained, weights=args.weights, img_size=args.size)
-    task = make_task("classification", n_per_class=max(1, args.images // 21 + 1), size=args.size, seed=args.seed)
+    model = create_model(args.model, pretrained=args.pretrained, weights=args.weights, img_size=args.image_size)
+    task = make_task("classification", n_per_class=max(1, args.images // 21 + 1), size=args.image_size, seed=args.seed)
     images = (torch.from_numpy(task.train_images).permute(0, 3, 1, 2).float() / 127.5 - 1.0)[: args.images]
     images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))]
     run = new_run("auto-replace", args.out, config=vars(args) | {"func": None}, seed=args.seed)
@@ -129,7 +130,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reparam", action="store_true", help="re-parameterise (fuse branches) before exporting")
     p.add_argument("--pretrained", action="store_true", help="export with pretrained weights")
     p.add_argument("--weights", help="explicit weight file")
-    p.add_argument("--size", type=int, help="input size (default: the model's)")
+    flags.add_image_size(p, default=None, help="input size (default: the model's)", old="--size")
     p.add_argument("--out", help="output folder (default runs/export/vN)")
     p.set_defaults(func=_cmd_export)
 
@@ -138,7 +139,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--backend", nargs="+", default=["eager"], help="eager and/or onnxruntime")
-    p.add_argument("--size", type=int, default=224)
+    flags.add_image_size(p, default=224, help="input size (default 224)", old="--size")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--reparam", action="store_true", help="also time each model re-parameterised")
     p.add_argument("--out", help="run folder (default runs/bench/vN)")
@@ -151,7 +152,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=100, help="local distillation steps per candidate")
     p.add_argument("--images", type=int, default=64, help="images whose activations are cached")
     p.add_argument("--global-steps", type=int, default=0, help="then fine-tune the new modules against the teacher")
-    p.add_argument("--size", type=int, default=224)
+    flags.add_image_size(p, default=224, help="input size (default 224)", old="--size")
     p.add_argument("--rounds", type=int, default=5, help="latency rounds per candidate")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)

@@ -15,15 +15,15 @@ Example:
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from potpourri.cli import flags
 from potpourri.core.errors import PotpourriError
+from potpourri.core.io import write_csv
 
 __all__ = ["draw_detections", "register"]
 
@@ -61,10 +61,10 @@ def _reparam_check(model: Any, images: list[np.ndarray], image_size: int) -> tup
     """The re-parameterised copy and the max |Δ| of its raw outputs against the multi-branch model."""
     import torch
 
+    from potpourri.data.transforms import images_to_tensor
     from potpourri.deploy.reparam import reparameterize
-    from potpourri.detect.train import to_tensor
 
-    x = to_tensor(images, model.mean, model.std)
+    x = images_to_tensor(images, model.mean, model.std).contiguous()
     with torch.no_grad():
         before = model.eval()(x)
         fused = reparameterize(model)
@@ -210,11 +210,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             rows.append({"image": str(path), "class": names[int(label)], "score": round(float(score), 4), **corners})
         print(f"{path}: {len(found['scores'])} boxes " + ", ".join(f"{names[int(c)]}" for c in found["labels"]))
     seconds = time.perf_counter() - start
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["image", "class", "score", "x1", "y1", "x2", "y2"])
-    writer.writeheader()
-    writer.writerows(rows)
-    (run.path / "predictions.csv").write_text(buffer.getvalue())
+    write_csv(run.path / "predictions.csv", rows, fieldnames=["image", "class", "score", "x1", "y1", "x2", "y2"])
     run.write_summary({"images": len(paths), "boxes": len(rows), "images_per_s": len(paths) / seconds})
     print(f"predictions: {run.path / 'predictions.csv'}; images with boxes: {run.images}")
     return 0
@@ -323,7 +319,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.set_defaults(func=_cmd_train)
 
     predict = verbs.add_parser("predict", help="detect boxes in images: drawn images and predictions.csv")
-    predict.add_argument("run", help="run folder written by `potpourri detect train`")
+    flags.add_run(predict, "written by `potpourri detect train`")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     predict.add_argument("--conf", type=float, default=0.25)
     predict.add_argument("--iou", type=float, default=0.6, help="NMS IoU threshold")
@@ -333,7 +329,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.set_defaults(func=_cmd_predict)
 
     evaluate = verbs.add_parser("eval", help="COCO mAP@0.5 and mAP@0.5:0.95 of a trained detector")
-    evaluate.add_argument("run", help="run folder written by `potpourri detect train`")
+    flags.add_run(evaluate, "written by `potpourri detect train`")
     evaluate.add_argument("--data", required=True, help="ds-synth:CATEGORY, a YOLO folder or a COCO json")
     evaluate.add_argument("--split", choices=("test", "all"), default="test")
     evaluate.add_argument("--reparam", action="store_true", help="evaluate the re-parameterised model")
@@ -345,7 +341,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.set_defaults(func=_cmd_eval)
 
     mask = verbs.add_parser("mask-train", help="train a mask head on the frozen detector (Mask Frozen-DETR style)")
-    mask.add_argument("run", help="run folder written by `potpourri detect train`")
+    flags.add_run(mask, "written by `potpourri detect train`")
     mask.add_argument("--data", required=True, help="ds-synth:CATEGORY (instance masks from DS-Synth)")
     mask.add_argument("--steps", type=int, default=600)
     mask.add_argument("--seconds", type=float, default=None, help="stop after this wall clock (includes caching)")

@@ -7,18 +7,16 @@ or a plain folder of normal images, or ``ds-synth:<category>`` (generated once i
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
-import io
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from potpourri.cli import segment
+from potpourri.cli import flags, segment
 from potpourri.core.imaging import find_images, load_rgb
-from potpourri.data.folders import read_folder, truth_masks
+from potpourri.core.io import write_csv
 
 __all__ = [
     "register",
@@ -75,6 +73,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
     from potpourri.core.metrics import evaluate, roc_curve
     from potpourri.core.runs import new_run, seed_everything
+    from potpourri.data.folders import read_folder, truth_masks
     from potpourri.inspect.patchcore import PatchCore, PatchCoreConfig, memory_budget
     from potpourri.report.html import Report
     from potpourri.report.inspect_plots import inspection_panel_png, roc_curves_png
@@ -270,11 +269,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 "mask": "" if mask_png is None else str(mask_png.relative_to(run.path)),
             }
         )
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    (run.path / "predictions.csv").write_text(buffer.getvalue())
+    write_csv(run.path / "predictions.csv", rows)
     run.write_summary({"images": len(paths), "images_per_s": len(paths) / seconds, "notes": notes, "rows": rows})
     report.section("Per-image scores")
     report.table([{k: r[k] for k in ("image", "score", "label", "defect_fraction")} for r in rows])
@@ -321,7 +316,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fit.set_defaults(func=_cmd_fit)
 
     predict = verbs.add_parser("predict", help="score images with a fitted run: CSV, overlays, masks, report.html")
-    predict.add_argument("run", help="run folder written by `potpourri inspect fit`")
+    flags.add_run(predict, "written by `potpourri inspect fit`")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     predict.add_argument("--out", help="output folder (default RUN/predict/vN)")
     predict.add_argument("--threads", type=int, default=None)

@@ -6,10 +6,10 @@ import argparse
 
 import torch
 
-from potpourri.papers.registry import EXPERIMENTS, run_experiment
-
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from potpourri.papers.registry import run_experiment
+
     if args.threads:
         torch.set_num_threads(args.threads)
     run = run_experiment(args.experiment, quick=args.quick, out=args.out)
@@ -20,6 +20,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 def _register_reproduce(subparsers: argparse._SubParsersAction) -> None:
     """Add ``potpourri reproduce``."""
+    from potpourri.papers.registry import EXPERIMENTS
+
     p = subparsers.add_parser("reproduce", help="re-run a paper's experiment at CPU scale (tables in docs/results.md)")
     p.add_argument(
         "experiment",

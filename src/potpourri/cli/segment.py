@@ -14,9 +14,7 @@ Folders are split into train and test images (``--test-fraction``, seeded).
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import io
 import math
 import time
 from dataclasses import dataclass, field
@@ -27,9 +25,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from potpourri.cli import flags
 from potpourri.core.errors import PotpourriError
-from potpourri.segment.oneshot import METHODS, OneShotConfig, OneShotSegmenter, read_mask
-from potpourri.segment.segmenter import colour_mask
+from potpourri.core.io import write_csv
 
 __all__ = ["SegmentationData", "read_segmentation_data", "register_verbs"]
 
@@ -63,8 +61,8 @@ def _resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.nda
 
 def _read_pairs(spec: str) -> tuple[list[tuple[np.ndarray, np.ndarray, str]], tuple[str, ...] | None, str]:
     """(image, mask, name) triples of a folder, its class names (None: unknown) and the layout's name."""
-    from potpourri.core.imaging import IMAGE_SUFFIXES, read_rgb
-    from potpourri.data.layouts import DefectSpectrum, read_mask
+    from potpourri.core.imaging import IMAGE_SUFFIXES, read_mask, read_rgb
+    from potpourri.data.layouts import DefectSpectrum
 
     root = Path(spec)
     if not root.is_dir():
@@ -88,7 +86,9 @@ def _read_pairs(spec: str) -> tuple[list[tuple[np.ndarray, np.ndarray, str]], tu
             if mask_path is None:
                 raise PotpourriError(f"{path}: no mask (expected {candidates[0]} or {candidates[1]})")
             image = read_rgb(path)
-            pairs.append((image, read_mask(mask_path, image.shape[:2], path), path.name))
+            pairs.append(
+                (image, read_mask(mask_path, shape=image.shape[:2], image_path=path, eight_bit=True), path.name)
+            )
         return pairs, None, "images+masks"
     raise PotpourriError(f"'{root}' has no image/ nor images/ + masks/ folders; {_LAYOUT_HELP}")
 
@@ -273,11 +273,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             shrunk = Image.fromarray(pred.astype(np.uint8)).resize((small, small), Image.Resampling.NEAREST)
             predictions.append(np.asarray(shrunk).astype(np.int64))
     seconds = time.perf_counter() - start
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    (run.path / "predictions.csv").write_text(buffer.getvalue())
+    write_csv(run.path / "predictions.csv", rows)
     run.write_summary({"images": len(paths), "images_per_s": len(paths) / seconds, "rows": rows})
     report = Report(f"potpourri inspect segment-predict: {len(paths)} images")
     report.section("Model", f"run {args.run}; classes {', '.join(names)}")
@@ -314,7 +310,7 @@ def _register_segmenter(verbs: argparse._SubParsersAction) -> None:
     train.set_defaults(func=_cmd_train)
 
     predict = verbs.add_parser("segment-predict", help="segment images with a trained run: class-id masks, report")
-    predict.add_argument("run", help="run folder written by `potpourri inspect segment-train`")
+    flags.add_run(predict, "written by `potpourri inspect segment-train`")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     predict.add_argument("--out", help="output folder (default RUN/predict/vN)")
     predict.add_argument("--threads", type=int, default=None)
@@ -322,11 +318,13 @@ def _register_segmenter(verbs: argparse._SubParsersAction) -> None:
 
 
 def _cmd_oneshot(args: argparse.Namespace) -> int:
-    from potpourri.core.imaging import find_images, load_rgb
+    from potpourri.core.imaging import find_images, load_rgb, read_mask
     from potpourri.core.metrics import iou_per_class
     from potpourri.core.runs import new_run, seed_everything
     from potpourri.report.html import Report
     from potpourri.report.plots import image_grid_png
+    from potpourri.segment.oneshot import OneShotConfig, OneShotSegmenter
+    from potpourri.segment.segmenter import colour_mask
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -396,6 +394,7 @@ def _cmd_oneshot(args: argparse.Namespace) -> int:
         report.table(
             [{"class": c, "IoU": v} for c, v in summary["iou"].items()] + [{"class": "mean", "IoU": summary["miou"]}]
         )
+    write_csv(run.path / "predictions.csv", rows)
     run.write_summary(summary)
     report.section("Predicted pixels per class")
     report.table(rows)
@@ -409,6 +408,8 @@ def _cmd_oneshot(args: argparse.Namespace) -> int:
 
 def _register_oneshot(verbs: argparse._SubParsersAction) -> None:
     """Add ``potpourri inspect oneshot``: fit from annotated support images (or --load), segment IMAGES."""
+    from potpourri.segment.oneshot import METHODS
+
     p = verbs.add_parser("oneshot", help="SLiMe-style one-shot segmentation from one (or k) annotated images")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="images (or folders) to segment")
     p.add_argument("--support", action="append", help="an annotated image (repeat for k-shot)")

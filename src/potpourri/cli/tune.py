@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Subset
 
+from potpourri.cli import flags
 from potpourri.core.errors import PotpourriError
 
 __all__ = ["load_image_data", "register"]
@@ -38,20 +39,21 @@ def load_image_data(
     spec: str, *, img_size: int, mean: tuple, std: tuple, val_fraction: float = 0.2, seed: int = 0
 ) -> tuple[Dataset, Dataset, list[str]]:
     """``(train, val, class_names)`` from ``DIR`` (ImageFolder, or DIR/train + DIR/val) or ``ds-synth:<task>``."""
+    from potpourri.core.weights import PretrainedCfg
+    from potpourri.data.transforms import eval_transform
+
     if spec.startswith("ds-synth:"):
         return _ds_synth(spec.split(":", 1)[1], img_size=img_size, mean=mean, std=std, seed=seed)
-    from torchvision import datasets, transforms
+    from torchvision import datasets
 
     root = Path(spec).expanduser()
     if not root.is_dir():
         raise PotpourriError(f"--data '{spec}' is not a folder; pass an ImageFolder directory or ds-synth:<task>")
-    transform = transforms.Compose(
-        [
-            transforms.Resize(img_size),
-            transforms.CenterCrop(img_size),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ]
+    # the one transform path (torchvision v2): short side to img_size (bilinear), centre crop, scale, normalise
+    transform = eval_transform(
+        PretrainedCfg(name="tune", mean=tuple(mean), std=tuple(std), interpolation="bilinear"),
+        image_size=img_size,
+        crop_pct=1.0,
     )
 
     def folder(path: Path) -> Dataset:
@@ -99,7 +101,7 @@ def _model_and_data(args: argparse.Namespace) -> tuple[torch.nn.Module, Dataset,
     probe = potpourri.create_model(args.model, pretrained=False)
     cfg = getattr(probe, "pretrained_cfg", {}) or {}
     mean, std = tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
-    img_size = args.img_size or int(cfg.get("input_size", (3, 224, 224))[-1])
+    img_size = args.image_size or int(cfg.get("input_size", (3, 224, 224))[-1])
     if getattr(args, "strategy", None) == "visual-prompt":  # AutoVP: ImageNet head kept, prompt takes [0, 1] px
         from potpourri.tune.visual_prompt import VPConfig, build_visual_prompt
 
@@ -225,7 +227,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="efficientnet_lite0", help="model name (default efficientnet_lite0)")
     p.add_argument("--data", required=True, help="ImageFolder DIR (or DIR/train + DIR/val) or ds-synth:<task>")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
+    flags.add_image_size(p, default=None, help="input size (default: the model's)", old="--img-size")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -270,7 +272,7 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("merge-tasks", help="share one frozen backbone among SubTuning runs (multi-task model)")
     p.add_argument("runs", nargs="+", metavar="NAME=RUN", help="task name and its `potpourri tune --out` folder")
     p.add_argument("--model", default="efficientnet_lite0", help="the backbone every run tuned")
-    p.add_argument("--img-size", type=int, default=224, help="input size for the MACs count and the parity check")
+    flags.add_image_size(p, default=224, help="input size for the MACs count and the parity check", old="--img-size")
     p.add_argument("--out", help="run folder (default runs/merge-tasks/vN)")
     p.set_defaults(func=_cmd_merge_tasks)
 
@@ -286,16 +288,16 @@ def _cmd_merge_tasks(args: argparse.Namespace) -> int:
     backbone = potpourri.create_model(args.model, pretrained=True).eval()
     tasks = {name: load_task_model(backbone, path) for name, path in runs.items()}
     shared = MultiTaskModel(backbone, tasks)
-    x = torch.randn(2, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         outputs = shared(x)
         worst = max((outputs[n] - m.eval()(x)).abs().max().item() for n, (m, _) in tasks.items())
-    shape = (1, 3, args.img_size, args.img_size)
+    shape = (1, 3, args.image_size, args.image_size)
     macs = {"shared": count_macs(shared, shape), "separate": sum(count_macs(m, shape) for m, _ in tasks.values())}
     params = {"shared": shared.parameter_counts()["total"]}
     params["separate"] = sum(sum(p.numel() for p in m.parameters()) for m, _ in tasks.values())
     run = new_run("merge-tasks", args.out)
-    run.write_config({"runs": runs, "model": args.model, "img_size": args.img_size})
+    run.write_config({"runs": runs, "model": args.model, "img_size": args.image_size})
     run.write_summary({**shared.describe(), "macs": macs, "params_total": params, "max_abs_output_diff": worst})
     for name, info in shared.describe()["tasks"].items():
         print(f"{name}: tuned {', '.join(info['tuned'])}; leaves the shared trunk at {info['branches_at']}")

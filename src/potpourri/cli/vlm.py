@@ -26,8 +26,8 @@ from typing import Any
 import torch
 import yaml
 
+from potpourri.cli import flags
 from potpourri.core.errors import PotpourriError
-from potpourri.vlm.train import instruction_data, parse_kinds
 
 __all__ = ["register", "run_baseline", "run_eval", "run_train"]
 
@@ -36,7 +36,14 @@ _DEFAULT_KINDS = "yesno,refer,list,caption"
 
 def _evaluate_and_write(run, vlm, cfg: dict[str, Any], train_instructions, started: float) -> dict[str, Any]:
     from potpourri.core.io import atomic_write_bytes
-    from potpourri.vlm.train import encode_samples, evaluate_vlm, score, trivial_predictions
+    from potpourri.vlm.train import (
+        encode_samples,
+        evaluate_vlm,
+        instruction_data,
+        parse_kinds,
+        score,
+        trivial_predictions,
+    )
 
     test_samples, test_instructions = instruction_data(cfg, "test", cfg["n_test"], offset_seed=1)
     features = encode_samples(vlm, test_samples)
@@ -60,7 +67,7 @@ def run_train(cfg: dict[str, Any], out: str | None = None, *, resume: bool = Fal
     continues the run in ``out`` from its last checkpoint (same options required)."""
     from potpourri.core.runs import new_run, seed_everything
     from potpourri.models.vlm import vlm_from_config
-    from potpourri.vlm.train import VLMTrainConfig, encode_samples, train_vlm
+    from potpourri.vlm.train import VLMTrainConfig, encode_samples, instruction_data, train_vlm
 
     started = time.perf_counter()
     if resume:
@@ -122,6 +129,7 @@ def run_eval(run_dir: str | Path, *, n_test: int | None = None, task_identifiers
     """Score a trained run again (optionally on more test images or with identifiers switched)."""
     from potpourri.core.runs import Run
     from potpourri.models.vlm import vlm_from_config
+    from potpourri.vlm.train import instruction_data
 
     folder = Path(run_dir)
     if not (folder / "config.yaml").is_file() or not (folder / "trainable.safetensors").is_file():
@@ -145,7 +153,7 @@ def run_baseline(cfg: dict[str, Any], out: str | None = None):
     from potpourri.core.io import atomic_write_bytes
     from potpourri.core.runs import new_run, seed_everything
     from potpourri.papers.vlm_baseline import BaselineConfig, InspectionBaseline
-    from potpourri.vlm.train import score, trivial_predictions
+    from potpourri.vlm.train import instruction_data, score, trivial_predictions
 
     started = time.perf_counter()
     seed_everything(cfg["seed"])
@@ -185,6 +193,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from potpourri.vlm.train import parse_kinds
+
     if args.threads:
         torch.set_num_threads(args.threads)
     resume = args.resume
@@ -205,6 +215,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_baseline(args: argparse.Namespace) -> int:
+    from potpourri.vlm.train import parse_kinds
+
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = {k: v for k, v in vars(args).items() if k not in ("func", "out", "threads", "vlm_command")}
@@ -263,7 +275,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--out", default=None, help="run folder (default runs/vlm/v<N>)")
     train.set_defaults(func=_cmd_train)
     evaluate = verbs.add_parser("eval", help="score a trained run on the test split again")
-    evaluate.add_argument("run", help="a run folder written by `potpourri vlm train`")
+    flags.add_run(evaluate, "written by `potpourri vlm train`")
     evaluate.add_argument("--n-test", type=int, default=None)
     evaluate.add_argument("--task-ids", choices=("on", "off"), default=None, help="override the run's identifiers")
     evaluate.add_argument("--threads", type=int, default=0)

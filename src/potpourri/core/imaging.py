@@ -10,7 +10,7 @@ from PIL import Image, UnidentifiedImageError
 
 from potpourri.core.errors import PotpourriError
 
-__all__ = ["IMAGE_SUFFIXES", "find_images", "load_rgb", "read_rgb"]
+__all__ = ["IMAGE_SUFFIXES", "ImageInput", "as_rgb", "find_images", "load_rgb", "read_mask", "read_rgb"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -76,3 +76,63 @@ def as_rgb(image: ImageInput) -> Image.Image:
             raise PotpourriError(f"image array must be HxW or HxWx3 uint8, got {image.dtype} {image.shape}")
         return Image.fromarray(image).convert("RGB")
     return load_rgb(image)
+
+
+_INDEX_MODES = ("L", "P", "I", "I;16", "1")
+
+
+def _mask_pixels(image: Image.Image, where: str) -> np.ndarray:
+    """The class ids of a mask image; RGB(A) is accepted only when every pixel is grey (a re-saved index mask)."""
+    if image.mode in ("RGB", "RGBA"):
+        pixels = np.asarray(image.convert("RGB"))
+        if not (pixels[..., 0] == pixels[..., 1]).all() or not (pixels[..., 1] == pixels[..., 2]).all():
+            raise PotpourriError(f"{where}: mask is a colour image, not a class-index image; save one grey channel")
+        return pixels[..., 0]
+    if image.mode not in _INDEX_MODES:
+        raise PotpourriError(f"{where}: mask mode {image.mode} is not a class-index image; save one channel of ids")
+    return np.asarray(image)
+
+
+def read_mask(
+    source: str | os.PathLike | np.ndarray | Image.Image,
+    *,
+    shape: tuple[int, int] | None = None,
+    image_path: str | os.PathLike | None = None,
+    eight_bit: bool = False,
+) -> np.ndarray:
+    """A class-index mask (H, W) of int64 ids from a file, a PIL image or an integer array; one-line errors.
+
+    ``shape``: the (H, W) of its image, which it must match; ``eight_bit``: ids must fit in uint8 (returned as uint8).
+    """
+    where = "mask"
+    if isinstance(source, str | os.PathLike):
+        where = str(source)
+        try:
+            with Image.open(source) as image:
+                image.load()
+                mask = _mask_pixels(image, where)
+        except FileNotFoundError:
+            raise PotpourriError(f"{where}: mask file not found; pass a class-index PNG (0 = background)") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise PotpourriError(
+                f"{where}: cannot read mask (corrupt or truncated: {exc}); re-export or remove it"
+            ) from None
+    elif isinstance(source, Image.Image):
+        mask = _mask_pixels(source, where)
+    else:
+        mask = np.asarray(source)
+    if mask.ndim != 2 or not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
+        raise PotpourriError(
+            f"{where}: a mask must be an (H, W) image of integer class ids, got {mask.dtype} {mask.shape}"
+        )
+    if mask.size and mask.min() < 0:
+        raise PotpourriError(f"{where}: mask holds negative class ids; use 0 for background and 1..K for classes")
+    if eight_bit and mask.max(initial=0) > 255:
+        raise PotpourriError(f"{where}: mask values reach {mask.max()}; class indices must fit in 8 bits")
+    if shape is not None and mask.shape != tuple(shape):
+        of = f" {image_path}" if image_path else ""
+        raise PotpourriError(
+            f"{where}: mask is {mask.shape[1]}x{mask.shape[0]} but its image{of} is {shape[1]}x{shape[0]}; "
+            "resize the mask with nearest-neighbour interpolation"
+        )
+    return mask.astype(np.uint8 if eight_bit else np.int64)

@@ -4,6 +4,8 @@ leaves a torn file, read with ``weights_only`` semantics only.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
@@ -114,3 +116,13 @@ def load_bundle(
     """Read a bundle written by ``save_bundle``: its checked metadata and its tensors."""
     meta = read_json_meta(meta_path, missing=missing, fix=fix, format=format, format_version=format_version)
     return meta, load_state_dict_file(tensors_path, fix=fix)
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict[str, Any]], fieldnames: list[str] | None = None) -> Path:
+    """Write dict rows as CSV atomically (header = ``fieldnames`` or the first row's keys); returns the path."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fieldnames or (list(rows[0]) if rows else []))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(path, buffer.getvalue().encode())
+    return Path(path)

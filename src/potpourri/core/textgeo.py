@@ -32,7 +32,6 @@ import numpy as np
 __all__ = [
     "ASM_SCALE",
     "GRID",
-    "box_iou",
     "box_to_text",
     "boxes_to_text",
     "dequantize_box",
@@ -147,22 +146,6 @@ def mask_to_box(mask: np.ndarray) -> Box | None:
     if len(xs) == 0:
         return None
     return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
-
-
-def box_iou(boxes_a: np.ndarray | Sequence, boxes_b: np.ndarray | Sequence, *, plus_one: bool = False) -> np.ndarray:
-    """Pairwise IoU ``(N, M)`` of xyxy boxes (torchvision's convention; ``plus_one``: MiniGPT-v2's eval, +1 px)."""
-    a = np.asarray(boxes_a, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(boxes_b, dtype=np.float64).reshape(-1, 4)
-    extra = 1.0 if plus_one else 0.0
-    area_a = (a[:, 2] - a[:, 0] + extra) * (a[:, 3] - a[:, 1] + extra)
-    area_b = (b[:, 2] - b[:, 0] + extra) * (b[:, 3] - b[:, 1] + extra)
-    left_top = np.maximum(a[:, None, :2], b[None, :, :2])
-    right_bottom = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    wh = np.clip(right_bottom - left_top + extra, 0.0, None)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area_a[:, None] + area_b[None, :] - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
 
 # ----------------------------------------------------------------------------------------------- All-Seeing v2

@@ -11,7 +11,8 @@ import numpy as np
 from PIL import Image
 
 from potpourri.core.errors import PotpourriError
-from potpourri.core.imaging import IMAGE_SUFFIXES, find_images
+from potpourri.core.imaging import find_images
+from potpourri.data.layouts import MVTecAD
 
 
 @dataclass
@@ -26,10 +27,6 @@ class FolderData:
     layout: str = "folder"
 
 
-def images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
 def read_folder(spec: str) -> FolderData:
     """Read ``--data``: an MVTec-AD layout if ``train/good`` exists, else every image under the folder is normal."""
     if spec.startswith("ds-synth:"):
@@ -39,18 +36,15 @@ def read_folder(spec: str) -> FolderData:
         raise PotpourriError(f"--data '{spec}' is not a folder; pass an MVTec-AD category folder or a folder of images")
     if not (root / "train" / "good").is_dir():
         return FolderData(train=find_images([root]))
-    data = FolderData(train=images_in(root / "train" / "good"), layout="mvtec")
-    if not data.train:
-        raise PotpourriError(f"'{root / 'train' / 'good'}' holds no images")
-    test_root = root / "test"
-    for defect in sorted(p.name for p in test_root.iterdir() if p.is_dir()) if test_root.is_dir() else []:
-        for image in images_in(test_root / defect):
-            data.test.append(image)
-            data.labels.append(int(defect != "good"))
-            mask = root / "ground_truth" / defect / f"{image.stem}_mask.png"
-            data.mask_paths.append(None if defect == "good" else mask if mask.is_file() else None)
-        if defect != "good":
-            data.defect_types.append(defect)
+    train = MVTecAD(root.parent, root.name, "train")
+    data = FolderData(train=[path for path, *_ in train.items], layout="mvtec")
+    if (root / "test").is_dir():
+        for path, label, mask_path, kinds in MVTecAD(root.parent, root.name, "test", require_masks=False).items:
+            data.test.append(path)
+            data.labels.append(label)
+            data.mask_paths.append(mask_path)
+            if label and kinds[0] not in data.defect_types:
+                data.defect_types.append(kinds[0])
     return data
 
 

@@ -24,13 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from potpourri.core.errors import PotpourriError
-from potpourri.core.imaging import IMAGE_SUFFIXES
+from potpourri.core.imaging import IMAGE_SUFFIXES, read_mask
 from potpourri.core.imaging import read_rgb as read_image
 
-__all__ = ["DSSynth", "DefectSpectrum", "Folder", "ImageFolder", "MVTecAD", "Sample", "read_image", "read_mask"]
+__all__ = ["DSSynth", "DefectSpectrum", "Folder", "ImageFolder", "MVTecAD", "Sample", "read_image"]
 
 _COLOR_MASK_DIRS = ("rbg_mask", "rgb_mask")  # Defect Spectrum spells it both ways (pill uses rgb_mask)
 
@@ -47,38 +46,6 @@ class Sample:
 
 
 # ----------------------------------------------------------------------------------------------- reading
-def read_mask(path: str | os.PathLike, shape: tuple[int, int], image_path: Path | None = None) -> np.ndarray:
-    """Read a class-index mask as (H, W) uint8 and check it matches the image ``shape`` (H, W)."""
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("RGB", "RGBA"):
-                pixels = np.asarray(im.convert("RGB"))
-                if not (pixels[..., 0] == pixels[..., 1]).all() or not (pixels[..., 1] == pixels[..., 2]).all():
-                    raise PotpourriError(f"{path}: mask is a colour image; give the class-index (grey) mask instead")
-                mask = pixels[..., 0]
-            else:
-                mask = np.asarray(im)
-    except FileNotFoundError:
-        raise PotpourriError(f"{path}: mask file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise PotpourriError(
-            f"{path}: cannot read mask (corrupt or truncated: {exc}); re-export or remove it"
-        ) from None
-    if mask.ndim != 2:
-        raise PotpourriError(f"{path}: mask has shape {mask.shape}; expected a single-channel class-index image")
-    if mask.max(initial=0) > 255:
-        raise PotpourriError(f"{path}: mask values reach {mask.max()}; class indices must fit in 8 bits")
-    if mask.shape != tuple(shape):
-        of = f" of {image_path}" if image_path else ""
-        raise PotpourriError(
-            f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image{of} is {shape[1]}x{shape[0]}; "
-            "resize the mask with nearest-neighbour interpolation"
-        )
-    return mask.astype(np.uint8)
-
-
 def _list_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise PotpourriError(f"{folder}: folder not found")
@@ -119,7 +86,7 @@ class _Layout:
         return len(self.items)
 
     def _read_mask(self, mask_path: Path, shape: tuple[int, int], image_path: Path) -> np.ndarray:
-        return read_mask(mask_path, shape, image_path)
+        return read_mask(mask_path, shape=shape, image_path=image_path, eight_bit=True)
 
     def __getitem__(self, index: int) -> Sample:
         image_path, label, mask_path, classes = self.items[index]
@@ -155,7 +122,8 @@ class ImageFolder(_Layout):
 class MVTecAD(_Layout):
     """MVTec AD layout: ``<category>/train/good``, ``test/<defect>``, ``ground_truth/<defect>/<stem>_mask.png``.
 
-    Labels are 0 (good) / 1 (defect); masks are 0/1.
+    Labels are 0 (good) / 1 (defect); masks are 0/1. ``require_masks=False`` keeps defect images without a mask
+    (``mask_path`` None), as inspection does for image-level test sets.
     """
 
     _has_masks = True
@@ -167,6 +135,7 @@ class MVTecAD(_Layout):
         split: str = "test",
         *,
         transform: Callable[[np.ndarray], Any] | None = None,
+        require_masks: bool = True,
     ) -> None:
         super().__init__(transform)
         self.root = Path(root)
@@ -185,11 +154,13 @@ class MVTecAD(_Layout):
                     continue
                 mask_path = base / "ground_truth" / kind / f"{image_path.stem}_mask.png"
                 if not mask_path.is_file():
-                    raise PotpourriError(f"{image_path}: defect image has no mask (expected {mask_path})")
+                    if require_masks:
+                        raise PotpourriError(f"{image_path}: defect image has no mask (expected {mask_path})")
+                    mask_path = None  # image-level label only: pixel metrics skip it
                 self.items.append((image_path, 1, mask_path, (kind,)))
 
     def _read_mask(self, mask_path: Path, shape: tuple[int, int], image_path: Path) -> np.ndarray:
-        return (read_mask(mask_path, shape, image_path) > 0).astype(np.uint8)
+        return (read_mask(mask_path, shape=shape, image_path=image_path, eight_bit=True) > 0).astype(np.uint8)
 
 
 def _color_to_index(path: Path, shape: tuple[int, int], image_path: Path) -> np.ndarray:
@@ -273,7 +244,7 @@ class DefectSpectrum(_Layout):
     def _read_mask(self, mask_path: Path, shape: tuple[int, int], image_path: Path) -> np.ndarray:
         if mask_path.parent.parent.name in _COLOR_MASK_DIRS:
             return _color_to_index(mask_path, shape, image_path)
-        return read_mask(mask_path, shape, image_path)
+        return read_mask(mask_path, shape=shape, image_path=image_path, eight_bit=True)
 
     def __getitem__(self, index: int) -> Sample:
         sample = super().__getitem__(index)

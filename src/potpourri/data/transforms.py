@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from torchvision.transforms import v2 as T
 from potpourri.core.errors import PotpourriError
 from potpourri.core.weights import PretrainedCfg
 
-__all__ = ["eval_transform", "model_transform"]
+__all__ = ["eval_transform", "images_to_tensor", "model_transform", "normalized_dataset"]
 
 
 def model_transform(model: str | PretrainedCfg, *, size: int | None = None) -> Callable[[np.ndarray], torch.Tensor]:
@@ -51,7 +51,9 @@ def model_transform(model: str | PretrainedCfg, *, size: int | None = None) -> C
     return transform
 
 
-def eval_transform(cfg: PretrainedCfg | None, *, image_size: int | None = None) -> T.Compose:
+def eval_transform(
+    cfg: PretrainedCfg | None, *, image_size: int | None = None, crop_pct: float | None = None
+) -> T.Compose:
     """Resize (by ``crop_pct``), centre-crop, scale to [0, 1] and normalise, as the weights were trained.
 
     Example:
@@ -63,7 +65,7 @@ def eval_transform(cfg: PretrainedCfg | None, *, image_size: int | None = None) 
     return T.Compose(
         [
             T.ToImage(),
-            T.Resize(math.floor(size / cfg.crop_pct), interpolation=interpolation, antialias=True),
+            T.Resize(math.floor(size / (crop_pct or cfg.crop_pct)), interpolation=interpolation, antialias=True),
             T.CenterCrop(size),
             T.ToDtype(torch.float32, scale=True),
             T.Normalize(mean=list(cfg.mean), std=list(cfg.std)),
@@ -71,10 +73,24 @@ def eval_transform(cfg: PretrainedCfg | None, *, image_size: int | None = None) 
     )
 
 
+def images_to_tensor(
+    images: np.ndarray | Sequence[np.ndarray],
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """(N, H, W, 3) uint8 images -> (N, 3, H, W) float32 in [0, 1], then normalised by ``mean``/``std`` if given.
+
+    The result keeps the channels-last strides of the permute; call ``.contiguous()`` where a kernel needs NCHW.
+    """
+    stacked = images if isinstance(images, np.ndarray) else np.stack(images)
+    x = torch.from_numpy(np.ascontiguousarray(stacked)).permute(0, 3, 1, 2).float() / 255.0  # (N, 3, H, W)
+    if mean is None or std is None:
+        return x
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
 def normalized_dataset(
     images: np.ndarray, labels: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]
 ) -> torch.utils.data.TensorDataset:
     """(N, H, W, 3) uint8 images and (N,) labels as a TensorDataset of normalised (N, 3, H, W) floats."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0  # (N, 3, H, W)
-    mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-    return torch.utils.data.TensorDataset((x - mean_t) / std_t, torch.from_numpy(labels))
+    return torch.utils.data.TensorDataset(images_to_tensor(images, mean, std), torch.from_numpy(labels))

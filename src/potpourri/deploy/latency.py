@@ -16,8 +16,9 @@ import torch
 
 from potpourri.core.errors import PotpourriError
 from potpourri.core.timing import interleaved_timings, quartiles
+from potpourri.report.tables import markdown_table
 
-__all__ = ["LatencyRow", "bench_models", "markdown_table"]
+__all__ = ["LatencyRow", "bench_models", "latency_table"]
 
 BACKENDS = ("eager", "onnxruntime")
 
@@ -117,18 +118,22 @@ def bench_models(
     return rows, conditions
 
 
-def markdown_table(rows: Sequence[LatencyRow], *, reference: str | None = None) -> str:
+def latency_table(rows: Sequence[LatencyRow], *, reference: str | None = None) -> str:
     """A Markdown table of the rows; with ``reference``, a column of speed-ups against it (same backend, batch)."""
     ref = {(r.backend, r.batch): r.median_ms for r in rows if r.model == reference}
-    header = "| model | backend | batch | median ms | IQR ms | images/s |" + (" speed-up |" if reference else "")
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    header = ["model", "backend", "batch", "median ms", "IQR ms", "images/s"] + (["speed-up"] if reference else [])
+    cells = []
     for r in rows:
-        line = (
-            f"| {r.model} | {r.backend} | {r.batch} | {r.median_ms:.2f} | {r.q1_ms:.2f}–{r.q3_ms:.2f} | "
-            f"{r.images_per_s:.1f} |"
-        )
+        row = [
+            r.model,
+            r.backend,
+            r.batch,
+            f"{r.median_ms:.2f}",
+            f"{r.q1_ms:.2f}–{r.q3_ms:.2f}",
+            f"{r.images_per_s:.1f}",
+        ]
         if reference:
             base = ref.get((r.backend, r.batch))
-            line += f" {base / r.median_ms:.2f}x |" if base else " – |"
-        lines.append(line)
-    return "\n".join(lines)
+            row.append(f"{base / r.median_ms:.2f}x" if base else "–")
+        cells.append(row)
+    return markdown_table(header, cells)

@@ -56,14 +56,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import ndimage
 
+from potpourri.core.boxes import box_iou_elementwise
 from potpourri.core.errors import PotpourriError
+from potpourri.data.transforms import images_to_tensor
+from potpourri.models.layers import dice_loss
 
 __all__ = [
     "FrozenOutputs",
     "InstanceSample",
     "MaskHead",
     "MaskHeadConfig",
-    "dice_loss",
     "freeze",
     "frozen_outputs",
     "instance_masks_from_mask",
@@ -202,17 +204,11 @@ def frozen_outputs(detector: nn.Module, x: torch.Tensor) -> FrozenOutputs:
     return FrozenOutputs(taps[0], feats[0], embeds, boxes, probs, raw)
 
 
-def _box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    from torchvision.ops import box_iou
-
-    return box_iou(a, b)
-
-
 def winning_anchors(pred_boxes: torch.Tensor, gt_boxes: torch.Tensor) -> torch.Tensor:
     """For each ground-truth box (M, 4), the anchor (index into A) whose decoded box (A, 4) overlaps it most."""
     if len(gt_boxes) == 0:
         return torch.zeros(0, dtype=torch.long)
-    return _box_iou(gt_boxes, pred_boxes).argmax(1)
+    return box_iou_elementwise(gt_boxes[:, None], pred_boxes[None]).argmax(1)  # (M, A) -> (M,)
 
 
 # ----------------------------------------------------------------------------------------------- mask head
@@ -326,25 +322,17 @@ def paste_masks(probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int,
 
 
 # ----------------------------------------------------------------------------------------------- losses
-def dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """Mean over instances of ``1 − (2Σpt + s)/(Σp + Σt + s)``, p = sigmoid(logits); shapes (K, S, S)."""
-    p = logits.sigmoid().flatten(1)
-    t = targets.flatten(1)
-    return (1 - (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)).mean()
-
-
 def mask_losses(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
     """``bce`` (mean per pixel), ``dice`` and ``total`` = bce + dice."""
     bce = F.binary_cross_entropy_with_logits(logits, targets)
-    dice = dice_loss(logits, targets)
+    dice = dice_loss(logits.sigmoid(), targets)
     return {"bce": bce, "dice": dice, "total": bce + dice}
 
 
 # ----------------------------------------------------------------------------------------------- training
 def _normalise(images: Sequence[np.ndarray], detector: nn.Module) -> torch.Tensor:
-    from potpourri.detect.train import to_tensor
 
-    return to_tensor(images, detector.mean, detector.std)
+    return images_to_tensor(images, detector.mean, detector.std).contiguous()
 
 
 def _cache(detector: nn.Module, samples: Sequence[InstanceSample], batch_size: int = 16) -> FrozenOutputs:

@@ -199,7 +199,7 @@ def proposal_recall(
     proposals: Sequence[np.ndarray], truth: Sequence[np.ndarray], *, iou: float = 0.5, top: int | None = None
 ) -> float:
     """Fraction of ground-truth boxes that some proposal (the first ``top`` of each image) overlaps by ``iou``."""
-    from potpourri.core.textgeo import box_iou
+    from potpourri.core.boxes import box_iou
 
     if len(proposals) != len(truth):
         raise PotpourriError(f"{len(proposals)} proposal lists for {len(truth)} images")

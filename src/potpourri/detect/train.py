@@ -40,8 +40,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from potpourri.core.boxes import box_iou_elementwise
 from potpourri.core.errors import PotpourriError
 from potpourri.data.boxes import DetectionSample
+from potpourri.data.transforms import images_to_tensor
 from potpourri.models.yolo import (
     YoloDetector,
     dfl_expectation,
@@ -59,7 +61,6 @@ __all__ = [
     "DetectionLoss",
     "TaskAlignedAssigner",
     "augment",
-    "box_iou_elementwise",
     "build_detector",
     "coco_map",
     "collate",
@@ -69,21 +70,9 @@ __all__ = [
     "load_detector",
     "make_assigner",
     "save_detector",
-    "to_tensor",
     "train_detector",
     "varifocal_loss",
 ]
-
-
-# ----------------------------------------------------------------------------------------------- assigner
-def box_iou_elementwise(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
-    """IoU of xyxy boxes ``a`` and ``b`` that broadcast against each other: ``(..., 4), (..., 4) -> (...)``."""
-    width = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])).clamp_min(0)
-    height = (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])).clamp_min(0)
-    inter = width * height
-    area_a = (a[..., 2] - a[..., 0]).clamp_min(0) * (a[..., 3] - a[..., 1]).clamp_min(0)
-    area_b = (b[..., 2] - b[..., 0]).clamp_min(0) * (b[..., 3] - b[..., 1]).clamp_min(0)
-    return inter / (area_a + area_b - inter + eps)
 
 
 @dataclass
@@ -375,13 +364,6 @@ def augment(sample: DetectionSample, rng: np.random.Generator) -> DetectionSampl
     return DetectionSample(np.ascontiguousarray(image), boxes.reshape(-1, 4), sample.labels, sample.name)
 
 
-def to_tensor(images: Sequence[np.ndarray], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """(H, W, 3) uint8 images → normalised (B, 3, H, W) float32."""
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
-    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-    return x.contiguous()  # the permute leaves channels-last strides
-
-
 def collate(
     samples: Sequence[DetectionSample], mean: Sequence[float], std: Sequence[float]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -393,7 +375,7 @@ def collate(
     for i, s in enumerate(samples):
         n = len(s.labels)
         labels[i, :n], boxes[i, :n], mask[i, :n] = torch.from_numpy(s.labels), torch.from_numpy(s.boxes), True
-    return to_tensor([s.image for s in samples], mean, std), labels, boxes, mask
+    return images_to_tensor([s.image for s in samples], mean, std).contiguous(), labels, boxes, mask
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -477,7 +459,7 @@ def detect_images(
             else np.asarray(Image.fromarray(im).resize((image_size, image_size), Image.Resampling.BILINEAR))
             for im in chunk
         ]  # fmt: skip
-        raw = model(to_tensor(resized, model.mean, model.std))
+        raw = model(images_to_tensor(resized, model.mean, model.std).contiguous())
         found = postprocess(raw, model, image_size=(image_size, image_size), conf=conf, iou=iou, max_det=max_det)
         for im, det in zip(chunk, found, strict=True):
             scale = np.array([im.shape[1], im.shape[0], im.shape[1], im.shape[0]], np.float32) / image_size

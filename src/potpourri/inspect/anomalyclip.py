@@ -35,15 +35,14 @@ from potpourri.core.errors import PotpourriError
 from potpourri.core.imaging import ImageInput, as_rgb
 from potpourri.inspect.base import InspectionMethod
 from potpourri.inspect.towers import OBJECT_PROMPTS, PromptLearner, Towers, replace_prefix
+from potpourri.models.layers import dice_loss, multiclass_focal_loss
 
 __all__ = [
     "METHOD",
     "AnomalyCLIP",
     "AnomalyCLIPConfig",
     "ClipTowers",
-    "dice_loss",
     "dual_path_image_features",
-    "focal_loss",
     "glocal_loss",
     "load_open_clip",
     "train_prompts",
@@ -52,21 +51,6 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------- losses
-def focal_loss(probs: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0, smooth: float = 1e-5) -> torch.Tensor:
-    """Focal loss on class probabilities (B, C, H, W) against integer targets (B, H, W), as AnomalyCLIP's loss.py."""
-    classes = probs.shape[1]
-    one_hot = F.one_hot(target.long(), classes).permute(0, 3, 1, 2).to(probs.dtype)  # (B, C, H, W)
-    one_hot = one_hot.clamp(smooth / (classes - 1), 1.0 - smooth)
-    pt = (one_hot * probs).sum(1) + smooth  # (B, H, W)
-    return (-((1 - pt) ** gamma) * pt.log()).mean()
-
-
-def dice_loss(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1 - mean soft Dice (smoothing 1) of (B, H, W) probabilities against 0/1 targets."""
-    p, t = probs.flatten(1), target.flatten(1).to(probs.dtype)
-    return 1 - ((2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)).mean()
-
-
 def glocal_loss(
     image_logits: torch.Tensor,
     labels: torch.Tensor,
@@ -81,7 +65,12 @@ def glocal_loss(
     """
     local = image_logits.new_zeros(())
     for probs in layer_probs:
-        local = local + focal_loss(probs, masks) + dice_loss(probs[:, 1], masks) + dice_loss(probs[:, 0], 1 - masks)
+        local = (
+            local
+            + multiclass_focal_loss(probs, masks)
+            + dice_loss(probs[:, 1], masks)
+            + dice_loss(probs[:, 0], 1 - masks)
+        )
     image = F.cross_entropy(image_logits, labels.long())
     total = local_weight * local + image
     return total, {"loss": total.item(), "local": local.item(), "image": image.item()}
@@ -523,7 +512,7 @@ class AnomalyCLIP(InspectionMethod):
     @torch.no_grad()
     def score(self, images: Sequence[ImageInput]) -> tuple[np.ndarray, np.ndarray]:
         """Image scores (N,) = P(anomalous | global) and maps (N, S, S) = Σ_layers P(anomalous | patch), smoothed."""
-        from potpourri.inspect.patchcore import gaussian_blur
+        from potpourri.models.layers import gaussian_blur
 
         if not len(images):
             raise PotpourriError(f"{self.name}.score got no images")

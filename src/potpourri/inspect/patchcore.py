@@ -22,13 +22,13 @@ from PIL import Image
 from potpourri.core.errors import PotpourriError
 from potpourri.core.imaging import ImageInput, as_rgb
 from potpourri.inspect.base import InspectionMethod
+from potpourri.models.layers import gaussian_blur
 
 __all__ = [
     "METHOD",
     "PatchCore",
     "PatchCoreConfig",
     "PatchFeatures",
-    "gaussian_blur",
     "greedy_coreset",
     "memory_budget",
     "nearest_neighbors",
@@ -210,21 +210,6 @@ def nearest_neighbors(
         distances.append(d)
         indices.append(i)
     return torch.cat(distances), torch.cat(indices)
-
-
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (B, H, W) maps with reflect padding (radius 4σ, capped by the map size)."""
-    if sigma <= 0:
-        return maps
-    height, width = maps.shape[-2:]
-    radius = min(int(4 * sigma + 0.5), height - 1, width - 1)
-    offsets = torch.arange(-radius, radius + 1, dtype=maps.dtype)
-    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    x = maps.unsqueeze(1)  # (B, 1, H, W)
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
-    return x.squeeze(1)  # (B, H, W)
 
 
 @dataclass

@@ -162,7 +162,7 @@ class WinCLIP(AnomalyCLIP):
     @torch.no_grad()
     def score(self, images: Sequence[ImageInput]) -> tuple[np.ndarray, np.ndarray]:
         """Image scores (N,) from the global embedding; maps (N, S, S) from multi-scale harmonic window scores."""
-        from potpourri.inspect.patchcore import gaussian_blur
+        from potpourri.models.layers import gaussian_blur
 
         if not len(images):
             raise PotpourriError("winclip.score got no images")

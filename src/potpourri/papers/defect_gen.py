@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from potpourri.core.errors import PotpourriError
 from potpourri.core.runs import Run, new_run, seed_everything
+from potpourri.report.tables import markdown_table
 
 __all__ = ["GENERATORS", "DefectGenExperimentConfig", "make_generator", "reproduce_defectgen", "run"]
 
@@ -131,23 +132,27 @@ def _summarise(rows: list[dict[str, Any]], class_names: list[str]) -> list[dict[
 
 
 def _markdown(table: list[dict[str, Any]], class_names: list[str]) -> str:
-    lines = [
-        "| arm | train images | defect mIoU (mean ± std) | Δ vs real (paired, mean ± std) | seeds better | bg IoU |",
-        "|---|---|---|---|---|---|",
-    ]
+    header = ["arm", "train images", "defect mIoU (mean ± std)", "Δ vs real (paired, mean ± std)", "seeds better",
+              "bg IoU"]  # fmt: skip
+    rows = []
     for r in table:
-        delta = "—" if r["arm"] == "real" else f"{r['delta_mean']:+.3f} ± {r['delta_std']:.3f}"
-        wins = "—" if r["arm"] == "real" else f"{r['wins']}/{r['seeds']}"
-        lines.append(
-            f"| {r['arm']} | {r['train_images']} | {r['miou_mean']:.3f} ± {r['miou_std']:.3f} | {delta} | {wins} | "
-            f"{r['background_iou']:.3f} |"
-        )
+        real = r["arm"] == "real"
+        rows.append([
+            r["arm"], r["train_images"], f"{r['miou_mean']:.3f} ± {r['miou_std']:.3f}",
+            "—" if real else f"{r['delta_mean']:+.3f} ± {r['delta_std']:.3f}",
+            "—" if real else f"{r['wins']}/{r['seeds']}", f"{r['background_iou']:.3f}",
+        ])  # fmt: skip
     names = class_names[1:]
-    lines += ["", "Per-class IoU (mean over seeds):", "", "| arm | " + " | ".join(names) + " |"]
-    lines.append("|---|" + "---|" * len(names))
-    for r in table:
-        lines.append(f"| {r['arm']} | " + " | ".join(f"{r[f'iou_{n}']:.3f}" for n in names) + " |")
-    return "\n".join(lines)
+    per_class = [[r["arm"], *(f"{r[f'iou_{n}']:.3f}" for n in names)] for r in table]
+    return "\n".join(
+        [
+            markdown_table(header, rows),
+            "",
+            "Per-class IoU (mean over seeds):",
+            "",
+            markdown_table(["arm", *names], per_class),
+        ]
+    )
 
 
 def reproduce_defectgen(cfg: DefectGenExperimentConfig | None = None, *, out: str | os.PathLike | None = None) -> Run:

@@ -58,7 +58,7 @@ def _probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: i
 
 
 def _latency_section(report: Report, run: Run, rounds: int) -> list[dict]:
-    from potpourri.deploy.latency import bench_models, markdown_table
+    from potpourri.deploy.latency import bench_models, latency_table
     from potpourri.deploy.reparam import reparameterize
 
     torch.manual_seed(0)
@@ -78,7 +78,7 @@ def _latency_section(report: Report, run: Run, rounds: int) -> list[dict]:
         "Re-parameterisation fuses each 3×3+1×1+identity block into one 3×3 conv with identical outputs.",
     )
     report.table([asdict(r) for r in rows])
-    report.code(markdown_table(rows, reference="repconvnet_s (multi-branch)"))
+    report.code(latency_table(rows, reference="repconvnet_s (multi-branch)"))
     report.text(
         f"Load average before/after: {conditions['loadavg_before'][0]:.2f}/{conditions['loadavg_after'][0]:.2f}.",
         note=True,

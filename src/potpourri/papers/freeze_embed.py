@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from potpourri.core.runs import Run, new_run, seed_everything
 from potpourri.data.splits import stratified_split
 from potpourri.data.transforms import normalized_dataset
+from potpourri.report.tables import markdown_table
 
 __all__ = [
     "ARMS",
@@ -87,16 +88,13 @@ def summarise(results: list[dict[str, Any]], reference: str = "sgd") -> list[dic
 
 
 def _markdown(table: list[dict[str, Any]]) -> str:
-    lines = [
-        "| arm | lr | ID acc (mean ± std) | Δ ID vs SGD | OOD acc (mean ± std) | Δ OOD vs SGD |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in table:
-        lines.append(
-            f"| {r['arm']} | {r['lr']:g} | {r['id_mean']:.3f} ± {r['id_std']:.3f} | {r['id_delta']:+.3f} | "
-            f"{r['ood_mean']:.3f} ± {r['ood_std']:.3f} | {r['ood_delta']:+.3f} |"
-        )
-    return "\n".join(lines)
+    header = ["arm", "lr", "ID acc (mean ± std)", "Δ ID vs SGD", "OOD acc (mean ± std)", "Δ OOD vs SGD"]
+    rows = [
+        [r["arm"], f"{r['lr']:g}", f"{r['id_mean']:.3f} ± {r['id_std']:.3f}", f"{r['id_delta']:+.3f}",
+         f"{r['ood_mean']:.3f} ± {r['ood_std']:.3f}", f"{r['ood_delta']:+.3f}"]
+        for r in table
+    ]  # fmt: skip
+    return markdown_table(header, rows)
 
 
 def reproduce_freeze_embed(cfg: FreezeEmbedConfig | None = None, *, out: str | os.PathLike | None = None) -> Run:

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from potpourri.core.errors import PotpourriError
 from potpourri.core.runs import Run, new_run, seed_everything
+from potpourri.report.tables import markdown_table
 
 __all__ = ["ARMS", "FrozenLMConfig", "reproduce_frozen_lm", "run"]
 
@@ -245,19 +246,17 @@ def summarise(rows: list[dict[str, Any]], arms: tuple[str, ...]) -> list[dict[st
 
 
 def _markdown(table: list[dict[str, Any]]) -> str:
-    lines = [
-        "| arm | trainable | frozen | clean acc | Δ vs vit | corruption acc | Δ vs vit | IoU final tokens | "
-        "IoU LM output | IoU CLS attn | s/run |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = ["arm", "trainable", "frozen", "clean acc", "Δ vs vit", "corruption acc", "Δ vs vit", "IoU final tokens",
+              "IoU LM output", "IoU CLS attn", "s/run"]  # fmt: skip
+    rows = []
     for e in table:
-        lines.append(
-            f"| {e['arm']} | {e.get('trainable', 0) / 1e6:.2f} M | {e.get('frozen', 0) / 1e6:.2f} M | {e['clean_acc']} "
-            f"| {e['clean_acc_delta']} | {e['corrupt_acc']} | {e['corrupt_acc_delta']} | {e['iou_final_mag']} "
-            f"| {e['iou_lm_mag']} | {e['iou_cls_attn']} | {e['seconds']} |"
-            + (f" ({e['diverged']} of {e['runs']} runs diverged)" if e["diverged"] else "")
-        )
-    return "\n".join(lines)
+        diverged = f" ({e['diverged']} of {e['runs']} runs diverged)" if e["diverged"] else ""
+        rows.append([
+            e["arm"], f"{e.get('trainable', 0) / 1e6:.2f} M", f"{e.get('frozen', 0) / 1e6:.2f} M", e["clean_acc"],
+            e["clean_acc_delta"], e["corrupt_acc"], e["corrupt_acc_delta"], e["iou_final_mag"], e["iou_lm_mag"],
+            e["iou_cls_attn"], f"{e['seconds']}{diverged}",
+        ])  # fmt: skip
+    return markdown_table(header, rows)
 
 
 def reproduce_frozen_lm(cfg: FrozenLMConfig | None = None, *, out: str | None = None) -> Run:

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from potpourri.core.errors import PotpourriError
 from potpourri.core.runs import Run, new_run, seed_everything
 from potpourri.models.blocks import block_map, entry_of
+from potpourri.report.tables import markdown_table
 from potpourri.tune.multitask import BlockProgram
 from potpourri.tune.strategies import get_strategy
 from potpourri.tune.trainer import TuneConfig, evaluate, train
@@ -338,15 +339,14 @@ def _markdown(
     cfg: ProxyStudyConfig,
     candidates: list[str],
 ) -> str:
-    lines = [
-        "| method | Spearman | Kendall | top-1 hit | top-3 overlap | pick | oracle acc of pick | regret | cost |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['method']} | {r['spearman']:+.2f} | {r['kendall']:+.2f} | {'yes' if r['top1_hit'] else 'no'} | "
-            f"{r['top3_overlap']:.2f} | {r['pick']} | {r['pick_acc']:.3f} | {r['regret']:.3f} | {r['seconds']:.1f} s |"
-        )
+    header = ["method", "Spearman", "Kendall", "top-1 hit", "top-3 overlap", "pick", "oracle acc of pick", "regret",
+              "cost"]  # fmt: skip
+    cells = [
+        [r["method"], f"{r['spearman']:+.2f}", f"{r['kendall']:+.2f}", "yes" if r["top1_hit"] else "no",
+         f"{r['top3_overlap']:.2f}", r["pick"], f"{r['pick_acc']:.3f}", f"{r['regret']:.3f}", f"{r['seconds']:.1f} s"]
+        for r in rows
+    ]  # fmt: skip
+    lines = [markdown_table(header, cells)]
     best = max(oracle, key=oracle.get)
     lines += [
         "",
@@ -360,14 +360,10 @@ def _markdown(
             f"Seed-to-seed agreement of the profile itself (noise ceiling): Spearman {noise_ceiling['spearman']:+.2f}, "
             f"Kendall {noise_ceiling['kendall']:+.2f}."
         )
-    lines += [
-        "",
-        "| block | " + " | ".join(f"seed {s}" for s in cfg.seeds) + " | mean |",
-        "|---|" + "---|" * (len(cfg.seeds) + 1),
+    per_block = [
+        [block, *(f"{profile[s][block]:.3f}" for s in cfg.seeds), f"{oracle[block]:.3f}"] for block in candidates
     ]
-    for block in candidates:
-        per_seed = " | ".join(f"{profile[s][block]:.3f}" for s in cfg.seeds)
-        lines.append(f"| {block} | {per_seed} | {oracle[block]:.3f} |")
+    lines += ["", markdown_table(["block", *(f"seed {s}" for s in cfg.seeds), "mean"], per_block)]
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from potpourri.report.tables import markdown_table
 from potpourri.segment.sam_clip import (
     PARTS,
     SamClipStudent,
@@ -52,13 +53,13 @@ class SamClipConfig:
 
 def _markdown(rows: list[dict[str, Any]]) -> str:
     keys = ["A: 1-click mIoU", "A: embedding nMSE", "B: cosine", "B: top-1 agreement"]
-    lines = ["| arm | trainable | data (A : B) | steps | " + " | ".join(keys) + " | A forgetting (Δ mIoU) |",
-             "|---|---|---|---|" + "---|" * (len(keys) + 1)]  # fmt: skip
-    for r in rows:
-        forgetting = "—" if r.get("forgetting") is None else f"{r['forgetting']:+.3f}"
-        lines.append(f"| {r['arm']} | {r['trainable']} | {r['data']} | {r['steps']} | "
-                     + " | ".join(f"{r[k]:.3f}" for k in keys) + f" | {forgetting} |")  # fmt: skip
-    return "\n".join(lines)
+    header = ["arm", "trainable", "data (A : B)", "steps", *keys, "A forgetting (Δ mIoU)"]
+    cells = [
+        [r["arm"], r["trainable"], r["data"], r["steps"], *(f"{r[k]:.3f}" for k in keys),
+         "—" if r.get("forgetting") is None else f"{r['forgetting']:+.3f}"]
+        for r in rows
+    ]  # fmt: skip
+    return markdown_table(header, cells)
 
 
 def run_sam_clip_experiment(

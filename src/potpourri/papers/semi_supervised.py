@@ -39,6 +39,8 @@ from tqdm.auto import tqdm
 
 from potpourri.core.errors import PotpourriError
 from potpourri.core.runs import Run, new_run, seed_everything
+from potpourri.data.transforms import images_to_tensor
+from potpourri.report.tables import markdown_table
 
 __all__ = [
     "ARMS",
@@ -351,10 +353,6 @@ class SemiSupConfig:
         )
 
 
-def _to_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0  # (N, 3, H, W)
-
-
 def _labelled_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
     """The first ``per_class`` indices of each class in a seeded permutation: the labelled set L."""
     order = np.random.default_rng(seed).permutation(len(labels))
@@ -431,18 +429,12 @@ def summarise(rows: list[dict[str, Any]], arms: tuple[str, ...]) -> list[dict[st
 
 
 def _markdown(table: list[dict[str, Any]], corruption_names: list[str]) -> str:
-    lines = [
-        "| arm | clean acc | Δ vs supervised | corruption acc (mean) | Δ vs supervised | s/run |",
-        "|---|---|---|---|---|---|",
+    header = ["arm", "clean acc", "Δ vs supervised", "corruption acc (mean)", "Δ vs supervised", "s/run"]
+    rows = [
+        [e["arm"], e["clean_acc"], e["clean_acc_delta"], e["corrupt_acc"], e["corrupt_acc_delta"], e["seconds"]]
+        for e in table
     ]
-    for e in table:
-        lines.append(
-            f"| {e['arm']} | {e['clean_acc']} | {e['clean_acc_delta']} | {e['corrupt_acc']} | "
-            f"{e['corrupt_acc_delta']} | {e['seconds']} |"
-        )
-    lines.append("")
-    lines.append(f"Corruptions averaged: {', '.join(corruption_names)}.")
-    return "\n".join(lines)
+    return markdown_table(header, rows) + f"\n\nCorruptions averaged: {', '.join(corruption_names)}."
 
 
 def reproduce_semisup(cfg: SemiSupConfig | None = None, *, out: str | None = None) -> Run:
@@ -457,13 +449,13 @@ def reproduce_semisup(cfg: SemiSupConfig | None = None, *, out: str | None = Non
     run = new_run("reproduce-semi-supervised", out, config=asdict(cfg), seed=cfg.seeds[0])
     pool_images, pool_labels, _ = make_clutter(cfg.n_unlabelled, size=cfg.image_size, seed=10)
     test_images, test_labels, _ = make_clutter(cfg.n_test, size=cfg.image_size, seed=11)
-    unlabelled = _to_tensor(pool_images)  # U: every pool image, labels never used
-    test = TensorDataset(_to_tensor(test_images), torch.from_numpy(test_labels))
+    unlabelled = images_to_tensor(pool_images)  # U: every pool image, labels never used
+    test = TensorDataset(images_to_tensor(test_images), torch.from_numpy(test_labels))
     corrupted = {}
     for name in tqdm(cfg.corruptions, desc="corrupting the test set", unit="corruption", leave=False):
         for severity in cfg.severities:
             stack = np.stack([corrupt(img, name, severity, seed=i) for i, img in enumerate(test_images)])
-            corrupted[f"{name}@{severity}"] = TensorDataset(_to_tensor(stack), torch.from_numpy(test_labels))
+            corrupted[f"{name}@{severity}"] = TensorDataset(images_to_tensor(stack), torch.from_numpy(test_labels))
     rows: list[dict[str, Any]] = []
     jobs = [(arm, seed) for seed in cfg.seeds for arm in cfg.arms]  # seed-major: a partial run is still paired
     for arm, seed in tqdm(jobs, desc="semi-supervised arms x seeds", unit="run"):

@@ -82,7 +82,7 @@ def reproduce_simdetr(cfg: SimDETRConfig, *, out: str | None = None) -> Run:
     Example:
         run = reproduce_simdetr(SimDETRConfig(finetune_seeds=(0,))); print((run.path / "results.md").read_text())
     """
-    from potpourri.core.textgeo import box_iou
+    from potpourri.core.boxes import box_iou
     from potpourri.data.boxes import DetectionSample, synth_detection_samples
     from potpourri.data.synth import DEFECTS, MULTI
     from potpourri.detect.simdetr import (

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from potpourri.core.errors import PotpourriError
 from potpourri.core.runs import Run, new_run, seed_everything
+from potpourri.data.transforms import images_to_tensor
 from potpourri.models.smr import (
     FeatureDecoder,
     Lite0Teacher,
@@ -200,10 +201,6 @@ class SMRConfig:
         return SMRConfig(n_pretrain=32, n_probe_train=40, n_probe_test=20, steps=3, batch_size=8, seeds=(0,))
 
 
-def _to_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0  # (N, 3, H, W)
-
-
 def _fmt(values: list[float]) -> str:
     if not values:
         return "—"
@@ -226,10 +223,10 @@ def reproduce_smr(cfg: SMRConfig | None = None, *, out: str | None = None, teach
     started = time.perf_counter()
     run = new_run("reproduce-smr", out, config=asdict(cfg), seed=cfg.seeds[0])
     teacher = teacher if teacher is not None else Lite0Teacher(stage=cfg.teacher_stage, upsample=4)
-    pre_images = _to_tensor(make_clutter(cfg.n_pretrain, size=cfg.image_size, seed=20)[0])  # labels never used
+    pre_images = images_to_tensor(make_clutter(cfg.n_pretrain, size=cfg.image_size, seed=20)[0])  # labels never used
     probe_x, probe_y, _ = make_clutter(cfg.n_probe_train, size=cfg.image_size, seed=21)
     test_x, test_y, _ = make_clutter(cfg.n_probe_test, size=cfg.image_size, seed=22)
-    probe_x, test_x = _to_tensor(probe_x), _to_tensor(test_x)
+    probe_x, test_x = images_to_tensor(probe_x), images_to_tensor(test_x)
     targets = teacher_targets(teacher, pre_images)
 
     def probe(encoder) -> float:

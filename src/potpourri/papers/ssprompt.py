@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from potpourri.report.tables import markdown_table
 from potpourri.segment.sam_prompt import (
     LearnedPrompt,
     PromptConfig,
@@ -59,10 +60,8 @@ def _regions_of(masks: np.ndarray, class_id: int, min_pixels: int = 16) -> list[
 
 
 def _markdown(rows: list[dict[str, Any]], arms: list[str]) -> str:
-    lines = ["| class | test regions | " + " | ".join(arms) + " |", "|---|---|" + "---|" * len(arms)]
-    for r in rows:
-        lines.append(f"| {r['class']} | {r['regions']} | " + " | ".join(f"{r[a]:.3f}" for a in arms) + " |")
-    return "\n".join(lines)
+    cells = [[r["class"], r["regions"], *(f"{r[a]:.3f}" for a in arms)] for r in rows]
+    return markdown_table(["class", "test regions", *arms], cells)
 
 
 def run_ssprompt_experiment(

@@ -36,7 +36,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from potpourri.core.errors import PotpourriError
-from potpourri.core.imaging import ImageInput, as_rgb
+from potpourri.core.imaging import ImageInput, as_rgb, read_mask
 from potpourri.core.io import load_bundle, save_bundle
 from potpourri.segment.features import AttentionMaps, FeatureSource
 
@@ -196,25 +196,6 @@ def build_source(config: OneShotConfig) -> FeatureSource:
 
 
 # ----------------------------------------------------------------------------------------------- segmenter
-def read_mask(mask: str | os.PathLike | np.ndarray | Image.Image) -> np.ndarray:
-    """A class-index mask (H, W) as int64 from a single-channel PNG (L, P or I) or an integer array."""
-    if isinstance(mask, str | os.PathLike):
-        if not Path(mask).is_file():
-            raise PotpourriError(f"mask '{mask}' does not exist; pass a class-index PNG (0 = background)")
-        with Image.open(mask) as img:
-            mask = img.copy()
-    if isinstance(mask, Image.Image):
-        if mask.mode not in ("L", "P", "I", "I;16", "1"):
-            raise PotpourriError(f"mask mode {mask.mode} is not a class-index image; save one channel of class ids")
-        mask = np.asarray(mask)
-    mask = np.asarray(mask)
-    if mask.ndim != 2 or not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
-        raise PotpourriError(f"a mask must be an (H, W) array of integer class ids, got {mask.dtype} {mask.shape}")
-    if mask.size and mask.min() < 0:
-        raise PotpourriError("mask holds negative class ids; use 0 for background and 1..K for classes")
-    return mask.astype(np.int64)
-
-
 class OneShotSegmenter:
     """Learn K class embeddings from k annotated images, then segment unseen ones (or a nearest-prototype baseline).
 

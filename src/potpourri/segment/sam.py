@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from potpourri.models.layers import binary_focal_loss, soft_dice
 from potpourri.models.sam import Sam, SamConfig
 
 __all__ = [
@@ -95,20 +96,10 @@ def sample_prompt(region: np.ndarray, rng: np.random.Generator, kind: str) -> di
     return {"points": np.array(points, np.float32), "labels": np.array(labels, np.int64)}
 
 
-def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
-    """Sigmoid focal loss per mask, averaged over pixels: (B, M)."""
-    prob = torch.sigmoid(logits)
-    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    p_t = prob * target + (1 - prob) * (1 - target)
-    weight = alpha * target + (1 - alpha) * (1 - target)
-    return (weight * ce * (1 - p_t) ** gamma).flatten(2).mean(-1)
-
-
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """1 - soft Dice per mask: (B, M)."""
-    prob = torch.sigmoid(logits).flatten(2)
-    target = target.flatten(2)
-    return 1 - (2 * (prob * target).sum(-1) + eps) / (prob.sum(-1) + target.sum(-1) + eps)
+def prompt_mask_loss(logits: torch.Tensor, target: torch.Tensor, *, focal_weight: float = 20.0) -> torch.Tensor:
+    """SAM's per-mask loss: focal·w + (1 - soft Dice) of (B, M, S, S) logits against 0/1 targets -> (B, M)."""
+    dice = soft_dice(torch.sigmoid(logits).flatten(2), target.flatten(2), -1)
+    return focal_weight * binary_focal_loss(logits, target) + (1 - dice)
 
 
 def sam_loss(
@@ -119,7 +110,7 @@ def sam_loss(
     ``logits`` (B, M, S, S) at the target's resolution, ``target`` (B, 1, S, S) in {0, 1}.
     """
     target = target.expand_as(logits)
-    mask_loss = focal_weight * focal_loss(logits, target) + dice_loss(logits, target)  # (B, M)
+    mask_loss = prompt_mask_loss(logits, target, focal_weight=focal_weight)  # (B, M)
     best = mask_loss.argmin(dim=1)  # SAM backpropagates only the lowest-loss mask of an ambiguous prompt
     rows = torch.arange(len(best))
     with torch.no_grad():

@@ -34,7 +34,7 @@ from torch import nn
 
 from potpourri.core.errors import PotpourriError
 from potpourri.models.sam import PromptEncoder, Sam
-from potpourri.segment.sam import dice_loss, focal_loss
+from potpourri.segment.sam import prompt_mask_loss
 
 __all__ = [
     "LearnedPrompt",
@@ -170,7 +170,7 @@ def learn_prompt(
         sparse, dense = prompt(sam.prompt_encoder, len(chosen))
         logits, _ = decode_embeddings(sam, embeddings[chosen], sparse, dense)  # (B, 1, S/4, S/4)
         logits = _upsample(logits, size)
-        loss = (cfg.focal_weight * focal_loss(logits, target[chosen]) + dice_loss(logits, target[chosen])).mean()
+        loss = prompt_mask_loss(logits, target[chosen], focal_weight=cfg.focal_weight).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -36,6 +36,7 @@ from potpourri.core.io import load_bundle, save_bundle
 from potpourri.core.metrics import iou_per_class, mean_iou
 from potpourri.core.results import InspectionResult
 from potpourri.data.synth import CLASSES
+from potpourri.models.layers import soft_dice
 
 __all__ = [
     "ENCODER_POLICIES",
@@ -222,9 +223,7 @@ def _soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0
     """1 - mean over classes of the soft Dice of softmax(logits) against one-hot targets (whole batch)."""
     probs = logits.softmax(1)  # (B, K, H, W)
     onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)  # (B, K, H, W)
-    inter = (probs * onehot).sum((0, 2, 3))
-    total = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
-    return 1 - ((2 * inter + eps) / (total + eps)).mean()
+    return 1 - soft_dice(probs, onehot, (0, 2, 3), eps).mean()
 
 
 def _class_weights(masks: np.ndarray, num_classes: int, power: float) -> torch.Tensor | None:

@@ -9,6 +9,7 @@ import torch
 
 from potpourri.core.errors import PotpourriError
 from potpourri.core.imaging import find_images, load_rgb
+from potpourri.core.io import write_csv
 from potpourri.core.registry import REGISTRY, create_model, get_pretrained_cfg
 from potpourri.core.runs import Run, new_run
 from potpourri.data.transforms import eval_transform
@@ -75,6 +76,9 @@ def predict_images(
             run.log_metrics(
                 {"image": str(paths[start + offset]), "top1": i_row[0], "label": names[i_row[0]], "prob": p_row[0]}
             )
+    table = [{"image": r["image"], **{f"{k}{n + 1}": t[k] for n, t in enumerate(r["top"]) for k in ("label", "prob")}}
+             for r in rows]  # fmt: skip
+    write_csv(run.path / "predictions.csv", table)  # image, label1, prob1, label2, prob2, ...
     run.write_summary({"model": model_name, "predictions": rows})
 
     report = Report(f"potpourri predict — {model_name}")

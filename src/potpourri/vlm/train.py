@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from potpourri.core.boxes import box_iou
 from potpourri.core.errors import PotpourriError
 from potpourri.core.runs import Run
-from potpourri.core.textgeo import box_iou, box_to_text, dequantize_box, parse_boxes, parse_phrases, quantize_box
+from potpourri.core.textgeo import box_to_text, dequantize_box, parse_boxes, parse_phrases, quantize_box
 from potpourri.core.training import lr_at
 from potpourri.data.instructions import Instruction
 from potpourri.data.synth import DEFECTS, SynthSample
