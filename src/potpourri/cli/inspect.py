@@ -7,7 +7,6 @@ or a plain folder of normal images, or ``ds-synth:<category>`` (generated once i
 from __future__ import annotations
 
 import argparse
-import importlib
 import time
 from pathlib import Path
 
@@ -17,12 +16,11 @@ from PIL import Image
 from potpourri.cli import flags, segment
 from potpourri.core.imaging import find_images, load_rgb
 from potpourri.core.io import write_csv
+from potpourri.inspect.base import METHOD_MODULES
 
 __all__ = [
     "register",
 ]
-
-METHODS = ("patchcore", "anomalyclip", "winclip")
 
 
 def _size_note(paths: list[Path], size: int, what: str) -> str | None:
@@ -74,7 +72,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     from potpourri.core.metrics import evaluate, roc_curve
     from potpourri.core.runs import new_run, seed_everything
     from potpourri.data.folders import read_folder, truth_masks
-    from potpourri.inspect.patchcore import PatchCore, PatchCoreConfig, memory_budget
+    from potpourri.inspect.base import method_module
+    from potpourri.inspect.patchcore import memory_budget
     from potpourri.report.html import Report
     from potpourri.report.inspect_plots import inspection_panel_png, roc_curves_png
 
@@ -82,17 +81,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     data = read_folder(args.data)
-    config = (
-        PatchCoreConfig(
-            image_size=args.image_size,
-            coreset_ratio=args.coreset_ratio,
-            k_shot=args.k_shot,
-            nn_backend=args.nn_backend,
-            seed=args.seed,
-        )
-        if args.method == "patchcore"
-        else importlib.import_module(f"potpourri.inspect.{args.method}").config_from_args(args)
-    )
+    module = method_module(args.method)
+    config = module.config_from_args(args)
     run = new_run(
         "inspect",
         args.out,
@@ -102,10 +92,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     notes = [n for n in (_size_note(data.train, config.image_size, "training"),) if n]
 
     start = time.perf_counter()
-    method_class = (
-        PatchCore if args.method == "patchcore" else importlib.import_module(f"potpourri.inspect.{args.method}").METHOD
-    )
-    method = method_class(config).fit(data.train)
+    method = module.METHOD(config).fit(data.train)
     fit_s = time.perf_counter() - start
     summary: dict = {
         "method": args.method,
@@ -295,7 +282,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=lambda _args: parser.print_help() or 2)
 
     fit = verbs.add_parser("fit", help="fit a method on normal images; calibrate and evaluate on test/ if present")
-    fit.add_argument("--method", choices=METHODS, default="patchcore")
+    fit.add_argument("--method", choices=sorted(METHOD_MODULES), default="patchcore")
     fit.add_argument("--data", required=True, help="MVTec-AD category folder, folder of normal images, ds-synth:CAT")
     fit.add_argument("--out", help="run folder (default runs/inspect/vN)")
     fit.add_argument("--image-size", type=int, default=224)

@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, ClassVar
 
 import numpy as np
@@ -28,16 +29,18 @@ from potpourri.core.results import InspectionResult
 
 __all__ = [
     "FORMAT_VERSION",
+    "METHOD_MODULES",
     "InspectionMethod",
     "Thresholds",
     "load_method",
+    "method_module",
 ]
 
 FORMAT_VERSION = 1
 METADATA = "metadata.json"
 TENSORS = "model.safetensors"
 # method name -> module that defines it; imported lazily so `load_method` does not import every method
-_METHOD_MODULES = {
+METHOD_MODULES = {
     "patchcore": "potpourri.inspect.patchcore",
     "anomalyclip": "potpourri.inspect.anomalyclip",
     "winclip": "potpourri.inspect.winclip",
@@ -228,7 +231,13 @@ def load_method(folder: str | os.PathLike, *, expect: str | None = None) -> Insp
     name = metadata.get("method")
     if expect is not None and name != expect:
         raise PotpourriError(f"'{folder}' holds a '{name}' model, not '{expect}'")
-    if name not in _METHOD_MODULES:
-        raise PotpourriError(f"'{folder}' holds unknown method '{name}'; known: {', '.join(sorted(_METHOD_MODULES))}")
-    module = importlib.import_module(_METHOD_MODULES[name])
-    return module.METHOD.from_metadata(metadata, folder)
+    if name not in METHOD_MODULES:
+        raise PotpourriError(f"'{folder}' holds unknown method '{name}'; known: {', '.join(sorted(METHOD_MODULES))}")
+    return method_module(name).METHOD.from_metadata(metadata, folder)
+
+
+def method_module(name: str) -> ModuleType:
+    """The module of inspection method ``name``: it defines ``METHOD`` (the class) and ``config_from_args(args)``."""
+    if name not in METHOD_MODULES:
+        raise PotpourriError(f"unknown inspection method '{name}'; choose from {', '.join(sorted(METHOD_MODULES))}")
+    return importlib.import_module(METHOD_MODULES[name])

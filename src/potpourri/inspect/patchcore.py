@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -404,6 +405,17 @@ class PatchCore(InspectionMethod):
                 f"memory bank {tuple(bank.shape)} does not match embed_dim={self.config.embed_dim}; refit the model"
             )
         self.memory_bank = bank
+
+
+def config_from_args(args: Any) -> PatchCoreConfig:
+    """``potpourri inspect fit`` arguments as a config."""
+    return PatchCoreConfig(
+        image_size=args.image_size,
+        coreset_ratio=args.coreset_ratio,
+        k_shot=args.k_shot,
+        nn_backend=args.nn_backend,
+        seed=args.seed,
+    )
 
 
 METHOD = PatchCore
