@@ -351,7 +351,7 @@ def test_lite0_variant_loads_the_imagenet_backbone_only_when_asked() -> None:
 
 
 def test_reparameterize_keeps_raw_outputs_and_detections() -> None:
-    from potpourri.deploy.reparam import is_reparameterized
+    from potpourri.models.reparam import is_reparameterized
 
     model = _tiny()
     _randomise(model)

@@ -7,269 +7,36 @@ or a plain folder of normal images, or ``ds-synth:<category>`` (generated once i
 from __future__ import annotations
 
 import argparse
-import time
-from pathlib import Path
-
-import numpy as np
-from PIL import Image
 
 from potpourri.cli import flags, segment
-from potpourri.core.imaging import find_images, load_rgb
-from potpourri.core.io import write_csv
-from potpourri.inspect.base import METHOD_MODULES
+from potpourri.inspect.base import METHOD_MODULES, method_module
 
 __all__ = [
     "register",
 ]
 
 
-def _size_note(paths: list[Path], size: int, what: str) -> str | None:
-    sizes = {}
-    for path in paths:
-        with Image.open(path) as img:
-            sizes[img.size] = sizes.get(img.size, 0) + 1
-    if set(sizes) == {(size, size)}:
-        return None
-    listed = ", ".join(f"{w}x{h} ({n})" for (w, h), n in sorted(sizes.items())[:4])
-    return f"{what} images were resized to {size}x{size} (found {listed})"
-
-
-def _validation_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, str | None]:
-    """Stratified seeded split of test indices into (validation, held-out); all-in-validation when too small."""
-    rng = np.random.default_rng(seed)
-    val, rest = [], []
-    for cls in (0, 1):
-        members = rng.permutation(np.flatnonzero(labels == cls))
-        cut = round(fraction * len(members))
-        val.extend(members[:cut])
-        rest.extend(members[cut:])
-    if not (labels[val].any() and (~labels[val].astype(bool)).any() and labels[rest].any()):
-        everything = np.arange(len(labels))
-        note = "test set too small to hold out validation images: threshold calibrated on the whole test set"
-        return everything, everything, note
-    return np.sort(val), np.sort(rest), None
-
-
-def _threshold_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float | None) -> dict[str, float]:
-    if threshold is None:
-        return {}
-    predicted = scores >= threshold
-    tp, fp = int((predicted & (labels == 1)).sum()), int((predicted & (labels == 0)).sum())
-    fn = int((~predicted & (labels == 1)).sum())
-    precision = tp / (tp + fp) if tp + fp else float("nan")
-    recall = tp / (tp + fn) if tp + fn else float("nan")
-    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
-    return {"precision": precision, "recall": recall, "f1": f1, "false_positives": fp, "false_negatives": fn}
-
-
-def _rgb_at(path: Path, size: int) -> np.ndarray:
-    return np.asarray(load_rgb(path).resize((size, size), Image.Resampling.BICUBIC))
-
-
 def _cmd_fit(args: argparse.Namespace) -> int:
-    import torch
+    from potpourri.inspect.pipeline import fit_folder
 
-    from potpourri.core.metrics import evaluate, roc_curve
-    from potpourri.core.runs import new_run, seed_everything
-    from potpourri.data.folders import read_folder, truth_masks
-    from potpourri.inspect.base import method_module
-    from potpourri.inspect.patchcore import memory_budget
-    from potpourri.report.html import Report
-    from potpourri.report.inspect_plots import inspection_panel_png, roc_curves_png
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
-    data = read_folder(args.data)
-    module = method_module(args.method)
-    config = module.config_from_args(args)
-    run = new_run(
-        "inspect",
-        args.out,
-        config={"verb": "inspect fit", "method": args.method, "data": args.data, **vars(config)},
+    fit_folder(
+        data_spec=args.data,
+        method_name=args.method,
+        out=args.out,
+        pixel_threshold=args.pixel_threshold,
         seed=args.seed,
+        threads=args.threads,
+        threshold=args.threshold,
+        val_fraction=args.val_fraction,
+        config=method_module(args.method).config_from_args(args),
     )
-    notes = [n for n in (_size_note(data.train, config.image_size, "training"),) if n]
-
-    start = time.perf_counter()
-    method = module.METHOD(config).fit(data.train)
-    fit_s = time.perf_counter() - start
-    summary: dict = {
-        "method": args.method,
-        "layout": data.layout,
-        "train_images": method.n_train_images,
-        **(
-            {
-                "memory_bank_rows": int(method.memory_bank.shape[0]),
-                "memory_bank_bytes": method.memory_bank.nelement() * 4,
-                "budget_1000_images": memory_budget(config, 1000, method.grid()),
-            }
-            if args.method == "patchcore"
-            else method.fit_summary()  # zero-shot methods (anomalyclip, winclip): trained on --aux-data only
-        ),
-        "fit_s": round(fit_s, 3),
-        **{k: round(v, 3) for k, v in method.timings.items()},
-    }
-    report = Report(f"potpourri inspect fit: {args.method} on {args.data}")
-    if data.test:
-        labels = np.array(data.labels)
-        notes += [n for n in (_size_note(data.test, config.image_size, "test"),) if n]
-        start = time.perf_counter()
-        scores, maps = method.score(data.test)
-        summary["test_images"] = len(data.test)
-        summary["predict_images_per_s"] = round(len(data.test) / (time.perf_counter() - start), 2)
-        masks, mask_notes = truth_masks(data, config.image_size)
-        evaluation = evaluate(labels, scores, masks, maps)
-        val, held_out, split_note = _validation_split(labels, args.val_fraction, args.seed)
-        method.calibrate(
-            scores[val],
-            labels[val],
-            maps[val],
-            None if masks is None else masks[val],
-            image_threshold=args.threshold,
-            pixel_threshold=args.pixel_threshold,
-        )
-        notes += mask_notes + list(evaluation.notes) + [n for n in (split_note,) if n]
-        summary["metrics"] = {k: v for k, v in evaluation.as_dict().items() if k != "notes"}
-        summary["held_out_at_threshold"] = _threshold_metrics(
-            labels[held_out], scores[held_out], method.thresholds.image
-        )
-        run.log_metrics({"split": "test", **summary["metrics"]})
-    else:
-        notes.append("no labelled test set (test/<defect> folders): metrics not computed")
-        method.calibrate(
-            np.array([]), np.array([]), image_threshold=args.threshold, pixel_threshold=args.pixel_threshold
-        )
-    method.notes = notes + method.thresholds.notes
-    method.save(run.path)
-    summary["thresholds"] = vars(method.thresholds)
-    summary["notes"] = method.notes
-    run.write_summary(summary)
-
-    report.section("Summary")
-    report.table([{"quantity": k, "value": v} for k, v in summary.items() if not isinstance(v, dict | list)])
-    if "metrics" in summary:
-        report.section("Test metrics (all test images, threshold-free)")
-        report.table([{"metric": k, "value": v} for k, v in summary["metrics"].items()])
-        report.section("At the calibrated threshold (held-out test images)")
-        report.table([{"quantity": k, "value": v} for k, v in summary["held_out_at_threshold"].items()])
-        if labels.any() and not labels.all():
-            fpr, tpr, _ = roc_curve(scores.astype(np.float64), labels.astype(float), 1.0 - labels)
-            curves = {"image": (fpr, tpr, summary["metrics"]["image_auroc"])}
-            report.image(roc_curves_png(curves, run.images / "roc.png"), "image-level ROC")
-        report.section("Hardest examples", "Highest-scoring normal images and lowest-scoring defect images.")
-        vmin, vmax = float(maps.min()), float(maps.max())
-        good, bad = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
-        hardest = list(good[np.argsort(-scores[good])][:3]) + list(bad[np.argsort(scores[bad])][:3])
-        results = method.results(scores, maps)
-        for index in hardest:
-            panel = inspection_panel_png(
-                _rgb_at(data.test[index], config.image_size),
-                maps[index],
-                run.images / f"test_{index:03d}.png",
-                mask=results[index].mask,
-                truth=None if masks is None else masks[index],
-                vmin=vmin,
-                vmax=vmax,
-                title=f"{data.test[index].parent.name}/{data.test[index].name}: score {scores[index]:.3f}",
-            )
-            report.image(panel, f"{data.test[index].parent.name}/{data.test[index].name}")
-    report.section("Thresholds", f"image {method.thresholds.image}, pixel {method.thresholds.pixel}")
-    report.text(f"source: {method.thresholds.source}", note=True)
-    for note in method.notes:
-        report.text(note, note=True)
-    report.write(run.path / "report.html")
-    metrics = summary.get("metrics", {})
-    line = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k in ("image_auroc", "pixel_auroc", "aupro"))
-    print(f"fitted {args.method} on {method.n_train_images} images in {fit_s:.1f} s{': ' + line if line else ''}")
-    for note in method.notes:
-        print(f"note: {note}")
-    print(f"run: {run.path}")
     return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    import torch
+    from potpourri.inspect.pipeline import predict_images
 
-    from potpourri.core.runs import new_run
-    from potpourri.inspect.base import load_method
-    from potpourri.report.html import Report
-    from potpourri.report.inspect_plots import inspection_panel_png
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    method = load_method(args.run)
-    paths = find_images(args.images)
-    size = method.config.image_size
-    start = time.perf_counter()
-    results = method.predict(paths)
-    seconds = time.perf_counter() - start
-    run = new_run(
-        "predict",
-        args.out,
-        root=args.run,
-        config={"verb": "inspect predict", "run": args.run, "images": [str(p) for p in paths]},
-    )
-    notes = [n for n in (_size_note(paths, size, "input"),) if n]
-    if not method.thresholds.calibrated:
-        notes.append("the run has no calibrated threshold: no labels or masks (refit with --threshold)")
-    masks_dir = run.path / "masks"
-    masks_dir.mkdir(exist_ok=True)
-    vmin = min(float(r.anomaly_map.min()) for r in results)
-    vmax = max(float(r.anomaly_map.max()) for r in results)
-    rows = []
-    report = Report(f"potpourri inspect predict: {len(paths)} images")
-    report.section("Model", f"run {args.run}; method {method.name}; threshold {method.thresholds.image}")
-    for note in notes + method.notes:
-        report.text(note, note=True)
-    panels = []
-    for index, (path, result) in enumerate(zip(paths, results, strict=True)):
-        original = load_rgb(path)
-        # maps are computed at the model size; overlays and masks go back to the image's own size
-        full_map = np.asarray(Image.fromarray(result.anomaly_map).resize(original.size, Image.Resampling.BILINEAR))
-        stem = f"{index:03d}_{path.stem}"
-        mask_png = None
-        if result.mask is not None:
-            mask = Image.fromarray(result.mask.astype(np.uint8) * 255).resize(original.size, Image.Resampling.NEAREST)
-            mask_png = masks_dir / f"{stem}_mask.png"
-            mask.save(mask_png)
-        panel = inspection_panel_png(
-            np.asarray(original),
-            full_map,
-            run.images / f"{stem}_overlay.png",
-            mask=None if result.mask is None else np.asarray(mask) > 0,
-            vmin=vmin,
-            vmax=vmax,
-            title=f"{path.name}: score {result.score:.3f}",
-        )
-        panels.append((panel, path.name))
-        rows.append(
-            {
-                "image": str(path),
-                "score": result.score,
-                "label": "" if result.label is None else ("defect" if result.label else "good"),
-                "image_threshold": "" if method.thresholds.image is None else method.thresholds.image,
-                "defect_fraction": "" if result.mask is None else float(result.mask.mean()),
-                "width": original.size[0],
-                "height": original.size[1],
-                "overlay": str(panel.relative_to(run.path)),
-                "mask": "" if mask_png is None else str(mask_png.relative_to(run.path)),
-            }
-        )
-    write_csv(run.path / "predictions.csv", rows)
-    run.write_summary({"images": len(paths), "images_per_s": len(paths) / seconds, "notes": notes, "rows": rows})
-    report.section("Per-image scores")
-    report.table([{k: r[k] for k in ("image", "score", "label", "defect_fraction")} for r in rows])
-    report.section("Overlays", f"colour scale shared by this batch: {vmin:.3g} (blue) to {vmax:.3g} (red)")
-    for panel, caption in panels:
-        report.image(panel, caption)
-    report.write(run.path / "report.html")
-    for row in rows:
-        label = f" {row['label']}" if row["label"] else ""
-        print(f"{row['image']}: score {row['score']:.4f}{label}")
-    for note in notes:
-        print(f"note: {note}")
-    print(f"report: {run.path / 'report.html'}")
+    predict_images(run_dir=args.run, images=args.images, out=args.out, threads=args.threads)
     return 0
 
 

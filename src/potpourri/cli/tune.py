@@ -8,94 +8,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from potpourri.cli import flags
 from potpourri.core.errors import PotpourriError
 
-__all__ = ["load_image_data", "register"]
-
-
-def _ds_synth(
-    spec: str, *, img_size: int, mean: tuple, std: tuple, seed: int = 0, n_per_class: int = 10
-) -> tuple[Dataset, Dataset, list[str]]:
-    """``ds-synth:classification[:cat1,cat2]``: DS-Synth defect-type classification; val = the disjoint test split."""
-    from potpourri.data.synth import CATEGORIES, make_task
-    from potpourri.data.transforms import normalized_dataset
-
-    task, _, cats = spec.partition(":")
-    if task != "classification":
-        raise PotpourriError(f"unknown DS-Synth task '{task}' for tune; use ds-synth:classification[:brick,grass]")
-    categories = tuple(cats.split(",")) if cats else ("brick", "grass", "gravel")
-    unknown = [c for c in categories if c not in CATEGORIES]
-    if unknown:
-        raise PotpourriError(f"unknown DS-Synth category '{unknown[0]}'; choose from {', '.join(CATEGORIES)}")
-    data = make_task(task, categories=categories, n_per_class=n_per_class, seed=seed, size=img_size)
-    train = normalized_dataset(data.train_images, data.train_labels, mean, std)
-    return train, normalized_dataset(data.test_images, data.test_labels, mean, std), data.class_names
-
-
-def load_image_data(
-    spec: str, *, img_size: int, mean: tuple, std: tuple, val_fraction: float = 0.2, seed: int = 0
-) -> tuple[Dataset, Dataset, list[str]]:
-    """``(train, val, class_names)`` from ``DIR`` (ImageFolder, or DIR/train + DIR/val) or ``ds-synth:<task>``."""
-    from potpourri.core.weights import PretrainedCfg
-    from potpourri.data.transforms import eval_transform
-
-    if spec.startswith("ds-synth:"):
-        return _ds_synth(spec.split(":", 1)[1], img_size=img_size, mean=mean, std=std, seed=seed)
-    from torchvision import datasets
-
-    root = Path(spec).expanduser()
-    if not root.is_dir():
-        raise PotpourriError(f"--data '{spec}' is not a folder; pass an ImageFolder directory or ds-synth:<task>")
-    # the one transform path (torchvision v2): short side to img_size (bilinear), centre crop, scale, normalise
-    transform = eval_transform(
-        PretrainedCfg(name="tune", mean=tuple(mean), std=tuple(std), interpolation="bilinear"),
-        image_size=img_size,
-        crop_pct=1.0,
-    )
-
-    def folder(path: Path) -> Dataset:
-        try:
-            return datasets.ImageFolder(str(path), transform=transform)
-        except (FileNotFoundError, RuntimeError) as exc:
-            raise PotpourriError(f"--data '{path}' holds no class folders with images ({exc})") from exc
-
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        train, val = folder(root / "train"), folder(root / "val")
-        classes = train.classes
-    else:
-        full = folder(root)
-        classes = full.classes
-        targets = torch.as_tensor(full.targets)
-        generator = torch.Generator().manual_seed(seed)
-        train_idx, val_idx = [], []
-        for label in targets.unique():  # stratified split, same for the same seed
-            members = (targets == label).nonzero().flatten()
-            members = members[torch.randperm(len(members), generator=generator)]
-            n_val = max(1, round(len(members) * val_fraction)) if len(members) > 1 else 0
-            val_idx += members[:n_val].tolist()
-            train_idx += members[n_val:].tolist()
-        train, val = Subset(full, sorted(train_idx)), Subset(full, sorted(val_idx))
-        train.targets = targets[sorted(train_idx)].tolist()
-    if len(classes) < 2:
-        raise PotpourriError(f"--data '{spec}' has a single class ({classes[0]}); a classifier needs at least 2")
-    return train, val, classes
-
-
-def _check_workers(workers: int) -> None:
-    cores = os.cpu_count() or 1
-    if workers > cores:
-        raise PotpourriError(
-            f"--workers {workers} is more than the {cores} cores of this machine; use --workers {cores}"
-        )
+__all__ = [
+    "register",
+]
 
 
 def _model_and_data(args: argparse.Namespace) -> tuple[torch.nn.Module, Dataset, Dataset, list[str]]:
     import potpourri
+    from potpourri.tune.data import check_workers, load_image_data
 
-    _check_workers(args.workers)
+    check_workers(args.workers)
     if args.threads:
         torch.set_num_threads(args.threads)
     probe = potpourri.create_model(args.model, pretrained=False)

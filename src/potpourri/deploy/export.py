@@ -19,7 +19,7 @@ import torch.nn as nn
 from potpourri.core.errors import PotpourriError
 from potpourri.core.io import atomic_write_bytes
 from potpourri.core.weights import PretrainedCfg
-from potpourri.deploy.reparam import reparameterize
+from potpourri.models.reparam import reparameterize
 
 __all__ = ["ExportResult", "export_onnx", "onnx_parity", "require_onnxruntime"]
 

@@ -73,7 +73,7 @@ def bench_models(
         rows, conditions = bench_models(["efficientmod_xxs", "repconvnet_s"], batches=[1, 8], reparam=True)
     """
     from potpourri.core.registry import create_model
-    from potpourri.deploy.reparam import reparameterize
+    from potpourri.models.reparam import reparameterize
 
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:

@@ -2,7 +2,7 @@
 
 ``RepConv`` trains as ``act(BN(conv3x3(x)) + BN(conv1x1(x)) + BN(x))`` and fuses, in eval semantics, into one
 biased 3×3 conv. Each branch's BN is folded into its own conv first (``W·t``, ``β − μ·t``, ``t = γ/√(σ²+ε)``),
-so the ordering trap of fusing one BN after the sum never arises. Model-level fusion: ``potpourri.deploy.reparam``.
+so the ordering trap of fusing one BN after the sum never arises. Model-level fusion: ``potpourri.models.reparam``.
 """
 
 from __future__ import annotations

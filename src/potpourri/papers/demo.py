@@ -59,7 +59,7 @@ def _probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: i
 
 def _latency_section(report: Report, run: Run, rounds: int) -> list[dict]:
     from potpourri.deploy.latency import bench_models, latency_table
-    from potpourri.deploy.reparam import reparameterize
+    from potpourri.models.reparam import reparameterize
 
     torch.manual_seed(0)
     rep = create_model("repconvnet_s").eval()

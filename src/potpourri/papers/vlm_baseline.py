@@ -22,9 +22,11 @@ Example:
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -237,3 +239,37 @@ class InspectionBaseline:
         return answer_texts(
             instructions, samples, masks, presence, min_pixels=self.config.min_pixels, threshold=self.config.threshold
         )
+
+
+def run_baseline(cfg: dict[str, Any], out: str | None = None):
+    """Fit the non-LLM baseline on the training images, answer the test instructions; returns the ``Run``."""
+    from potpourri.core.io import atomic_write_bytes
+    from potpourri.core.runs import new_run, seed_everything
+    from potpourri.papers.vlm_baseline import BaselineConfig, InspectionBaseline
+    from potpourri.vlm.train import instruction_data, score, trivial_predictions
+
+    started = time.perf_counter()
+    seed_everything(cfg["seed"])
+    run = new_run("vlm", out, config=cfg, seed=cfg["seed"])
+    samples, instructions = instruction_data(cfg, "train", cfg["n_train"])
+    test_samples, test_instructions = instruction_data(cfg, "test", cfg["n_test"], offset_seed=1)
+    baseline = InspectionBaseline(BaselineConfig(
+        encoder=cfg["encoder"], pretrained=cfg["pretrained"], seg_size=cfg["seg_size"], seg_steps=cfg["seg_steps"],
+        min_pixels=cfg["min_pixels"], seed=cfg["seed"],
+    )).fit(samples)  # fmt: skip
+    predictions = {source: baseline.predict(test_samples, test_instructions, answers=source)
+                   for source in ("classifier", "segmenter")}  # fmt: skip
+    lines = [
+        json.dumps({"kind": i.kind, "prompt": i.prompt, "answer": i.answer, "classifier": a, "segmenter": b}) + "\n"
+        for i, a, b in zip(test_instructions, predictions["classifier"], predictions["segmenter"], strict=True)
+    ]
+    atomic_write_bytes(run.path / "predictions.jsonl", "".join(lines).encode())
+    summary = {
+        "model": score(test_instructions, predictions["classifier"]),
+        "segmenter_answers": score(test_instructions, predictions["segmenter"]),
+        "question_only_baseline": score(test_instructions, trivial_predictions(instructions, test_instructions)),
+        "fit_seconds": baseline.seconds,
+        "seconds": time.perf_counter() - started,
+    }
+    run.write_summary(summary)
+    return run

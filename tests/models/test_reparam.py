@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 
 from potpourri import create_model, reparameterize
-from potpourri.deploy.reparam import is_reparameterized
 from potpourri.models.rep import RepConv
+from potpourri.models.reparam import is_reparameterized
 
 
 def _randomise_bn(model: nn.Module, seed: int = 0) -> None:

@@ -1,0 +1,162 @@
+"""The deployment pipelines behind ``potpourri export``, ``bench`` and ``auto-replace``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from potpourri.core.errors import PotpourriError
+from potpourri.core.runs import Run
+
+
+def export_run(
+    *,
+    export_format: str,
+    image_size: int | None,
+    model_name: str,
+    out: str | None,
+    pretrained: bool,
+    reparam: bool,
+    weights: str | None,
+    run_config: dict[str, Any],
+) -> Run:
+    """``potpourri export``: ONNX export of a registered model with a parity check and metadata.json."""
+    from potpourri.core.registry import create_model, get_pretrained_cfg
+    from potpourri.core.runs import new_run
+    from potpourri.deploy.export import export_onnx, result_dict
+    from potpourri.tune.predict import class_names
+
+    if export_format != "onnx":
+        raise PotpourriError(f"unknown export format '{export_format}'; choose onnx")
+    cfg = get_pretrained_cfg(model_name)
+    model = create_model(model_name, pretrained=pretrained, weights=weights)
+    size = image_size or (cfg.input_size[-1] if cfg else 224)
+    run = new_run("export", out, config=run_config)
+    names = class_names(cfg.label_set, model.num_classes) if cfg and getattr(model, "num_classes", 0) else None
+    result = export_onnx(
+        model, run.path, input_size=(3, size, size), cfg=cfg, class_names=names, reparam=reparam, name=model_name
+    )
+    run.write_summary(result_dict(result))
+    print(f"{result.onnx_path} (ONNX Runtime max |diff| {result.max_abs_diff:.2e}); metadata: {result.metadata_path}")
+    return run
+
+
+def bench_run(
+    *,
+    backend: list[str],
+    batch: list[int],
+    image_size: int | None,
+    models: list[str],
+    out: str | None,
+    reparam: bool,
+    rounds: int,
+    threads: int | None,
+    run_config: dict[str, Any],
+) -> Run:
+    """``potpourri bench``: interleaved latency of ``models`` per backend and batch; a Markdown table."""
+    from potpourri.core.runs import new_run
+    from potpourri.deploy.latency import bench_models, latency_table
+    from potpourri.report.html import Report
+
+    rows, conditions = bench_models(
+        models,
+        batches=batch,
+        threads=threads,
+        backends=backend,
+        image_size=image_size,
+        rounds=rounds,
+        reparam=reparam,
+    )
+    run = new_run("bench", out, config=run_config)
+    for row in rows:
+        run.log_metrics(asdict(row))
+    table = latency_table(rows, reference=models[0])
+    (run.path / "results.md").write_text(table + "\n")
+    run.write_summary({"rows": [asdict(r) for r in rows], "conditions": conditions})
+    report = Report("potpourri bench")
+    report.section("Latency", f"Speed-up column: against {models[0]} with the same backend and batch.")
+    report.table([asdict(r) for r in rows])
+    report.text(f"Conditions: {conditions}", note=True)
+    report.write(run.path / "report.html")
+    print(table)
+    print(f"load average before/after: {conditions['loadavg_before'][0]:.2f}/{conditions['loadavg_after'][0]:.2f}")
+    print(f"run: {run.path}")
+    return run
+
+
+def auto_replace_run(
+    *,
+    budget_ms: float,
+    global_steps: int,
+    image_size: int | None,
+    n_images: int,
+    model_name: str,
+    out: str | None,
+    pretrained: bool,
+    rounds: int,
+    seed: int,
+    speedup: float,
+    steps: int,
+    threads: int | None,
+    weights: str | None,
+    run_config: dict[str, Any],
+) -> Run:
+    """``potpourri auto-replace``: FC->Conv rewrite, then distilled cheaper sub-blocks under a latency budget."""
+    import torch
+
+    from potpourri.core.registry import create_model
+    from potpourri.core.runs import new_run, seed_everything
+    from potpourri.data.synth import make_task
+    from potpourri.deploy.auto_replace import auto_replace, mlp_to_conv
+    from potpourri.report.html import Report
+
+    seed_everything(seed)
+    torch.set_num_threads(threads)
+    model = create_model(model_name, pretrained=pretrained, weights=weights, img_size=image_size)
+    task = make_task("classification", n_per_class=max(1, n_images // 21 + 1), size=image_size, seed=seed)
+    images = (torch.from_numpy(task.train_images).permute(0, 3, 1, 2).float() / 127.5 - 1.0)[:n_images]
+    images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))]
+    run = new_run("auto-replace", out, config=run_config, seed=seed)
+    _, exact_diff = mlp_to_conv(model, images[:2])
+    plan = auto_replace(
+        model,
+        images,
+        budget_ms=budget_ms,
+        speedup=speedup,
+        steps=steps,
+        rounds=rounds,
+        seed=seed,
+        global_steps=global_steps,
+    )
+    for row in plan.rows:
+        run.log_metrics(row)
+    summary = {
+        "teacher_ms": plan.teacher_ms,
+        "student_ms": plan.student_ms,
+        "speedup": plan.teacher_ms / plan.student_ms,
+        "agreement": plan.agreement,
+        "output_rel_error": plan.output_rel_error,
+        "exact_fc_to_conv_max_abs_diff": exact_diff,
+        "sites": plan.rows,
+    }
+    run.write_summary(summary)
+    report = Report(f"potpourri auto-replace — {model_name}")
+    report.section("Chosen replacements", "Local loss: held-out MSE / target variance of the site's output.")
+    report.table(plan.rows)
+    report.table(
+        [{"model": "teacher", "batch-1 ms": plan.teacher_ms}, {"model": "student", "batch-1 ms": plan.student_ms}]
+    )
+    report.text(
+        f"Top-1 agreement with the teacher on held-out images: {plan.agreement:.3f}; relative output error "
+        f"{plan.output_rel_error:.3f}. Exact FC→1×1-conv "
+        f"rewrite of every MLP: max |diff| {exact_diff:.2e}."
+    )
+    report.write(run.path / "report.html")
+    for row in plan.rows:
+        print(f"{row['site']:<16} {row['chosen']:<18} loss {row['local_loss']:.3f}  saved {row['saved_ms']:.2f} ms")
+    print(
+        f"batch-1 latency {plan.teacher_ms:.2f} → {plan.student_ms:.2f} ms "
+        f"({plan.teacher_ms / plan.student_ms:.2f}x), agreement {plan.agreement:.3f}, "
+        f"relative output error {plan.output_rel_error:.3f}; run: {run.path}"
+    )
+    return run

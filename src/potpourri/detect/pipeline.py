@@ -1,0 +1,327 @@
+"""The detection pipelines behind ``potpourri detect train / predict / eval / mask-train``: read data, train or
+load a detector, evaluate, draw, write the run folder.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from potpourri.core.errors import PotpourriError
+from potpourri.core.io import write_csv
+from potpourri.core.runs import Run
+
+
+def train_run(
+    *,
+    assigner: str,
+    backbone_pretrained: bool,
+    batch_size: int,
+    cls_loss: str,
+    conf: float,
+    data_spec: str,
+    epochs: int,
+    eval_every: int,
+    image_size: int | None,
+    lr: float,
+    model_name: str,
+    optimizer: str,
+    out: str | None,
+    per_kind: int,
+    resume: bool,
+    seed: int,
+    test_fraction: float,
+    threads: int | None,
+) -> Run:
+    """``potpourri detect train``: train a registered detector on ``data_spec`` (resumable); test mAP and report."""
+    import torch
+
+    from potpourri.core.runs import new_run
+    from potpourri.data.boxes import read_detection_data
+    from potpourri.detect.train import DetectTrainConfig, evaluate_detector, save_detector, train_detector
+    from potpourri.report.html import Report
+
+    if threads:
+        torch.set_num_threads(threads)
+    if image_size % 32:
+        raise PotpourriError(f"--image-size {image_size} must be a multiple of 32 (e.g. 256 or 320)")
+    data = read_detection_data(
+        data_spec, image_size=image_size, per_kind=per_kind, test_fraction=test_fraction, seed=seed
+    )
+    config = DetectTrainConfig(
+        model=model_name,
+        class_names=data.class_names,
+        image_size=image_size,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer=optimizer,
+        cls_loss=cls_loss,
+        assigner=assigner,
+        backbone_pretrained=backbone_pretrained,
+        eval_every=eval_every,
+        seed=seed,
+    )
+    run = new_run("detect", out, config={"verb": "detect train", "data": data_spec, **vars(config)}, seed=seed)
+    result = train_detector(data.train, data.test, config, run_path=run.path, resume=resume)
+    columns = list(dict.fromkeys(k for row in result.history for k in row))  # test mAP appears only on eval epochs
+    for row in result.history:
+        run.log_metrics({k: row.get(k, "") for k in columns})
+    model = result.model
+    meta = {"model": model_name, "class_names": list(data.class_names), "image_size": image_size,
+            "data": data_spec, "layout": data.layout}  # fmt: skip
+    save_detector(run.path, model, meta)
+    metrics = evaluate_detector(model, data.test, image_size=image_size)
+    shown = data.test[: min(8, len(data.test))]
+    fused, parity = _reparam_check(model, [s.image for s in shown], image_size)
+    fused_metrics = evaluate_detector(fused, data.test, image_size=image_size)
+    summary = {
+        "layout": data.layout,
+        "train_images": len(data.train),
+        "test_images": len(data.test),
+        "train_boxes": int(sum(len(s.labels) for s in data.train)),
+        "test_boxes": metrics["boxes"],
+        "epochs": epochs,
+        "assigner": assigner,
+        "steps": result.steps,
+        "train_s": round(result.seconds, 1),
+        "params": sum(p.numel() for p in model.parameters()),
+        "params_reparam": sum(p.numel() for p in fused.parameters()),
+        "test_map50": metrics["map50"],
+        "test_map": metrics["map"],
+        "per_class_ap50": dict(zip(data.class_names, metrics["per_class_ap50"], strict=True)),
+        "reparam_max_abs_diff": parity,
+        "reparam_test_map50": fused_metrics["map50"],
+        "notes": data.notes,
+    }
+    run.write_summary(summary)
+
+    from potpourri.detect.train import detect_images
+
+    found = detect_images(fused, [s.image for s in shown], image_size=image_size, conf=conf)
+    truth = [draw_detections(s.image, {"boxes": s.boxes, "scores": np.ones(len(s.labels)), "labels": s.labels},
+                             data.class_names) for s in shown]  # fmt: skip
+    predicted = [draw_detections(s.image, d, data.class_names) for s, d in zip(shown, found, strict=True)]
+    panel = _grid_png([im for pair in zip(truth, predicted, strict=True) for im in pair], run.images / "test.png")
+    report = Report(f"potpourri detect train on {data_spec}")
+    report.section(
+        "Summary",
+        f"{model_name} ({assigner} assigner), {len(data.train)} training images at {image_size} px, "
+        f"{result.steps} steps "
+        f"({epochs} epochs) in {summary['train_s']} s; test on {len(data.test)} images.",
+    )
+    report.table(
+        [
+            {"quantity": "test mAP@0.5", "value": metrics["map50"]},
+            {"quantity": "test mAP@0.5:0.95", "value": metrics["map"]},
+            {"quantity": "re-parameterised: max |Δ| raw outputs", "value": parity},
+            {"quantity": "re-parameterised: test mAP@0.5", "value": fused_metrics["map50"]},
+            {"quantity": "parameters (train / deploy)", "value": f"{summary['params']} / {summary['params_reparam']}"},
+        ]
+    )
+    report.section("Per-class AP@0.5 (test)", "NaN: the class has no test box.")
+    report.table([{"class": k, "AP@0.5": v} for k, v in summary["per_class_ap50"].items()])
+    report.section("Test images", f"pairs: ground truth | prediction (confidence ≥ {conf})")
+    report.image(panel)
+    for note in data.notes:
+        report.text(note, note=True)
+    report.write(run.path / "report.html")
+    print(
+        f"trained {model_name} on {len(data.train)} images in {summary['train_s']} s: test mAP@0.5 "
+        f"{metrics['map50']:.3f}, mAP@0.5:0.95 {metrics['map']:.3f}; re-parameterised max |diff| {parity:.2e}"
+    )
+    print(f"run: {run.path}")
+    return run
+
+
+def predict_run(
+    *,
+    conf: float,
+    images: list[str],
+    iou: float,
+    no_reparam: bool,
+    out: str | None,
+    run_dir: str,
+    threads: int | None,
+) -> Run:
+    """``potpourri detect predict``: boxes for ``images`` from a trained run; drawn images and ``predictions.csv``."""
+    import torch
+    from PIL import Image
+
+    from potpourri.core.imaging import find_images, read_rgb
+    from potpourri.core.runs import new_run
+    from potpourri.detect.train import detect_images
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, meta = _load(run_dir, not no_reparam)
+    names = tuple(meta["class_names"])
+    paths = find_images(images)
+    run = new_run("predict", out, root=run_dir)
+    run.write_config({"verb": "detect predict", "run": run_dir, "images": [str(p) for p in paths],
+                      "conf": conf, "iou": iou})  # fmt: skip
+    run.write_env()
+    rows = []
+    start = time.perf_counter()
+    for index, path in enumerate(paths):
+        image = read_rgb(path)
+        (found,) = detect_images(model, [image], image_size=meta["image_size"], conf=conf, iou=iou)
+        Image.fromarray(draw_detections(image, found, names)).save(run.images / f"{index:03d}_{path.stem}.png")
+        for box, score, label in zip(found["boxes"], found["scores"], found["labels"], strict=True):
+            corners = {k: round(float(v), 1) for k, v in zip(("x1", "y1", "x2", "y2"), box, strict=True)}
+            rows.append({"image": str(path), "class": names[int(label)], "score": round(float(score), 4), **corners})
+        print(f"{path}: {len(found['scores'])} boxes " + ", ".join(f"{names[int(c)]}" for c in found["labels"]))
+    seconds = time.perf_counter() - start
+    write_csv(run.path / "predictions.csv", rows, fieldnames=["image", "class", "score", "x1", "y1", "x2", "y2"])
+    run.write_summary({"images": len(paths), "boxes": len(rows), "images_per_s": len(paths) / seconds})
+    print(f"predictions: {run.path / 'predictions.csv'}; images with boxes: {run.images}")
+    return run
+
+
+def eval_run(
+    *,
+    data_spec: str,
+    out: str | None,
+    per_kind: int,
+    reparam: bool,
+    run_dir: str,
+    seed: int,
+    split: str,
+    test_fraction: float,
+    threads: int | None,
+) -> Run:
+    """``potpourri detect eval``: mAP of a trained run on ``data_spec`` (optionally re-parameterised first)."""
+    import torch
+
+    from potpourri.core.runs import new_run
+    from potpourri.data.boxes import read_detection_data
+    from potpourri.detect.train import evaluate_detector
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, meta = _load(run_dir, reparam)
+    data = read_detection_data(data_spec, image_size=meta["image_size"], per_kind=per_kind,
+                               test_fraction=test_fraction, seed=seed)  # fmt: skip
+    if tuple(data.class_names) != tuple(meta["class_names"]):
+        raise PotpourriError(
+            f"--data has classes {list(data.class_names)} but the detector knows {meta['class_names']}; evaluate on "
+            "data with the same classes"
+        )
+    samples = data.test if split == "test" else data.train + data.test
+    metrics = evaluate_detector(model, samples, image_size=meta["image_size"])
+    run = new_run("eval", out, root=run_dir)
+    run.write_config({"verb": "detect eval", "run": run_dir, "data": data_spec, "split": split,
+                      "reparam": reparam})  # fmt: skip
+    run.write_summary(
+        {**metrics, "per_class_ap50": dict(zip(meta["class_names"], metrics["per_class_ap50"], strict=True))}
+    )
+    print(
+        f"{split} ({metrics['images']} images, {metrics['boxes']} boxes): mAP@0.5 {metrics['map50']:.4f}, "
+        f"mAP@0.5:0.95 {metrics['map']:.4f}"
+    )
+    return run
+
+
+def mask_train_run(
+    *,
+    data: str,
+    lr: float,
+    out: str | None,
+    per_kind: int,
+    run_dir: str,
+    seconds: float,
+    seed: int,
+    steps: int,
+    threads: int | None,
+) -> Run:
+    """``potpourri detect mask-train``: train the Mask Frozen-DETR-style mask head on a frozen detector run."""
+    import torch
+
+    from potpourri.core.runs import new_run
+    from potpourri.detect.mask_head import (
+        MaskHeadConfig,
+        mask_coco_map,
+        predict_instances,
+        read_instance_data,
+        save_mask_head,
+        train_mask_head,
+    )
+    from potpourri.detect.train import load_detector
+
+    if threads:
+        torch.set_num_threads(threads)
+    detector, meta = load_detector(run_dir)
+    train, test, names = read_instance_data(data, image_size=meta["image_size"], per_kind=per_kind,
+                                            seed=seed)  # fmt: skip
+    if tuple(names) != tuple(meta["class_names"]):
+        raise PotpourriError(f"--data has classes {list(names)} but the detector knows {meta['class_names']}")
+    cfg = MaskHeadConfig(max_steps=steps, max_seconds=seconds, lr=lr, seed=seed)
+    run = new_run("mask", out, root=run_dir)
+    run.write_config({"verb": "detect mask-train", "run": run_dir, "data": data, "steps": steps,
+                      "seconds": seconds, "lr": lr, "seed": seed})  # fmt: skip
+    run.write_env(seed)
+    head, history = train_mask_head(detector, train, cfg)
+    save_mask_head(run.path, head, {"detector_run": str(run_dir), "data": data})
+    metrics = mask_coco_map(predict_instances(detector, head, [s.image for s in test], conf=0.001), test, len(names))
+    run.write_summary({**metrics, **{k: v for k, v in history.items() if k != "losses"},
+                       "last_loss": history["losses"][-1] if history["losses"] else None})  # fmt: skip
+    print(
+        f"mask head: {history['steps']} steps in {history['train_s']:.0f}s ({history['trainable_params']} trainable "
+        f"params, detector frozen); test mask mAP@0.5 {metrics['map50']:.4f}, mAP@0.5:0.95 {metrics['map']:.4f}; "
+        f"{run.path}"
+    )
+    return run
+
+
+def draw_detections(image: np.ndarray, detections: dict[str, np.ndarray], class_names: tuple[str, ...]) -> np.ndarray:
+    """The image with each box outlined in its class colour (Defect Spectrum palette) and labelled with its score."""
+    from PIL import Image, ImageDraw
+
+    from potpourri.data.synth import PALETTE
+
+    canvas = Image.fromarray(image)
+    draw = ImageDraw.Draw(canvas)
+    for box, score, label in zip(detections["boxes"], detections["scores"], detections["labels"], strict=True):
+        colour = PALETTE[1 + int(label) % (len(PALETTE) - 1)]
+        draw.rectangle([float(v) for v in box], outline=colour, width=2)
+        name = class_names[int(label)] if int(label) < len(class_names) else str(int(label))
+        draw.text((float(box[0]) + 2, float(box[1]) + 1), f"{name} {float(score):.2f}", fill=colour)
+    return np.asarray(canvas)
+
+
+def _grid_png(images: list[np.ndarray], path: Path, columns: int = 4) -> Path:
+    from PIL import Image
+
+    side = images[0].shape[0]
+    rows = -(-len(images) // columns)
+    grid = np.full((rows * side, columns * side, 3), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[r * side : (r + 1) * side, c * side : (c + 1) * side] = image
+    Image.fromarray(grid).save(path)
+    return path
+
+
+def _reparam_check(model: Any, images: list[np.ndarray], image_size: int) -> tuple[Any, float]:
+    """The re-parameterised copy and the max |Δ| of its raw outputs against the multi-branch model."""
+    import torch
+
+    from potpourri.data.transforms import images_to_tensor
+    from potpourri.models.reparam import reparameterize
+
+    x = images_to_tensor(images, model.mean, model.std).contiguous()
+    with torch.no_grad():
+        before = model.eval()(x)
+        fused = reparameterize(model)
+        return fused, float((fused(x) - before).abs().max())
+
+
+def _load(run_dir: str, reparam: bool) -> tuple[Any, dict[str, Any]]:
+    from potpourri.detect.train import load_detector
+    from potpourri.models.reparam import reparameterize
+
+    model, meta = load_detector(run_dir)
+    return (reparameterize(model) if reparam else model), meta
