@@ -3,47 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 from typing import Any
 
-import torch
-from torch.utils.data import Dataset
-
 from potpourri.cli import flags
-from potpourri.core.errors import PotpourriError
 
 __all__ = [
     "register",
 ]
-
-
-def _model_and_data(args: argparse.Namespace) -> tuple[torch.nn.Module, Dataset, Dataset, list[str]]:
-    import potpourri
-    from potpourri.tune.data import check_workers, load_image_data
-
-    check_workers(args.workers)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    probe = potpourri.create_model(args.model, pretrained=False)
-    cfg = getattr(probe, "pretrained_cfg", {}) or {}
-    mean, std = tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
-    img_size = args.image_size or int(cfg.get("input_size", (3, 224, 224))[-1])
-    if getattr(args, "strategy", None) == "visual-prompt":  # AutoVP: ImageNet head kept, prompt takes [0, 1] px
-        from potpourri.tune.visual_prompt import VPConfig, build_visual_prompt
-
-        train, val, classes = load_image_data(
-            args.data, img_size=img_size, mean=(0.0,) * 3, std=(1.0,) * 3, seed=args.seed
-        )
-        source = potpourri.create_model(args.model, pretrained=args.pretrained)
-        model = build_visual_prompt(
-            source, len(classes), VPConfig("fully", width=max(1, img_size // 12)), canvas=img_size
-        )
-        return model, train, val, classes
-    train, val, classes = load_image_data(args.data, img_size=img_size, mean=mean, std=std, seed=args.seed)
-    torch.manual_seed(args.seed)  # the new head's initialisation
-    model = potpourri.create_model(args.model, pretrained=args.pretrained, num_classes=len(classes))
-    return model, train, val, classes
 
 
 def _training_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -65,88 +31,49 @@ def _training_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from potpourri.core.runs import new_run, seed_everything
-    from potpourri.models.blocks import block_map, check_blocks
-    from potpourri.tune.strategies import get_strategy
-    from potpourri.tune.trainer import fit
+    from potpourri.tune.pipeline import tune_run
 
-    if args.resume and not args.out:
-        raise PotpourriError("--resume needs --out DIR, the folder of the run to continue")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.out:
-        raise PotpourriError("under torchrun pass --out DIR, so that every process uses the same run folder")
-    seed_everything(args.seed)
-    model, train, val, classes = _model_and_data(args)
-    strategy_kwargs: dict[str, Any] = {}
-    if args.momentum is not None:
-        strategy_kwargs["momentum"] = args.momentum
-    blocks = [b for b in args.blocks.split(",") if b] if args.blocks else None
-    get_strategy(args.strategy, **strategy_kwargs)  # bad names fail before a run folder exists
-    if blocks:
-        check_blocks(blocks, block_map(model))
-    run = new_run("tune", args.out)
-    result = fit(
-        model,
-        train,
-        val,
-        args.strategy,
-        blocks=blocks,
-        strategy_kwargs=strategy_kwargs,
-        out=run.path,
+    tune_run(
+        blocks_spec=args.blocks,
+        data=args.data,
+        image_size=args.image_size,
+        model_name=args.model,
+        momentum=args.momentum,
+        out=args.out,
+        pretrained=args.pretrained,
         resume=args.resume,
-        **_training_options(args),
+        seed=args.seed,
+        strategy=args.strategy,
+        threads=args.threads,
+        workers=args.workers,
+        training=_training_options(args),
     )
-    plan = result.plan
-    print(
-        f"{args.strategy}: {plan['trainable_params']:,} of {plan['total_params']:,} params trained "
-        f"({plan['trainable_pct']:.2f}%), classes {classes}"
-    )
-    print(f"val_acc {result.final.get('val_acc', float('nan')):.4f}  ({result.seconds:.1f} s)")
-    print(f"run: {run.path}")
     return 0
 
 
 def _cmd_select_layers(args: argparse.Namespace) -> int:
-    from potpourri.core.runs import new_run, seed_everything
-    from potpourri.tune.layer_select import greedy_select, proxy_scores
+    from potpourri.tune.pipeline import select_layers_run
 
-    seed_everything(args.seed)
-    model, train, _, _ = _model_and_data(args)
-    run = new_run("select-layers", args.out)
-    run.write_config(vars(args) | {"func": None})
-    summary: dict[str, Any] = {}
-    if args.proxy != "none":
-        scores = proxy_scores(model, train, method=args.proxy)
-        ranking = sorted((e for e in scores if e != "head"), key=scores.get, reverse=True)
-        summary["proxy"] = {"method": args.proxy, "scores": scores, "ranking": ranking}
-        print(f"{args.proxy} ranking: {', '.join(ranking[:8])}{' …' if len(ranking) > 8 else ''}")
-    if not args.proxy_only:
-        candidates = [b for b in args.candidates.split(",") if b] if args.candidates else None
-        selection = greedy_select(
-            model,
-            train,
-            candidates=candidates,
-            folds=args.folds,
-            epsilon=args.epsilon,
-            max_blocks=args.max_blocks,
-            max_params=args.max_params,
-            time_budget_s=args.time_budget,
-            **{**_training_options(args), "progress": False},
-        )
-        summary["greedy"] = {
-            "chosen": selection.chosen,
-            "cv_accuracy": selection.score,
-            "linear_probe_cv_accuracy": selection.linear_probe,
-            "rounds": [{"base": r.base, "scores": r.scores} for r in selection.rounds],
-            "stop_reason": selection.stop_reason,
-            "trainings": selection.trainings,
-            "seconds": round(selection.seconds, 2),
-        }
-        print(
-            f"greedy: {selection.chosen or '[] (linear probe)'}  cv acc {selection.score:.4f} "
-            f"(linear probe {selection.linear_probe:.4f}); {selection.stop_reason}"
-        )
-    run.write_summary(summary)
-    print(f"run: {run.path}")
+    select_layers_run(
+        candidates_spec=args.candidates,
+        data=args.data,
+        epsilon=args.epsilon,
+        folds=args.folds,
+        image_size=args.image_size,
+        max_blocks=args.max_blocks,
+        max_params=args.max_params,
+        model_name=args.model,
+        out=args.out,
+        pretrained=args.pretrained,
+        proxy=args.proxy,
+        proxy_only=args.proxy_only,
+        seed=args.seed,
+        threads=args.threads,
+        time_budget=args.time_budget,
+        workers=args.workers,
+        training=_training_options(args),
+        run_config=vars(args) | {"func": None},
+    )
     return 0
 
 
@@ -206,33 +133,7 @@ def register(subparsers: Any) -> None:
 
 def _cmd_merge_tasks(args: argparse.Namespace) -> int:
     """Build the shared model, check it reproduces every run's outputs, report compute and memory saved."""
-    import potpourri
-    from potpourri.core.registry import count_macs
-    from potpourri.core.runs import new_run
-    from potpourri.tune.multitask import MultiTaskModel, load_task_model
+    from potpourri.tune.pipeline import merge_tasks_run
 
-    runs = dict(spec.split("=", 1) if "=" in spec else (Path(spec).name, spec) for spec in args.runs)
-    backbone = potpourri.create_model(args.model, pretrained=True).eval()
-    tasks = {name: load_task_model(backbone, path) for name, path in runs.items()}
-    shared = MultiTaskModel(backbone, tasks)
-    x = torch.randn(2, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        outputs = shared(x)
-        worst = max((outputs[n] - m.eval()(x)).abs().max().item() for n, (m, _) in tasks.items())
-    shape = (1, 3, args.image_size, args.image_size)
-    macs = {"shared": count_macs(shared, shape), "separate": sum(count_macs(m, shape) for m, _ in tasks.values())}
-    params = {"shared": shared.parameter_counts()["total"]}
-    params["separate"] = sum(sum(p.numel() for p in m.parameters()) for m, _ in tasks.values())
-    run = new_run("merge-tasks", args.out)
-    run.write_config({"runs": runs, "model": args.model, "img_size": args.image_size})
-    run.write_summary({**shared.describe(), "macs": macs, "params_total": params, "max_abs_output_diff": worst})
-    for name, info in shared.describe()["tasks"].items():
-        print(f"{name}: tuned {', '.join(info['tuned'])}; leaves the shared trunk at {info['branches_at']}")
-    print(
-        f"{len(tasks)} tasks: {macs['shared'] / 1e9:.3f} vs {macs['separate'] / 1e9:.3f} GMACs separately "
-        f"({macs['separate'] / macs['shared']:.2f}x), {params['shared'] / 1e6:.2f} M vs "
-        f"{params['separate'] / 1e6:.2f} M parameters ({params['separate'] / params['shared']:.2f}x); "
-        f"max |output difference| {worst:.1e}"
-    )
-    print(f"run: {run.path}")
+    merge_tasks_run(image_size=args.image_size, model=args.model, out=args.out, run_specs=args.runs)
     return 0

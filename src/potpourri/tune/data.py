@@ -87,3 +87,41 @@ def check_workers(workers: int) -> None:
         raise PotpourriError(
             f"--workers {workers} is more than the {cores} cores of this machine; use --workers {cores}"
         )
+
+
+def model_and_data(
+    model_name: str,
+    data_spec: str,
+    *,
+    image_size: int | None = None,
+    pretrained: bool = True,
+    seed: int = 0,
+    strategy: str | None = None,
+    workers: int = 0,
+    threads: int | None = None,
+) -> tuple[torch.nn.Module, Dataset, Dataset, list[str]]:
+    """The model to tune (a new head for the data's classes, or AutoVP's prompt for ``visual-prompt``) and the
+    (train, val, class names) of ``data_spec``, normalised as the model's pretrained config says."""
+    from potpourri.core.registry import create_model
+    from potpourri.tune.data import check_workers, load_image_data
+
+    check_workers(workers)
+    if threads:
+        torch.set_num_threads(threads)
+    probe = create_model(model_name, pretrained=False)
+    cfg = getattr(probe, "pretrained_cfg", {}) or {}
+    mean, std = tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+    img_size = image_size or int(cfg.get("input_size", (3, 224, 224))[-1])
+    if strategy == "visual-prompt":  # AutoVP: ImageNet head kept, prompt takes [0, 1] px
+        from potpourri.tune.visual_prompt import VPConfig, build_visual_prompt
+
+        train, val, classes = load_image_data(data_spec, img_size=img_size, mean=(0.0,) * 3, std=(1.0,) * 3, seed=seed)
+        source = create_model(model_name, pretrained=pretrained)
+        model = build_visual_prompt(
+            source, len(classes), VPConfig("fully", width=max(1, img_size // 12)), canvas=img_size
+        )
+        return model, train, val, classes
+    train, val, classes = load_image_data(data_spec, img_size=img_size, mean=mean, std=std, seed=seed)
+    torch.manual_seed(seed)  # the new head's initialisation
+    model = create_model(model_name, pretrained=pretrained, num_classes=len(classes))
+    return model, train, val, classes
