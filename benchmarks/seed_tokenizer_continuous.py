@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 sys.argv = ["x", "0"]
 
-from potpourri.models.visual_tokenizer import SEEDConfig, SEEDTokenizer, TokenizerTrainConfig, train_tokenizer  # noqa
+from potpourri.models.visual_tokenizer import SEEDConfig, SEEDTokenizer  # noqa: E402
+from potpourri.vlm.tokenizer import TokenizerTrainConfig, train_tokenizer  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -13,14 +13,8 @@ import torch.nn.functional as F
 from seed_tokenizer_data import load
 
 from potpourri.core.registry import create_model
-from potpourri.models.visual_tokenizer import (
-    SEEDConfig,
-    SEEDTokenizer,
-    TokenizerTrainConfig,
-    codebook_usage,
-    retrieve_nearest,
-    train_tokenizer,
-)
+from potpourri.models.visual_tokenizer import SEEDConfig, SEEDTokenizer, codebook_usage, retrieve_nearest
+from potpourri.vlm.tokenizer import TokenizerTrainConfig, train_tokenizer
 
 torch.set_num_threads(1)
 t0 = time.time()

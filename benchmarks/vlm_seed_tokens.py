@@ -24,15 +24,9 @@ import torch
 
 from potpourri.core.registry import create_model
 from potpourri.data.synth import CATEGORIES, make_samples
-from potpourri.models.visual_tokenizer import (
-    SEEDConfig,
-    SEEDTokenizer,
-    TokenizerTrainConfig,
-    codebook_usage,
-    retrieve_nearest,
-    train_tokenizer,
-)
+from potpourri.models.visual_tokenizer import SEEDConfig, SEEDTokenizer, codebook_usage, retrieve_nearest
 from potpourri.vlm.seed import ImageTokenWriter, ImageWriterTrainConfig, train_image_writer
+from potpourri.vlm.tokenizer import TokenizerTrainConfig, train_tokenizer
 
 FREE_PROMPTS = [
     ("a scratched brick", "brick", "scratch"),

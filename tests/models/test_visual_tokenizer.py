@@ -10,16 +10,15 @@ from potpourri.models.visual_tokenizer import (
     CausalQFormer,
     SEEDConfig,
     SEEDTokenizer,
-    TokenizerTrainConfig,
     VectorQuantizer,
     add_image_tokens,
     codebook_usage,
     load_tokenizer,
     retrieve_nearest,
     save_tokenizer,
-    train_tokenizer,
 )
 from potpourri.models.vlm import char_tokenizer, tiny_llama
+from potpourri.vlm.tokenizer import TokenizerTrainConfig, train_tokenizer
 
 pytestmark = pytest.mark.one_thread  # tiny models: one torch thread (tests/conftest.py)
 
