@@ -211,7 +211,7 @@ class Reply:
 
 @dataclass
 class _Pixels:
-    image: np.ndarray  # what vlm_train.encode_samples reads from a sample
+    image: np.ndarray  # what vlm.train.encode_samples reads from a sample
 
 
 class Assistant:

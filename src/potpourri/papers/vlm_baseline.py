@@ -1,7 +1,7 @@
 """The non-LLM baseline for the VLM evaluation: boxes from a segmenter's masks, answers from a defect classifier.
 
 Two ordinary inspection models answer the same DS-Synth instructions as the VLM, as text, so that
-``vlm_train.score`` grades both with exactly the same rules:
+``vlm.train.score`` grades both with exactly the same rules:
 
 * a **segmenter** (``potpourri.segment.segmenter``: frozen EfficientNet-Lite0 + UNet decoder) trained on the training
   images' masks gives a class map; its connected components (smaller ones dropped) give the boxes (``refer``,

@@ -17,9 +17,11 @@ Stages: (1) A only (backbone + SAM head; 0 steps for the "sam" student, which al
 CLIP head on B with the backbone frozen; (3) from the probe, B only (no rehearsal) vs B mixed with rehearsed A data
 in a stated share of each batch. Forgetting = A's metric after minus before.
 
-Reading order: student → rehearsal sampler → ``train_stage`` → metrics → data → ``run_sam_clip_experiment``.
+Reading order: student → rehearsal sampler → ``train_stage`` → metrics → data. The experiment itself is
+``papers/sam_clip.run_sam_clip_experiment``.
 
 Example:
+    >>> from potpourri.papers.sam_clip import SamClipConfig, run_sam_clip_experiment
     >>> run = run_sam_clip_experiment(SamClipConfig(), sam_path="runs/ssprompt/v0/sam")  # doctest: +SKIP
 """
 

@@ -11,8 +11,8 @@ the SAM stays frozen. One prompt per defect class segments that class with no cl
 start as the encoder's tokens for the anchor click, the learned space contains every coordinate prompt: with
 ``a = 0`` and the tokens set to the encoder's output, the decoder sees exactly the click's tokens (tested).
 
-Reading order: ``LearnedPrompt`` → ``decode_embeddings`` → ``learn_prompt`` / ``segment_with_prompt`` →
-``run_ssprompt_experiment`` (DS-Synth: learned prompt vs the best single click vs the supervised segmenter).
+Reading order: ``LearnedPrompt`` → ``decode_embeddings`` → ``learn_prompt`` / ``segment_with_prompt``. The
+experiment (learned prompt vs the best single click vs the supervised segmenter) is ``papers/ssprompt``.
 
 Example:
     >>> prompt = learn_prompt(sam, embeddings, targets, PromptConfig(steps=300))  # doctest: +SKIP

@@ -13,8 +13,8 @@ instead of kornia); a learnable prompt ``sigmoid(delta)`` is added on the border
 | `fully`    | a linear layer 1000 → K                                                                  | yes    |
 
 and ``autovp_search`` picks (mapping, scale, width) by successive halving on a validation split (AutoVP uses Ray
-Tune + ASHA). Only the prompt, the scale and the mapping train (strategy ``visual-prompt``); the source model is
-bit-identical after training.
+Tune + ASHA). The modules are in ``models/visual_prompt``, the experiment in ``papers/autovp``. Only the prompt,
+the scale and the mapping train (strategy ``visual-prompt``); the source model is bit-identical after training.
 
 Example:
     model = build_visual_prompt(create_model("efficientnet_lite0", pretrained=True), 7, VPConfig("fully"))
