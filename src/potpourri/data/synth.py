@@ -17,6 +17,9 @@ Writing the benchmark to disk (both layouts, captions, manifest)::
 
     from potpourri.data.synth import write_ds_synth
     manifest = write_ds_synth("/tmp/ds", seed=0, size=256, per_class=20)
+
+Length: one generator — the seven defect painters share the texture, mask and severity code, and splitting them
+would scatter one seeded recipe.
 """
 
 from __future__ import annotations

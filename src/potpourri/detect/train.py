@@ -18,8 +18,11 @@
   of target scores.
 * **Metrics** ``coco_map``: COCO mAP@0.5 and mAP@0.5:0.95 through ``pycocotools`` (101-point interpolation, 100
   detections per image).
-* **Loop** ``train_detector``: AdamW or SGD, linear warm-up then cosine (``potpourri.tune.trainer.lr_at``), flips and
-  quarter turns as augmentation, atomic checkpoints (``potpourri.tune.trainer.save_checkpoint``) and resume, tqdm.
+* **Loop** ``train_detector``: AdamW or SGD, linear warm-up then cosine (``potpourri.core.training.lr_at``), flips and
+  quarter turns as augmentation, atomic checkpoints (``potpourri.core.training.save_checkpoint``) and resume, tqdm.
+
+Length: assigners, losses, the loop and COCO-style evaluation of one detector, which share their tensor
+conventions; the verbs' pipelines are in ``detect/pipeline``.
 """
 
 from __future__ import annotations

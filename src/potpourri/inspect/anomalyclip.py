@@ -14,6 +14,9 @@ Departures: the global embedding goes through ``ln_post`` exactly as vanilla ope
 its issue #14 reports no difference), the model's native input size is used (no positional-embedding
 interpolation to 518), and intermediate maps are computed without in-place updates (the repo's issues #18/#64).
 No real CLIP weights exist offline: ``--towers standin`` (``anomalyclip_standin.py``) is the measured variant.
+
+Length: one method (prompts, DPAM, losses, training, the InspectionMethod) read top to bottom; the towers and the
+stand-in are already apart (``towers``, ``anomalyclip_standin``).
 """
 
 from __future__ import annotations

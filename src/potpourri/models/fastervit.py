@@ -11,6 +11,9 @@ so its state dict loads into ours with ``strict=True``. Unlike the package, geom
 run time: maps are zero-padded to window multiples (as ``faster_vit_any_res`` does), the window shrinks to the map
 when the map is smaller than one window (64 px inputs work), and the position-bias MLPs are evaluated for the
 actual grid; at the construction size (224 px) every step is the package's.
+
+Length: one model family in the timm layout (blocks → model → variants); parity with the ``fastervit`` package
+is easier to audit in one file.
 """
 
 from __future__ import annotations

@@ -53,6 +53,8 @@ Example:
     gen = DefectGenLite(DefectGenConfig(num_classes=7)).fit(images, masks)
     images, masks = gen.sample(50, seed=0)  # (50, 64, 64, 3) uint8, (50, 64, 64) int64
     gen.save("runs/defectgen/v0"); gen = DefectGenLite.load("runs/defectgen/v0")
+
+Length: one model (the two denoisers, the diffusion schedule, fit/sample/save) that is read together.
 """
 
 from __future__ import annotations

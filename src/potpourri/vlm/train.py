@@ -1,6 +1,6 @@
 """Training and evaluation of the MiniGPT-v2-style VLM on DS-Synth instructions.
 
-One plain loop (AdamW, warm-up + cosine via ``tune.trainer.lr_at``, gradient clipping, atomic checkpoints of the
+One plain loop (AdamW, warm-up + cosine via ``core.training.lr_at``, gradient clipping, atomic checkpoints of the
 trainable parts). The encoder is frozen and in eval mode, so its feature maps are computed once per image and cached.
 With ``state_dir`` the loop also keeps a resumable checkpoint (trainable parts, AdamW moments, data order, RNG; the
 tuning engine's ``save_checkpoint`` format): ``resume=True`` continues where it stopped and ends with the same
@@ -84,7 +84,7 @@ def encode_samples(vlm: VisionLanguageModel, samples: Sequence[SynthSample], *, 
 
 
 class _TrainableParts:
-    """The VLM's trainable parts seen as a module's ``state_dict`` (what ``tune.trainer.save_checkpoint`` stores)."""
+    """The VLM's trainable parts seen as a module's ``state_dict`` (what ``core.training.save_checkpoint`` stores)."""
 
     def __init__(self, vlm: VisionLanguageModel) -> None:
         self.vlm = vlm
