@@ -176,7 +176,7 @@ def test_annotate_cli_writes_a_class_id_mask(tmp_path, capsys):
     Image.fromarray(image).resize((80, 96)).save(tmp_path / "img.png")
     out = tmp_path / "mask" / "img_mask.png"
     rc = main(["annotate", str(tmp_path / "img.png"), "--points", "30,40", "--negative", "5,5",
-               "--model", str(tmp_path / "run"), "--class-id", "3", "--out", str(out)])  # fmt: skip
+               "--run", str(tmp_path / "run"), "--class-id", "3", "--out", str(out)])  # fmt: skip
     assert rc == 0
     mask = np.asarray(Image.open(out))
     assert mask.shape == (96, 80) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 3}

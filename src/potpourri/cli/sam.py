@@ -50,7 +50,7 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
     points = np.array(positives + negatives, np.float32).reshape(-1, 2)
     labels = np.array([1] * len(positives) + [0] * len(negatives), np.int64)
     box = np.array(parse_box(args.box), np.float32) if args.box else None
-    mask = annotate(image, points, labels, box, model=args.model, sam_weights=args.sam_weights)
+    mask = annotate(image, points, labels, box, model=args.run, sam_weights=args.sam_weights)
     path = write_mask(mask, args.class_id, args.out)
     print(f"{path}: {int(mask.sum())} pixels of class {args.class_id} ({mask.mean():.1%} of the image)")
     return 0
@@ -143,7 +143,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--points", nargs="+", metavar="X,Y", help="positive clicks (pixels)")
     p.add_argument("--negative", nargs="+", metavar="X,Y", help="negative clicks (pixels)")
     p.add_argument("--box", metavar="X0,Y0,X1,Y1", help="box prompt (pixels)")
-    p.add_argument("--model", help="a `potpourri sam-train` run folder")
+    p.add_argument("--run", help="a `potpourri sam-train` run folder")
+    p.add_argument("--model", dest="run", help=argparse.SUPPRESS)  # the old spelling, kept for one release
     p.add_argument("--sam-weights", help="official sam_vit_b.pth or mobile_sam.pt (needs segment-anything/mobile_sam)")
     p.add_argument("--class-id", type=int, default=1, help="class id written on the mask (DS-Synth: 1..6)")
     p.add_argument("--out", required=True, help="mask PNG to write (uint8 class ids, Defect Spectrum format)")
