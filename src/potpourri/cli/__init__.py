@@ -24,7 +24,7 @@ GROUPS = (models, papers, data, tune, inspect, deploy, vlm, detect, sam, app)
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, with every group's verbs."""
-    parser = argparse.ArgumentParser(prog="potpourri", description=__doc__.splitlines()[0])
+    parser = flags.OneLineParser(prog="potpourri", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"potpourri {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")

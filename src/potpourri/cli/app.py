@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from potpourri.cli import flags
+
 
 def _cmd_chat(args: argparse.Namespace) -> int:
     import torch
@@ -35,9 +37,9 @@ def _register_chat(subparsers: argparse._SubParsersAction) -> None:
     chat.add_argument(
         "--inspect", default=None, help="also show a PatchCore (`inspect fit`) or segmenter run's verdict"
     )
-    chat.add_argument("--max-new-tokens", type=int, default=64)
+    chat.add_argument("--max-new-tokens", type=flags.non_negative_int, default=64)
     chat.add_argument("--out", default=None, help="output folder (default RUN/chat/v<N>)")
-    chat.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    chat.add_argument("--threads", type=flags.non_negative_int, default=0, help="torch threads (0: leave as is)")
     chat.set_defaults(func=_cmd_chat)
 
 
@@ -62,10 +64,10 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser("serve", help="the assistant as a web app (Gradio; pip install 'potpourri[app]')")
     serve.add_argument("--run", required=True, help="a run folder written by `potpourri vlm train`")
     serve.add_argument("--inspect", default=None, help="also show a PatchCore (`inspect fit`) or segmenter run")
-    serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument("--port", type=flags.positive_int, default=7860)
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
-    serve.add_argument("--max-new-tokens", type=int, default=64)
-    serve.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    serve.add_argument("--max-new-tokens", type=flags.non_negative_int, default=64)
+    serve.add_argument("--threads", type=flags.non_negative_int, default=0, help="torch threads (0: leave as is)")
     serve.set_defaults(func=_cmd_serve)
 
 

@@ -71,12 +71,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``synth`` and ``corrupt`` to the ``potpourri`` command."""
     p = subparsers.add_parser("synth", help="write the DS-Synth defect benchmark (Defect Spectrum + MVTec AD layouts)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=flags.non_negative_int, default=0)
     flags.add_image_size(p, default=256, help="image side in pixels (default 256)", old="--size")
-    p.add_argument("--per-class", type=int, default=20, help="test images per defect class and per category")
+    p.add_argument(
+        "--per-class", type=flags.positive_int, default=20, help="test images per defect class and per category"
+    )
     p.add_argument("--categories", help="comma-separated subset of brick,grass,gravel,moon,tissue (default all)")
-    p.add_argument("--severity", type=float, default=0.5, help="defect size and contrast in [0, 1] (default 0.5)")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores, at most 8)")
+    p.add_argument(
+        "--severity", type=flags.probability, default=0.5, help="defect size and contrast in [0, 1] (default 0.5)"
+    )
+    p.add_argument(
+        "--workers", type=flags.non_negative_int, default=None, help="processes (default: all cores, at most 8)"
+    )
     p.set_defaults(func=_cmd_synth)
 
     p = subparsers.add_parser("corrupt", help="apply ImageNet-C corruptions (19 kinds x 5 severities) to images")
@@ -84,5 +90,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder; files go to <out>/<corruption>/<severity>/")
     p.add_argument("--name", default="all", help="corruption name(s), comma-separated, or 'all' (default)")
     p.add_argument("--severity", default="3", help="1-5, comma-separated, or 'all' (default 3)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=flags.non_negative_int, default=0)
     p.set_defaults(func=_cmd_corrupt)

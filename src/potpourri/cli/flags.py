@@ -8,7 +8,90 @@ import argparse
 
 from potpourri.core.errors import PotpourriError
 
-__all__ = ["add_image_size", "add_run", "normalise_run"]
+__all__ = [
+    "OneLineParser",
+    "add_image_size",
+    "add_run",
+    "existing_path",
+    "fraction",
+    "non_negative_float",
+    "non_negative_int",
+    "normalise_run",
+    "positive_float",
+    "positive_int",
+    "probability",
+]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one ``PotpourriError`` line (exit code 2), not usage + error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise PotpourriError(f"{self.prog.split(' ', 1)[-1]}: {message}")
+
+
+def _number(text: str, kind: type) -> int | float:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not {'an integer' if kind is int else 'a number'}") from None
+
+
+def positive_int(text: str) -> int:
+    """An integer ≥ 1 (counts: epochs, steps, batch size, images, threads)."""
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer ≥ 0 (seeds, workers, optional counts where 0 means off)."""
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (learning rates, time budgets)."""
+    value = _number(text, float)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number ≥ 0 (weight decay, loss weights, clipping where 0 means off)."""
+    value = _number(text, float)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A share in (0, 1] (coreset ratio, validation share)."""
+    value = _number(text, float)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    """A number in [0, 1] (confidence, IoU and score thresholds)."""
+    value = _number(text, float)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def existing_path(text: str) -> str:
+    """A file or folder that exists."""
+    from pathlib import Path
+
+    if not Path(text).exists():
+        raise argparse.ArgumentTypeError(f"'{text}' does not exist")
+    return text
 
 
 def add_run(parser: argparse.ArgumentParser, what: str) -> None:
@@ -18,11 +101,19 @@ def add_run(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("legacy_run", nargs="?", metavar="RUN", help=argparse.SUPPRESS)
 
 
+def image_side(text: str) -> int:
+    """A square input side in pixels, 16 or more (smaller maps vanish in stride-16/32 backbones)."""
+    value = _number(text, int)
+    if value < 16:
+        raise argparse.ArgumentTypeError(f"must be at least 16 pixels, got {value}")
+    return value
+
+
 def add_image_size(parser: argparse.ArgumentParser, *, default: int | None, help: str, old: str | None = None) -> None:
     """``--image-size N`` (square input side); ``old`` is a former spelling kept as a hidden alias."""
-    parser.add_argument("--image-size", dest="image_size", type=int, default=default, help=help)
+    parser.add_argument("--image-size", dest="image_size", type=image_side, default=default, help=help)
     if old:
-        parser.add_argument(old, dest="image_size", type=int, default=default, help=argparse.SUPPRESS)
+        parser.add_argument(old, dest="image_size", type=image_side, default=default, help=argparse.SUPPRESS)
 
 
 def normalise_run(args: argparse.Namespace) -> None:

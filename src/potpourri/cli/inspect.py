@@ -52,20 +52,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fit.add_argument("--method", choices=sorted(METHOD_MODULES), default="patchcore")
     fit.add_argument("--data", required=True, help="MVTec-AD category folder, folder of normal images, ds-synth:CAT")
     fit.add_argument("--out", help="run folder (default runs/inspect/vN)")
-    fit.add_argument("--image-size", type=int, default=224)
-    fit.add_argument("--coreset-ratio", type=float, default=0.1)
-    fit.add_argument("--k-shot", type=int, default=None, help="few-shot: use only K seeded normal images")
+    fit.add_argument("--image-size", type=flags.image_side, default=224)
+    fit.add_argument("--coreset-ratio", type=flags.fraction, default=0.1)
+    fit.add_argument(
+        "--k-shot", type=flags.positive_int, default=None, help="few-shot: use only K seeded normal images"
+    )
     fit.add_argument("--nn-backend", choices=("torch", "faiss"), default="torch", help="faiss needs faiss-cpu")
     fit.add_argument("--threshold", type=float, default=None, help="image threshold (default: F1-max on validation)")
     fit.add_argument("--pixel-threshold", type=float, default=None)
-    fit.add_argument("--val-fraction", type=float, default=0.5, help="share of test/ used to calibrate thresholds")
-    fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--threads", type=int, default=None)
+    fit.add_argument(
+        "--val-fraction", type=flags.fraction, default=0.5, help="share of test/ used to calibrate thresholds"
+    )
+    fit.add_argument("--seed", type=flags.non_negative_int, default=0)
+    fit.add_argument("--threads", type=flags.non_negative_int, default=None)
     zero_shot = fit.add_argument_group("anomalyclip / winclip (zero-shot on --data, trained on --aux-data)")
     zero_shot.add_argument("--aux-data", help="labelled auxiliary sets, e.g. ds-synth:brick,gravel or DIR1,DIR2")
     zero_shot.add_argument("--clip", help="open_clip architecture (e.g. ViT-B-16) or JSON config; default: stand-in")
     zero_shot.add_argument("--clip-weights", help="local open_clip checkpoint for --clip (never downloaded)")
-    zero_shot.add_argument("--epochs", type=int, default=None, help="prompt/bridge training epochs (default 15)")
+    zero_shot.add_argument(
+        "--epochs", type=flags.positive_int, default=None, help="prompt/bridge training epochs (default 15)"
+    )
     zero_shot.add_argument("--object-name", default=None, help="winclip: the noun in the prompts (default object)")
     fit.set_defaults(func=_cmd_fit)
 
@@ -73,6 +79,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     flags.add_run(predict, "written by `potpourri inspect fit`")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     predict.add_argument("--out", help="output folder (default RUN/predict/vN)")
-    predict.add_argument("--threads", type=int, default=None)
+    predict.add_argument("--threads", type=flags.non_negative_int, default=None)
     predict.set_defaults(func=_cmd_predict)
     segment.register_verbs(verbs)

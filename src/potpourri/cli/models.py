@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from potpourri.cli import flags
 from potpourri.core.errors import PotpourriError
 
 
@@ -82,7 +83,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="classify images with a pretrained model")
     p.add_argument("model")
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--weights", help="explicit weight file (safetensors or weights-only torch file)")
+    p.add_argument("--topk", type=flags.positive_int, default=5)
+    p.add_argument(
+        "--weights", type=flags.existing_path, help="explicit weight file (safetensors or weights-only torch file)"
+    )
     p.add_argument("--out", help="run folder (default runs/predict/vN)")
     p.set_defaults(func=_cmd_predict)

@@ -6,6 +6,8 @@ import argparse
 
 import torch
 
+from potpourri.cli import flags
+
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from potpourri.papers.registry import run_experiment
@@ -29,7 +31,7 @@ def _register_reproduce(subparsers: argparse._SubParsersAction) -> None:
         help="; ".join(f"{name}: {help_}" for name, (_, help_) in sorted(EXPERIMENTS.items())),
     )
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run of the same code path")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=flags.non_negative_int, default=None)
     p.add_argument("--out", help="run folder (default runs/reproduce-<experiment>/vN)")
     p.set_defaults(func=_cmd_reproduce)
 
@@ -46,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``potpourri demo`` and ``potpourri reproduce``."""
     p = subparsers.add_parser("demo", help="offline end-to-end demo: data, features, probe, report.html")
     p.add_argument("--out", help="run folder (default runs/demo/vN)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--seed", type=flags.non_negative_int, default=0)
+    p.add_argument("--threads", type=flags.non_negative_int, default=None, help="torch threads (default: all cores)")
     p.set_defaults(func=_cmd_demo)
     _register_reproduce(subparsers)

@@ -11,6 +11,7 @@ import json
 
 import numpy as np
 
+from potpourri.cli import flags
 from potpourri.core.errors import PotpourriError
 
 __all__ = [
@@ -109,12 +110,14 @@ def _register_sam_family(subparsers: argparse._SubParsersAction) -> None:
     s = subparsers.add_parser("ssprompt", help="learn one prompt per defect class for a frozen SAM (0 clicks)")
     s.add_argument("--sam", help="a `potpourri sam-train` / ssprompt SAM folder (default: pretrain one)")
     s.add_argument("--category", default="brick", help="DS-Synth texture the prompts are learned on")
-    s.add_argument("--image-size", type=int, default=96)
-    s.add_argument("--sam-steps", type=int, default=2000, help="SAM pretraining steps when --sam is not given")
-    s.add_argument("--steps", type=int, default=300, help="prompt-learning steps per class")
-    s.add_argument("--segmenter-steps", type=int, default=400, help="the supervised segmenter's steps")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--image-size", type=flags.image_side, default=96)
+    s.add_argument(
+        "--sam-steps", type=flags.positive_int, default=2000, help="SAM pretraining steps when --sam is not given"
+    )
+    s.add_argument("--steps", type=flags.positive_int, default=300, help="prompt-learning steps per class")
+    s.add_argument("--segmenter-steps", type=flags.positive_int, default=400, help="the supervised segmenter's steps")
+    s.add_argument("--seed", type=flags.non_negative_int, default=0)
+    s.add_argument("--threads", type=flags.non_negative_int, default=1)
     s.add_argument("--out", help="run folder (default runs/ssprompt/vN)")
     s.set_defaults(func=_cmd_ssprompt)
 
@@ -122,16 +125,25 @@ def _register_sam_family(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--sam", help="SAM folder (teacher A; its image_size must match; default: pretrain one)")
     c.add_argument("--student", default="sam",
                    help="timm model (random init, cut at stride 16), or 'sam' (teacher A's encoder)")  # fmt: skip
-    c.add_argument("--image-size", type=int, default=96)
-    c.add_argument("--stage1-steps", type=int, default=0, help="A-only steps (0 for --student sam; ~600 otherwise)")
-    c.add_argument("--probe-steps", type=int, default=200)
-    c.add_argument("--stage2-steps", type=int, default=150)
-    c.add_argument("--lr", type=float, default=2e-3, help="heads (and a random-init backbone)")
-    c.add_argument("--backbone-lr", type=float, default=2e-4, help="backbone learning rate (0: use --lr)")
-    c.add_argument("--batch-size", type=int, default=8)
-    c.add_argument("--rehearsal", type=float, nargs="+", default=[0.5], help="share(s) of teacher A data in stage 2")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--image-size", type=flags.image_side, default=96)
+    c.add_argument(
+        "--stage1-steps",
+        type=flags.non_negative_int,
+        default=0,
+        help="A-only steps (0 for --student sam; ~600 otherwise)",
+    )
+    c.add_argument("--probe-steps", type=flags.positive_int, default=200)
+    c.add_argument("--stage2-steps", type=flags.non_negative_int, default=150)
+    c.add_argument("--lr", type=flags.positive_float, default=2e-3, help="heads (and a random-init backbone)")
+    c.add_argument(
+        "--backbone-lr", type=flags.non_negative_float, default=2e-4, help="backbone learning rate (0: use --lr)"
+    )
+    c.add_argument("--batch-size", type=flags.positive_int, default=8)
+    c.add_argument(
+        "--rehearsal", type=flags.probability, nargs="+", default=[0.5], help="share(s) of teacher A data in stage 2"
+    )
+    c.add_argument("--seed", type=flags.non_negative_int, default=0)
+    c.add_argument("--threads", type=flags.non_negative_int, default=1)
     c.add_argument("--out", help="run folder (default runs/sam-clip/vN)")
     c.set_defaults(func=_cmd_sam_clip)
 
@@ -146,20 +158,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--run", help="a `potpourri sam-train` run folder")
     p.add_argument("--model", dest="run", help=argparse.SUPPRESS)  # the old spelling, kept for one release
     p.add_argument("--sam-weights", help="official sam_vit_b.pth or mobile_sam.pt (needs segment-anything/mobile_sam)")
-    p.add_argument("--class-id", type=int, default=1, help="class id written on the mask (DS-Synth: 1..6)")
+    p.add_argument(
+        "--class-id", type=flags.positive_int, default=1, help="class id written on the mask (DS-Synth: 1..6)"
+    )
     p.add_argument("--out", required=True, help="mask PNG to write (uint8 class ids, Defect Spectrum format)")
     p.set_defaults(func=_cmd_annotate)
 
     t = subparsers.add_parser("sam-train", help="train the small Lite0 SAM on DS-Synth; report click/box mIoU")
     t.add_argument("--out", help="run folder (default runs/sam/vN)")
-    t.add_argument("--steps", type=int, default=1200)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--prompt-dim", type=int, default=64)
+    t.add_argument("--steps", type=flags.positive_int, default=1200)
+    t.add_argument("--batch-size", type=flags.positive_int, default=8)
+    t.add_argument("--lr", type=flags.positive_float, default=1e-3)
+    t.add_argument("--prompt-dim", type=flags.positive_int, default=64)
     t.add_argument("--freeze-neck", action="store_true", help="train only prompt encoder and mask decoder")
-    t.add_argument("--per-category", type=int, default=100, help="training images per texture")
-    t.add_argument("--test-per-category", type=int, default=20, help="held-out images per texture")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--per-category", type=flags.positive_int, default=100, help="training images per texture")
+    t.add_argument("--test-per-category", type=flags.positive_int, default=20, help="held-out images per texture")
+    t.add_argument("--seed", type=flags.non_negative_int, default=0)
+    t.add_argument("--threads", type=flags.non_negative_int, default=1)
     t.set_defaults(func=_cmd_sam_train)
     _register_sam_family(subparsers)

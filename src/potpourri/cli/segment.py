@@ -61,24 +61,28 @@ def _register_segmenter(verbs: argparse._SubParsersAction) -> None:
     train.add_argument("--out", help="run folder (default runs/segment/vN)")
     train.add_argument("--encoder", choices=ENCODER_POLICIES, default="frozen")
     train.add_argument("--tune-blocks", nargs="+", help="partial: encoder blocks that train, e.g. blocks.4.0")
-    train.add_argument("--epochs", type=float, default=None, help="passes over the training set (overrides --steps)")
-    train.add_argument("--steps", type=int, default=400, help="AdamW steps")
-    train.add_argument("--image-size", type=int, default=96)
-    train.add_argument("--batch-size", type=int, default=8)
-    train.add_argument("--lr", type=float, default=2e-3, help="decoder learning rate")
-    train.add_argument("--encoder-lr", type=float, default=2e-4)
-    train.add_argument("--dice-weight", type=float, default=0.5)
-    train.add_argument("--per-kind", type=int, default=10, help="ds-synth: training images per defect kind")
-    train.add_argument("--test-fraction", type=float, default=0.2, help="folders: share of images held out")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--threads", type=int, default=None)
+    train.add_argument(
+        "--epochs", type=flags.positive_float, default=None, help="passes over the training set (overrides --steps)"
+    )
+    train.add_argument("--steps", type=flags.positive_int, default=400, help="AdamW steps")
+    train.add_argument("--image-size", type=flags.image_side, default=96)
+    train.add_argument("--batch-size", type=flags.positive_int, default=8)
+    train.add_argument("--lr", type=flags.positive_float, default=2e-3, help="decoder learning rate")
+    train.add_argument("--encoder-lr", type=flags.positive_float, default=2e-4)
+    train.add_argument("--dice-weight", type=flags.non_negative_float, default=0.5)
+    train.add_argument(
+        "--per-kind", type=flags.positive_int, default=10, help="ds-synth: training images per defect kind"
+    )
+    train.add_argument("--test-fraction", type=flags.fraction, default=0.2, help="folders: share of images held out")
+    train.add_argument("--seed", type=flags.non_negative_int, default=0)
+    train.add_argument("--threads", type=flags.non_negative_int, default=None)
     train.set_defaults(func=_cmd_train)
 
     predict = verbs.add_parser("segment-predict", help="segment images with a trained run: class-id masks, report")
     flags.add_run(predict, "written by `potpourri inspect segment-train`")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     predict.add_argument("--out", help="output folder (default RUN/predict/vN)")
-    predict.add_argument("--threads", type=int, default=None)
+    predict.add_argument("--threads", type=flags.non_negative_int, default=None)
     predict.set_defaults(func=_cmd_predict)
 
 
@@ -114,11 +118,11 @@ def _register_oneshot(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=METHODS, default="slime")
     p.add_argument("--load", help="a model folder saved by an earlier run (RUN/model) instead of --support")
     p.add_argument("--sd-weights", help="Stable Diffusion 2.1-base folder (diffusers format); default: Lite0 features")
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--image-size", type=flags.image_side, default=256)
+    p.add_argument("--steps", type=flags.positive_int, default=200)
     p.add_argument("--out", help="run folder (default runs/oneshot/vN)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=flags.non_negative_int, default=0)
+    p.add_argument("--threads", type=flags.non_negative_int, default=None)
     p.set_defaults(func=_cmd_oneshot)
 
 
