@@ -143,3 +143,16 @@ def test_bundle_round_trip_and_each_bad_file_gives_its_own_line(tmp_path: Path) 
         with pytest.raises(PotpourriError, match=message) as info:
             load_bundle(tmp_path / "m.safetensors", tmp_path / "m.json", **kwargs)
         assert str(info.value).endswith("refit it") and "\n" not in str(info.value)
+
+
+def test_explicit_weights_with_another_head_are_a_one_line_error(tmp_path) -> None:
+    """A tuned 7-class state dict loaded into a 1000-class model must not lose its head silently."""
+    from safetensors.torch import save_file
+
+    tuned = create_model("efficientnet_lite0", num_classes=7)
+    path = tmp_path / "tuned.safetensors"
+    save_file({k: v.contiguous() for k, v in tuned.state_dict().items()}, str(path))
+    with pytest.raises(PotpourriError, match=r"7-class classifier but the model has 1000 classes.*num_classes=7"):
+        create_model("efficientnet_lite0", weights=str(path))
+    again = create_model("efficientnet_lite0", weights=str(path), num_classes=7)  # the right head loads exactly
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in tuned.state_dict().items())

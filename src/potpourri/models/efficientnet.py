@@ -69,7 +69,8 @@ LITE0_CFG = PretrainedCfg(
 
 
 def load_pretrained(model: nn.Module, cfg: PretrainedCfg, weights: str | None = None) -> nn.Module:
-    """Load ``cfg``'s weights into ``model``; a classifier of a different size is left freshly initialised."""
+    """Load ``cfg``'s weights into ``model``. The ImageNet classifier is skipped when the model has another number
+    of classes (a new head); an explicit ``weights`` file must fit the model whole, head included."""
     path = resolve_weights(cfg, weights)
     fix = f"run `potpourri fetch {cfg.name}` or pass --weights PATH"
     state = load_state_dict_file(path, fix=fix)
@@ -77,7 +78,13 @@ def load_pretrained(model: nn.Module, cfg: PretrainedCfg, weights: str | None = 
         state = map_lite0_keys(state)  # a user-given file in the package's original format
     own = model.state_dict()
     classifier = {k for k in state if k.startswith("classifier.") and k in own and state[k].shape != own[k].shape}
-    state = {k: v for k, v in state.items() if k not in classifier}
+    if classifier and weights is not None:  # an explicit file must fit whole: never drop a tuned head silently
+        key = sorted(classifier)[0]
+        raise PotpourriError(
+            f"weights '{path}' hold a {state[key].shape[0]}-class classifier but the model has {own[key].shape[0]} "
+            f"classes ({', '.join(sorted(classifier))}); build it with num_classes={state[key].shape[0]}"
+        )
+    state = {k: v for k, v in state.items() if k not in classifier}  # the ImageNet head, replaced by a new one
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked") and not k.startswith("classifier.")]
     if missing or unexpected:
