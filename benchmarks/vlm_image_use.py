@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from potpourri.data.splits import derangement
 from potpourri.models.vlm import vlm_from_config
 from potpourri.vlm.train import encode_samples, evaluate_vlm, instruction_data
 
@@ -35,7 +36,7 @@ def main() -> None:
         text_norm = vlm.lm.get_input_embeddings().weight.norm(dim=1).mean().item()
         image_norm = vlm.image_tokens(feats).norm(dim=-1).mean().item()
     print(f"mean norm: text embedding {text_norm:.2f}, projected image token {image_norm:.2f}")
-    perm = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0))
+    perm = torch.as_tensor(derangement(len(samples), seed=0))  # every image paired with another image
     variants = {
         "true": lambda idx: feats[idx],
         "shuffled": lambda idx: feats[perm][idx],
