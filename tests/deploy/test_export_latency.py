@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -15,13 +16,18 @@ from potpourri.core.registry import REGISTRY
 from potpourri.deploy.export import export_onnx
 from potpourri.deploy.latency import LatencyRow, bench_models, latency_table
 
-pytest.importorskip("onnxruntime", reason="the [onnx] extra is part of the dev install")
+# only the tests that run an ONNX graph need the [onnx] extra (part of the dev install); the others always run
+needs_onnxruntime = pytest.mark.skipif(
+    importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,
+    reason="needs the [onnx] extra (onnx, onnxruntime)",
+)
 IMAGE_MODELS = [n for n in list_models() if REGISTRY[n].modality == "image"]
 POTPOURRI = str(Path(sys.executable).with_name("potpourri"))
 # ViTs resample their position embedding (bicubic, antialiased: no ONNX op) unless built at the export size
 BUILD_AT_64 = {"vit_tiny_frozenlm": {"img_size": 64}}
 
 
+@needs_onnxruntime
 @pytest.mark.parametrize("name", IMAGE_MODELS)
 def test_every_image_model_exports_with_parity(name: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
@@ -31,6 +37,7 @@ def test_every_image_model_exports_with_parity(name: str, tmp_path: Path) -> Non
     assert metadata["dynamic_batch"] and metadata["input_size"] == [3, 64, 64]
 
 
+@needs_onnxruntime
 def test_reparameterised_export_matches_the_unfused_model(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = create_model("repconvnet_s", num_classes=4).eval()
@@ -49,6 +56,7 @@ def test_reparameterised_export_matches_the_unfused_model(tmp_path: Path) -> Non
     assert json.loads(result.metadata_path.read_text())["reparameterized"] is True
 
 
+@needs_onnxruntime
 def test_unexportable_model_fails_in_one_line(tmp_path: Path) -> None:
     class DataDependent(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,6 +84,7 @@ def test_bench_rejects_bad_settings() -> None:
         bench_models(["repconvnet_s"], threads=99)
 
 
+@needs_onnxruntime
 def test_export_and_bench_verbs(tmp_path: Path) -> None:
     out = tmp_path / "export"
     result = subprocess.run(
