@@ -1,0 +1,50 @@
+"""The ``--quick`` runs of four reproductions that had no test beyond their signature: each writes results.md and
+summary.json, and a property that must hold whatever the numbers (a formula or an invariant) holds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from potpourri.papers.registry import run_experiment
+
+pytestmark = [pytest.mark.slow, pytest.mark.one_thread]
+
+
+def _quick(name: str, tmp_path) -> tuple[str, dict]:
+    run = run_experiment(name, quick=True, out=str(tmp_path / name))
+    return (run.path / "results.md").read_text(), json.loads((run.path / "summary.json").read_text())
+
+
+def test_autovp_quick_keeps_the_source_model_frozen(tmp_path) -> None:
+    results, summary = _quick("autovp", tmp_path)
+    assert "| method | epochs | train acc | val acc | test acc | trainable params |" in results
+    assert summary["source_bit_identical"] is True  # AutoVP trains the prompt and the mapping only
+    assert summary["best"]["mapping"] in {"freq", "iter", "semantic", "fully"}
+
+
+def test_opro_quick_accounts_for_every_proposal(tmp_path) -> None:
+    results, summary = _quick("opro", tmp_path)
+    assert "opro-smollm2" in results and "random" in results
+    for row in summary["rows"]:
+        assert row["evaluations"] + row["invalid"] + row["duplicates"] == row["proposals"]
+        assert 0.0 <= row["val_acc"] <= 1.0 and 0.0 <= row["test_acc"] <= 1.0
+    random_rows = [r for r in summary["rows"] if r["arm"] == "random"]
+    assert random_rows and all(r["invalid"] == 0 for r in random_rows)  # random proposals are always well-formed
+
+
+def test_all_seeing_quick_chance_follows_the_gallery_size(tmp_path) -> None:
+    results, summary = _quick("all-seeing", tmp_path)
+    assert "| region tokens | top-1 | top-5 |" in results
+    gallery = summary["gallery"]
+    assert summary["chance"]["top1"] == pytest.approx(1 / gallery)
+    assert summary["chance"]["top5"] == pytest.approx(min(5, gallery) / gallery)
+
+
+def test_simdetr_quick_recall_grows_with_the_number_of_proposals(tmp_path) -> None:
+    results, summary = _quick("simdetr", tmp_path)
+    assert "withdrawn from ICLR 2024" in results
+    for key in ("recall_lite0 features", "recall_pixels (RGB)"):
+        recalls = [summary[key][k] for k in sorted(summary[key], key=int)]  # top-1, top-3, top-10, top-20
+        assert all(0.0 <= r <= 1.0 for r in recalls) and recalls == sorted(recalls)
