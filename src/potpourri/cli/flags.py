@@ -14,6 +14,7 @@ __all__ = [
     "add_run",
     "existing_path",
     "fraction",
+    "image_side",
     "non_negative_float",
     "non_negative_int",
     "normalise_run",
