@@ -41,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         flags.normalise_run(args)
+        flags.check_compute(args)
         if not getattr(args, "func", None):
             parser.print_help()
             return 2

@@ -10,8 +10,11 @@ from potpourri.core.errors import PotpourriError
 
 __all__ = [
     "OneLineParser",
+    "add_compute",
     "add_image_size",
     "add_run",
+    "check_compute",
+    "device_name",
     "existing_path",
     "fraction",
     "image_side",
@@ -131,3 +134,35 @@ def normalise_run(args: argparse.Namespace) -> None:
         if images is None:
             raise PotpourriError(f"unexpected argument '{legacy}': the run folder is already given by --run")
         images.insert(0, legacy)
+
+
+def device_name(text: str) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` that this machine has (CUDA names fail here without a GPU)."""
+    from potpourri.core.training import resolve_device
+
+    try:
+        resolve_device(text)
+    except PotpourriError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
+    return text
+
+
+def add_compute(parser: argparse.ArgumentParser) -> None:
+    """``--device auto|cpu|cuda|cuda:N`` and ``--precision fp32|bf16|fp16``, resolved by ``core.training``."""
+    from potpourri.core.training import PRECISIONS
+
+    parser.add_argument(
+        "--device", type=device_name, default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N"
+    )
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default="fp32", help="fp32, bf16 (CPU or GPU) or fp16 (GPU, GradScaler)"
+    )
+
+
+def check_compute(args: argparse.Namespace) -> None:
+    """Refuse a ``--precision`` the chosen ``--device`` cannot run, before any work starts."""
+    if not hasattr(args, "precision") or not hasattr(args, "device"):
+        return
+    from potpourri.core.training import check_precision, resolve_device
+
+    check_precision(args.precision, resolve_device(args.device))
