@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from potpourri.cli import main
 from potpourri.core.errors import PotpourriError
 from potpourri.core.training import EMA, NonFiniteLoss, Trainer, TrainOptions, check_precision, resolve_device
 from tests.resume import assert_resumes_bitwise
@@ -134,6 +135,17 @@ def test_device_and_precision_names_are_checked():
     if not torch.cuda.is_available():
         with pytest.raises(PotpourriError, match="no CUDA device"):
             resolve_device("cuda:0")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+@pytest.mark.parametrize("argv", [["tune", "--data", "ds-synth:classification", "--device", "cuda"],
+                                  ["tune", "--data", "ds-synth:classification", "--precision", "fp16"]])  # fmt: skip
+def test_cuda_flags_without_a_gpu_exit_2_with_one_line(argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and ("CUDA" in err), err
+    assert list(tmp_path.iterdir()) == []
 
 
 @cuda

@@ -27,6 +27,8 @@ def _training_options(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "num_workers": args.workers,
         "progress": not args.no_progress,
+        "device": args.device,
+        "precision": args.precision,
     }
 
 
@@ -99,6 +101,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=flags.non_negative_int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--out", help="run folder (default runs/<verb>/vN)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    flags.add_compute(p)
 
 
 def register(subparsers: Any) -> None:

@@ -1,10 +1,9 @@
 """One plain training loop for every adaptation strategy (nanoGPT-like, read it top to bottom).
 
 AdamW or SGD(+momentum), cosine schedule with linear warm-up, gradient clipping, label smoothing, optional EMA,
-bf16 autocast only on CUDA, a progress bar, ``metrics.csv`` per epoch. Checkpoints are atomic: per checkpoint a
-``step<N>.safetensors`` (weights + EMA), a ``step<N>.optim.safetensors`` (optimizer tensors + torch RNG) and,
-written last as the commit point, ``last.json`` (epoch, step, scheduler position, optimizer hyper-parameters,
-NumPy/Python RNG, metrics so far). ``resume=True`` continues mid-epoch and ends with the same weights on CPU as an
+``--device`` and ``--precision`` (fp32, bf16, fp16 with a GradScaler), a progress bar, ``metrics.csv`` per epoch.
+The repeated parts (backward, clipping, NaN stop, atomic checkpoints with every RNG, resume) are
+``core.training.Trainer``'s; ``resume=True`` continues mid-epoch and ends with the same weights on CPU as an
 uninterrupted run.
 """
 
@@ -28,19 +27,20 @@ from potpourri.core.io import save_state_dict_atomic
 from potpourri.core.runs import Run, new_run
 from potpourri.core.training import (
     EMA,
-    choose_device,
+    NonFiniteLoss,
+    Trainer,
+    TrainOptions,
     epoch_batches,
     iter_batches,
-    load_checkpoint,
     lr_at,
-    save_checkpoint,
+    resolve_device,
 )
 from potpourri.tune.strategies import Plan, apply_bn_policy, recalibrate_bn
 
-__all__ = ["TuneConfig", "TuneResult", "evaluate", "fit", "load_checkpoint", "lr_at", "save_checkpoint", "train"]
+__all__ = ["TuneConfig", "TuneResult", "evaluate", "fit", "lr_at", "train"]
 
 # config keys that may change between a run and its resumption; all others must match
-_RESUMABLE_CHANGES = {"epochs", "progress", "device", "num_workers", "checkpoint_every"}
+_RESUMABLE_CHANGES = {"epochs", "progress", "device", "precision", "num_workers", "checkpoint_every"}
 
 
 @dataclass
@@ -63,7 +63,8 @@ class TuneConfig:
     drop_last: bool = False
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: only at epoch ends
     num_workers: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 | fp16
     progress: bool = True
 
 
@@ -103,15 +104,26 @@ def _make_optimizer(plan: Plan, cfg: TuneConfig) -> torch.optim.Optimizer:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Dataset, *, batch_size: int = 64, device: str = "cpu") -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    data: Dataset,
+    *,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+) -> dict[str, float]:
     """Mean cross-entropy and accuracy of ``model`` on ``data`` in eval mode."""
+    from potpourri.core.training import autocast
+
+    device = torch.device(device)
     was_training = model.training
     model.eval()
     loss_sum, correct, seen = 0.0, 0, 0
     batches = epoch_batches(len(data), batch_size, seed=0, epoch=0, shuffle=False, drop_last=False)
     for images, labels in iter_batches(data, batches, 0):
         images, labels = images.to(device), labels.to(device)
-        logits = model(images)  # (B, K)
+        with autocast(device, precision):
+            logits = model(images)  # (B, K)
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
         correct += (logits.argmax(1) == labels).sum().item()
         seen += labels.numel()
@@ -163,23 +175,15 @@ def train(
     Example:
         plan = get_strategy("linear").prepare(model, lr=1e-2); result = train(model, train, val, plan, TuneConfig())
     """
-    device = choose_device(cfg.device)
+    device = resolve_device(cfg.device)
     dist = _dist_setup(device)
     run_path = None if run is None else run.path if isinstance(run, Run) else Path(run)
     if run_path is None or not dist.main:
         run = None  # only rank 0 writes run files
     elif not isinstance(run, Run):
         run = new_run("tune", run_path)
-    ckpt_dir = run_path / "checkpoints" if run_path is not None else None
-    model.to(device)
-    optimizer = _make_optimizer(plan, cfg)
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    net = model
-    if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if resume and run_path is None:
+        raise PotpourriError("resume needs a run folder; pass --out DIR of the run to resume")
 
     def global_batches(epoch: int) -> list[list[int]]:
         batches = epoch_batches(
@@ -192,15 +196,31 @@ def train(
         raise PotpourriError(f"batch size {cfg.batch_size} leaves no batch of {len(train_data)} training images")
     total_steps = cfg.epochs * steps_per_epoch
     config = asdict(cfg)
+    model.to(device)
+    optimizer = _make_optimizer(plan, cfg)
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
+    options = TrainOptions(
+        device=str(device),
+        precision=cfg.precision,
+        grad_clip=cfg.grad_clip,
+        checkpoint_every=0,  # mid-epoch checkpoints below, epoch ends always
+        resume=resume,
+        progress=False,  # one bar per epoch below
+    )
+    ckpt_dir = run_path / "checkpoints" if run_path is not None and dist.main else None
+    if resume and not dist.main:  # every rank restores from rank 0's folder, only rank 0 writes
+        ckpt_dir = run_path / "checkpoints"
+    trainer = Trainer(model, optimizer, total_steps=total_steps, options=options, folder=ckpt_dir, ema=ema, desc="tune")
+    if not dist.main:
+        trainer.folder = None
+    net = model
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
 
-    last_ckpt: Path | None = None
-    state: dict[str, Any] = {"epoch": 0, "step": 0, "sums": [0.0, 0, 0], "history": [], "config": config}
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    state: dict[str, Any] = trainer.state
     if resume:
-        if ckpt_dir is None:
-            raise PotpourriError("resume needs a run folder; pass --out DIR of the run to resume")
-        record = load_checkpoint(ckpt_dir, model=model, optimizer=optimizer, ema=ema)
-        state = {k: record[k] for k in ("epoch", "step", "sums", "history", "config")}
-        last_ckpt = ckpt_dir / f"{record['tag']}.safetensors"
         changed = [k for k, v in config.items() if k not in _RESUMABLE_CHANGES and state["config"].get(k) != v]
         if changed:
             key = changed[0]
@@ -212,20 +232,16 @@ def train(
             run = Run(run.path)
             for row in state["history"]:
                 run.log_metrics(row)
-    elif run is not None:
-        run.write_config({**config, **plan.describe(), "world_size": dist.world})
-        run.write_env(cfg.seed)
+    else:
+        state.update(epoch=0, sums=[0.0, 0, 0], history=[], config=config)
+        if run is not None:
+            run.write_config({**config, **plan.describe(), "world_size": dist.world})
+            run.write_env(cfg.seed)
 
-    use_amp = device.type == "cuda"
     started = time.perf_counter()
     from tqdm.auto import tqdm
 
-    def checkpoint() -> Path | None:
-        if ckpt_dir is None or not dist.main:
-            return last_ckpt
-        return save_checkpoint(ckpt_dir, model=model, optimizer=optimizer, ema=ema, state=state)
-
-    step = state["step"]
+    step = trainer.step
     lr = lr_at(step, base=cfg.lr, total=total_steps, warmup=cfg.warmup_steps, min_ratio=cfg.min_lr_ratio)
     try:
         for epoch in range(state["epoch"], cfg.epochs):
@@ -242,7 +258,7 @@ def train(
                 lr = lr_at(step, base=cfg.lr, total=total_steps, warmup=cfg.warmup_steps, min_ratio=cfg.min_lr_ratio)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                with trainer.autocast():
                     logits = net(images)  # (B, K)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
                 # global sums of loss, correct, seen: the same on every process, so all stop together on NaN
@@ -255,26 +271,20 @@ def train(
                     torch.distributed.all_reduce(stats)
                 if not math.isfinite(stats[0].item()):
                     bar.close()
-                    kept = f"last good checkpoint kept: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-                    raise PotpourriError(
+                    last = trainer.last_checkpoint
+                    kept = f"last good checkpoint kept: {last}" if last else "no checkpoint was written yet"
+                    raise NonFiniteLoss(
                         f"loss became {stats[0].item() / stats[2].item()} at epoch {epoch + 1} step {step + 1}; "
                         f"stopped, {kept}; lower --lr or set --grad-clip"
                     )
-                optimizer.zero_grad(set_to_none=True)
-                # DDP averages gradients over processes; weighting by slice size makes that the global-batch mean
-                (loss * (labels.numel() * dist.world / len(batches[index]))).backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-                optimizer.step()
-                if ema is not None:
-                    ema.update(model)
-                step += 1
-                state["step"] = step
                 state["sums"] = [a + b for a, b in zip(state["sums"], stats.tolist(), strict=True)]
+                # DDP averages gradients over processes; weighting by slice size makes that the global-batch mean
+                trainer.update(loss * (labels.numel() * dist.world / len(batches[index])))
+                step = trainer.step
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats[0].item() / stats[2].item():.4f}", lr=f"{lr:.2e}")
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch != 0:
-                    last_ckpt = checkpoint()
+                    trainer.checkpoint()
                 if on_step is not None:
                     on_step(step, model)
             bar.close()
@@ -293,14 +303,16 @@ def train(
             if val_data is not None and dist.main:
                 if ema is not None:
                     ema.swap(model)
-                metrics = evaluate(model, val_data, batch_size=max(cfg.batch_size, 64), device=device)
+                metrics = evaluate(
+                    model, val_data, batch_size=max(cfg.batch_size, 64), device=device, precision=cfg.precision
+                )
                 if ema is not None:
                     ema.swap(model)
                 row.update(val_loss=metrics["loss"], val_acc=metrics["acc"])
             row["epoch_s"] = round(time.perf_counter() - epoch_start, 4)
             state.update(epoch=epoch + 1, sums=[0.0, 0, 0])
             state["history"].append(row)
-            last_ckpt = checkpoint()
+            trainer.checkpoint()
             if run is not None:
                 run.log_metrics(row)
     finally:
@@ -374,7 +386,7 @@ def fit(
         return train(model, train_data, val_data, plan, cfg, run=out, resume=resume)
     if strategy != "linear":
         raise PotpourriError(f"cache_features only applies to strategy 'linear', not '{strategy}'")
-    device = choose_device(cfg.device)
+    device = resolve_device(cfg.device)
     head = head_module(model, plan.block_map["head"])
     cached_train = extract_features(model, train_data, head, batch_size=max(cfg.batch_size, 64), device=device)
     cached_val = None
