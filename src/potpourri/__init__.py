@@ -5,6 +5,7 @@ from potpourri.core.errors import PotpourriError
 from potpourri.core.registry import create_model, get_pretrained_cfg, list_models, model_info, register_model
 from potpourri.core.version import __version__
 from potpourri.core.weights import PretrainedCfg, resolve_weights
+from potpourri.deploy.runs import load_run
 from potpourri.models.reparam import reparameterize
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "create_model",
     "get_pretrained_cfg",
     "list_models",
+    "load_run",
     "model_info",
     "register_model",
     "reparameterize",

@@ -5,13 +5,17 @@ from __future__ import annotations
 import argparse
 
 from potpourri.cli import flags
+from potpourri.core.errors import PotpourriError
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from potpourri.deploy.pipeline import export_run
 
+    if (args.model is None) == (args.run is None):
+        raise PotpourriError("give a model name or --run RUN (a `potpourri tune` folder), not both")
     export_run(
         export_format=args.format,
+        run=args.run,
         image_size=args.image_size,
         model_name=args.model,
         out=args.out,
@@ -64,8 +68,9 @@ def _cmd_auto_replace(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``export`` and ``bench``."""
-    p = subparsers.add_parser("export", help="export a model to ONNX with a parity check and metadata.json")
-    p.add_argument("model")
+    p = subparsers.add_parser("export", help="export a model or a tuned run to ONNX with a parity check and metadata")
+    p.add_argument("model", nargs="?", help="a registered or timm model; omit with --run")
+    p.add_argument("--run", type=flags.existing_path, help="a `potpourri tune` run folder (its classes and weights)")
     p.add_argument("--format", default="onnx", help="only onnx for now")
     p.add_argument("--reparam", action="store_true", help="re-parameterise (fuse branches) before exporting")
     p.add_argument("--pretrained", action="store_true", help="export with pretrained weights")

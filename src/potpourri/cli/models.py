@@ -54,7 +54,19 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from potpourri.tune.predict import predict_images
 
-    run = predict_images(args.model, args.images, topk=args.topk, weights=args.weights, out=args.out)
+    images = ([args.model] if args.model else []) + args.images if args.run else args.images
+    if not args.run and args.model is None:
+        raise PotpourriError("give a model name (`potpourri list`) or --run RUN (a `potpourri tune` folder)")
+    run = predict_images(
+        None if args.run else args.model,
+        images,
+        topk=args.topk,
+        weights=args.weights,
+        run=args.run,
+        out=args.out,
+        device=args.device,
+        precision=args.precision,
+    )
     for row in run.read_summary()["predictions"]:
         top = ", ".join(f"{p['label']} ({p['prob']:.3f})" for p in row["top"])
         print(f"{row['image']}: {top}")
@@ -80,12 +92,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", help="cache folder (default $POTPOURRI_CACHE or ~/.cache/potpourri)")
     p.set_defaults(func=_cmd_fetch)
 
-    p = sub.add_parser("predict", help="classify images with a pretrained model")
-    p.add_argument("model")
+    p = sub.add_parser("predict", help="classify images with a pretrained model or a tuned run (--run)")
+    p.add_argument("model", nargs="?", help="a registered or timm model; omit with --run")
     p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument(
+        "--run", type=flags.existing_path, help="a `potpourri tune` run folder: its classes, weights and transform"
+    )
     p.add_argument("--topk", type=flags.positive_int, default=5)
     p.add_argument(
         "--weights", type=flags.existing_path, help="explicit weight file (safetensors or weights-only torch file)"
     )
     p.add_argument("--out", help="run folder (default runs/predict/vN)")
+    flags.add_compute(p)
     p.set_defaults(func=_cmd_predict)

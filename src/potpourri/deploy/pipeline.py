@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from potpourri.core.errors import PotpourriError
@@ -13,14 +14,16 @@ def export_run(
     *,
     export_format: str,
     image_size: int | None,
-    model_name: str,
+    model_name: str | None,
     out: str | None,
     pretrained: bool,
     reparam: bool,
     weights: str | None,
     run_config: dict[str, Any],
+    run: str | None = None,
 ) -> Run:
-    """``potpourri export``: ONNX export of a registered model with a parity check and metadata.json."""
+    """``potpourri export``: ONNX export of a registered model or a tune ``run`` (its classes, weights, input size
+    and normalisation) with a parity check and metadata.json."""
     from potpourri.core.registry import create_model, get_pretrained_cfg
     from potpourri.core.runs import new_run
     from potpourri.deploy.export import export_onnx, result_dict
@@ -28,17 +31,28 @@ def export_run(
 
     if export_format != "onnx":
         raise PotpourriError(f"unknown export format '{export_format}'; choose onnx")
-    cfg = get_pretrained_cfg(model_name)
-    model = create_model(model_name, pretrained=pretrained, weights=weights)
-    size = image_size or (cfg.input_size[-1] if cfg else 224)
-    run = new_run("export", out, config=run_config)
-    names = class_names(cfg.label_set, model.num_classes) if cfg and getattr(model, "num_classes", 0) else None
+    if run is not None:
+        from potpourri.tune.predict import load_classifier
+
+        if weights is not None or pretrained or image_size is not None:
+            raise PotpourriError("--weights, --pretrained and --image-size do not apply with --run: the run's are used")
+        classifier = load_classifier(run)
+        model, cfg, names, name = classifier.model, classifier.cfg, classifier.classes, Path(run).resolve().name
+        input_size = tuple(cfg.input_size)
+    else:
+        cfg = get_pretrained_cfg(model_name)
+        model = create_model(model_name, pretrained=pretrained, weights=weights)
+        size = image_size or (cfg.input_size[-1] if cfg else 224)
+        input_size = (3, size, size)
+        names = class_names(cfg.label_set, model.num_classes) if cfg and getattr(model, "num_classes", 0) else None
+        name = model_name
+    out_run = new_run("export", out, config=run_config)
     result = export_onnx(
-        model, run.path, input_size=(3, size, size), cfg=cfg, class_names=names, reparam=reparam, name=model_name
+        model, out_run.path, input_size=input_size, cfg=cfg, class_names=names, reparam=reparam, name=name
     )
-    run.write_summary(result_dict(result))
+    out_run.write_summary(result_dict(result))
     print(f"{result.onnx_path} (ONNX Runtime max |diff| {result.max_abs_diff:.2e}); metadata: {result.metadata_path}")
-    return run
+    return out_run
 
 
 def bench_run(

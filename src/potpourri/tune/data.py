@@ -89,6 +89,26 @@ def check_workers(workers: int) -> None:
         )
 
 
+def prompt_width(image_size: int) -> int:
+    """The width of AutoVP's ``fully`` prompt frame that ``tune --strategy visual-prompt`` builds."""
+    return max(1, image_size // 12)
+
+
+def input_spec(
+    model_name: str, image_size: int | None, strategy: str | None
+) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """``(image_size, mean, std)`` the tuned model sees: the model's pretrained config unless overridden; AutoVP's
+    prompt takes [0, 1] pixels (mean 0, std 1)."""
+    from potpourri.core.registry import create_model
+
+    probe = create_model(model_name, pretrained=False)
+    cfg = getattr(probe, "pretrained_cfg", {}) or {}
+    mean, std = tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+    if strategy == "visual-prompt":
+        mean, std = (0.0,) * 3, (1.0,) * 3
+    return image_size or int(cfg.get("input_size", (3, 224, 224))[-1]), mean, std
+
+
 def model_and_data(
     model_name: str,
     data_spec: str,
@@ -108,18 +128,14 @@ def model_and_data(
     check_workers(workers)
     if threads:
         torch.set_num_threads(threads)
-    probe = create_model(model_name, pretrained=False)
-    cfg = getattr(probe, "pretrained_cfg", {}) or {}
-    mean, std = tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
-    img_size = image_size or int(cfg.get("input_size", (3, 224, 224))[-1])
+    img_size, mean, std = input_spec(model_name, image_size, strategy)
     if strategy == "visual-prompt":  # AutoVP: ImageNet head kept, prompt takes [0, 1] px
         from potpourri.tune.visual_prompt import VPConfig, build_visual_prompt
 
-        train, val, classes = load_image_data(data_spec, img_size=img_size, mean=(0.0,) * 3, std=(1.0,) * 3, seed=seed)
+        train, val, classes = load_image_data(data_spec, img_size=img_size, mean=mean, std=std, seed=seed)
         source = create_model(model_name, pretrained=pretrained)
-        model = build_visual_prompt(
-            source, len(classes), VPConfig("fully", width=max(1, img_size // 12)), canvas=img_size
-        )
+        frame = VPConfig("fully", width=prompt_width(img_size))
+        model = build_visual_prompt(source, len(classes), frame, canvas=img_size)
         return model, train, val, classes
     train, val, classes = load_image_data(data_spec, img_size=img_size, mean=mean, std=std, seed=seed)
     torch.manual_seed(seed)  # the new head's initialisation

@@ -70,6 +70,9 @@ def tune_run(
         resume=resume,
         **training,
     )
+    if int(os.environ.get("RANK", "0")) == 0:
+        _write_reloadable(run, result.model, model_name=model_name, classes=classes, image_size=image_size,
+                          strategy=strategy)  # fmt: skip
     plan = result.plan
     print(
         f"{strategy}: {plan['trainable_params']:,} of {plan['total_params']:,} params trained "
@@ -78,6 +81,25 @@ def tune_run(
     print(f"val_acc {result.final.get('val_acc', float('nan')):.4f}  ({result.seconds:.1f} s)")
     print(f"run: {run.path}")
     return run
+
+
+def _write_reloadable(
+    run: Run, model: torch.nn.Module, *, model_name: str, classes: list[str], image_size: int | None, strategy: str
+) -> None:
+    """``model.safetensors`` under the plain model's keys (LoRA merged) and the ``metadata.json`` that
+    ``potpourri predict --run`` / ``export --run`` rebuild the model from."""
+    from potpourri.core.io import save_state_dict_atomic
+    from potpourri.tune.data import input_spec, prompt_width
+    from potpourri.tune.predict import plain_state_dict, write_classifier_metadata
+
+    size, mean, std = input_spec(model_name, image_size, strategy)
+    if strategy == "lora":  # the adapters stay in the checkpoints; the run's model is the merged plain model
+        save_state_dict_atomic(plain_state_dict(model), run.path / "model.safetensors")
+    builder = {"name": "visual-prompt", "width": prompt_width(size)} if strategy == "visual-prompt" else None
+    write_classifier_metadata(
+        run.path, model_name=model_name, classes=classes, image_size=size, mean=mean, std=std, strategy=strategy,
+        builder=builder,
+    )  # fmt: skip
 
 
 def select_layers_run(
