@@ -127,3 +127,35 @@ def test_lora_merge_is_the_formula_and_keeps_the_outputs():
     plain.load_state_dict(merged)
     x = torch.randn(3, 6)
     assert torch.allclose(plain[0](x), adapted[0](x), atol=1e-5)
+
+
+def test_config_of_a_run_reproduces_it_and_flags_on_the_command_line_win(tuned, tmp_path, capsys):
+    import yaml
+
+    run, _ = tuned
+    config = run / "config.yaml"
+    assert yaml.safe_load(config.read_text())["data"].endswith("data")
+    again = tmp_path / "again"
+    assert main(["tune", "--config", str(config), "--out", str(again), "--threads", "1", "--no-progress"]) == 0
+    first, second = load_file(str(run / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    assert all(torch.equal(first[k], second[k]) for k in first)  # same seed, same data, same settings
+    shorter = tmp_path / "shorter"
+    assert main(["tune", "--config", str(config), "--epochs", "1", "--out", str(shorter), "--no-progress"]) == 0
+    recorded = yaml.safe_load((shorter / "config.yaml").read_text())
+    assert recorded["epochs"] == 1 and recorded["lr"] == 0.05 and recorded["image_size"] == 64
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "does not exist"), ("[1, 2]", "not a mapping"), ("epochs: -3\n", "--epochs: must be at least 1")],
+)
+def test_a_bad_config_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, content, message):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "config.yaml"
+    if content is not None:
+        path.write_text(content)
+    assert main(["tune", "--data", "ds-synth:classification", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "runs").exists()

@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("POTPOURRI_DEBUG") == "1"
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args = parser.parse_args(flags.with_config(parser, argv))
         flags.normalise_run(args)
         flags.check_compute(args)
         if not getattr(args, "func", None):

@@ -11,6 +11,7 @@ from potpourri.core.errors import PotpourriError
 __all__ = [
     "OneLineParser",
     "add_compute",
+    "add_config",
     "add_image_size",
     "add_run",
     "check_compute",
@@ -24,6 +25,7 @@ __all__ = [
     "positive_float",
     "positive_int",
     "probability",
+    "with_config",
 ]
 
 
@@ -166,3 +168,78 @@ def check_compute(args: argparse.Namespace) -> None:
     from potpourri.core.training import check_precision, resolve_device
 
     check_precision(args.precision, resolve_device(args.device))
+
+
+# keys of a run's config.yaml that describe that run, not how to make another one
+_NOT_FROM_CONFIG = {"out", "resume", "run", "config", "func", "help"}
+
+
+def add_config(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE``: take every flag not given on the command line from a run's ``config.yaml``."""
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a run's config.yaml: its settings, unless given here (re-runs it into a new --out)",
+    )
+
+
+def with_config(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """Expand ``--config FILE`` into the flags it sets for the chosen verb; flags on the command line win. Every
+    value then goes through the flag's own validation. A missing or non-mapping file is one clear error."""
+    if "--config" not in argv and not any(a.startswith("--config=") for a in argv):
+        return argv
+    from pathlib import Path
+
+    import yaml
+
+    rest, path = [], None
+    tokens = iter(argv)
+    for token in tokens:
+        if token == "--config":
+            path = next(tokens, None)
+        elif token.startswith("--config="):
+            path = token.split("=", 1)[1]
+        else:
+            rest.append(token)
+    if not path or not Path(path).is_file():
+        raise PotpourriError(f"--config: '{path}' does not exist; pass a run's config.yaml")
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as exc:
+        raise PotpourriError(f"--config: '{path}' is not valid YAML ({type(exc).__name__})") from None
+    if not isinstance(config, dict):
+        raise PotpourriError(f"--config: '{path}' is not a mapping of settings")
+    leaf = parser
+    for token in rest:  # follow the verb (and sub-verb) to the parser that owns the flags
+        subs = [a for a in leaf._actions if isinstance(a, argparse._SubParsersAction)]
+        if subs and token in subs[0].choices:
+            leaf = subs[0].choices[token]
+        elif not token.startswith("-"):
+            break
+    given = {t.split("=", 1)[0] for t in rest if t.startswith("--")}
+    given_dests = {a.dest for a in leaf._actions if given & set(a.option_strings)}  # old aliases count too
+    extra: list[str] = []
+    for action in leaf._actions:
+        options = [o for o in action.option_strings if o.startswith("--")]
+        if (
+            not options
+            or action.dest in _NOT_FROM_CONFIG
+            or action.dest not in config
+            or action.help == argparse.SUPPRESS
+        ):
+            continue
+        if action.dest in given_dests:
+            continue
+        value = config[action.dest]
+        if value is None:
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):
+            extra.append(options[0] if value else f"--no-{options[0][2:]}")
+        elif action.nargs == 0:  # store_true / store_false
+            if bool(value) == bool(action.const):
+                extra.append(options[0])
+        elif isinstance(value, list):
+            extra += [options[0], *map(str, value)]
+        else:
+            extra += [options[0], str(value)]
+    return rest + extra

@@ -49,6 +49,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         threads=args.threads,
         workers=args.workers,
         training=_training_options(args),
+        cli_config=vars(args) | {"func": None},
     )
     return 0
 
@@ -102,6 +103,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="run folder (default runs/<verb>/vN)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     flags.add_compute(p)
+    flags.add_config(p)
 
 
 def register(subparsers: Any) -> None:

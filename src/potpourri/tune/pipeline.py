@@ -28,9 +28,11 @@ def tune_run(
     threads: int | None,
     workers: int,
     training: dict[str, Any],
+    cli_config: dict[str, Any] | None = None,
 ) -> Run:
     """``potpourri tune``: adapt ``model_name`` to ``data`` with one strategy (``training``: epochs, lr, ...); the run
-    holds checkpoints, metrics and the tuned weights."""
+    holds checkpoints, metrics, the tuned weights, ``metadata.json`` and a ``config.yaml`` that ``--config`` takes
+    back (``cli_config``: the verb's arguments)."""
     from potpourri.core.runs import new_run, seed_everything
     from potpourri.models.blocks import block_map, check_blocks
     from potpourri.tune.strategies import get_strategy
@@ -71,6 +73,11 @@ def tune_run(
         **training,
     )
     if int(os.environ.get("RANK", "0")) == 0:
+        if cli_config is not None:  # the loop's settings plus the verb's own arguments, under their flag names
+            import yaml
+
+            recorded = yaml.safe_load((run.path / "config.yaml").read_text()) or {}
+            run.write_config({**recorded, **cli_config})
         _write_reloadable(run, result.model, model_name=model_name, classes=classes, image_size=image_size,
                           strategy=strategy)  # fmt: skip
     plan = result.plan
