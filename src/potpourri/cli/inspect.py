@@ -29,6 +29,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         val_fraction=args.val_fraction,
         config=method_module(args.method).config_from_args(args),
+        device=args.device,
+        precision=args.precision,
     )
     return 0
 
@@ -36,7 +38,14 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from potpourri.inspect.pipeline import predict_images
 
-    predict_images(run_dir=args.run, images=args.images, out=args.out, threads=args.threads)
+    predict_images(
+        run_dir=args.run,
+        images=args.images,
+        out=args.out,
+        threads=args.threads,
+        device=args.device,
+        precision=args.precision,
+    )
     return 0
 
 
@@ -65,6 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     fit.add_argument("--seed", type=flags.non_negative_int, default=0)
     fit.add_argument("--threads", type=flags.non_negative_int, default=None)
+    flags.add_compute(fit)
     zero_shot = fit.add_argument_group("anomalyclip / winclip (zero-shot on --data, trained on --aux-data)")
     zero_shot.add_argument("--aux-data", help="labelled auxiliary sets, e.g. ds-synth:brick,gravel or DIR1,DIR2")
     zero_shot.add_argument("--clip", help="open_clip architecture (e.g. ViT-B-16) or JSON config; default: stand-in")
@@ -80,5 +90,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     predict.add_argument("--out", help="output folder (default RUN/predict/vN)")
     predict.add_argument("--threads", type=flags.non_negative_int, default=None)
+    flags.add_compute(predict)
     predict.set_defaults(func=_cmd_predict)
     segment.register_verbs(verbs)

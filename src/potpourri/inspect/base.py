@@ -105,11 +105,30 @@ class InspectionMethod(ABC):
 
     name: ClassVar[str]
     config_class: ClassVar[type]
+    devices: ClassVar[tuple[str, ...]] = ("cpu",)  # device types the method's feature pass can run on
 
     def __init__(self, config: Any) -> None:
         self.config = config
         self.thresholds = Thresholds()
         self.notes: list[str] = []
+        self.device = torch.device("cpu")
+        self.precision = "fp32"
+
+    def to(self, device: str = "cpu", precision: str = "fp32") -> InspectionMethod:
+        """Run the feature pass on ``device`` in ``precision`` (not saved with the run); one clear error when the
+        method cannot."""
+        from potpourri.core.training import check_precision, resolve_device
+
+        resolved = resolve_device(device)
+        if device == "auto" and resolved.type not in self.devices:
+            resolved = torch.device("cpu")
+        check_precision(precision, resolved)
+        if resolved.type not in self.devices:
+            raise PotpourriError(f"--device {device}: method '{self.name}' runs on {', '.join(self.devices)} only")
+        if precision != "fp32" and "cuda" not in self.devices:
+            raise PotpourriError(f"--precision {precision}: method '{self.name}' runs in fp32 only")
+        self.device, self.precision = resolved, precision
+        return self
 
     @abstractmethod
     def fit(self, images: Sequence[ImageInput]) -> InspectionMethod:

@@ -257,6 +257,7 @@ class PatchCore(InspectionMethod):
 
     name = "patchcore"
     config_class = PatchCoreConfig
+    devices = ("cpu", "cuda")
 
     def __init__(self, config: PatchCoreConfig | None = None, *, backbone: nn.Module | None = None) -> None:
         super().__init__(config or PatchCoreConfig())
@@ -295,18 +296,22 @@ class PatchCore(InspectionMethod):
     @torch.inference_mode()
     def embed(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """Patch features of images, (N, D, h, w), computed in batches."""
-        extractor = self.features
+        from potpourri.core.training import autocast
+
+        extractor = self.features.to(self.device)
         out = []
         for start in range(0, len(images), self.config.batch_size):
             batch = torch.stack([self._tensor(i) for i in images[start : start + self.config.batch_size]])
-            out.append(extractor(batch))  # (B, D, h, w)
+            with autocast(self.device, self.precision):
+                features = extractor(batch.to(self.device))  # (B, D, h, w)
+            out.append(features.float().cpu())  # the bank and the neighbour search stay in fp32 on the CPU
         return torch.cat(out)
 
     @torch.inference_mode()
     def grid(self) -> tuple[int, int]:
         """The patch grid (h, w) at the configured image size."""
         size = self.config.image_size
-        h, w = self.features(torch.zeros(1, 3, size, size)).shape[-2:]
+        h, w = self.features.to(self.device)(torch.zeros(1, 3, size, size, device=self.device)).shape[-2:]
         return int(h), int(w)
 
     @torch.inference_mode()

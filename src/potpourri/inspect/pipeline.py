@@ -26,6 +26,8 @@ def fit_folder(
     pixel_threshold: float | None = None,
     seed: int = 0,
     threads: int | None = None,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> Run:
     """``potpourri inspect fit``: fit ``method_name`` on the normal images of ``data_spec``, calibrate thresholds and
     evaluate on its test images if any; writes the run folder (metrics, report.html) and returns it."""
@@ -44,6 +46,7 @@ def fit_folder(
     seed_everything(seed)
     data = read_folder(data_spec)
     module = method_module(method_name)
+    method = module.METHOD(config).to(device, precision)  # an unsupported device fails before the run folder
     run = new_run(
         "inspect",
         out,
@@ -53,7 +56,7 @@ def fit_folder(
     notes = [n for n in (_size_note(data.train, config.image_size, "training"),) if n]
 
     start = time.perf_counter()
-    method = module.METHOD(config).fit(data.train)
+    method.fit(data.train)
     fit_s = time.perf_counter() - start
     summary: dict = {
         "method": method_name,
@@ -148,7 +151,13 @@ def fit_folder(
 
 
 def predict_images(
-    *, run_dir: str | Path, images: list[str], out: str | None = None, threads: int | None = None
+    *,
+    run_dir: str | Path,
+    images: list[str],
+    out: str | None = None,
+    threads: int | None = None,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> Run:
     """``potpourri inspect predict``: score images with a fitted run; writes ``predictions.csv``, overlays, masks
     and report.html into ``out`` (default RUN/predict/vN) and returns that run."""
@@ -161,7 +170,7 @@ def predict_images(
 
     if threads:
         torch.set_num_threads(threads)
-    method = load_method(run_dir)
+    method = load_method(run_dir).to(device, precision)
     paths = find_images(images)
     size = method.config.image_size
     start = time.perf_counter()
