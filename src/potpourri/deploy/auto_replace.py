@@ -288,16 +288,19 @@ def _regress(
     """AdamW with a cosine schedule on random mini-batches, minimising MSE(forward(inputs), targets)."""
     if steps <= 0 or not params:
         return
+    from potpourri.core.training import Trainer, TrainOptions
+
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    for _ in tqdm(range(steps), desc=desc, unit="step", leave=False, disable=desc is None):
+    options = TrainOptions(device="cpu", progress=desc is not None)  # the search is about CPU latency
+    trainer = Trainer(
+        nn.ParameterList(params), optimizer, total_steps=steps, options=options, schedulers={"cosine": schedule},
+        generators={"batches": generator}, desc=desc or "distil",
+    )  # fmt: skip
+    for _ in trainer.steps():
         index = torch.randint(len(inputs), (min(batch_size, len(inputs)),), generator=generator)
-        loss = F.mse_loss(forward(inputs[index]), targets[index])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        trainer.update(F.mse_loss(forward(inputs[index]), targets[index]))
 
 
 def distill_locally(

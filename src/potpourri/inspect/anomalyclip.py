@@ -363,9 +363,16 @@ def train_prompts(
     params = list(params) if params is not None else towers.trainable
     if not params:
         raise PotpourriError("nothing to train: these towers have no trainable parameters")
+    from potpourri.core.training import Trainer, TrainOptions
+
     features = features if features is not None else batched_features(towers, images, batch_size)
     optimizer = torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999))
     generator = torch.Generator().manual_seed(seed)
+    batches = -(-len(labels) // batch_size)
+    trainer = Trainer(
+        nn.ParameterList(params), optimizer, total_steps=epochs * batches, params=list(params),
+        options=TrainOptions(device="cpu", progress=False), generators={"order": generator}, desc="prompt training",
+    )  # fmt: skip
     size = masks.shape[-1]
     history = []
     for _ in tqdm(range(epochs), desc="prompt training", unit="epoch", leave=False):
@@ -383,9 +390,7 @@ def train_prompts(
                 masks[index].float(),
                 local_weight=local_weight,
             )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            trainer.update(loss)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v * len(index)
         history.append({k: v / len(labels) for k, v in sums.items()})
