@@ -19,6 +19,7 @@ __all__ = [
     "existing_path",
     "fraction",
     "image_side",
+    "index_list",
     "non_negative_float",
     "non_negative_int",
     "normalise_run",
@@ -243,3 +244,14 @@ def with_config(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
         else:
             extra += [options[0], str(value)]
     return rest + extra
+
+
+def index_list(text: str) -> list[int]:
+    """Comma-separated indices ≥ 0, e.g. ``2,4`` (layers to tap)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of integers") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"must be indices 0 or more, e.g. 2,4; got '{text}'")
+    return values

@@ -62,6 +62,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fit.add_argument("--data", required=True, help="MVTec-AD category folder, folder of normal images, ds-synth:CAT")
     fit.add_argument("--out", help="run folder (default runs/inspect/vN)")
     fit.add_argument("--image-size", type=flags.image_side, default=224)
+    fit.add_argument(
+        "--backbone", default="efficientnet_lite0", help="patchcore: a registered or timm model (timm/wide_resnet50_2)"
+    )
+    fit.add_argument(
+        "--layers", type=flags.index_list, default=None, help="patchcore: taps, e.g. 2,4 (default: by backbone)"
+    )
+    fit.add_argument(
+        "--pretrained", action=argparse.BooleanOptionalAction, default=True, help="patchcore: pretrained backbone"
+    )
     fit.add_argument("--coreset-ratio", type=flags.fraction, default=0.1)
     fit.add_argument(
         "--k-shot", type=flags.positive_int, default=None, help="few-shot: use only K seeded normal images"

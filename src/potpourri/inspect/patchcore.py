@@ -1,4 +1,5 @@
-"""PatchCore (Roth et al., CVPR 2022) on offline EfficientNet-Lite0 features: memory bank of normal patches.
+"""PatchCore (Roth et al., CVPR 2022): a memory bank of normal patch features from any timm backbone (default: the
+offline ImageNet EfficientNet-Lite0).
 
 Reading order: patch feature extractor (a pure ``nn.Module``) → greedy k-center coreset → chunked nearest
 neighbours → anomaly maps → the ``PatchCore`` method (fit / score / save) → config and memory budget.
@@ -30,6 +31,7 @@ __all__ = [
     "PatchCore",
     "PatchCoreConfig",
     "PatchFeatures",
+    "default_layers",
     "greedy_coreset",
     "memory_budget",
     "nearest_neighbors",
@@ -40,7 +42,9 @@ __all__ = [
 class PatchFeatures(nn.Module):
     """Locally aware patch features: two backbone stages, 3×3 average, upsampled to one grid, pooled to ``embed_dim``.
 
-    Works on timm EfficientNets (``conv_stem``, ``bn1``, ``blocks``). Example:
+    EfficientNet-style backbones (``conv_stem``, ``bn1``, ``blocks``) tap ``blocks[i]`` for each ``i`` in ``layers``
+    and never run the later blocks; any other timm model taps its ``forward_intermediates`` at indices ``layers``
+    (ResNet / WideResNet stages, ConvNeXt stages, ViT blocks as patch grids). Example:
         features = PatchFeatures(create_model("efficientnet_lite0", pretrained=True))(x)  # (B, 128, H/8, W/8)
     """
 
@@ -54,13 +58,25 @@ class PatchFeatures(nn.Module):
         border_zero_pad: bool = True,
     ) -> None:
         super().__init__()
-        if not all(hasattr(backbone, a) for a in ("conv_stem", "bn1", "blocks")):
-            raise PotpourriError(f"PatchCore needs an EfficientNet-style backbone, got {type(backbone).__name__}")
-        if not layers or max(layers) >= len(backbone.blocks) or min(layers) < 0:
-            raise PotpourriError(f"PatchCore layers {list(layers)} must be block indices 0..{len(backbone.blocks) - 1}")
         self.layers = tuple(sorted(layers))
-        self.stem = nn.Sequential(backbone.conv_stem, backbone.bn1)
-        self.blocks = nn.ModuleList(backbone.blocks[: self.layers[-1] + 1])  # later blocks are never run
+        self.efficientnet = all(hasattr(backbone, a) for a in ("conv_stem", "bn1", "blocks"))
+        if self.efficientnet:
+            if not layers or max(layers) >= len(backbone.blocks) or min(layers) < 0:
+                raise PotpourriError(
+                    f"PatchCore layers {list(layers)} must be block indices 0..{len(backbone.blocks) - 1}"
+                )
+            self.stem = nn.Sequential(backbone.conv_stem, backbone.bn1)
+            self.blocks = nn.ModuleList(backbone.blocks[: self.layers[-1] + 1])  # later blocks are never run
+        else:
+            if not hasattr(backbone, "forward_intermediates"):
+                raise PotpourriError(
+                    f"PatchCore cannot tap {type(backbone).__name__}: use an EfficientNet or a timm model with "
+                    "forward_intermediates (ResNet, WideResNet, ConvNeXt, ViT, ...)"
+                )
+            count = len(getattr(backbone, "feature_info", []) or []) or len(getattr(backbone, "blocks", []))
+            if not layers or min(layers) < 0 or (count and max(layers) >= count):
+                raise PotpourriError(f"PatchCore layers {list(layers)} must be feature indices 0..{count - 1}")
+            self.backbone = backbone
         # zero padding counts in the border average, as in PatchCore's unfold and anomalib: measured on DS-Synth,
         # leaving it out (average of the valid cells only) drops mean image AUROC from 0.807 to 0.612
         self.aggregate = nn.AvgPool2d(
@@ -68,13 +84,20 @@ class PatchFeatures(nn.Module):
         )
         self.embed_dim = embed_dim
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def taps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The raw feature maps at ``layers``, each (B, C_i, H/s_i, W/s_i)."""
+        if not self.efficientnet:
+            return list(self.backbone.forward_intermediates(images, indices=list(self.layers), intermediates_only=True))
         x = self.stem(images)  # (B, 32, H/2, W/2)
         taps = []
         for index, block in enumerate(self.blocks):
             x = block(x)
             if index in self.layers:
-                taps.append(self.aggregate(x))  # (B, C_i, H/s_i, W/s_i)
+                taps.append(x)
+        return taps
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        taps = [self.aggregate(t) for t in self.taps(images)]
         grid = taps[0].shape[-2:]
         taps = [t if t.shape[-2:] == grid else F.interpolate(t, size=grid, mode="bilinear") for t in taps]
         features = torch.cat(taps, dim=1)  # (B, C, h, w), C = sum of C_i (152 for blocks 2 and 4)
@@ -85,6 +108,22 @@ class PatchFeatures(nn.Module):
             flat = F.adaptive_avg_pool1d(flat, self.embed_dim)  # (B*h*w, 1, D)
             features = flat.reshape(b, h, w, self.embed_dim).permute(0, 3, 1, 2)
         return features.contiguous()  # (B, D, h, w)
+
+
+def default_layers(backbone: nn.Module) -> tuple[int, ...]:
+    """The taps PatchCore uses when none are given: blocks 2 and 4 of an EfficientNet; else the first stages at
+    strides 8 and 16 (ResNet layer2 + layer3, as anomalib; ConvNeXt stages 1 + 2); for a plain ViT (one stride) the
+    blocks at a third and two thirds of its depth."""
+    if all(hasattr(backbone, a) for a in ("conv_stem", "bn1", "blocks")):
+        return (2, 4)
+    info = getattr(backbone, "feature_info", None)
+    reductions = [f["reduction"] for f in info] if info else []
+    if 8 in reductions and 16 in reductions:
+        return (reductions.index(8), reductions.index(16))
+    depth = len(reductions) or len(getattr(backbone, "blocks", []))
+    if depth < 2:
+        raise PotpourriError(f"cannot choose PatchCore layers for {type(backbone).__name__}; pass --layers")
+    return (depth // 3, 2 * depth // 3)
 
 
 @contextmanager
@@ -217,8 +256,10 @@ def nearest_neighbors(
 class PatchCoreConfig:
     """Everything that defines a PatchCore model (saved in ``metadata.json``)."""
 
-    backbone: str = "efficientnet_lite0"
-    layers: tuple[int, ...] = (2, 4)  # blocks.2 (stride 8, 40 ch) and blocks.4 (stride 16, 112 ch)
+    backbone: str = "efficientnet_lite0"  # a registered model or any timm name (``timm/wide_resnet50_2``)
+    # Lite0: blocks.2 (stride 8, 40 ch) and blocks.4 (stride 16, 112 ch); () = default_layers(backbone)
+    layers: tuple[int, ...] = (2, 4)
+    pretrained: bool = True  # False: random weights (tests, or a backbone whose weights are not on disk)
     image_size: int = 224
     neighbourhood: int = 3
     embed_dim: int = 128
@@ -272,7 +313,9 @@ class PatchCore(InspectionMethod):
         if self._features is None:
             from potpourri.core.registry import create_model
 
-            backbone = self._backbone or create_model(self.config.backbone, pretrained=True)
+            backbone = self._backbone or create_model(self.config.backbone, pretrained=self.config.pretrained)
+            if not self.config.layers:
+                self.config.layers = default_layers(backbone)
             self._features = PatchFeatures(
                 backbone,
                 layers=self.config.layers,
@@ -415,6 +458,9 @@ class PatchCore(InspectionMethod):
 def config_from_args(args: Any) -> PatchCoreConfig:
     """``potpourri inspect fit`` arguments as a config."""
     return PatchCoreConfig(
+        backbone=args.backbone,
+        layers=tuple(args.layers) if args.layers else (),  # () = default_layers of the backbone
+        pretrained=args.pretrained,
         image_size=args.image_size,
         coreset_ratio=args.coreset_ratio,
         k_shot=args.k_shot,

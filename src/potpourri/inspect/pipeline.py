@@ -47,6 +47,8 @@ def fit_folder(
     data = read_folder(data_spec)
     module = method_module(method_name)
     method = module.METHOD(config).to(device, precision)  # an unsupported device fails before the run folder
+    if method_name == "patchcore":
+        method.features  # noqa: B018  (builds the backbone: a bad name or layer fails before the run folder too)
     run = new_run(
         "inspect",
         out,
