@@ -267,6 +267,8 @@ class Trainer:
         self.total_steps = total_steps
         self.folder = Path(folder) if folder is not None else None
         self.ema = ema
+        if ema is not None:  # an EMA built before the trainer follows the model to its device
+            ema.shadow = {k: v.to(self.device) for k, v in ema.shadow.items()}
         self.params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
         self.modules = {k: m.to(self.device) for k, m in (modules or {}).items()}
         self.optimizers = {**({"main": optimizer} if optimizer is not None else {}), **(optimizers or {})}
@@ -307,7 +309,10 @@ class Trainer:
         return autocast(self.device, self.options.precision)
 
     def update(self, loss: torch.Tensor, **postfix: Any) -> float:
-        """Stop on a non-finite loss, else backward, clip, step every optimizer, EMA, count the step, checkpoint."""
+        """Stop on a non-finite loss, else backward, clip, step every optimizer, EMA, count the step, checkpoint.
+
+        The checkpoint is written inside this call, so record the step's own state (``trainer.state``: running
+        sums, logs) before calling it; what a loop changes afterwards belongs to the next step."""
         value = loss.detach().float().item()
         if not math.isfinite(value):
             kept = (
