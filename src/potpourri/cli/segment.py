@@ -119,6 +119,10 @@ def _cmd_oneshot(args: argparse.Namespace) -> int:
         support_mask=args.support_mask,
         threads=args.threads,
         truth_masks=args.truth,
+        device=args.device,
+        precision=args.precision,
+        resume=args.resume,
+        checkpoint_every=args.checkpoint_every,
     )
     return 0
 
@@ -140,6 +144,11 @@ def _register_oneshot(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run folder (default runs/oneshot/vN)")
     p.add_argument("--seed", type=flags.non_negative_int, default=0)
     p.add_argument("--threads", type=flags.non_negative_int, default=None)
+    flags.add_compute(p)
+    p.add_argument("--resume", action="store_true", help="continue the fit in --out from its last checkpoint")
+    p.add_argument(
+        "--checkpoint-every", type=flags.non_negative_int, default=50, help="fit steps between checkpoints in --out"
+    )
     p.set_defaults(func=_cmd_oneshot)
 
 

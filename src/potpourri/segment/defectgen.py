@@ -59,7 +59,6 @@ Length: one model (the two denoisers, the diffusion schedule, fit/sample/save) t
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 import math
@@ -77,7 +76,7 @@ from PIL import Image
 
 from potpourri.core.errors import PotpourriError
 from potpourri.core.io import load_bundle, save_bundle
-from potpourri.core.training import Trainer, TrainOptions, autocast, check_precision, resolve_device
+from potpourri.core.training import EMA, Trainer, TrainOptions, autocast, check_precision, resolve_device
 
 __all__ = [
     "DefectGenConfig",
@@ -252,6 +251,23 @@ class LocalDenoiser(nn.Module):
 def local_receptive_field(blocks: int) -> int:
     """Side in pixels of the local net's receptive field: stem + 2 convs per block + head, each 3x3 (+2 px)."""
     return 1 + 2 * (2 * blocks + 2)
+
+
+class _WarmupEMA(EMA):
+    """The EMA of a denoiser's weights with a warm-up, ``decay = min(ema_decay, (1 + step) / (10 + step))`` (so
+    short runs are not stuck at the initialisation); 0 disables it. ``trainer`` gives the step."""
+
+    trainer: Trainer
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        step = self.trainer.step  # called by Trainer.update before it counts the step: 0, 1, ...
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for name, param in model.named_parameters():
+            if decay > 0:
+                self.shadow[name].mul_(decay).add_(param.detach(), alpha=1 - decay)
+            else:
+                self.shadow[name].copy_(param.detach())
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -479,7 +495,7 @@ class DefectGenLite:
         cfg = self.config
         net = self.networks()[net_name]
         net.train()
-        ema_net = copy.deepcopy(net).requires_grad_(False)  # the EMA of the weights: a module, so it is checkpointed
+        ema = _WarmupEMA(net, cfg.ema_decay)  # updated and checkpointed by the trainer
         optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = max(1, min(cfg.warmup_steps, cfg.train_steps // 5))
 
@@ -490,16 +506,14 @@ class DefectGenLite:
             return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        if options.resume and folder is not None and not (folder / "last.json").is_file():
-            options = dataclasses.replace(options, resume=False)  # killed before this phase's first checkpoint
         trainer = Trainer(
-            net, optimizer, total_steps=cfg.train_steps, options=options, folder=folder, modules={"ema": ema_net},
+            net, optimizer, total_steps=cfg.train_steps, options=options, folder=folder, ema=ema,
             schedulers={"lr": scheduler}, generators={"data": generator}, desc=f"Defect-Gen-lite {net_name} net",
         )  # fmt: skip
+        ema.trainer = trainer
         state = trainer.state
         state.setdefault("running", None)
         state.setdefault("history", [])
-        ema = ema_net.state_dict()  # references to the EMA module's tensors
         low, high = self.ranges()[net_name]
         for step in trainer.steps():
             index = torch.randint(0, len(data), (cfg.batch_size,), generator=generator)
@@ -513,20 +527,16 @@ class DefectGenLite:
             x0, t, noise = x0.to(trainer.device), t.to(trainer.device), noise.to(trainer.device)
             with trainer.autocast():
                 loss = self.x0_loss(net_name, x0, t, noise)
-            value = trainer.update(loss, net=net_name)
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # warm-up: short runs are not stuck at the init
-            with torch.no_grad():
-                for key, live in net.state_dict().items():
-                    if live.dtype.is_floating_point and decay > 0:
-                        ema[key].mul_(decay).add_(live, alpha=1 - decay)
-                    else:
-                        ema[key].copy_(live)
+            value = loss.detach().float().item()  # the loop's state first: update() may write a checkpoint
             running = state["running"]
             state["running"] = value if running is None else 0.95 * running + 0.05 * value
             if step % 25 == 0 or step == cfg.train_steps - 1:
                 state["history"].append({"net": net_name, "step": step, "loss": value})
+            trainer.update(loss, net=net_name)  # NaN stop, backward, clip, AdamW, schedule, EMA, checkpoint
         trainer.finish()  # a resumed run finds this phase finished and skips its loop
-        net.load_state_dict(ema_net.state_dict())
+        with torch.no_grad():
+            for name, param in net.named_parameters():
+                param.copy_(ema.shadow[name])
         net.eval()
         self.history.extend(state["history"])
         running = state["running"]
@@ -563,6 +573,8 @@ class DefectGenLite:
         with torch.enable_grad():  # also when called under torch.no_grad()
             for net_name, net_data in (("global", data), ("local", local_data)):
                 phase = folder / net_name if folder is not None else None
+                if net_name == "local" and options.resume and not (phase / "last.json").is_file():
+                    options = dataclasses.replace(options, resume=False)  # killed before its first checkpoint
                 final[net_name] = self._train_net(net_name, net_data, generator, options, phase)
         self.fitted = True
         self.fit_info = {

@@ -390,8 +390,8 @@ class OneShotSegmenter:
             with trainer.autocast():
                 maps = self.source.attend(prepared, tokens.tokens, train=True, generator=generator)
                 parts = self.loss(maps, targets, weights, one_hot)
+            history.append({k: float(v.detach()) for k, v in parts.items()})  # before update() may checkpoint
             trainer.update(parts["loss"])
-            history.append({k: float(v.detach()) for k, v in parts.items()})
         trainer.finish()
         self.history = list(history)
         self.embeddings = tokens.tokens.detach().cpu().clone()

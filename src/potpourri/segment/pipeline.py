@@ -224,12 +224,21 @@ def oneshot_run(
     support_mask: list[str] | None,
     threads: int | None,
     truth_masks: list[str] | None,
+    device: str = "auto",
+    precision: str = "fp32",
+    resume: bool = False,
+    checkpoint_every: int = 0,
+    progress: bool = True,
 ) -> Run:
     """``potpourri inspect oneshot``: fit a one-shot segmenter on support images (or load one) and segment
-    ``images``; masks, panels, ``predictions.csv`` and, with ``truth_masks``, IoU."""
+    ``images`` on ``device`` in ``precision``; masks, panels, ``predictions.csv`` and, with ``truth_masks``, IoU.
+    With ``out`` the fit checkpoints to ``OUT/checkpoints`` and ``resume`` continues it from there."""
+    from pathlib import Path
+
     from potpourri.core.imaging import find_images, load_rgb, read_mask
     from potpourri.core.metrics import iou_per_class
     from potpourri.core.runs import new_run, seed_everything
+    from potpourri.core.training import TrainOptions
     from potpourri.report.html import Report
     from potpourri.report.plots import image_grid_png
     from potpourri.segment.oneshot import OneShotConfig, OneShotSegmenter
@@ -237,6 +246,8 @@ def oneshot_run(
 
     if threads:
         torch.set_num_threads(threads)
+    if resume and (load or not out):
+        raise PotpourriError("--resume continues a fit in --out DIR; give --out (and --support, not --load)")
     seed_everything(seed)
     if load:
         model = OneShotSegmenter.load(load)
@@ -251,7 +262,11 @@ def oneshot_run(
             sd_weights=sd_weights,
             seed=seed,
         )
-        model = OneShotSegmenter(config).fit(support_images, support_mask)
+        options = TrainOptions(
+            device=device, precision=precision, resume=resume, progress=progress, checkpoint_every=checkpoint_every
+        )
+        checkpoints = Path(out) / "checkpoints" if out else None  # without --out the run folder is not known yet
+        model = OneShotSegmenter(config).fit(support_images, support_mask, options=options, checkpoints=checkpoints)
     paths = find_images(images)
     truth = [read_mask(m) for m in truth_masks] if truth_masks else None
     if truth is not None and len(truth) != len(paths):
@@ -264,7 +279,7 @@ def oneshot_run(
     )
     model.save(run.path / "model")
     start = time.perf_counter()
-    predicted = model.predict(paths)
+    predicted = model.predict(paths, device=device, precision=precision)
     seconds = time.perf_counter() - start
     masks_dir = run.path / "masks"
     masks_dir.mkdir(exist_ok=True)

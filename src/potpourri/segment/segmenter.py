@@ -433,12 +433,13 @@ class Segmenter:
                 loss = F.cross_entropy(logits, yb, weight=weights)
                 if cfg.dice_weight:
                     loss = loss + cfg.dice_weight * _soft_dice_loss(logits.float(), yb)
-            state["running"] += trainer.update(loss)
+            state["running"] += loss.detach().float().item()  # the loop's state first: update() may checkpoint
             if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
                 count = (step % log_every) + 1
                 mean = state["running"] / count
                 state["history"].append({"step": step + 1, "loss": mean, "s": time.perf_counter() - start})
                 state["running"] = 0.0
+            trainer.update(loss)
         trainer.finish()
         net.eval()
         self.history.extend(state["history"])
