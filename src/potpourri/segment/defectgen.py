@@ -494,7 +494,7 @@ class DefectGenLite:
         load its EMA weights."""
         cfg = self.config
         net = self.networks()[net_name]
-        net.train()
+        net.train().to(resolve_device(options.device))  # first, so that the EMA's copies live on the same device
         ema = _WarmupEMA(net, cfg.ema_decay)  # updated and checkpointed by the trainer
         optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = max(1, min(cfg.warmup_steps, cfg.train_steps // 5))
