@@ -264,9 +264,9 @@ def test_normals_feed_the_local_net_only_when_asked(monkeypatch):
     sizes: dict[str, int] = {}
     original = DefectGenLite._train_net
 
-    def spy(self, net_name, data, generator, bar):
+    def spy(self, net_name, data, *args):
         sizes[net_name] = len(data)
-        return original(self, net_name, data, generator, bar)
+        return original(self, net_name, data, *args)
 
     monkeypatch.setattr(DefectGenLite, "_train_net", spy)
     gen = DefectGenLite(tiny_config(train_steps=2, use_normals=True)).fit(images, masks, normals=images[:3])

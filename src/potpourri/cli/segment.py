@@ -41,6 +41,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         test_fraction=args.test_fraction,
         threads=args.threads,
         tune_blocks=args.tune_blocks,
+        device=args.device,
+        precision=args.precision,
+        resume=args.resume,
+        checkpoint_every=args.checkpoint_every,
     )
     return 0
 
@@ -48,7 +52,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from potpourri.segment.pipeline import predict_segmenter_run
 
-    predict_segmenter_run(image_paths=args.images, out=args.out, run_dir=args.run, threads=args.threads)
+    predict_segmenter_run(
+        image_paths=args.images,
+        out=args.out,
+        run_dir=args.run,
+        threads=args.threads,
+        device=args.device,
+        precision=args.precision,
+    )
     return 0
 
 
@@ -76,6 +87,11 @@ def _register_segmenter(verbs: argparse._SubParsersAction) -> None:
     train.add_argument("--test-fraction", type=flags.fraction, default=0.2, help="folders: share of images held out")
     train.add_argument("--seed", type=flags.non_negative_int, default=0)
     train.add_argument("--threads", type=flags.non_negative_int, default=None)
+    flags.add_compute(train)
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument(
+        "--checkpoint-every", type=flags.non_negative_int, default=100, help="steps between checkpoints (0: at the end)"
+    )
     train.set_defaults(func=_cmd_train)
 
     predict = verbs.add_parser("segment-predict", help="segment images with a trained run: class-id masks, report")
@@ -83,6 +99,7 @@ def _register_segmenter(verbs: argparse._SubParsersAction) -> None:
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     predict.add_argument("--out", help="output folder (default RUN/predict/vN)")
     predict.add_argument("--threads", type=flags.non_negative_int, default=None)
+    flags.add_compute(predict)
     predict.set_defaults(func=_cmd_predict)
 
 
@@ -102,6 +119,10 @@ def _cmd_oneshot(args: argparse.Namespace) -> int:
         support_mask=args.support_mask,
         threads=args.threads,
         truth_masks=args.truth,
+        device=args.device,
+        precision=args.precision,
+        resume=args.resume,
+        checkpoint_every=args.checkpoint_every,
     )
     return 0
 
@@ -123,6 +144,11 @@ def _register_oneshot(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run folder (default runs/oneshot/vN)")
     p.add_argument("--seed", type=flags.non_negative_int, default=0)
     p.add_argument("--threads", type=flags.non_negative_int, default=None)
+    flags.add_compute(p)
+    p.add_argument("--resume", action="store_true", help="continue the fit in --out from its last checkpoint")
+    p.add_argument(
+        "--checkpoint-every", type=flags.non_negative_int, default=50, help="fit steps between checkpoints in --out"
+    )
     p.set_defaults(func=_cmd_oneshot)
 
 

@@ -76,6 +76,7 @@ from PIL import Image
 
 from potpourri.core.errors import PotpourriError
 from potpourri.core.io import load_bundle, save_bundle
+from potpourri.core.training import EMA, Trainer, TrainOptions, autocast, check_precision, resolve_device
 
 __all__ = [
     "DefectGenConfig",
@@ -104,14 +105,14 @@ def cosine_alpha_bar(timesteps: int, s: float = COSINE_S) -> torch.Tensor:
 
 def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
     """Forward noising ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` for a batch of levels ``t`` (B,)."""
-    a = alpha_bar.to(x0.dtype)[t].view(-1, *([1] * (x0.dim() - 1)))  # (B, 1, 1, 1)
+    a = alpha_bar.to(x0.device, x0.dtype)[t].view(-1, *([1] * (x0.dim() - 1)))  # (B, 1, 1, 1)
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
 def _time_features(t: torch.Tensor, timesteps: int, dim: int) -> torch.Tensor:
     """Sinusoidal features of t / T * 1000 (so the embedding does not depend on T): (B,) -> (B, dim)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     angles = (t.float() * (1000.0 / timesteps))[:, None] * freqs[None]  # (B, half)
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
@@ -250,6 +251,23 @@ class LocalDenoiser(nn.Module):
 def local_receptive_field(blocks: int) -> int:
     """Side in pixels of the local net's receptive field: stem + 2 convs per block + head, each 3x3 (+2 px)."""
     return 1 + 2 * (2 * blocks + 2)
+
+
+class _WarmupEMA(EMA):
+    """The EMA of a denoiser's weights with a warm-up, ``decay = min(ema_decay, (1 + step) / (10 + step))`` (so
+    short runs are not stuck at the initialisation); 0 disables it. ``trainer`` gives the step."""
+
+    trainer: Trainer
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        step = self.trainer.step  # called by Trainer.update before it counts the step: 0, 1, ...
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for name, param in model.named_parameters():
+            if decay > 0:
+                self.shadow[name].mul_(decay).add_(param.detach(), alpha=1 - decay)
+            else:
+                self.shadow[name].copy_(param.detach())
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -432,7 +450,7 @@ class DefectGenLite:
             return net(x_t, t)
         # EDM preconditioning written for the VP process: with F = 0 this is the exact posterior mean
         # E[x0 | x_t] for data ~ N(0, sd^2), so the net only learns what a Gaussian prior cannot explain
-        a = self.alpha_bar.to(x_t.dtype)[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        a = self.alpha_bar.to(x_t.device, x_t.dtype)[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
         sd2 = self.config.data_std**2
         denom = (1 - a) + a * sd2
         c_skip, c_out, c_in = (
@@ -464,11 +482,20 @@ class DefectGenLite:
         corners = torch.randint(0, batch.shape[-1] - side + 1, (len(batch), 2), generator=generator).tolist()
         return torch.stack([x[:, y : y + side, z : z + side] for x, (y, z) in zip(batch, corners, strict=True)])
 
-    def _train_net(self, net_name: str, data: torch.Tensor, generator: torch.Generator, bar: Any) -> float:
+    def _train_net(
+        self,
+        net_name: str,
+        data: torch.Tensor,
+        generator: torch.Generator,
+        options: TrainOptions,
+        folder: Path | None,
+    ) -> float:
+        """One phase: train ``net_name`` for ``train_steps`` through a ``Trainer`` (checkpoints in ``folder``), then
+        load its EMA weights."""
         cfg = self.config
         net = self.networks()[net_name]
-        net.train()
-        ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        net.train().to(resolve_device(options.device))  # first, so that the EMA's copies live on the same device
+        ema = _WarmupEMA(net, cfg.ema_decay)  # updated and checkpointed by the trainer
         optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = max(1, min(cfg.warmup_steps, cfg.train_steps // 5))
 
@@ -479,9 +506,16 @@ class DefectGenLite:
             return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        trainer = Trainer(
+            net, optimizer, total_steps=cfg.train_steps, options=options, folder=folder, ema=ema,
+            schedulers={"lr": scheduler}, generators={"data": generator}, desc=f"Defect-Gen-lite {net_name} net",
+        )  # fmt: skip
+        ema.trainer = trainer
+        state = trainer.state
+        state.setdefault("running", None)
+        state.setdefault("history", [])
         low, high = self.ranges()[net_name]
-        running = None
-        for step in range(cfg.train_steps):
+        for step in trainer.steps():
             index = torch.randint(0, len(data), (cfg.batch_size,), generator=generator)
             x0 = data[index]
             if cfg.augment:
@@ -489,39 +523,44 @@ class DefectGenLite:
             if net_name == "local" and 0 < cfg.local_crop < cfg.image_size:
                 x0 = self._crop(x0, cfg.local_crop, generator)
             t = torch.randint(low, high + 1, (cfg.batch_size,), generator=generator)
-            noise = torch.randn(x0.shape, generator=generator)
-            loss = self.x0_loss(net_name, x0, t, noise)
-            if not torch.isfinite(loss):
-                raise PotpourriError(
-                    f"Defect-Gen-lite {net_name} net: training loss became {loss.item()} at step {step}; "
-                    f"lower lr (now {cfg.lr}) or check the inputs"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # warm-up: short runs are not stuck at the init
-            with torch.no_grad():
-                for key, value in net.state_dict().items():
-                    if value.dtype.is_floating_point and decay > 0:
-                        ema[key].mul_(decay).add_(value, alpha=1 - decay)
-                    else:
-                        ema[key].copy_(value)
-            running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+            noise = torch.randn(x0.shape, generator=generator)  # drawn on the CPU: the same on every device
+            x0, t, noise = x0.to(trainer.device), t.to(trainer.device), noise.to(trainer.device)
+            with trainer.autocast():
+                loss = self.x0_loss(net_name, x0, t, noise)
+            value = loss.detach().float().item()  # the loop's state first: update() may write a checkpoint
+            running = state["running"]
+            state["running"] = value if running is None else 0.95 * running + 0.05 * value
             if step % 25 == 0 or step == cfg.train_steps - 1:
-                self.history.append({"net": net_name, "step": step, "loss": float(loss.item())})
-                bar.set_postfix(net=net_name, loss=f"{running:.4f}")
-            bar.update(1)
-        net.load_state_dict(ema)
+                state["history"].append({"net": net_name, "step": step, "loss": value})
+            trainer.update(loss, net=net_name)  # NaN stop, backward, clip, AdamW, schedule, EMA, checkpoint
+        trainer.finish()  # a resumed run finds this phase finished and skips its loop
+        with torch.no_grad():
+            for name, param in net.named_parameters():
+                param.copy_(ema.shadow[name])
         net.eval()
+        self.history.extend(state["history"])
+        running = state["running"]
         return float(running) if running is not None else float("nan")
 
-    def fit(self, images: np.ndarray, masks: np.ndarray, normals: np.ndarray | None = None) -> DefectGenLite:
-        """Train both denoisers on defect images (N, H, W, 3) uint8 and class-id masks (N, H, W); returns self."""
-        from tqdm.auto import tqdm
+    def fit(
+        self,
+        images: np.ndarray,
+        masks: np.ndarray,
+        normals: np.ndarray | None = None,
+        *,
+        options: TrainOptions | None = None,
+        checkpoints: str | os.PathLike | None = None,
+    ) -> DefectGenLite:
+        """Train both denoisers on defect images (N, H, W, 3) uint8 and class-id masks (N, H, W); returns self.
 
+        ``options``: device, precision, resume (default: ``TrainOptions(progress=config.progress)``; gradients are
+        clipped at norm 1 unless ``options.grad_clip`` says otherwise). ``checkpoints``: a folder with one sub-folder
+        per phase (``global``, then ``local``); with ``options.resume`` a finished phase is restored, not retrained."""
         cfg = self.config
+        options = options or TrainOptions(progress=cfg.progress)
+        if options.grad_clip is None:
+            options = dataclasses.replace(options, grad_clip=1.0)
+        folder = Path(checkpoints) if checkpoints is not None else None
         data, normal_data = self.prepare(images, masks, normals)
         local_data = data
         if normal_data is not None and cfg.use_normals:
@@ -531,10 +570,12 @@ class DefectGenLite:
         generator = torch.Generator().manual_seed(cfg.seed)
         start = time.perf_counter()
         final = {}
-        bar = tqdm(total=2 * cfg.train_steps, desc="Defect-Gen-lite", unit="step", disable=not cfg.progress)
-        with bar, torch.enable_grad():  # also when called under torch.no_grad()
-            final["global"] = self._train_net("global", data, generator, bar)
-            final["local"] = self._train_net("local", local_data, generator, bar)
+        with torch.enable_grad():  # also when called under torch.no_grad()
+            for net_name, net_data in (("global", data), ("local", local_data)):
+                phase = folder / net_name if folder is not None else None
+                if net_name == "local" and options.resume and not (phase / "last.json").is_file():
+                    options = dataclasses.replace(options, resume=False)  # killed before its first checkpoint
+                final[net_name] = self._train_net(net_name, net_data, generator, options, phase)
         self.fitted = True
         self.fit_info = {
             "n_images": len(data),
@@ -564,13 +605,28 @@ class DefectGenLite:
         ts = levels(cfg.timesteps, cfg.sample_steps)
         return [("global" if a >= cfg.switch_step else "local", a, b) for a, b in itertools.pairwise(ts)]
 
+    def _place(self, device: str | None, precision: str) -> torch.device:
+        """Move both nets to ``device`` (None: leave them where they are); the device they run on."""
+        if device is not None:
+            where = resolve_device(device)
+            for net in self.networks().values():
+                net.to(where)
+        else:
+            params = [p for net in self.networks().values() for p in net.parameters()]
+            where = params[0].device if params else torch.device("cpu")
+        check_precision(precision, where)
+        return where
+
     @torch.no_grad()
-    def denoise(self, x: torch.Tensor) -> torch.Tensor:
-        """Run the sampling plan from ``x`` (pure noise, (B, 3 + K, S, S)) to a clean joint sample."""
+    def denoise(self, x: torch.Tensor, *, precision: str = "fp32") -> torch.Tensor:
+        """Run the sampling plan from ``x`` (pure noise, (B, 3 + K, S, S), on the nets' device) to a clean joint
+        sample; the nets run under ``precision`` autocast, the update itself in fp32."""
         alpha_bar = self.alpha_bar
         for net_name, t, t_next in self.sampling_plan():
             a, a_next = float(alpha_bar[t]), float(alpha_bar[t_next])
-            x0_raw = self.predict_x0(net_name, x, torch.full((len(x),), t, dtype=torch.long))
+            with autocast(x.device, precision):
+                x0_raw = self.predict_x0(net_name, x, torch.full((len(x),), t, dtype=torch.long, device=x.device))
+            x0_raw = x0_raw.float()
             eps = (x - math.sqrt(a) * x0_raw) / math.sqrt(max(1.0 - a, 1e-12))
             x0 = x0_raw.clamp(-1.0, 1.0) if self.config.clip_x0 else x0_raw
             # Defect-Gen's cold-diffusion step: x_t - q(x0, t, eps) + q(x0, t_next, eps)
@@ -578,8 +634,11 @@ class DefectGenLite:
             x = x - here + (math.sqrt(a_next) * x0 + math.sqrt(1 - a_next) * eps)
         return x
 
-    def sample(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """``n`` joint samples: images (n, S, S, 3) uint8 and masks (n, S, S) int64 (argmax of the mask channels)."""
+    def sample(
+        self, n: int, seed: int, *, device: str | None = None, precision: str = "fp32"
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` joint samples: images (n, S, S, 3) uint8 and masks (n, S, S) int64 (argmax of the mask channels);
+        ``device`` (None: where the nets are) and ``precision`` say where and how the nets run."""
         if not self.fitted:
             raise PotpourriError("Defect-Gen-lite is not trained; call fit(images, masks) or DefectGenLite.load(dir)")
         if n < 0:
@@ -587,18 +646,20 @@ class DefectGenLite:
         size, cfg = self.config.image_size, self.config
         if n == 0:
             return np.zeros((0, size, size, 3), np.uint8), np.zeros((0, size, size), np.int64)
+        where = self._place(device, precision)
         generator = torch.Generator().manual_seed(int(seed))
         # one draw per sample, so the first k of sample(n, seed) equal sample(k, seed)
         noise = torch.stack([torch.randn(self.channels, size, size, generator=generator) for _ in range(n)])
-        out = torch.cat([self.denoise(chunk) for chunk in noise.split(cfg.sample_batch)])  # (n, 3 + K, S, S)
+        chunks = noise.split(cfg.sample_batch)
+        out = torch.cat([self.denoise(c.to(where), precision=precision).cpu() for c in chunks])  # (n, 3 + K, S, S)
         images = ((out[:, :3].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         masks = out[:, 3:].argmax(dim=1).to(torch.int64).numpy()
         return np.ascontiguousarray(images), masks
 
     # -- persistence
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {f"global.{k}": v for k, v in self.global_net.state_dict().items()}
-        tensors.update({f"local.{k}": v for k, v in self.local_net.state_dict().items()})
+        tensors = {f"global.{k}": v.detach().cpu() for k, v in self.global_net.state_dict().items()}
+        tensors.update({f"local.{k}": v.detach().cpu() for k, v in self.local_net.state_dict().items()})
         return tensors
 
     def save(self, folder: str | os.PathLike) -> Path:

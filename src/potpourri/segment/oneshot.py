@@ -21,6 +21,7 @@ segmenter → CLI.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import time
 from collections.abc import Sequence
@@ -33,11 +34,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from tqdm.auto import tqdm
 
 from potpourri.core.errors import PotpourriError
 from potpourri.core.imaging import ImageInput, as_rgb, read_mask
 from potpourri.core.io import load_bundle, save_bundle
+from potpourri.core.training import Trainer, TrainOptions, autocast, check_precision, resolve_device
 from potpourri.segment.features import AttentionMaps, FeatureSource
 
 __all__ = [
@@ -196,6 +197,14 @@ def build_source(config: OneShotConfig) -> FeatureSource:
 
 
 # ----------------------------------------------------------------------------------------------- segmenter
+class _Tokens(nn.Module):
+    """The learned class tokens as a module, the model that the embedding loop's ``Trainer`` steps and saves."""
+
+    def __init__(self, tokens: torch.Tensor) -> None:
+        super().__init__()
+        self.tokens = nn.Parameter(tokens)
+
+
 class OneShotSegmenter:
     """Learn K class embeddings from k annotated images, then segment unseen ones (or a nearest-prototype baseline).
 
@@ -228,12 +237,29 @@ class OneShotSegmenter:
             rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
         return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, S, S)
 
-    def prepare(self, images: Sequence[ImageInput]) -> dict[str, torch.Tensor]:
-        """The source's frozen per-image state (features, self-attention or latents), computed in batches."""
+    def source_device(self) -> torch.device:
+        """Where the feature source runs (the device of its first tensor; CPU for a source without tensors)."""
+        first = next(itertools.chain(self.source.parameters(), self.source.buffers()), None)
+        return first.device if first is not None else torch.device("cpu")
+
+    def place(self, device: str | None, precision: str = "fp32") -> torch.device:
+        """Move the feature source to ``device`` (None: leave it where it is); check ``precision`` there."""
+        if device is not None:
+            self.source.to(resolve_device(device))
+        where = self.source_device()
+        check_precision(precision, where)
+        return where
+
+    def prepare(self, images: Sequence[ImageInput], *, precision: str = "fp32") -> dict[str, torch.Tensor]:
+        """The source's frozen per-image state (features, self-attention or latents), computed in batches on the
+        source's device (``precision``: autocast of its forward passes; the state is kept in fp32)."""
+        where = self.source_device()
         parts = []
         for first in range(0, len(images), self.config.batch_size):
             batch = torch.stack([self._image_tensor(i) for i in images[first : first + self.config.batch_size]])
-            parts.append(self.source.prepare(batch))
+            with autocast(where, precision):
+                prepared = self.source.prepare(batch.to(where))
+            parts.append({k: v.float() if v.is_floating_point() else v for k, v in prepared.items()})
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def _class_table(self, masks: list[np.ndarray]) -> list[int]:
@@ -257,8 +283,19 @@ class OneShotSegmenter:
         return ids
 
     # -- fit
-    def fit(self, images: Sequence[ImageInput], masks: Sequence[Any]) -> OneShotSegmenter:
-        """Learn from k annotated images (masks: class ids per pixel, 0 = background); the loss pools all k."""
+    def fit(
+        self,
+        images: Sequence[ImageInput],
+        masks: Sequence[Any],
+        *,
+        options: TrainOptions | None = None,
+        checkpoints: str | os.PathLike | None = None,
+    ) -> OneShotSegmenter:
+        """Learn from k annotated images (masks: class ids per pixel, 0 = background); the loss pools all k.
+
+        ``options``: device, precision, resume of the embedding loop (the source runs on that device too);
+        ``checkpoints``: its checkpoint folder (None: no checkpoints)."""
+        options = options or TrainOptions()
         images, masks = list(images), [read_mask(m) for m in masks]
         if not images:
             raise PotpourriError("one-shot fit got no support images")
@@ -286,13 +323,15 @@ class OneShotSegmenter:
         if lost:
             raise PotpourriError(f"class ids {lost} vanish when masks are resized to loss_size={size}; raise loss_size")
         start = time.perf_counter()
-        prepared = self.prepare(images)
+        where = self.place(options.device, options.precision)
+        prepared = self.prepare(images, precision=options.precision)
+        targets = targets.to(where)
         self.timings["prepare_s"] = time.perf_counter() - start
         start = time.perf_counter()
         if self.config.method == "prototype":
             self._fit_prototypes(prepared, targets)
         else:
-            self._fit_embeddings(prepared, targets)
+            self._fit_embeddings(prepared, targets, options, checkpoints)
         self.timings["fit_s"] = time.perf_counter() - start
         return self
 
@@ -300,14 +339,15 @@ class OneShotSegmenter:
         size = self.config.loss_size
         features = F.interpolate(self.source.features(prepared), size=(size, size), mode="bilinear")  # (k, C, L, L)
         flat, labels = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]), targets.reshape(-1)
-        sums = torch.zeros(len(self.class_ids), flat.shape[1]).index_add_(0, labels, flat)  # (K, C)
-        self.prototypes = F.normalize(sums / torch.bincount(labels, minlength=len(self.class_ids))[:, None], dim=1)
+        sums = torch.zeros(len(self.class_ids), flat.shape[1], device=flat.device).index_add_(0, labels, flat)  # (K, C)
+        counts = torch.bincount(labels, minlength=len(self.class_ids))[:, None]
+        self.prototypes = F.normalize(sums / counts, dim=1).cpu()
 
     def _class_weights(self, targets: torch.Tensor) -> torch.Tensor:
         """SLiMe's CE weights: foreground pixel total / class pixel count; background 1; absent classes 0."""
         counts = torch.bincount(targets.reshape(-1), minlength=len(self.class_ids)).float()
         counts[0] = 0
-        weights = torch.where(counts > 0, counts.sum() / counts.clamp_min(1), torch.zeros(()))
+        weights = torch.where(counts > 0, counts.sum() / counts.clamp_min(1), torch.zeros((), device=counts.device))
         weights[0] = 1.0
         return weights
 
@@ -329,21 +369,32 @@ class OneShotSegmenter:
             parts["sd"] = maps.aux_loss
         return {"loss": total, **parts}
 
-    def _fit_embeddings(self, prepared: dict[str, torch.Tensor], targets: torch.Tensor) -> None:
+    def _fit_embeddings(
+        self,
+        prepared: dict[str, torch.Tensor],
+        targets: torch.Tensor,
+        options: TrainOptions,
+        checkpoints: str | os.PathLike | None,
+    ) -> None:
         generator = torch.Generator().manual_seed(self.config.seed)
-        tokens = nn.Parameter(self.source.init_tokens(len(self.class_ids), generator))
-        optimizer = torch.optim.Adam([tokens], lr=self.config.lr)
+        tokens = _Tokens(self.source.init_tokens(len(self.class_ids), generator))
+        optimizer = torch.optim.Adam([tokens.tokens], lr=self.config.lr)
+        trainer = Trainer(
+            tokens, optimizer, total_steps=self.config.steps, options=options, folder=checkpoints,
+            generators={"noise": generator}, desc="one-shot embeddings",
+        )  # fmt: skip
         weights = self._class_weights(targets)
         one_hot = F.one_hot(targets, len(self.class_ids)).permute(0, 3, 1, 2).float()  # (k, K, L, L)
-        self.history = []
-        for _ in tqdm(range(self.config.steps), desc="one-shot embeddings", leave=False, mininterval=2):
-            maps = self.source.attend(prepared, tokens, train=True, generator=generator)
-            parts = self.loss(maps, targets, weights, one_hot)
-            optimizer.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            optimizer.step()
-            self.history.append({k: float(v.detach()) for k, v in parts.items()})
-        self.embeddings = tokens.detach().clone()
+        history = trainer.state.setdefault("history", [])  # checkpointed with the tokens
+        for _ in trainer.steps():
+            with trainer.autocast():
+                maps = self.source.attend(prepared, tokens.tokens, train=True, generator=generator)
+                parts = self.loss(maps, targets, weights, one_hot)
+            history.append({k: float(v.detach()) for k, v in parts.items()})  # before update() may checkpoint
+            trainer.update(parts["loss"])
+        trainer.finish()
+        self.history = list(history)
+        self.embeddings = tokens.tokens.detach().cpu().clone()
 
     # -- predict
     def _require_fit(self) -> None:
@@ -352,40 +403,52 @@ class OneShotSegmenter:
             raise PotpourriError("the one-shot segmenter is not fitted: call fit(images, masks) or load a saved one")
 
     @torch.no_grad()
-    def scores(self, images: Sequence[ImageInput]) -> torch.Tensor:
-        """Per-class scores (N, K, S, S) at the configured image size; argmax over K gives the class index."""
+    def scores(
+        self, images: Sequence[ImageInput], *, device: str | None = None, precision: str = "fp32"
+    ) -> torch.Tensor:
+        """Per-class scores (N, K, S, S) at the configured image size (on the CPU); argmax over K gives the class
+        index. ``device`` (None: where the source is) and ``precision`` say where and how the source runs."""
         self._require_fit()
         images = list(images)
         if not images:
             raise PotpourriError("one-shot predict got no images")
+        self.place(device, precision)
         step = self.config.batch_size
         return torch.cat(
-            [self.scores_prepared(self.prepare(images[i : i + step])) for i in range(0, len(images), step)]
+            [
+                self.scores_prepared(self.prepare(images[i : i + step], precision=precision), precision=precision)
+                for i in range(0, len(images), step)
+            ]
         )
 
     @torch.no_grad()
-    def scores_prepared(self, prepared: dict[str, torch.Tensor]) -> torch.Tensor:
+    def scores_prepared(self, prepared: dict[str, torch.Tensor], *, precision: str = "fp32") -> torch.Tensor:
         """``scores`` for images already run through ``prepare`` (reuse them across models of one source)."""
         self._require_fit()
-        if self.config.method == "prototype":
-            features = self.source.features(prepared)  # (B, C, h, w)
-            maps = torch.einsum("bchw,kc->bkhw", F.normalize(features, dim=1), self.prototypes)
-        else:
-            generator = torch.Generator().manual_seed(self.config.seed)
-            attention = self.source.attend(prepared, self.embeddings, train=False, generator=generator)
-            maps = attention.cross
-            if self.config.refine:
-                maps = rescale_to_range(attention.accumulated, attention.cross)
+        where = self.source_device()
+        with autocast(where, precision):
+            if self.config.method == "prototype":
+                features = self.source.features(prepared)  # (B, C, h, w)
+                prototypes = self.prototypes.to(where)
+                maps = torch.einsum("bchw,kc->bkhw", F.normalize(features, dim=1), prototypes)
+            else:
+                generator = torch.Generator().manual_seed(self.config.seed)
+                attention = self.source.attend(prepared, self.embeddings.to(where), train=False, generator=generator)
+                maps = attention.cross
+                if self.config.refine:
+                    maps = rescale_to_range(attention.accumulated, attention.cross)
         size = self.config.image_size
-        return F.interpolate(maps, size=(size, size), mode="bilinear")  # (B, K, S, S)
+        return F.interpolate(maps.float(), size=(size, size), mode="bilinear").cpu()  # (B, K, S, S)
 
     def labels(self, scores: torch.Tensor) -> np.ndarray:
         """Class-id masks (N, S, S) uint8 from ``scores``, in the support masks' own ids."""
         return np.asarray(self.class_ids, dtype=np.uint8)[scores.argmax(1).numpy()]
 
-    def predict(self, images: Sequence[ImageInput]) -> np.ndarray:
+    def predict(
+        self, images: Sequence[ImageInput], *, device: str | None = None, precision: str = "fp32"
+    ) -> np.ndarray:
         """Class-id masks (N, S, S) uint8 at the configured image size, in the support masks' own ids."""
-        return self.labels(self.scores(images))
+        return self.labels(self.scores(images, device=device, precision=precision))
 
     # -- save / load
     def metadata(self) -> dict[str, Any]:

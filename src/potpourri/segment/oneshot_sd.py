@@ -286,12 +286,12 @@ class StableDiffusionSource(FeatureSource):
     ) -> AttentionMaps:
         latents = prepared["latents"]  # (B, 4, h, w)
         b, n_classes = latents.shape[0], tokens.shape[0] + 1
-        prompt, empty = self._context(n_classes)
+        prompt, empty = (c.to(latents.device) for c in self._context(n_classes))  # the text encoder stays put
         context = torch.cat([prompt[:, :1], tokens[None], prompt[:, n_classes:]], dim=1).expand(b, -1, -1)
         lo, hi = self.train_timesteps
         t = int(torch.randint(lo, hi + 1, (1,), generator=generator)) if train else self.test_timestep
-        timestep = torch.tensor([t])
-        noise = torch.randn(latents.shape, generator=generator)
+        timestep = torch.tensor([t], device=latents.device)
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device)  # CPU draw: the same everywhere
         noisy = self.scheduler.add_noise(latents, noise, timestep)
         self.store.clear()
         guided = train and self.noise_loss

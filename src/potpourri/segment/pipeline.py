@@ -36,15 +36,24 @@ def train_segmenter_run(
     test_fraction: float,
     threads: int | None,
     tune_blocks: list[str] | None,
+    device: str = "auto",
+    precision: str = "fp32",
+    resume: bool = False,
+    checkpoint_every: int = 0,
+    progress: bool = True,
 ) -> Run:
     """``potpourri inspect segment-train``: train the multi-class defect segmenter on ``data_spec``; test mIoU,
-    latency and report.html in the returned run."""
+    latency and report.html in the returned run. Checkpoints go to ``RUN/checkpoints`` (every ``checkpoint_every``
+    steps and at the end); ``resume`` continues the run in ``out`` from the last one."""
     import torch
 
     from potpourri.core.runs import new_run, seed_everything
+    from potpourri.core.training import TrainOptions
     from potpourri.report.html import Report
     from potpourri.segment.segmenter import SegmenterConfig, segmentation_panels_png, train_segmenter
 
+    if resume and not out:
+        raise PotpourriError("--resume needs --out DIR, the folder of the run to continue")
     if threads:
         torch.set_num_threads(threads)
     seed_everything(seed)
@@ -68,10 +77,15 @@ def train_segmenter_run(
     run = new_run(
         "segment", out, config={"verb": "inspect segment-train", "data": data_spec, **vars(config)}, seed=seed
     )
-    segmenter = train_segmenter(data.train_images, data.train_masks, config)
+    options = TrainOptions(
+        device=device, precision=precision, resume=resume, progress=progress, checkpoint_every=checkpoint_every
+    )
+    segmenter = train_segmenter(
+        data.train_images, data.train_masks, config, options=options, checkpoints=run.path / "checkpoints"
+    )
     for row in segmenter.history:
         run.log_metrics(row)
-    metrics = segmenter.evaluate(data.test_images, data.test_masks)
+    metrics = segmenter.evaluate(data.test_images, data.test_masks, device=device, precision=precision)
     latency = segmenter.latency_ms(threads=1)
     segmenter.notes = data.notes + segmenter.notes
     segmenter.metrics.update(test=metrics, latency=latency)
@@ -107,7 +121,7 @@ def train_segmenter_run(
     report.section("Per-class IoU (test)", "NaN: the class occurs neither in the truth nor in the predictions.")
     report.table([{"class": k, "IoU": v} for k, v in metrics["per_class_iou"].items()])
     shown = np.arange(min(8, len(data.test_images)))
-    predictions = segmenter.predict(data.test_images[shown])
+    predictions = segmenter.predict(data.test_images[shown], device=device, precision=precision)
     panel = segmentation_panels_png(
         data.test_images[shown], predictions, run.images / "test_panels.png", truth=data.test_masks[shown]
     )
@@ -132,9 +146,11 @@ def predict_segmenter_run(
     out: str | None,
     run_dir: str,
     threads: int | None,
+    device: str = "auto",
+    precision: str = "fp32",
 ) -> Run:
     """``potpourri inspect segment-predict``: class-id masks, panels, ``predictions.csv`` and a report for
-    ``image_paths`` from a trained segmenter run."""
+    ``image_paths`` from a trained segmenter run, computed on ``device`` in ``precision``."""
     import torch
 
     from potpourri.core.imaging import find_images, read_rgb
@@ -159,7 +175,7 @@ def predict_segmenter_run(
     start = time.perf_counter()
     for index, path in enumerate(paths):
         image = read_rgb(path)
-        pred = segmenter.predict(image[None])[0]  # at the image's own size
+        pred = segmenter.predict(image[None], device=device, precision=precision)[0]  # at the image's own size
         stem = f"{index:03d}_{path.stem}"
         Image.fromarray(pred.astype(np.uint8)).save(masks_dir / f"{stem}_mask.png")
         Image.fromarray(colour_mask(pred)).save(masks_dir / f"{stem}_rgb_mask.png")
@@ -208,12 +224,21 @@ def oneshot_run(
     support_mask: list[str] | None,
     threads: int | None,
     truth_masks: list[str] | None,
+    device: str = "auto",
+    precision: str = "fp32",
+    resume: bool = False,
+    checkpoint_every: int = 0,
+    progress: bool = True,
 ) -> Run:
     """``potpourri inspect oneshot``: fit a one-shot segmenter on support images (or load one) and segment
-    ``images``; masks, panels, ``predictions.csv`` and, with ``truth_masks``, IoU."""
+    ``images`` on ``device`` in ``precision``; masks, panels, ``predictions.csv`` and, with ``truth_masks``, IoU.
+    With ``out`` the fit checkpoints to ``OUT/checkpoints`` and ``resume`` continues it from there."""
+    from pathlib import Path
+
     from potpourri.core.imaging import find_images, load_rgb, read_mask
     from potpourri.core.metrics import iou_per_class
     from potpourri.core.runs import new_run, seed_everything
+    from potpourri.core.training import TrainOptions
     from potpourri.report.html import Report
     from potpourri.report.plots import image_grid_png
     from potpourri.segment.oneshot import OneShotConfig, OneShotSegmenter
@@ -221,6 +246,8 @@ def oneshot_run(
 
     if threads:
         torch.set_num_threads(threads)
+    if resume and (load or not out):
+        raise PotpourriError("--resume continues a fit in --out DIR; give --out (and --support, not --load)")
     seed_everything(seed)
     if load:
         model = OneShotSegmenter.load(load)
@@ -235,7 +262,11 @@ def oneshot_run(
             sd_weights=sd_weights,
             seed=seed,
         )
-        model = OneShotSegmenter(config).fit(support_images, support_mask)
+        options = TrainOptions(
+            device=device, precision=precision, resume=resume, progress=progress, checkpoint_every=checkpoint_every
+        )
+        checkpoints = Path(out) / "checkpoints" if out else None  # without --out the run folder is not known yet
+        model = OneShotSegmenter(config).fit(support_images, support_mask, options=options, checkpoints=checkpoints)
     paths = find_images(images)
     truth = [read_mask(m) for m in truth_masks] if truth_masks else None
     if truth is not None and len(truth) != len(paths):
@@ -248,7 +279,7 @@ def oneshot_run(
     )
     model.save(run.path / "model")
     start = time.perf_counter()
-    predicted = model.predict(paths)
+    predicted = model.predict(paths, device=device, precision=precision)
     seconds = time.perf_counter() - start
     masks_dir = run.path / "masks"
     masks_dir.mkdir(exist_ok=True)

@@ -28,13 +28,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from tqdm.auto import tqdm
 
 from potpourri.core.errors import PotpourriError
 from potpourri.core.imaging import ImageInput, as_rgb
 from potpourri.core.io import load_bundle, save_bundle
 from potpourri.core.metrics import iou_per_class, mean_iou
 from potpourri.core.results import InspectionResult
+from potpourri.core.training import Trainer, TrainOptions, autocast, check_precision, resolve_device
 from potpourri.data.synth import CLASSES
 from potpourri.models.layers import soft_dice
 
@@ -373,8 +373,20 @@ class Segmenter:
         return np.stack(arrays)
 
     # -- training ---------------------------------------------------------------------------------------------
-    def fit(self, images: np.ndarray, masks: np.ndarray, *, progress: bool = True, log_every: int = 50) -> Segmenter:
-        """Train on (N, H, W, 3) uint8 images and (N, H, W) class-id masks for ``config.steps`` AdamW steps."""
+    def fit(
+        self,
+        images: np.ndarray,
+        masks: np.ndarray,
+        *,
+        progress: bool = True,
+        log_every: int = 50,
+        options: TrainOptions | None = None,
+        checkpoints: str | os.PathLike | None = None,
+    ) -> Segmenter:
+        """Train on (N, H, W, 3) uint8 images and (N, H, W) class-id masks for ``config.steps`` AdamW steps.
+
+        ``options`` picks device, precision and resume (default: ``TrainOptions(progress=progress)``);
+        ``checkpoints`` is the folder of resumable checkpoints (None: none are written)."""
         cfg = self.config
         images = check_images(images)
         masks = check_masks(masks, images, cfg.num_classes, cfg.class_names)
@@ -394,56 +406,94 @@ class Segmenter:
         )
         weights = _class_weights(masks, cfg.num_classes, cfg.class_weight_power)
         generator = torch.Generator().manual_seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
-        order: list[int] = []
-        running, start = 0.0, time.perf_counter()
+        torch.manual_seed(cfg.seed)  # before the trainer: a resumed run restores the global RNG over it
+        start = time.perf_counter()
+        trainer = Trainer(
+            net, optimizer, total_steps=cfg.steps, options=options or TrainOptions(progress=progress),
+            folder=checkpoints, schedulers={"lr": schedule}, generators={"batches": generator}, desc="segmenter",
+        )  # fmt: skip
+        # the loop's own state, checkpointed: the shuffled indices left of this epoch, the running loss, the log
+        state = trainer.state
+        state.setdefault("order", [])
+        state.setdefault("running", 0.0)
+        state.setdefault("history", [])
+        weights = weights.to(trainer.device) if weights is not None else None
         self._train_mode()
-        bar = tqdm(range(cfg.steps), desc="segmenter", unit="step", disable=not progress, leave=False)
-        for step in bar:
+        for step in trainer.steps():
+            order = state["order"]
             if len(order) < cfg.batch_size:  # epoch-wise shuffling; a batch may span two epochs
                 order += torch.randperm(len(x), generator=generator).tolist()
-            batch, order = order[: cfg.batch_size], order[cfg.batch_size :]
+            batch, state["order"] = order[: cfg.batch_size], order[cfg.batch_size :]
             xb, yb = x[batch], y[batch]
             if cfg.augment:
                 xb, yb = _augment(xb, yb, generator)
-            logits = net(xb)  # (B, K, S, S)
-            loss = F.cross_entropy(logits, yb, weight=weights)
-            if cfg.dice_weight:
-                loss = loss + cfg.dice_weight * _soft_dice_loss(logits, yb)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            running += float(loss.detach())
+            xb, yb = xb.to(trainer.device), yb.to(trainer.device)
+            with trainer.autocast():
+                logits = net(xb)  # (B, K, S, S)
+                loss = F.cross_entropy(logits, yb, weight=weights)
+                if cfg.dice_weight:
+                    loss = loss + cfg.dice_weight * _soft_dice_loss(logits.float(), yb)
+            state["running"] += loss.detach().float().item()  # the loop's state first: update() may checkpoint
             if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
                 count = (step % log_every) + 1
-                self.history.append({"step": step + 1, "loss": running / count, "s": time.perf_counter() - start})
-                bar.set_postfix(loss=f"{running / count:.3f}")
-                running = 0.0
+                mean = state["running"] / count
+                state["history"].append({"step": step + 1, "loss": mean, "s": time.perf_counter() - start})
+                state["running"] = 0.0
+            trainer.update(loss)
+        trainer.finish()
         net.eval()
+        self.history.extend(state["history"])
         self.fitted = True
         self.metrics["train_s"] = time.perf_counter() - start
         return self
 
     # -- inference --------------------------------------------------------------------------------------------
+    def _place(self, device: str | None, precision: str) -> torch.device:
+        """Move the net to ``device`` (None: leave it where it is) and check ``precision`` there."""
+        net = self.net
+        if device is not None:
+            net.to(resolve_device(device))
+        where = next(net.parameters()).device
+        check_precision(precision, where)
+        return where
+
     @torch.inference_mode()
-    def predict_proba(self, images: np.ndarray | Sequence[ImageInput], *, batch_size: int = 16) -> np.ndarray:
-        """Class probabilities (N, K, H, W) float32 at the images' own size."""
+    def predict_proba(
+        self,
+        images: np.ndarray | Sequence[ImageInput],
+        *,
+        batch_size: int = 16,
+        device: str | None = None,
+        precision: str = "fp32",
+    ) -> np.ndarray:
+        """Class probabilities (N, K, H, W) float32 at the images' own size; ``device`` (auto, cpu, cuda, cuda:N;
+        None: where the net is) and ``precision`` (fp32, bf16, fp16) say where and how the net runs."""
         images = self._as_array(images)
         height, width = images.shape[1:3]
         x = self._normalise(self._resize_images(images))
+        where = self._place(device, precision)
         net = self.net.eval()
         out = []
         for first in range(0, len(x), batch_size):
-            logits = net(x[first : first + batch_size])  # (B, K, S, S)
+            with autocast(where, precision):
+                logits = net(x[first : first + batch_size].to(where))  # (B, K, S, S)
+            logits = logits.float()
             if logits.shape[-2:] != (height, width):
                 logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-            out.append(logits.softmax(1))
+            out.append(logits.softmax(1).cpu())
         return torch.cat(out).numpy()
 
-    def predict(self, images: np.ndarray | Sequence[ImageInput], *, batch_size: int = 16) -> np.ndarray:
+    def predict(
+        self,
+        images: np.ndarray | Sequence[ImageInput],
+        *,
+        batch_size: int = 16,
+        device: str | None = None,
+        precision: str = "fp32",
+    ) -> np.ndarray:
         """Class-id masks (N, H, W) int64 at the images' own size (argmax of ``predict_proba``)."""
-        return self.predict_proba(images, batch_size=batch_size).argmax(1).astype(np.int64)
+        probs = self.predict_proba(images, batch_size=batch_size, device=device, precision=precision)
+        return probs.argmax(1).astype(np.int64)
 
     def inspection_results(self, images: np.ndarray | Sequence[ImageInput]) -> list[InspectionResult]:
         """The common inspection contract: map = 1 − p(background), mask = predicted defect, score = max of map."""
@@ -455,21 +505,25 @@ class Segmenter:
             results.append(InspectionResult(float(anomaly.max()), anomaly, defect, bool(defect.any())))
         return results
 
-    def evaluate(self, images: np.ndarray, masks: np.ndarray) -> dict[str, Any]:
+    def evaluate(
+        self, images: np.ndarray, masks: np.ndarray, *, device: str | None = None, precision: str = "fp32"
+    ) -> dict[str, Any]:
         """Per-class IoU and mIoU (with and without background) on a labelled set."""
         images = check_images(images)
         masks = check_masks(masks, images, self.config.num_classes, self.config.class_names)
-        return evaluate_segmentation(self.predict(images), masks, self.config.class_names)
+        predicted = self.predict(images, device=device, precision=precision)
+        return evaluate_segmentation(predicted, masks, self.config.class_names)
 
     @torch.inference_mode()
     def latency_ms(self, *, batch: int = 1, threads: int = 1, rounds: int = 10) -> dict[str, float]:
-        """CPU latency per image at ``image_size`` (median over interleaved rounds, pinned threads)."""
+        """CPU latency per image at ``image_size`` (median over interleaved rounds, pinned threads); a net trained on
+        a GPU is moved to the CPU first."""
         from potpourri.core.timing import interleaved_timings
 
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            net = self.net.eval()
+            net = self.net.eval().cpu()
             x = torch.randn(batch, 3, self.config.image_size, self.config.image_size)
             seconds = interleaved_timings({"net": lambda: net(x)}, warmup=2, rounds=rounds)["net"]
         finally:
@@ -494,7 +548,7 @@ class Segmenter:
             "metrics": self.metrics,
             "history": self.history,
         }
-        tensors = self.net.state_dict()
+        tensors = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
         save_bundle(folder / TENSORS_FILE, tensors, folder / CONFIG_FILE, meta, tensor_metadata={"format": FORMAT})
         return folder
 
@@ -584,10 +638,15 @@ def train_segmenter(
     *,
     backbone: nn.Module | None = None,
     progress: bool = True,
+    options: TrainOptions | None = None,
+    checkpoints: str | os.PathLike | None = None,
 ) -> Segmenter:
     """Train a segmenter on (N, H, W, 3) uint8 images and (N, H, W) class-id masks; seeded, AdamW.
 
     Example:
         seg = train_segmenter(task.train_images, task.train_masks, SegmenterConfig(image_size=64, steps=200))
+
+    ``options`` (device, precision, resume) and ``checkpoints`` (a folder) go to ``Segmenter.fit``.
     """
-    return Segmenter(config, backbone=backbone).fit(images, masks, progress=progress)
+    segmenter = Segmenter(config, backbone=backbone)
+    return segmenter.fit(images, masks, progress=progress, options=options, checkpoints=checkpoints)
