@@ -58,7 +58,8 @@ def test_fit_then_predict_writes_metrics_csv_overlays_masks_report(mvtec_folder:
     odd_row = next(r for r in rows if r["image"].endswith("odd.png"))
     with Image.open(out / odd_row["mask"]) as mask:
         assert mask.size == (120, 80)
-    assert all((out / r["overlay"]).is_file() for r in rows)
+    overlays = json.loads((out / "summary.json").read_text())["overlays"]
+    assert len(overlays) == 7 and all((out / o).is_file() for o in overlays)  # 7 < the default --top-k 16
     report = (out / "report.html").read_text()
     assert "odd.png" in report and report.count("<img") == 7
 
@@ -101,3 +102,42 @@ def test_ds_synth_category_is_generated_once_as_an_mvtec_folder() -> None:
     assert all(m is not None and m.is_file() for m, y in zip(data.mask_paths, data.labels, strict=True) if y)
     first = data.train[0].stat().st_mtime_ns
     assert read_folder("ds-synth:brick").train[0].stat().st_mtime_ns == first  # cached, not regenerated
+
+
+def predict_job(out: str, resume: bool) -> None:
+    """``inspect predict`` over 26 planted images in batches of 8 (a kill test job, see tests/resume.py)."""
+    import os
+
+    from potpourri.cli import main
+
+    root = Path(os.environ["PREDICT_FIXTURE"])
+    argv = ["inspect", "predict", "--run", str(root / "run"), str(root / "images"), "--out", out, "--no-progress"]
+    assert main([*argv, "--top-k", "2", *(["--resume"] if resume else [])]) == 0
+
+
+@pytest.mark.slow
+def test_predict_killed_after_a_batch_resumes_to_the_same_csv(mvtec_folder: Path, tmp_path: Path, monkeypatch) -> None:
+    from tests.resume import run_job
+
+    run = tmp_path / "run"
+    fit = potpourri("inspect", "fit", "--data", str(mvtec_folder), "--out", str(run), "--image-size", "64",
+                    "--coreset-ratio", "0.5", "--threads", "1")  # fmt: skip
+    assert fit.returncode == 0, fit.stderr
+    images = tmp_path / "images"
+    images.mkdir()
+    sources = sorted(mvtec_folder.glob("test/*/*.png"))
+    for i in range(26):  # 3 full batches of 8 and a last one of 2
+        Image.open(sources[i % len(sources)]).rotate(90 * (i // len(sources))).save(images / f"{i:02d}.png")
+    monkeypatch.setenv("PREDICT_FIXTURE", str(tmp_path))
+    job = "tests.inspect.test_inspect_cli:predict_job"
+    assert run_job(job, tmp_path / "straight", "fresh").returncode == 0
+    killed = run_job(job, tmp_path / "killed", "fresh", kill_at=2)  # after the second batch is on disk
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    with open(tmp_path / "killed" / "predictions.csv", "a") as fh:
+        fh.write("/a/torn/row.png,0.1")  # a row cut by the kill: dropped on resume
+    assert len(list(csv.DictReader((tmp_path / "killed" / "predictions.csv").open()))) == 17
+    resumed = run_job(job, tmp_path / "killed", "resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    straight = (tmp_path / "straight" / "predictions.csv").read_text()
+    assert (tmp_path / "killed" / "predictions.csv").read_text() == straight
+    assert len(straight.splitlines()) == 27

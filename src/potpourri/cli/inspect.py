@@ -45,6 +45,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         threads=args.threads,
         device=args.device,
         precision=args.precision,
+        resume=args.resume,
+        top_k=args.top_k,
+        max_overlays=args.max_overlays,
+        progress=not args.no_progress,
     )
     return 0
 
@@ -99,6 +103,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     predict.add_argument("--out", help="output folder (default RUN/predict/vN)")
     predict.add_argument("--threads", type=flags.non_negative_int, default=None)
+    predict.add_argument("--resume", action="store_true", help="continue a killed predict in --out (same CSV)")
+    predict.add_argument("--top-k", type=flags.non_negative_int, default=16, help="overlays for the top-K scores")
+    predict.add_argument(
+        "--max-overlays", type=flags.non_negative_int, default=100, help="overlays for at most N flagged images"
+    )
+    predict.add_argument("--no-progress", action="store_true", help="no progress bar")
     flags.add_compute(predict)
     predict.set_defaults(func=_cmd_predict)
     segment.register_verbs(verbs)

@@ -215,6 +215,13 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 # the helper every loop steps through
 
 
+def kill_point(step: int) -> None:
+    """Fault injection for the resume tests: SIGKILL this process (no cleanup, no ``finally``) when ``step`` equals
+    ``$POTPOURRI_KILL_AT_STEP``; a no-op otherwise."""
+    if step and str(step) == os.environ.get("POTPOURRI_KILL_AT_STEP"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class NonFiniteLoss(PotpourriError):
     """The loss became NaN or infinite; the last good checkpoint is kept and nothing after it is written."""
 
@@ -282,7 +289,6 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.scaler = torch.amp.GradScaler("cuda") if self.options.precision == "fp16" else None
         self._bar: Any = None
-        self._kill_at = int(os.environ.get("POTPOURRI_KILL_AT_STEP", "0"))  # fault injection for the resume tests
         if self.options.resume:
             self.restore()
 
@@ -352,8 +358,7 @@ class Trainer:
         every = self.options.checkpoint_every
         if every and self.step % every == 0 and self.step < self.total_steps:
             self.checkpoint()
-        if self.step == self._kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)  # a real kill: no cleanup, no finally blocks
+        kill_point(self.step)
         return value
 
     def report(self, metric: float) -> bool:

@@ -3,6 +3,7 @@ a method, score, calibrate, write the run folder."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from potpourri.core.errors import PotpourriError
 from potpourri.core.imaging import find_images, load_rgb
 from potpourri.core.io import write_csv
 from potpourri.core.runs import Run
@@ -152,6 +154,30 @@ def fit_folder(
     return run
 
 
+PREDICTION_FIELDS = ["image", "score", "label", "image_threshold", "defect_fraction", "width", "height", "mask"]
+
+
+def _resume_rows(run_path: Path, paths: list[Path], batch_size: int) -> list[dict[str, str]]:
+    """Rows of ``predictions.csv`` from whole batches already scored (a torn or partial batch is dropped and
+    re-scored, so a resumed run sees the same batches as an uninterrupted one); rewrites the file atomically."""
+    import csv
+
+    from potpourri.core.io import write_csv
+
+    csv_path = run_path / "predictions.csv"
+    text = csv_path.read_text() if csv_path.is_file() else ""
+    if not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]  # a line cut by the kill
+    rows = list(csv.DictReader(text.splitlines()))
+    keep = len(rows) if len(rows) == len(paths) else len(rows) - len(rows) % batch_size
+    rows = rows[:keep]
+    for row, path in zip(rows, paths, strict=False):
+        if row["image"] != str(path):
+            raise PotpourriError(f"'{csv_path}' was written for other images; start a new --out")
+    write_csv(csv_path, rows, fieldnames=PREDICTION_FIELDS)
+    return rows
+
+
 def predict_images(
     *,
     run_dir: str | Path,
@@ -160,12 +186,24 @@ def predict_images(
     threads: int | None = None,
     device: str = "cpu",
     precision: str = "fp32",
+    resume: bool = False,
+    top_k: int = 16,
+    max_overlays: int = 100,
+    progress: bool = True,
 ) -> Run:
-    """``potpourri inspect predict``: score images with a fitted run; writes ``predictions.csv``, overlays, masks
-    and report.html into ``out`` (default RUN/predict/vN) and returns that run."""
-    import torch
+    """``potpourri inspect predict``: score any number of images with a fitted run, streamed in batches (bounded
+    memory, a progress bar): ``predictions.csv`` grows batch by batch (``resume`` continues a killed run in ``out``
+    with the same CSV), masks are written per image, overlays only for the ``top_k`` scores and up to
+    ``max_overlays`` flagged images; report.html. Returns the run (default RUN/predict/vN)."""
+    import csv
+    import heapq
 
-    from potpourri.core.runs import new_run
+    import torch
+    import yaml
+    from tqdm.auto import tqdm
+
+    from potpourri.core.runs import Run, new_run
+    from potpourri.core.training import kill_point
     from potpourri.inspect.base import load_method
     from potpourri.report.html import Report
     from potpourri.report.inspect_plots import inspection_panel_png
@@ -175,72 +213,107 @@ def predict_images(
     method = load_method(run_dir).to(device, precision)
     paths = find_images(images)
     size = method.config.image_size
-    start = time.perf_counter()
-    results = method.predict(paths)
-    seconds = time.perf_counter() - start
-    run = new_run(
-        "predict",
-        out,
-        root=run_dir,
-        config={"verb": "inspect predict", "run": run_dir, "images": [str(p) for p in paths]},
-    )
+    batch = int(getattr(method.config, "batch_size", 8))
+    config = {"verb": "inspect predict", "run": str(run_dir), "images": [str(p) for p in paths], "batch_size": batch}
+    if resume:
+        if out is None or not (Path(out) / "config.yaml").is_file():
+            raise PotpourriError("--resume needs --out DIR of an earlier `inspect predict`")
+        before = yaml.safe_load((Path(out) / "config.yaml").read_text())
+        if {k: before.get(k) for k in config} != config:
+            raise PotpourriError(f"'{out}' predicted other images, another run or batch size; start a new --out")
+        run = Run(Path(out))
+        rows = _resume_rows(run.path, paths, batch)
+    else:
+        run = new_run("predict", out, root=run_dir, config=config)
+        rows = []
+        write_csv(run.path / "predictions.csv", [], fieldnames=PREDICTION_FIELDS)
     notes = [n for n in (_size_note(paths, size, "input"),) if n]
     if not method.thresholds.calibrated:
         notes.append("the run has no calibrated threshold: no labels or masks (refit with --threshold)")
     masks_dir = run.path / "masks"
     masks_dir.mkdir(exist_ok=True)
-    vmin = min(float(r.anomaly_map.min()) for r in results)
-    vmax = max(float(r.anomaly_map.max()) for r in results)
-    rows = []
+    threshold = "" if method.thresholds.image is None else method.thresholds.image
+
+    start, scored = time.perf_counter(), 0
+    bar = tqdm(total=len(paths), initial=len(rows), desc="inspect predict", unit="img", disable=not progress)
+    with bar, open(run.path / "predictions.csv", "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=PREDICTION_FIELDS)
+        for first in range(len(rows), len(paths), batch):
+            chunk = paths[first : first + batch]
+            results = method.predict(chunk)
+            new_rows = []
+            for index, (path, result) in enumerate(zip(chunk, results, strict=True), first):
+                with Image.open(path) as img:
+                    width, height = img.size
+                mask_png = ""
+                if result.mask is not None:  # maps are at the model size; masks go back to the image's own size
+                    mask = Image.fromarray(result.mask.astype(np.uint8) * 255)
+                    mask_png = f"masks/{index:05d}_{path.stem}_mask.png"
+                    mask.resize((width, height), Image.Resampling.NEAREST).save(run.path / mask_png)
+                new_rows.append({
+                    "image": str(path), "score": result.score, "width": width, "height": height, "mask": mask_png,
+                    "label": "" if result.label is None else ("defect" if result.label else "good"),
+                    "image_threshold": threshold,
+                    "defect_fraction": "" if result.mask is None else float(result.mask.mean()),
+                })  # fmt: skip
+            writer.writerows(new_rows)  # one batch per write, flushed: a kill loses at most this batch
+            fh.flush()
+            os.fsync(fh.fileno())
+            rows += [{k: str(v) for k, v in r.items()} for r in new_rows]
+            scored += len(chunk)
+            bar.update(len(chunk))
+            kill_point(first // batch + 1)
+    seconds = time.perf_counter() - start
+
+    # overlays for the highest scores and the flagged images only: re-scored, so no map was kept in memory
+    top = heapq.nlargest(top_k, range(len(rows)), key=lambda i: float(rows[i]["score"]))
+    flagged = sorted((i for i, r in enumerate(rows) if r["label"] == "defect"), key=lambda i: -float(rows[i]["score"]))
+    chosen = list(dict.fromkeys(top + flagged[:max_overlays]))
+    panels = []
+    if chosen:
+        results = method.predict([paths[i] for i in chosen])
+        vmin = min(float(r.anomaly_map.min()) for r in results)
+        vmax = max(float(r.anomaly_map.max()) for r in results)
+        for index, result in zip(chosen, results, strict=True):
+            original = load_rgb(paths[index])
+            full_map = np.asarray(Image.fromarray(result.anomaly_map).resize(original.size, Image.Resampling.BILINEAR))
+            mask = (
+                None
+                if result.mask is None
+                else np.asarray(
+                    Image.fromarray(result.mask.astype(np.uint8)).resize(original.size, Image.Resampling.NEAREST)
+                )
+                > 0
+            )
+            panel = inspection_panel_png(
+                np.asarray(original), full_map, run.images / f"{index:05d}_{paths[index].stem}_overlay.png",
+                mask=mask, vmin=vmin, vmax=vmax, title=f"{paths[index].name}: score {result.score:.3f}",
+            )  # fmt: skip
+            panels.append((panel, paths[index].name))
+    summary = {
+        "images": len(paths),
+        "flagged": len(flagged),
+        "images_per_s": scored / seconds if seconds > 0 and scored else None,
+        "overlays": [str(p.relative_to(run.path)) for p, _ in panels],
+        "notes": notes,
+    }
+    run.write_summary(summary)
     report = Report(f"potpourri inspect predict: {len(paths)} images")
     report.section("Model", f"run {run_dir}; method {method.name}; threshold {method.thresholds.image}")
     for note in notes + method.notes:
         report.text(note, note=True)
-    panels = []
-    for index, (path, result) in enumerate(zip(paths, results, strict=True)):
-        original = load_rgb(path)
-        # maps are computed at the model size; overlays and masks go back to the image's own size
-        full_map = np.asarray(Image.fromarray(result.anomaly_map).resize(original.size, Image.Resampling.BILINEAR))
-        stem = f"{index:03d}_{path.stem}"
-        mask_png = None
-        if result.mask is not None:
-            mask = Image.fromarray(result.mask.astype(np.uint8) * 255).resize(original.size, Image.Resampling.NEAREST)
-            mask_png = masks_dir / f"{stem}_mask.png"
-            mask.save(mask_png)
-        panel = inspection_panel_png(
-            np.asarray(original),
-            full_map,
-            run.images / f"{stem}_overlay.png",
-            mask=None if result.mask is None else np.asarray(mask) > 0,
-            vmin=vmin,
-            vmax=vmax,
-            title=f"{path.name}: score {result.score:.3f}",
-        )
-        panels.append((panel, path.name))
-        rows.append(
-            {
-                "image": str(path),
-                "score": result.score,
-                "label": "" if result.label is None else ("defect" if result.label else "good"),
-                "image_threshold": "" if method.thresholds.image is None else method.thresholds.image,
-                "defect_fraction": "" if result.mask is None else float(result.mask.mean()),
-                "width": original.size[0],
-                "height": original.size[1],
-                "overlay": str(panel.relative_to(run.path)),
-                "mask": "" if mask_png is None else str(mask_png.relative_to(run.path)),
-            }
-        )
-    write_csv(run.path / "predictions.csv", rows)
-    run.write_summary({"images": len(paths), "images_per_s": len(paths) / seconds, "notes": notes, "rows": rows})
-    report.section("Per-image scores")
-    report.table([{k: r[k] for k in ("image", "score", "label", "defect_fraction")} for r in rows])
-    report.section("Overlays", f"colour scale shared by this batch: {vmin:.3g} (blue) to {vmax:.3g} (red)")
+    ranked = sorted(rows, key=lambda r: -float(r["score"]))
+    report.section("Highest scores", f"{len(flagged)} of {len(paths)} images flagged; all rows in predictions.csv")
+    report.table([{k: r[k] for k in ("image", "score", "label", "defect_fraction")} for r in ranked[:200]])
+    report.section("Overlays", f"top {top_k} scores and up to {max_overlays} flagged images; one colour scale")
     for panel, caption in panels:
         report.image(panel, caption)
     report.write(run.path / "report.html")
-    for row in rows:
+    for row in rows[:20]:
         label = f" {row['label']}" if row["label"] else ""
-        print(f"{row['image']}: score {row['score']:.4f}{label}")
+        print(f"{row['image']}: score {float(row['score']):.4f}{label}")
+    if len(rows) > 20:
+        print(f"... {len(rows) - 20} more rows in {run.path / 'predictions.csv'}")
     for note in notes:
         print(f"note: {note}")
     print(f"report: {run.path / 'report.html'}")
