@@ -45,7 +45,7 @@ import io
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -362,7 +362,7 @@ def _step_batch(
     picks: Sequence[int],
     cfg: MaskHeadConfig,
     generator: torch.Generator,
-    precision: str = "fp32",
+    amp: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> dict[str, torch.Tensor] | None:
     device = cache.fine.device
     idx = torch.as_tensor(list(picks), device=device)
@@ -379,7 +379,7 @@ def _step_batch(
         targets.append(mask_targets(torch.from_numpy(s.masks), boxes, head.roi_size))
     if not rois:
         return None
-    with autocast(device, precision):
+    with amp():  # the trainer's autocast
         pixels = head.pixel_map(cache.fine[idx], cache.p3[idx])
         rows = torch.cat(image_index).to(device)
         queries = head.queries([e[idx] for e in cache.embeds], rows, torch.cat(anchors))
@@ -431,8 +431,9 @@ def train_mask_head(
         out = None
         while out is None:  # every pick has boxes, so one draw always gives a batch
             picks = rng.choice(with_boxes, size=min(cfg.batch_size, len(with_boxes)), replace=False).tolist()
-            out = _step_batch(head, cache, samples, picks, cfg, generator, options.precision)
-        losses.append(trainer.update(out["total"]))
+            out = _step_batch(head, cache, samples, picks, cfg, generator, trainer.autocast)
+        losses.append(float(out["total"].detach()))  # before update(), whose checkpoint must hold it
+        trainer.update(out["total"])
     trainer.finish()
     history = {"steps": trainer.step, "losses": losses, "train_s": time.perf_counter() - start, "cache_s": cache_s,
                "trainable_params": sum(p.numel() for p in head.parameters())}  # fmt: skip

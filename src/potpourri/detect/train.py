@@ -647,6 +647,10 @@ def train_detector(
     )
     if options.resume and checkpoints is None:
         raise PotpourriError("resume needs a run folder")
+    saved = checkpoints / "last.json" if checkpoints is not None else None
+    if options.resume and saved is not None and saved.is_file() and "optimizers" not in json.loads(saved.read_text()):
+        raise PotpourriError(f"'{checkpoints}' holds a checkpoint of an older potpourri that cannot be resumed; "
+                             "train again without --resume")  # fmt: skip
     trainer = Trainer(model, optimizer, total_steps=total, options=options, folder=checkpoints, desc="detect train")
     device = trainer.device
     # what changes across steps besides weights and optimizer: the open epoch's loss sums and the history rows
@@ -656,8 +660,8 @@ def train_detector(
     started = time.perf_counter() - state["seconds"]
     size = (cfg.image_size, cfg.image_size)
 
-    def close_epoch() -> None:
-        """The history row of the epoch whose steps all ran (and its test mAP when due)."""
+    def close_epoch() -> bool:
+        """The history row of the epoch whose steps all ran (and its test mAP when due); True: stop early."""
         epoch, sums = state["open"], state["sums"]
         row: dict[str, Any] = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "lr": state["lr"]}
         row.update({k: v / steps_per_epoch for k, v in sums.items()})
@@ -670,13 +674,14 @@ def train_detector(
             row.update(test_map50=metrics["map50"], test_map=metrics["map"])
             model.train()
         state["history"].append(row)
-        if math.isfinite(row.get("test_map50", math.nan)):
-            trainer.report(row["test_map50"])  # best.safetensors follows test mAP@0.5; also a checkpoint
+        if math.isfinite(row.get("test_map50", math.nan)):  # best.safetensors follows test mAP@0.5; a checkpoint
+            return trainer.report(row["test_map50"])  # early stop with options.patience
+        return False
 
     for step in trainer.steps():
         epoch, batch_index = divmod(step, steps_per_epoch)
-        if state["open"] is not None and state["open"] != epoch:
-            close_epoch()  # lazily, so a kill between the epoch's last update and its row loses nothing
+        if state["open"] is not None and state["open"] != epoch and close_epoch():  # lazily: a kill between an
+            break  # epoch's last update and its row loses nothing
         state["open"] = epoch
         model.train()
         batches = epoch_batches(len(train), batch_size, seed=cfg.seed, epoch=epoch, shuffle=True, drop_last=drop_last)
