@@ -34,15 +34,16 @@ def _detect_cfg(epochs: int = 4) -> DetectTrainConfig:
 
 
 def detector_job(out: str, resume: bool) -> None:
-    """8 planted images, 2 steps an epoch, 4 epochs; a checkpoint every 3 steps (so one lands on an epoch's last
-    step, before its history row and test mAP are made), test mAP and best checkpoint every epoch."""
+    """8 planted images, 2 steps an epoch, 4 epochs; a checkpoint every 3 steps, so the one at step 6 lands on
+    epoch 3's last step before its history row is made; test mAP (and the best checkpoint) after the last epoch."""
     train = _planted(8)
     options = TrainOptions(device="cpu", checkpoint_every=3, resume=resume, progress=False)
-    result = train_detector(train, train[:4], _detect_cfg(), model=_tiny(), run_path=out, options=options)
+    cfg = replace(_detect_cfg(), eval_every=0)
+    result = train_detector(train, train[:4], cfg, model=_tiny(), run_path=out, options=options)
     save_detector(out, result.model, {"model": "tiny", "class_names": list(CLASSES), "image_size": 64})
     rows = result.history
     keys = ("epoch", "step", "lr", "loss", "loss_cls", "loss_giou", "loss_dfl", "test_map50")
-    history = {key: torch.tensor([row[key] for row in rows], dtype=torch.float64) for key in keys}
+    history = {key: torch.tensor([row.get(key, -1.0) for row in rows], dtype=torch.float64) for key in keys}
     save_file(history, f"{out}/history.safetensors")
 
 
@@ -51,7 +52,7 @@ def test_the_detector_killed_after_step_7_resumes_to_bitwise_identical_weights_a
     assert_resumes_bitwise(
         "tests.detect.test_resume:detector_job",
         tmp_path,
-        kill_at=7,  # the last checkpoint is step 6 (epoch 3's last step, its row not yet made): step 7 is redone
+        kill_at=7,  # resumes from step 6 (epoch 3's row still to make from the saved sums) and redoes step 7
         outputs=["detector.safetensors", "history.safetensors"],
         checkpoints="checkpoints",
     )
@@ -60,9 +61,10 @@ def test_the_detector_killed_after_step_7_resumes_to_bitwise_identical_weights_a
     assert torch.isfinite(history["loss"]).all()
     last = json.loads((tmp_path / "killed" / "checkpoints" / "last.json").read_text())
     assert last["step"] == 8 and last["state"]["open"] is None  # finish() wrote the closed final state
+    assert history["test_map50"][:3].tolist() == [-1.0] * 3 and 0.0 <= history["test_map50"][3] <= 1.0
     for run in ("straight", "killed"):  # the best checkpoint follows test mAP@0.5 in both runs alike
         best = json.loads((tmp_path / run / "checkpoints" / "best.json").read_text())
-        assert best["metric"] == max(history["test_map50"].tolist())
+        assert best == {"step": 8, "metric": history["test_map50"][3].item()}
     straight = load_file(str(tmp_path / "straight" / "checkpoints" / "best.safetensors"))
     resumed = load_file(str(tmp_path / "killed" / "checkpoints" / "best.safetensors"))
     assert all(torch.equal(straight[k], v) for k, v in resumed.items())
