@@ -10,6 +10,8 @@ Example:
     potpourri detect predict runs/detect/v0 photo.png --conf 0.3
     potpourri detect eval runs/detect/v0 --data ds-synth:brick --reparam
     potpourri detect mask-train runs/detect/v0 --data ds-synth:brick --seconds 150   # frozen detector + mask head
+    potpourri detect train --data ds-synth:brick --out runs/detect/v0 --resume   # continue a killed run
+    potpourri detect train --data ds-synth:brick --device cuda --precision bf16   # every verb: --device, --precision
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cls_loss=args.cls_loss,
         conf=args.conf,
         data_spec=args.data,
+        device=args.device,
         epochs=args.epochs,
         eval_every=args.eval_every,
         image_size=args.image_size,
@@ -41,6 +44,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         optimizer=args.optimizer,
         out=args.out,
         per_kind=args.per_kind,
+        precision=args.precision,
         resume=args.resume,
         seed=args.seed,
         test_fraction=args.test_fraction,
@@ -54,10 +58,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     predict_run(
         conf=args.conf,
+        device=args.device,
         images=args.images,
         iou=args.iou,
         no_reparam=args.no_reparam,
         out=args.out,
+        precision=args.precision,
         run_dir=args.run,
         threads=args.threads,
     )
@@ -69,8 +75,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     eval_run(
         data_spec=args.data,
+        device=args.device,
         out=args.out,
         per_kind=args.per_kind,
+        precision=args.precision,
         reparam=args.reparam,
         run_dir=args.run,
         seed=args.seed,
@@ -86,9 +94,12 @@ def _cmd_mask_train(args: argparse.Namespace) -> int:
 
     mask_train_run(
         data=args.data,
+        device=args.device,
         lr=args.lr,
         out=args.out,
         per_kind=args.per_kind,
+        precision=args.precision,
+        resume=args.resume,
         run_dir=args.run,
         seconds=args.seconds,
         seed=args.seed,
@@ -133,6 +144,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints (needs --out)")
     train.add_argument("--seed", type=flags.non_negative_int, default=0)
     train.add_argument("--threads", type=flags.non_negative_int, default=None)
+    flags.add_compute(train)
     train.set_defaults(func=_cmd_train)
 
     predict = verbs.add_parser("predict", help="detect boxes in images: drawn images and predictions.csv")
@@ -143,6 +155,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("--no-reparam", action="store_true", help="run the multi-branch model (default: fused)")
     predict.add_argument("--out", help="output folder (default RUN/predict/vN)")
     predict.add_argument("--threads", type=flags.non_negative_int, default=None)
+    flags.add_compute(predict)
     predict.set_defaults(func=_cmd_predict)
 
     evaluate = verbs.add_parser("eval", help="COCO mAP@0.5 and mAP@0.5:0.95 of a trained detector")
@@ -155,6 +168,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--seed", type=flags.non_negative_int, default=0)
     evaluate.add_argument("--out", help="output folder (default RUN/eval/vN)")
     evaluate.add_argument("--threads", type=flags.non_negative_int, default=None)
+    flags.add_compute(evaluate)
     evaluate.set_defaults(func=_cmd_eval)
 
     mask = verbs.add_parser("mask-train", help="train a mask head on the frozen detector (Mask Frozen-DETR style)")
@@ -169,4 +183,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mask.add_argument("--seed", type=flags.non_negative_int, default=0)
     mask.add_argument("--out", help="output folder (default RUN/mask/vN)")
     mask.add_argument("--threads", type=flags.non_negative_int, default=None)
+    mask.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints (needs --out)")
+    flags.add_compute(mask)
     mask.set_defaults(func=_cmd_mask_train)

@@ -45,8 +45,8 @@ import io
 import math
 import os
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ from scipy import ndimage
 
 from potpourri.core.boxes import box_iou_elementwise
 from potpourri.core.errors import PotpourriError
+from potpourri.core.training import TrainOptions, autocast
 from potpourri.data.transforms import images_to_tensor
 from potpourri.models.layers import dice_loss
 
@@ -198,9 +199,10 @@ def frozen_outputs(detector: nn.Module, x: torch.Tensor) -> FrozenOutputs:
         reg, cls = head.reg_convs[i](f), head.cls_convs[i](f)
         raws.append(torch.cat([head.reg_preds[i](reg), head.cls_preds[i](cls)], 1).flatten(2))
         embeds.append(torch.cat([cls, reg], 1).flatten(2).transpose(1, 2).contiguous())
-    raw = torch.cat(raws, 2).transpose(1, 2)
-    boxes, probs = decode(raw, num_classes=detector.num_classes, reg_max=detector.reg_max,
-                          image_size=tuple(x.shape[-2:]), strides=detector.strides)  # fmt: skip
+    raw = torch.cat(raws, 2).transpose(1, 2).float()
+    with torch.autocast(x.device.type, enabled=False):  # boxes are decoded in fp32 under any autocast
+        boxes, probs = decode(raw, num_classes=detector.num_classes, reg_max=detector.reg_max,
+                              image_size=tuple(x.shape[-2:]), strides=detector.strides)  # fmt: skip
     return FrozenOutputs(taps[0], feats[0], embeds, boxes, probs, raw)
 
 
@@ -267,8 +269,8 @@ class MaskHead(nn.Module):
             count = emb.shape[1]
             pick = (anchor >= start) & (anchor < start + count)
             if pick.any():
-                out = out.index_put((pick.nonzero()[:, 0],),
-                                    self.level_proj[level](emb[image_index[pick], anchor[pick] - start]))  # fmt: skip
+                projected = self.level_proj[level](emb[image_index[pick], anchor[pick] - start])
+                out = out.index_put((pick.nonzero()[:, 0],), projected.to(out.dtype))  # bf16 under autocast
             start += count
         return self.query(out)
 
@@ -312,9 +314,9 @@ def paste_masks(probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int,
     """In-box mask probabilities (K, S, S) → full-image (K, H, W): texel (i, j) covers 1/S of its box, as RoIAlign."""
     height, width = image_size
     if len(probs) == 0:
-        return torch.zeros(0, height, width)
-    xs = torch.arange(width, dtype=probs.dtype) + 0.5
-    ys = torch.arange(height, dtype=probs.dtype) + 0.5
+        return torch.zeros(0, height, width, device=probs.device)
+    xs = torch.arange(width, dtype=probs.dtype, device=probs.device) + 0.5
+    ys = torch.arange(height, dtype=probs.dtype, device=probs.device) + 0.5
     gx = (xs[None] - boxes[:, 0:1]) / (boxes[:, 2:3] - boxes[:, 0:1]).clamp_min(1e-6) * 2 - 1  # (K, W)
     gy = (ys[None] - boxes[:, 1:2]) / (boxes[:, 3:4] - boxes[:, 1:2]).clamp_min(1e-6) * 2 - 1  # (K, H)
     grid = torch.stack([gx[:, None, :].expand(-1, height, -1), gy[:, :, None].expand(-1, -1, width)], -1)
@@ -331,8 +333,8 @@ def mask_losses(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.
 
 # ----------------------------------------------------------------------------------------------- training
 def _normalise(images: Sequence[np.ndarray], detector: nn.Module) -> torch.Tensor:
-
-    return images_to_tensor(images, detector.mean, detector.std).contiguous()
+    device = next(detector.parameters()).device
+    return images_to_tensor(images, detector.mean, detector.std).contiguous().to(device)
 
 
 def _cache(detector: nn.Module, samples: Sequence[InstanceSample], batch_size: int = 16) -> FrozenOutputs:
@@ -360,8 +362,10 @@ def _step_batch(
     picks: Sequence[int],
     cfg: MaskHeadConfig,
     generator: torch.Generator,
+    amp: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> dict[str, torch.Tensor] | None:
-    idx = torch.as_tensor(list(picks))
+    device = cache.fine.device
+    idx = torch.as_tensor(list(picks), device=device)
     rois, anchors, image_index, targets = [], [], [], []
     for row, i in enumerate(picks):
         s = samples[i]
@@ -370,16 +374,17 @@ def _step_batch(
         gt = torch.from_numpy(s.boxes)
         boxes = jitter_boxes(gt, cfg.jitter, s.image.shape[:2], generator)
         rois.append(torch.cat([torch.full((len(boxes), 1), float(row)), boxes], 1))
-        anchors.append(winning_anchors(cache.boxes[i], gt))
+        anchors.append(winning_anchors(cache.boxes[i], gt.to(device)))
         image_index.append(torch.full((len(boxes),), row, dtype=torch.long))
         targets.append(mask_targets(torch.from_numpy(s.masks), boxes, head.roi_size))
     if not rois:
         return None
-    pixels = head.pixel_map(cache.fine[idx], cache.p3[idx])
-    rows = torch.cat(image_index)
-    queries = head.queries([e[idx] for e in cache.embeds], rows, torch.cat(anchors))
-    logits = head(pixels, torch.cat(rois), queries)
-    return mask_losses(logits, torch.cat(targets))
+    with amp():  # the trainer's autocast
+        pixels = head.pixel_map(cache.fine[idx], cache.p3[idx])
+        rows = torch.cat(image_index).to(device)
+        queries = head.queries([e[idx] for e in cache.embeds], rows, torch.cat(anchors))
+        logits = head(pixels, torch.cat(rois).to(device), queries)
+    return mask_losses(logits.float(), torch.cat(targets).to(device))
 
 
 def train_mask_head(
@@ -387,45 +392,50 @@ def train_mask_head(
     samples: Sequence[InstanceSample],
     cfg: MaskHeadConfig | None = None,
     head: MaskHead | None = None,
+    *,
+    options: TrainOptions | None = None,
+    checkpoints: str | os.PathLike | None = None,
 ) -> tuple[MaskHead, dict[str, Any]]:
-    """Freeze ``detector``, cache its outputs on ``samples`` and train a ``MaskHead`` (AdamW, cosine); head, history."""
-    from tqdm.auto import tqdm
+    """Freeze ``detector``, cache its outputs on ``samples`` and train a ``MaskHead`` (AdamW, cosine); head, history.
+
+    ``options`` sets device, precision, checkpointing and resume (from ``checkpoints``, the checkpoint folder)."""
+    from potpourri.core.training import Trainer
 
     cfg = cfg or MaskHeadConfig()
     if not samples:
         raise PotpourriError("no training samples for the mask head")
+    options = options or TrainOptions()
+    options = replace(options, progress=options.progress and cfg.progress)
     torch.manual_seed(cfg.seed)
     freeze(detector)
     start = time.perf_counter()
-    cache = _cache(detector, samples)
-    cache_s = time.perf_counter() - start
     head = head or MaskHead.for_detector(detector, cfg.dim, cfg.roi_size)
     head.train()
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, cfg.max_steps))
     generator = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
+    trainer = Trainer(
+        head, optimizer, total_steps=cfg.max_steps, options=options, folder=checkpoints, desc="mask head",
+        schedulers={"cosine": schedule}, generators={"jitter": generator, "picks": rng},
+    )  # fmt: skip
+    if not options.resume:
+        trainer.state["losses"] = []
+    losses: list[float] = trainer.state["losses"]
+    cache = _cache(detector.to(trainer.device), samples)  # the frozen detector runs once, on the training device
+    cache_s = time.perf_counter() - start
     with_boxes = [i for i, s in enumerate(samples) if len(s.boxes)]
-    losses: list[float] = []
-    bar = tqdm(total=cfg.max_steps, desc="mask head", disable=not cfg.progress, unit="step")
-    step = 0
-    while step < cfg.max_steps:
+    for _ in trainer.steps():
         if cfg.max_seconds is not None and time.perf_counter() - start > cfg.max_seconds:
             break
-        picks = rng.choice(with_boxes, size=min(cfg.batch_size, len(with_boxes)), replace=False).tolist()
-        out = _step_batch(head, cache, samples, picks, cfg, generator)
-        if out is None:
-            continue
-        optimizer.zero_grad(set_to_none=True)
-        out["total"].backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(float(out["total"].detach()))
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    bar.close()
-    history = {"steps": step, "losses": losses, "train_s": time.perf_counter() - start, "cache_s": cache_s,
+        out = None
+        while out is None:  # every pick has boxes, so one draw always gives a batch
+            picks = rng.choice(with_boxes, size=min(cfg.batch_size, len(with_boxes)), replace=False).tolist()
+            out = _step_batch(head, cache, samples, picks, cfg, generator, trainer.autocast)
+        losses.append(float(out["total"].detach()))  # before update(), whose checkpoint must hold it
+        trainer.update(out["total"])
+    trainer.finish()
+    history = {"steps": trainer.step, "losses": losses, "train_s": time.perf_counter() - start, "cache_s": cache_s,
                "trainable_params": sum(p.numel() for p in head.parameters())}  # fmt: skip
     return head.eval(), history
 
@@ -471,16 +481,26 @@ def predict_instances(
     iou: float = 0.6,
     max_det: int = 100,
     batch_size: int = 16,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
 ) -> list[dict[str, np.ndarray]]:
-    """Per image: detector ``boxes``, ``scores``, ``labels`` (NMS) and binary ``masks`` (N, H, W) from the head."""
+    """Per image: detector ``boxes``, ``scores``, ``labels`` (NMS) and binary ``masks`` (N, H, W) from the head, run on
+    ``device`` (None: where the head is) under ``precision`` autocast."""
     from torchvision.ops import batched_nms
 
-    head.eval()
+    from potpourri.core.training import check_precision
+    from potpourri.detect.train import model_device
+
+    device = model_device(head, device)
+    check_precision(precision, device)
+    head.to(device).eval()
+    detector.to(device)
     results = []
     for start in range(0, len(images), batch_size):
         chunk = list(images[start : start + batch_size])
-        out = frozen_outputs(detector, _normalise(chunk, detector))
-        pixels = head.pixel_map(out.fine, out.p3)
+        with autocast(device, precision):
+            out = frozen_outputs(detector, _normalise(chunk, detector))
+            pixels = head.pixel_map(out.fine, out.p3)
         height, width = chunk[0].shape[:2]
         for row in range(len(chunk)):
             boxes = out.boxes[row].clone()
@@ -490,16 +510,17 @@ def predict_instances(
             anchor = (scores > conf).nonzero()[:, 0]
             kept = anchor[batched_nms(boxes[anchor], scores[anchor], labels[anchor], iou)[:max_det]]
             kept = kept[(boxes[kept, 2] - boxes[kept, 0] >= 1) & (boxes[kept, 3] - boxes[kept, 1] >= 1)]
-            rows = torch.full((len(kept),), row, dtype=torch.long)
+            rows = torch.full((len(kept),), row, dtype=torch.long, device=device)
             if len(kept):
-                queries = head.queries(out.embeds, rows, kept)
-                rois = torch.cat([rows[:, None].float(), boxes[kept]], 1)
-                probs = head(pixels, rois, queries).sigmoid()
-                masks = paste_masks(probs, boxes[kept], (height, width)) > 0.5
+                with autocast(device, precision):
+                    queries = head.queries(out.embeds, rows, kept)
+                    rois = torch.cat([rows[:, None].float(), boxes[kept].float()], 1)
+                    probs = head(pixels, rois, queries).float().sigmoid()
+                masks = paste_masks(probs, boxes[kept].float(), (height, width)) > 0.5
             else:
                 masks = torch.zeros(0, height, width, dtype=torch.bool)
-            results.append({"boxes": boxes[kept].numpy(), "scores": scores[kept].numpy(),
-                            "labels": labels[kept].numpy(), "masks": masks.numpy()})  # fmt: skip
+            results.append({"boxes": boxes[kept].float().cpu().numpy(), "scores": scores[kept].float().cpu().numpy(),
+                            "labels": labels[kept].cpu().numpy(), "masks": masks.cpu().numpy()})  # fmt: skip
     return results
 
 

@@ -14,6 +14,8 @@ from potpourri.core.errors import PotpourriError
 from potpourri.core.io import write_csv
 from potpourri.core.runs import Run
 
+MASK_CHECKPOINT_EVERY = 100  # mask-train steps between checkpoints (the detector trains checkpoint once per epoch)
+
 
 def train_run(
     *,
@@ -23,6 +25,7 @@ def train_run(
     cls_loss: str,
     conf: float,
     data_spec: str,
+    device: str = "auto",
     epochs: int,
     eval_every: int,
     image_size: int | None,
@@ -31,21 +34,26 @@ def train_run(
     optimizer: str,
     out: str | None,
     per_kind: int,
+    precision: str = "fp32",
     resume: bool,
     seed: int,
     test_fraction: float,
     threads: int | None,
 ) -> Run:
-    """``potpourri detect train``: train a registered detector on ``data_spec`` (resumable); test mAP and report."""
+    """``potpourri detect train``: train a registered detector on ``data_spec`` (resumable with ``resume`` and
+    ``out``) on ``device`` in ``precision``; test mAP and report."""
     import torch
 
     from potpourri.core.runs import new_run
+    from potpourri.core.training import TrainOptions
     from potpourri.data.boxes import read_detection_data
     from potpourri.detect.train import DetectTrainConfig, evaluate_detector, save_detector, train_detector
     from potpourri.report.html import Report
 
     if threads:
         torch.set_num_threads(threads)
+    if resume and out is None:
+        raise PotpourriError("--resume continues the run in --out; pass --out RUN_FOLDER")
     if image_size % 32:
         raise PotpourriError(f"--image-size {image_size} must be a multiple of 32 (e.g. 256 or 320)")
     data = read_detection_data(
@@ -65,8 +73,10 @@ def train_run(
         eval_every=eval_every,
         seed=seed,
     )
-    run = new_run("detect", out, config={"verb": "detect train", "data": data_spec, **vars(config)}, seed=seed)
-    result = train_detector(data.train, data.test, config, run_path=run.path, resume=resume)
+    record = {"verb": "detect train", "data": data_spec, **vars(config), "device": device, "precision": precision}
+    run = new_run("detect", out, config=record, seed=seed)
+    options = TrainOptions(device=device, precision=precision, resume=resume)  # checkpoint once per epoch
+    result = train_detector(data.train, data.test, config, run_path=run.path, options=options)
     columns = list(dict.fromkeys(k for row in result.history for k in row))  # test mAP appears only on eval epochs
     for row in result.history:
         run.log_metrics({k: row.get(k, "") for k in columns})
@@ -74,10 +84,10 @@ def train_run(
     meta = {"model": model_name, "class_names": list(data.class_names), "image_size": image_size,
             "data": data_spec, "layout": data.layout}  # fmt: skip
     save_detector(run.path, model, meta)
-    metrics = evaluate_detector(model, data.test, image_size=image_size)
+    metrics = evaluate_detector(model, data.test, image_size=image_size, precision=precision)  # where it trained
     shown = data.test[: min(8, len(data.test))]
     fused, parity = _reparam_check(model, [s.image for s in shown], image_size)
-    fused_metrics = evaluate_detector(fused, data.test, image_size=image_size)
+    fused_metrics = evaluate_detector(fused, data.test, image_size=image_size, precision=precision)
     summary = {
         "layout": data.layout,
         "train_images": len(data.train),
@@ -101,7 +111,7 @@ def train_run(
 
     from potpourri.detect.train import detect_images
 
-    found = detect_images(fused, [s.image for s in shown], image_size=image_size, conf=conf)
+    found = detect_images(fused, [s.image for s in shown], image_size=image_size, conf=conf, precision=precision)
     truth = [draw_detections(s.image, {"boxes": s.boxes, "scores": np.ones(len(s.labels)), "labels": s.labels},
                              data.class_names) for s in shown]  # fmt: skip
     predicted = [draw_detections(s.image, d, data.class_names) for s, d in zip(shown, found, strict=True)]
@@ -140,14 +150,17 @@ def train_run(
 def predict_run(
     *,
     conf: float,
+    device: str = "auto",
     images: list[str],
     iou: float,
     no_reparam: bool,
     out: str | None,
+    precision: str = "fp32",
     run_dir: str,
     threads: int | None,
 ) -> Run:
-    """``potpourri detect predict``: boxes for ``images`` from a trained run; drawn images and ``predictions.csv``."""
+    """``potpourri detect predict``: boxes for ``images`` from a trained run on ``device`` in ``precision``; drawn
+    images and ``predictions.csv``."""
     import torch
     from PIL import Image
 
@@ -168,7 +181,8 @@ def predict_run(
     start = time.perf_counter()
     for index, path in enumerate(paths):
         image = read_rgb(path)
-        (found,) = detect_images(model, [image], image_size=meta["image_size"], conf=conf, iou=iou)
+        (found,) = detect_images(model, [image], image_size=meta["image_size"], conf=conf, iou=iou, device=device,
+                                 precision=precision)  # fmt: skip
         Image.fromarray(draw_detections(image, found, names)).save(run.images / f"{index:03d}_{path.stem}.png")
         for box, score, label in zip(found["boxes"], found["scores"], found["labels"], strict=True):
             corners = {k: round(float(v), 1) for k, v in zip(("x1", "y1", "x2", "y2"), box, strict=True)}
@@ -184,8 +198,10 @@ def predict_run(
 def eval_run(
     *,
     data_spec: str,
+    device: str = "auto",
     out: str | None,
     per_kind: int,
+    precision: str = "fp32",
     reparam: bool,
     run_dir: str,
     seed: int,
@@ -193,7 +209,8 @@ def eval_run(
     test_fraction: float,
     threads: int | None,
 ) -> Run:
-    """``potpourri detect eval``: mAP of a trained run on ``data_spec`` (optionally re-parameterised first)."""
+    """``potpourri detect eval``: mAP of a trained run on ``data_spec`` (optionally re-parameterised first), run on
+    ``device`` in ``precision``."""
     import torch
 
     from potpourri.core.runs import new_run
@@ -211,7 +228,7 @@ def eval_run(
             "data with the same classes"
         )
     samples = data.test if split == "test" else data.train + data.test
-    metrics = evaluate_detector(model, samples, image_size=meta["image_size"])
+    metrics = evaluate_detector(model, samples, image_size=meta["image_size"], device=device, precision=precision)
     run = new_run("eval", out, root=run_dir)
     run.write_config({"verb": "detect eval", "run": run_dir, "data": data_spec, "split": split,
                       "reparam": reparam})  # fmt: skip
@@ -228,19 +245,24 @@ def eval_run(
 def mask_train_run(
     *,
     data: str,
+    device: str = "auto",
     lr: float,
     out: str | None,
     per_kind: int,
+    precision: str = "fp32",
+    resume: bool = False,
     run_dir: str,
     seconds: float,
     seed: int,
     steps: int,
     threads: int | None,
 ) -> Run:
-    """``potpourri detect mask-train``: train the Mask Frozen-DETR-style mask head on a frozen detector run."""
+    """``potpourri detect mask-train``: train the Mask Frozen-DETR-style mask head on a frozen detector run, on
+    ``device`` in ``precision`` (resumable with ``resume`` and ``out``)."""
     import torch
 
     from potpourri.core.runs import new_run
+    from potpourri.core.training import TrainOptions
     from potpourri.detect.mask_head import (
         MaskHeadConfig,
         mask_coco_map,
@@ -253,6 +275,8 @@ def mask_train_run(
 
     if threads:
         torch.set_num_threads(threads)
+    if resume and out is None:
+        raise PotpourriError("--resume continues the run in --out; pass --out MASK_RUN_FOLDER")
     detector, meta = load_detector(run_dir)
     train, test, names = read_instance_data(data, image_size=meta["image_size"], per_kind=per_kind,
                                             seed=seed)  # fmt: skip
@@ -261,11 +285,14 @@ def mask_train_run(
     cfg = MaskHeadConfig(max_steps=steps, max_seconds=seconds, lr=lr, seed=seed)
     run = new_run("mask", out, root=run_dir)
     run.write_config({"verb": "detect mask-train", "run": run_dir, "data": data, "steps": steps,
-                      "seconds": seconds, "lr": lr, "seed": seed})  # fmt: skip
+                      "seconds": seconds, "lr": lr, "seed": seed, "device": device,
+                      "precision": precision})  # fmt: skip
     run.write_env(seed)
-    head, history = train_mask_head(detector, train, cfg)
+    options = TrainOptions(device=device, precision=precision, resume=resume, checkpoint_every=MASK_CHECKPOINT_EVERY)
+    head, history = train_mask_head(detector, train, cfg, options=options, checkpoints=run.path / "checkpoints")
     save_mask_head(run.path, head, {"detector_run": str(run_dir), "data": data})
-    metrics = mask_coco_map(predict_instances(detector, head, [s.image for s in test], conf=0.001), test, len(names))
+    found = predict_instances(detector, head, [s.image for s in test], conf=0.001, precision=precision)
+    metrics = mask_coco_map(found, test, len(names))
     run.write_summary({**metrics, **{k: v for k, v in history.items() if k != "losses"},
                        "last_loss": history["losses"][-1] if history["losses"] else None})  # fmt: skip
     print(
@@ -312,7 +339,7 @@ def _reparam_check(model: Any, images: list[np.ndarray], image_size: int) -> tup
     from potpourri.data.transforms import images_to_tensor
     from potpourri.models.reparam import reparameterize
 
-    x = images_to_tensor(images, model.mean, model.std).contiguous()
+    x = images_to_tensor(images, model.mean, model.std).contiguous().to(next(model.parameters()).device)
     with torch.no_grad():
         before = model.eval()(x)
         fused = reparameterize(model)

@@ -59,14 +59,22 @@ def lite0_feature_maps(
     upsample: int = 2,
     batch_size: int = 16,
     progress: bool = False,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Frozen ImageNet Lite0 features of (H, W, 3) uint8 images: blocks.2 and blocks.4 (upsampled to blocks.2's
-    grid), each L2-normalised per location, concatenated: ``(N, 152, H·upsample/8, W·upsample/8)``."""
+    grid), each L2-normalised per location, concatenated: ``(N, 152, H·upsample/8, W·upsample/8)``, on the CPU in
+    fp32; the backbone runs on ``device`` (None: where it is) under ``precision`` autocast."""
     from tqdm.auto import tqdm
 
+    from potpourri.core.training import autocast, check_precision
+    from potpourri.detect.train import model_device
     from potpourri.models.yolo import Lite0Backbone
 
     backbone = (backbone or Lite0Backbone(pretrained=True)).eval()
+    device = model_device(backbone, device)
+    check_precision(precision, device)
+    backbone.to(device)
     out = []
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc="lite0 features", disable=not progress):
@@ -74,9 +82,11 @@ def lite0_feature_maps(
         x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
         if upsample != 1:
             x = F.interpolate(x, scale_factor=float(upsample), mode="bilinear", align_corners=False)
-        c3, c4, _ = backbone(x.contiguous())  # (B, 40, h, w), (B, 112, h/2, w/2)
+        with autocast(device, precision):
+            c3, c4, _ = backbone(x.contiguous().to(device))  # (B, 40, h, w), (B, 112, h/2, w/2)
+        c3, c4 = c3.float(), c4.float()
         c4 = F.interpolate(c4, size=c3.shape[-2:], mode="bilinear", align_corners=False)
-        out.append(torch.cat([F.normalize(c3, dim=1), F.normalize(c4, dim=1)], 1))  # (B, 152, h, w)
+        out.append(torch.cat([F.normalize(c3, dim=1), F.normalize(c4, dim=1)], 1).cpu())  # (B, 152, h, w)
     return torch.cat(out)
 
 

@@ -19,7 +19,8 @@
 * **Metrics** ``coco_map``: COCO mAP@0.5 and mAP@0.5:0.95 through ``pycocotools`` (101-point interpolation, 100
   detections per image).
 * **Loop** ``train_detector``: AdamW or SGD, linear warm-up then cosine (``potpourri.core.training.lr_at``), flips and
-  quarter turns as augmentation, atomic checkpoints (``potpourri.core.training.save_checkpoint``) and resume, tqdm.
+  quarter turns as augmentation, stepping through ``potpourri.core.training.Trainer`` (device, precision, clipping,
+  atomic checkpoints, bitwise resume, best checkpoint by test mAP@0.5).
 
 Length: assigners, losses, the loop and COCO-style evaluation of one detector, which share their tensor
 conventions; the verbs' pipelines are in ``detect/pipeline``.
@@ -34,7 +35,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ import torch.nn.functional as F
 
 from potpourri.core.boxes import box_iou_elementwise
 from potpourri.core.errors import PotpourriError
+from potpourri.core.training import TrainOptions, autocast, resolve_device
 from potpourri.data.boxes import DetectionSample
 from potpourri.data.transforms import images_to_tensor
 from potpourri.models.yolo import (
@@ -72,6 +74,7 @@ __all__ = [
     "evaluate_detector",
     "load_detector",
     "make_assigner",
+    "model_device",
     "save_detector",
     "train_detector",
     "varifocal_loss",
@@ -439,6 +442,13 @@ def coco_map(
 
 
 # ----------------------------------------------------------------------------------------------- inference
+def model_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    """``device`` resolved (``auto`` | ``cpu`` | ``cuda[:N]``), or where ``model``'s parameters are when None."""
+    if device is None:
+        return next(model.parameters()).device
+    return device if isinstance(device, torch.device) else resolve_device(device)
+
+
 @torch.no_grad()
 def detect_images(
     model: YoloDetector,
@@ -449,11 +459,19 @@ def detect_images(
     iou: float = 0.6,
     max_det: int = 100,
     batch_size: int = 16,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
 ) -> list[dict[str, np.ndarray]]:
-    """Detections per (H, W, 3) uint8 image, in that image's own pixels: ``boxes``, ``scores``, ``labels``."""
+    """Detections per (H, W, 3) uint8 image, in that image's own pixels: ``boxes``, ``scores``, ``labels``.
+
+    The model runs on ``device`` (None: where it is) under ``precision`` autocast; boxes are decoded in fp32."""
     from PIL import Image
 
-    model.eval()
+    from potpourri.core.training import check_precision
+
+    device = model_device(model, device)
+    check_precision(precision, device)
+    model.to(device).eval()
     out = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
@@ -462,21 +480,30 @@ def detect_images(
             else np.asarray(Image.fromarray(im).resize((image_size, image_size), Image.Resampling.BILINEAR))
             for im in chunk
         ]  # fmt: skip
-        raw = model(images_to_tensor(resized, model.mean, model.std).contiguous())
-        found = postprocess(raw, model, image_size=(image_size, image_size), conf=conf, iou=iou, max_det=max_det)
+        with autocast(device, precision):
+            raw = model(images_to_tensor(resized, model.mean, model.std).contiguous().to(device))
+        found = postprocess(raw.float(), model, image_size=(image_size, image_size), conf=conf, iou=iou,
+                            max_det=max_det)  # fmt: skip
         for im, det in zip(chunk, found, strict=True):
             scale = np.array([im.shape[1], im.shape[0], im.shape[1], im.shape[0]], np.float32) / image_size
-            out.append({"boxes": det["boxes"].numpy() * scale, "scores": det["scores"].numpy(),
-                        "labels": det["labels"].numpy()})  # fmt: skip
+            out.append({"boxes": det["boxes"].cpu().numpy() * scale, "scores": det["scores"].cpu().numpy(),
+                        "labels": det["labels"].cpu().numpy()})  # fmt: skip
     return out
 
 
 def evaluate_detector(
-    model: YoloDetector, samples: Sequence[DetectionSample], *, image_size: int, batch_size: int = 16
+    model: YoloDetector,
+    samples: Sequence[DetectionSample],
+    *,
+    image_size: int,
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
-    """COCO mAP of ``model`` on ``samples`` (confidence 0.001, NMS IoU 0.6, 100 detections per image)."""
+    """COCO mAP of ``model`` on ``samples`` (confidence 0.001, NMS IoU 0.6, 100 detections per image), run on
+    ``device`` (None: where the model is) under ``precision``."""
     predictions = detect_images(model, [s.image for s in samples], image_size=image_size, conf=0.001,
-                                batch_size=batch_size)  # fmt: skip
+                                batch_size=batch_size, device=device, precision=precision)  # fmt: skip
     return coco_map(predictions, samples, model.num_classes)
 
 
@@ -580,16 +607,18 @@ def train_detector(
     run_path: str | os.PathLike | None = None,
     resume: bool = False,
     model: YoloDetector | None = None,
+    options: TrainOptions | None = None,
 ) -> DetectTrainResult:
     """Train a detector on ``train`` (square images of ``cfg.image_size``); checkpoints in ``run_path/checkpoints``.
+
+    ``options`` sets device, precision and checkpointing (``checkpoint_every`` 0: once per epoch); ``resume`` (or
+    ``options.resume``) continues from the last checkpoint. ``cfg.grad_clip`` applies unless ``options`` sets one.
 
     Example:
         result = train_detector(data.train, data.test, DetectTrainConfig(class_names=data.class_names, epochs=5))
     """
-    from tqdm.auto import tqdm
-
     from potpourri.core.runs import seed_everything
-    from potpourri.core.training import epoch_batches, load_checkpoint, lr_at, save_checkpoint
+    from potpourri.core.training import Trainer, epoch_batches, lr_at
 
     if not train:
         raise PotpourriError("no training images")
@@ -608,63 +637,72 @@ def train_detector(
     steps_per_epoch = len(epoch_batches(len(train), batch_size, seed=0, epoch=0, shuffle=False, drop_last=drop_last))
     total = cfg.epochs * steps_per_epoch
     checkpoints = Path(run_path) / "checkpoints" if run_path is not None else None
-    history: list[dict[str, Any]] = []
-    start_epoch, step, elapsed = 0, 0, 0.0
-    if resume:
-        if checkpoints is None:
-            raise PotpourriError("resume needs a run folder")
-        state = load_checkpoint(checkpoints, model=model, optimizer=optimizer)
-        start_epoch, step, history, elapsed = state["epoch"] + 1, state["step"], state["history"], state["seconds"]
+    options = options or TrainOptions()
+    options = replace(
+        options,
+        grad_clip=options.grad_clip if options.grad_clip is not None else cfg.grad_clip,
+        checkpoint_every=options.checkpoint_every or steps_per_epoch,
+        progress=options.progress and cfg.progress,
+        resume=options.resume or resume,
+    )
+    if options.resume and checkpoints is None:
+        raise PotpourriError("resume needs a run folder")
+    saved = checkpoints / "last.json" if checkpoints is not None else None
+    if options.resume and saved is not None and saved.is_file() and "optimizers" not in json.loads(saved.read_text()):
+        raise PotpourriError(f"'{checkpoints}' holds a checkpoint of an older potpourri that cannot be resumed; "
+                             "train again without --resume")  # fmt: skip
+    trainer = Trainer(model, optimizer, total_steps=total, options=options, folder=checkpoints, desc="detect train")
+    device = trainer.device
+    # what changes across steps besides weights and optimizer: the open epoch's loss sums and the history rows
+    state = trainer.state
+    if not options.resume:
+        state.update(history=[], sums={}, open=None, lr=0.0, seconds=0.0)
+    started = time.perf_counter() - state["seconds"]
     size = (cfg.image_size, cfg.image_size)
-    started = time.perf_counter() - elapsed
-    bar = tqdm(total=total, initial=step, desc="detect train", disable=not cfg.progress, unit="step")
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        sums: dict[str, float] = {}
-        batches = epoch_batches(len(train), batch_size, seed=cfg.seed, epoch=epoch, shuffle=True, drop_last=drop_last)
-        for batch_index, indices in enumerate(batches):
-            rng = np.random.default_rng([cfg.seed, epoch, batch_index])  # a function of the position: resumable
-            chosen = [augment(train[i], rng) if cfg.augment else train[i] for i in indices]
-            images, gt_labels, gt_boxes, gt_mask = collate(chosen, model.mean, model.std)
-            lr = lr_at(step, base=cfg.lr, total=total, warmup=cfg.warmup_steps, min_ratio=cfg.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            raw = model(images)  # (B, A, 4·(R+1)+K)
-            loss, parts = loss_fn(raw, gt_labels, gt_boxes, gt_mask, size)
-            if not torch.isfinite(loss):
-                raise PotpourriError(f"loss became {loss.item()} at step {step}; lower --lr (now {cfg.lr})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            step += 1
-            for key, value in {"loss": loss.item(), **parts}.items():
-                sums[key] = sums.get(key, 0.0) + value
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
-        row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": lr}
-        row.update({k: v / len(batches) for k, v in sums.items()})
+
+    def close_epoch() -> bool:
+        """The history row of the epoch whose steps all ran (and its test mAP when due); True: stop early."""
+        epoch, sums = state["open"], state["sums"]
+        row: dict[str, Any] = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "lr": state["lr"]}
+        row.update({k: v / steps_per_epoch for k, v in sums.items()})
         row["seconds"] = time.perf_counter() - started
+        state.update(open=None, sums={})
         last = epoch + 1 == cfg.epochs
         if test and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
-            metrics = evaluate_detector(model, test, image_size=cfg.image_size)
+            metrics = evaluate_detector(model, test, image_size=cfg.image_size, device=device,
+                                        precision=options.precision)  # fmt: skip
             row.update(test_map50=metrics["map50"], test_map=metrics["map"])
             model.train()
-        history.append(row)
-        if checkpoints is not None:
-            state = {"epoch": epoch, "step": step, "history": history, "seconds": row["seconds"],
-                     "config": _plain(asdict(cfg))}  # fmt: skip
-            save_checkpoint(checkpoints, model=model, optimizer=optimizer, ema=None, state=state)
-    bar.close()
+        state["history"].append(row)
+        if math.isfinite(row.get("test_map50", math.nan)):  # best.safetensors follows test mAP@0.5; a checkpoint
+            return trainer.report(row["test_map50"])  # early stop with options.patience
+        return False
+
+    for step in trainer.steps():
+        epoch, batch_index = divmod(step, steps_per_epoch)
+        if state["open"] is not None and state["open"] != epoch and close_epoch():  # lazily: a kill between an
+            break  # epoch's last update and its row loses nothing
+        state["open"] = epoch
+        model.train()
+        batches = epoch_batches(len(train), batch_size, seed=cfg.seed, epoch=epoch, shuffle=True, drop_last=drop_last)
+        rng = np.random.default_rng([cfg.seed, epoch, batch_index])  # a function of the position: resumable
+        chosen = [augment(train[i], rng) if cfg.augment else train[i] for i in batches[batch_index]]
+        images, gt_labels, gt_boxes, gt_mask = (t.to(device) for t in collate(chosen, model.mean, model.std))
+        lr = lr_at(step, base=cfg.lr, total=total, warmup=cfg.warmup_steps, min_ratio=cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with trainer.autocast():
+            raw = model(images)  # (B, A, 4·(R+1)+K)
+        loss, parts = loss_fn(raw.float(), gt_labels, gt_boxes, gt_mask, size)
+        sums = state["sums"]
+        for key, value in {"loss": loss.detach().float().item(), **parts}.items():
+            sums[key] = sums.get(key, 0.0) + value
+        state["lr"], state["seconds"] = lr, time.perf_counter() - started
+        trainer.update(loss, lr=f"{lr:.2e}")
+    if state["open"] is not None:
+        close_epoch()
+    trainer.finish()
     seconds = time.perf_counter() - started
     model.eval()
-    return DetectTrainResult(model, history, seconds, step, history[-1] if history else {})
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value if not isinstance(value, float) or math.isfinite(value) else None
+    history = state["history"]
+    return DetectTrainResult(model, history, seconds, trainer.step, history[-1] if history else {})
