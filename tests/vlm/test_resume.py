@@ -21,9 +21,10 @@ from tests.resume import assert_resumes_bitwise
 pytestmark = pytest.mark.one_thread
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-VLM_ARGS = ["vlm", "train", "--lm", "tiny", "--encoder", "test_efficientnet", "--random", "--image-size", "64",
-            "--n-train", "4", "--n-test", "2", "--kinds", "yesno", "--max-new-tokens", "2", "--batch-size", "3",
-            "--steps", "2", "--lora-steps", "5", "--checkpoint-every", "2"]  # fmt: skip
+TINY_VLM = ["vlm", "train", "--lm", "tiny", "--encoder", "test_efficientnet", "--random", "--image-size", "64",
+            "--n-train", "4", "--n-test", "2", "--kinds", "yesno", "--max-new-tokens", "2",
+            "--batch-size", "3"]  # fmt: skip
+VLM_ARGS = [*TINY_VLM, "--steps", "2", "--lora-steps", "5", "--checkpoint-every", "2"]  # logs a row at each stage's end
 
 
 # ---------------------------------------------------------------------------------------------------- jobs
@@ -166,15 +167,36 @@ def test_vlm_stage_in_bf16_on_the_cpu_runs_under_autocast(tmp_path) -> None:
     assert vlm.proj.weight.dtype == torch.float32  # autocast computes in bf16; the weights stay fp32
 
 
-def test_cli_vlm_train_in_bf16_then_eval_in_bf16(tmp_path, capsys) -> None:
+def spy_image_token_dtypes(monkeypatch: pytest.MonkeyPatch) -> list[torch.dtype]:
+    """The dtype of every projected image-token batch the VLM computes from now on (training and answering)."""
+    from potpourri.models.vlm import VisionLanguageModel
+
+    seen, original = [], VisionLanguageModel.image_tokens
+
+    def image_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        out = original(self, features)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(VisionLanguageModel, "image_tokens", image_tokens)
+    return seen
+
+
+def test_cli_vlm_train_in_bf16_then_eval_in_bf16(tmp_path, capsys, monkeypatch) -> None:
     from potpourri.cli import main
 
+    seen = spy_image_token_dtypes(monkeypatch)
     out = tmp_path / "run"
     common = ["--device", "cpu", "--precision", "bf16"]
-    assert main([*VLM_ARGS[:-4], "--steps", "2", "--out", str(out), *common]) == 0
+    assert main([*TINY_VLM, "--steps", "2", "--out", str(out), *common]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert "yesno_acc" in summary["model"] and "device" not in (out / "config.yaml").read_text()
+    assert len(seen) > 2 and set(seen) == {torch.bfloat16}  # 2 training steps, then the answers
+    seen.clear()
     assert main(["vlm", "eval", "--run", str(out), *common]) == 0
+    assert seen and set(seen) == {torch.bfloat16}
+    assert main(["vlm", "eval", "--run", str(out), "--device", "cpu"]) == 0
+    assert set(seen[-1:]) == {torch.float32}  # the default stays fp32
     assert main(["vlm", "eval", "--run", str(out), "--precision", "fp16", "--device", "cpu"]) == 2
     assert "fp16 needs a CUDA device" in capsys.readouterr().err
 
@@ -198,7 +220,7 @@ def test_cuda_vlm_train_and_eval_in_each_precision(tmp_path, precision) -> None:
     out = tmp_path / "run"
     assert main([*VLM_ARGS, "--device", "cuda", "--precision", precision, "--out", str(out)]) == 0
     losses = [float(row[2]) for row in _losses(out)]
-    assert len(losses) == 7 and torch.isfinite(torch.tensor(losses)).all()
+    assert len(losses) == 2 and torch.isfinite(torch.tensor(losses)).all()  # the end of stage 1 and of stage 2
     assert main([*VLM_ARGS, "--device", "cuda", "--precision", precision, "--out", str(out), "--resume"]) == 0
     assert main(["vlm", "eval", "--run", str(out), "--device", "cuda", "--precision", precision]) == 0
 
@@ -217,17 +239,17 @@ def test_cuda_small_loops_in_each_precision(tmp_path, precision) -> None:
 
 @cuda
 def test_cuda_chat_answers_on_the_gpu(tmp_path, capsys) -> None:
+    from PIL import Image
+
     from potpourri.app.assistant import Assistant
     from potpourri.cli import main
 
     out = tmp_path / "run"
-    assert main([*VLM_ARGS[:-4], "--steps", "2", "--out", str(out), "--device", "cuda"]) == 0
+    assert main([*TINY_VLM, "--steps", "2", "--out", str(out), "--device", "cuda"]) == 0
     assistant = Assistant(out, device="cuda", precision="bf16")
     assert next(assistant.vlm.parameters()).device.type == "cuda"
     image = torch.randint(0, 256, (40, 60, 3), dtype=torch.uint8).numpy()
     assert isinstance(assistant.ask(image, "[vqa] is there a crack?").answer, str)
-    from PIL import Image
-
     Image.fromarray(image).save(tmp_path / "part.png")
     args = ["chat", str(tmp_path / "part.png"), "--run", str(out), "-q", "[vqa] is there a crack?"]
     assert main([*args, "--device", "cuda", "--precision", "fp16", "--out", str(tmp_path / "chat")]) == 0

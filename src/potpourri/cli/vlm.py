@@ -1,8 +1,10 @@
 """``potpourri vlm train|eval``: the MiniGPT-v2-style assistant on DS-Synth instructions, as a run folder.
 
-``train`` writes ``config.yaml``, ``env.json``, ``metrics.csv`` (loss per logged step), ``trainable.safetensors``
-(projection, and LoRA after stage 2), ``predictions.jsonl`` and ``summary.json`` (test metrics of the model and of
-the question-only baseline). ``eval`` rebuilds the model from a run's ``config.yaml`` and scores it again.
+``train`` writes ``config.yaml``, ``env.json``, ``metrics.csv`` (loss per logged step), ``state/stage<N>/``
+(resumable checkpoints every ``--checkpoint-every`` steps; ``--resume`` continues from them),
+``trainable.safetensors`` (projection, and LoRA after stage 2; once every stage is trained), ``predictions.jsonl`` and
+``summary.json`` (test metrics of the model and of the question-only baseline). ``eval`` rebuilds the model from a
+run's ``config.yaml`` and scores it again.
 
 Example:
     potpourri vlm train --image-size 128 --n-train 140 --steps 150 --kinds yesno,refer --threads 1
