@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from potpourri.app.assistant import answer_mask, answer_regions, draw_answer
 from potpourri.cli import main
@@ -162,3 +163,15 @@ def test_serve_without_gradio_names_the_extra(tiny_run, monkeypatch, capsys) -> 
     assert main(["serve", "--run", str(tiny_run.path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'potpourri[app]'" in err
+
+
+def test_chat_precision_reaches_the_vlm(tiny_run, tmp_path, monkeypatch) -> None:
+    from tests.vlm.test_resume import spy_image_token_dtypes
+
+    seen = spy_image_token_dtypes(monkeypatch)
+    args = ["chat", str(tiny_run.box_image), "--run", str(tiny_run.path), "-q", QUESTION, "--device", "cpu"]
+    assert main([*args, "--precision", "bf16", "--out", str(tmp_path / "bf16")]) == 0
+    assert seen == [torch.bfloat16]
+    assert main([*args, "--out", str(tmp_path / "fp32")]) == 0
+    assert seen == [torch.bfloat16, torch.float32]
+    assert main([*args, "--precision", "fp16", "--out", str(tmp_path / "fp16")]) == 2  # fp16 needs CUDA: one line

@@ -43,8 +43,9 @@ _PHRASE_RE = re.compile(r"<p>.*?</p>", re.DOTALL)  # where textgeo.parse_phrases
 # loading runs
 
 
-def load_vlm_run(run_dir: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
-    """Rebuild a ``potpourri vlm train`` run's VLM (same seed, encoder, LM, merge) and load its trained parts.
+def load_vlm_run(run_dir: str | os.PathLike, *, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
+    """Rebuild a ``potpourri vlm train`` run's VLM (same seed, encoder, LM, merge) and load its trained parts, on
+    ``device`` (``auto`` | ``cpu`` | ``cuda[:N]``).
 
     Returns ``(vlm, config)``; a missing folder or a folder of another verb is a one-line ``PotpourriError``.
     """
@@ -68,9 +69,12 @@ def load_vlm_run(run_dir: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
     needed = ("encoder", "lm", "pretrained", "merge", "image_size", "seed")
     if not isinstance(cfg, dict) or any(key not in cfg for key in needed):
         raise PotpourriError(f"'{folder / 'config.yaml'}' is not a VLM config (needs {', '.join(needed)})")
+    from potpourri.core.training import resolve_device
+
+    where = resolve_device(device)  # a missing GPU fails before the model is built
     vlm = vlm_from_config(cfg)
     vlm.load_trainable(folder / "trainable.safetensors")
-    return vlm.eval(), cfg
+    return vlm.to(where).eval(), cfg
 
 
 @dataclass
@@ -222,9 +226,20 @@ class Assistant:
     """
 
     def __init__(
-        self, run_dir: str | os.PathLike, *, inspect: str | os.PathLike | None = None, max_new_tokens: int = 64
+        self,
+        run_dir: str | os.PathLike,
+        *,
+        inspect: str | os.PathLike | None = None,
+        max_new_tokens: int = 64,
+        device: str = "auto",
+        precision: str = "fp32",
     ) -> None:
-        self.vlm, self.config = load_vlm_run(run_dir)
+        from potpourri.core.training import check_precision, resolve_device
+
+        self.device = resolve_device(device)  # the VLM answers here; an inspection run keeps its own (CPU) path
+        check_precision(precision, self.device)
+        self.precision = precision
+        self.vlm, self.config = load_vlm_run(run_dir, device=str(self.device))
         self.run_dir = Path(run_dir)
         self.inspector = load_inspector(inspect) if inspect else None
         self.max_new_tokens = max_new_tokens
@@ -238,7 +253,8 @@ class Assistant:
 
         size = (self.image_size, self.image_size)
         resized = np.asarray(Image.fromarray(image).convert("RGB").resize(size, Image.Resampling.BICUBIC))
-        return encode_samples(self.vlm, [_Pixels(resized)])  # the training path's normalisation, exactly
+        # the training path's normalisation, exactly
+        return encode_samples(self.vlm, [_Pixels(resized)], device=self.device, precision=self.precision)
 
     def ask(self, image: Any, question: str) -> Reply:
         """Answer ``question`` about ``image`` (path, PIL image or (H, W, 3) uint8 array); draw what the answer
@@ -251,7 +267,11 @@ class Assistant:
         if image is None:
             raise PotpourriError("no image; upload or pass one")
         pixels = np.asarray(as_rgb(image))
-        answer = self.vlm.generate(self.features(pixels), [question], max_new_tokens=self.max_new_tokens)[0]
+        from potpourri.core.training import autocast
+
+        features = self.features(pixels)
+        with torch.no_grad(), autocast(self.device, self.precision):
+            answer = self.vlm.generate(features, [question], max_new_tokens=self.max_new_tokens)[0]
         size = (pixels.shape[1], pixels.shape[0])
         regions, mask = answer_regions(answer, size), answer_mask(answer, size)
         notes = []

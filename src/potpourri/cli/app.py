@@ -18,7 +18,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     read_rgb(args.image)  # a missing or corrupt image fails before the model loads
-    assistant = Assistant(args.run, inspect=args.inspect, max_new_tokens=args.max_new_tokens)
+    assistant = Assistant(args.run, inspect=args.inspect, max_new_tokens=args.max_new_tokens, device=args.device,
+                          precision=args.precision)  # fmt: skip
     session = ChatSession(assistant, args.image, args.out)
     if args.question is not None:
         session.turn(args.question)
@@ -40,6 +41,7 @@ def _register_chat(subparsers: argparse._SubParsersAction) -> None:
     chat.add_argument("--max-new-tokens", type=flags.non_negative_int, default=64)
     chat.add_argument("--out", default=None, help="output folder (default RUN/chat/v<N>)")
     chat.add_argument("--threads", type=flags.non_negative_int, default=0, help="torch threads (0: leave as is)")
+    flags.add_compute(chat)
     chat.set_defaults(func=_cmd_chat)
 
 
@@ -52,7 +54,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     require_gradio()  # fail before the model loads
     if args.threads:
         torch.set_num_threads(args.threads)
-    assistant = Assistant(args.run, inspect=args.inspect, max_new_tokens=args.max_new_tokens)
+    assistant = Assistant(args.run, inspect=args.inspect, max_new_tokens=args.max_new_tokens, device=args.device,
+                          precision=args.precision)  # fmt: skip
     app = build_app(assistant)
     print(f"serving on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
     app.launch(server_name=args.host, server_port=args.port, quiet=True, show_error=True)
@@ -68,6 +71,7 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
     serve.add_argument("--max-new-tokens", type=flags.non_negative_int, default=64)
     serve.add_argument("--threads", type=flags.non_negative_int, default=0, help="torch threads (0: leave as is)")
+    flags.add_compute(serve)
     serve.set_defaults(func=_cmd_serve)
 
 

@@ -1,13 +1,17 @@
 """``potpourri vlm train|eval``: the MiniGPT-v2-style assistant on DS-Synth instructions, as a run folder.
 
-``train`` writes ``config.yaml``, ``env.json``, ``metrics.csv`` (loss per logged step), ``trainable.safetensors``
-(projection, and LoRA after stage 2), ``predictions.jsonl`` and ``summary.json`` (test metrics of the model and of
-the question-only baseline). ``eval`` rebuilds the model from a run's ``config.yaml`` and scores it again.
+``train`` writes ``config.yaml``, ``env.json``, ``metrics.csv`` (loss per logged step), ``state/stage<N>/``
+(resumable checkpoints every ``--checkpoint-every`` steps; ``--resume`` continues from them),
+``trainable.safetensors`` (projection, and LoRA after stage 2; once every stage is trained), ``predictions.jsonl`` and
+``summary.json`` (test metrics of the model and of the question-only baseline). ``eval`` rebuilds the model from a
+run's ``config.yaml`` and scores it again.
 
 Example:
     potpourri vlm train --image-size 128 --n-train 140 --steps 150 --kinds yesno,refer --threads 1
     potpourri vlm train --lm tiny --encoder test_efficientnet --random --steps 5     # seconds: a smoke run
     potpourri vlm eval runs/vlm/v0
+    potpourri vlm train --out runs/vlm/v0 --resume      # after a kill: continue from the last checkpoint
+    potpourri vlm train --device cuda --precision bf16 ...                       # where and in which precision
     potpourri vlm baseline --image-size 128 --n-train 140 --kinds yesno,refer --threads 1   # the non-LLM baseline
 
 ``baseline`` trains the non-LLM baseline (``potpourri.papers.vlm_baseline``: segmenter boxes + defect-classifier
@@ -42,15 +46,18 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from potpourri.core.training import TrainOptions
     from potpourri.vlm.pipeline import run_train
     from potpourri.vlm.train import parse_kinds
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    resume = args.resume
-    cfg = {k: v for k, v in vars(args).items() if k not in ("func", "out", "threads", "vlm_command", "resume")}
+    options = TrainOptions(device=args.device, precision=args.precision, resume=args.resume,
+                           checkpoint_every=args.checkpoint_every)  # fmt: skip
+    how = ("func", "out", "threads", "vlm_command", "resume", "device", "precision")  # not the run's content
+    cfg = {k: v for k, v in vars(args).items() if k not in how}
     cfg["kinds"] = ",".join(parse_kinds(cfg["kinds"]))
-    run = run_train(cfg, args.out, resume=resume)
+    run = run_train(cfg, args.out, options=options)
     _print_summary(run.read_summary())
     print(f"run: {run.path}")
     return 0
@@ -62,7 +69,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     ids = None if args.task_ids is None else args.task_ids == "on"
-    _print_summary(run_eval(args.run, n_test=args.n_test, task_identifiers=ids))
+    summary = run_eval(args.run, n_test=args.n_test, task_identifiers=ids, device=args.device, precision=args.precision)
+    _print_summary(summary)
     return 0
 
 
@@ -130,6 +138,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--checkpoint-every", type=flags.positive_int, default=50)
     train.add_argument("--seed", type=flags.non_negative_int, default=0)
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    flags.add_compute(train)
     train.add_argument("--threads", type=flags.non_negative_int, default=0, help="torch threads (0: leave as is)")
     train.add_argument("--out", default=None, help="run folder (default runs/vlm/v<N>)")
     train.set_defaults(func=_cmd_train)
@@ -138,6 +147,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--n-test", type=flags.positive_int, default=None)
     evaluate.add_argument("--task-ids", choices=("on", "off"), default=None, help="override the run's identifiers")
     evaluate.add_argument("--threads", type=flags.non_negative_int, default=0)
+    flags.add_compute(evaluate)
     evaluate.set_defaults(func=_cmd_eval)
     base = verbs.add_parser("baseline", help="non-LLM baseline: segmenter boxes + defect-classifier answers, scored")
     _add_data_arguments(base)

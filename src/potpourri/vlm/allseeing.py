@@ -21,6 +21,7 @@ contrastive loss between region and text for region–text retrieval. Our toy ve
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,7 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from potpourri.core.errors import PotpourriError
+from potpourri.core.training import Trainer, TrainOptions
 from potpourri.models.allseeing import RegionTextHead
+from potpourri.vlm.train import model_device
 
 __all__ = [
     "RegionPair",
@@ -132,23 +135,35 @@ def train_head(
     lr: float = 1e-3,
     weight_decay: float = 0.01,
     seed: int = 0,
+    options: TrainOptions | None = None,
+    checkpoints: str | os.PathLike | None = None,
 ) -> list[float]:
-    """Train ``head`` by InfoNCE on (pooled, box, text) triples, equal ``caption_ids`` being positives; the losses."""
+    """Train ``head`` by InfoNCE on (pooled, box, text) triples, equal ``caption_ids`` being positives; the losses.
+
+    ``options``: device, precision, checkpoint cadence, resume from ``checkpoints`` (a folder).
+    """
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    losses = []
+    options = options or TrainOptions(device=model_device(head), progress=False)  # fp32 where the head is
+    trainer = Trainer(head, optimizer, total_steps=steps, options=options,
+                      folder=checkpoints, generators={"batches": generator}, desc="region-text head")  # fmt: skip
+    if not trainer.state:
+        trainer.state["losses"] = []
+    losses = trainer.state["losses"]  # checkpointed: a resumed run returns every step's loss
+    device = trainer.device
+    pooled, boxes01, text, caption_ids = (t.to(device) for t in (pooled, boxes01, text, caption_ids))
     head.train()
-    for step in range(steps):
-        index = torch.randperm(len(pooled), generator=generator)[:batch_size]
+    for step in trainer.steps():
+        index = torch.randperm(len(pooled), generator=generator)[:batch_size].to(device)
         for group in optimizer.param_groups:
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        region = head.encode_regions(pooled[index], boxes01[index])
-        words = head.encode_texts(text[index])
-        positives = caption_ids[index][:, None] == caption_ids[index][None, :]
-        loss = info_nce(region, words, head.logit_scale, positives)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        with trainer.autocast():
+            region = head.encode_regions(pooled[index], boxes01[index])
+            words = head.encode_texts(text[index])
+            positives = caption_ids[index][:, None] == caption_ids[index][None, :]
+            loss = info_nce(region.float(), words.float(), head.logit_scale, positives)
         losses.append(loss.item())
+        trainer.update(loss)
+    trainer.finish()
     head.eval()
-    return losses
+    return list(losses)

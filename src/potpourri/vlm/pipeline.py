@@ -5,14 +5,19 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from potpourri.core.errors import PotpourriError
 
+if TYPE_CHECKING:
+    from potpourri.core.training import TrainOptions
 
-def _evaluate_and_write(run, vlm, cfg: dict[str, Any], train_instructions, started: float) -> dict[str, Any]:
+
+def _evaluate_and_write(
+    run, vlm, cfg: dict[str, Any], train_instructions, started: float, *, device: str = "auto", precision: str = "fp32"
+) -> dict[str, Any]:
     from potpourri.core.io import atomic_write_bytes
     from potpourri.vlm.train import (
         encode_samples,
@@ -24,10 +29,11 @@ def _evaluate_and_write(run, vlm, cfg: dict[str, Any], train_instructions, start
     )
 
     test_samples, test_instructions = instruction_data(cfg, "test", cfg["n_test"], offset_seed=1)
-    features = encode_samples(vlm, test_samples)
+    features = encode_samples(vlm, test_samples, device=device, precision=precision)
     long_answers = {"caption", "grounding", "detection"} & set(parse_kinds(cfg["kinds"]))
+    max_new_tokens = cfg.get("max_new_tokens") or (64 if long_answers else 24)
     metrics, predictions = evaluate_vlm(
-        vlm, features, test_instructions, max_new_tokens=cfg.get("max_new_tokens") or (64 if long_answers else 24)
+        vlm, features, test_instructions, max_new_tokens=max_new_tokens, device=device, precision=precision
     )
     baseline = score(test_instructions, trivial_predictions(train_instructions, test_instructions))
     lines = [
@@ -40,30 +46,40 @@ def _evaluate_and_write(run, vlm, cfg: dict[str, Any], train_instructions, start
     return summary
 
 
-def run_train(cfg: dict[str, Any], out: str | None = None, *, resume: bool = False):
-    """Build, train (stage 1, then stage 2 if ``lora_steps``), evaluate; returns the ``Run``. ``resume=True``
-    continues the run in ``out`` from its last checkpoint (same options required)."""
+def run_train(
+    cfg: dict[str, Any], out: str | None = None, *, resume: bool = False, options: TrainOptions | None = None
+):
+    """Build, train (stage 1, then stage 2 if ``lora_steps``), evaluate; returns the ``Run``. ``resume=True`` (or
+    ``options.resume``) continues the run in ``out`` from its last checkpoint (same options required); ``options``
+    (``core.training.TrainOptions``): device, precision, progress, checkpoint cadence (default: every
+    ``cfg["checkpoint_every"]`` steps). ``trainable.safetensors`` is written once every stage is trained."""
+    from dataclasses import replace
+
     from potpourri.core.runs import new_run, seed_everything
+    from potpourri.core.training import TrainOptions
     from potpourri.models.vlm import vlm_from_config
     from potpourri.vlm.train import VLMTrainConfig, encode_samples, instruction_data, train_vlm
 
     started = time.perf_counter()
-    if resume:
+    options = options or TrainOptions(checkpoint_every=cfg["checkpoint_every"])
+    options = replace(options, resume=resume or options.resume)
+    if options.resume:
         _check_resumable(cfg, out)
     seed_everything(cfg["seed"])
     run = new_run("vlm", out, config=cfg, seed=cfg["seed"])
     state_dir = run.path / "state"
-    if resume:
+    if options.resume:
         _trim_metrics(run, state_dir)
     vlm = vlm_from_config(cfg)
     samples, instructions = instruction_data(cfg, "train", cfg["n_train"])
-    features = encode_samples(vlm, samples)
+    features = encode_samples(vlm, samples, device=options.device)
     common = dict(batch_size=cfg["batch_size"], seed=cfg["seed"], checkpoint_every=cfg["checkpoint_every"])
     stages = [(1, cfg["steps"], cfg["lr"])] + ([(2, cfg["lora_steps"], cfg["lora_lr"])] if cfg["lora_steps"] else [])
     for stage, steps, lr in stages:
         train_vlm(vlm, features, instructions, VLMTrainConfig(stage=stage, steps=steps, lr=lr, **common), run=run,
-                  checkpoint=run.path / "trainable.safetensors", state_dir=state_dir, resume=resume)  # fmt: skip
-    _evaluate_and_write(run, vlm, cfg, instructions, started)
+                  state_dir=state_dir, options=options)  # fmt: skip
+    vlm.save_trainable(run.path / "trainable.safetensors")
+    _evaluate_and_write(run, vlm, cfg, instructions, started, device=options.device, precision=options.precision)
     return run
 
 
@@ -74,9 +90,14 @@ def _check_resumable(cfg: dict[str, Any], out: str | None) -> None:
         raise PotpourriError("--resume needs --out DIR, the folder of a `potpourri vlm train` run to continue")
     from potpourri.vlm.train import saved_stage
 
-    if saved_stage(folder / "state") is None and (folder / "summary.json").is_file():
+    stage = saved_stage(folder / "state")
+    if stage is None and (folder / "summary.json").is_file():
         raise PotpourriError(f"nothing to resume in '{folder}': the run finished without resumable checkpoints "
                              "(runs before --resume existed); start a new --out")  # fmt: skip
+    last = json.loads((folder / "state" / f"stage{stage}" / "last.json").read_text()) if stage is not None else {}
+    if stage is not None and "optimizers" not in last:  # the format before core.training.Trainer
+        raise PotpourriError(f"the checkpoints in '{folder}' were written by an older potpourri and cannot be resumed; "
+                             "start a new --out")  # fmt: skip
     saved = yaml.safe_load((folder / "config.yaml").read_text()) or {}
     changed = [k for k in cfg if k in saved and saved[k] != cfg[k]]
     if changed:
@@ -94,7 +115,10 @@ def _trim_metrics(run, state_dir: Path) -> None:
     metrics, stage = run.path / "metrics.csv", saved_stage(state_dir)
     if not metrics.is_file():
         return
-    done = json.loads((state_dir / f"stage{stage}" / "last.json").read_text()) if stage else {"stage": 0, "step": 0}
+    done = {
+        "stage": stage or 0,
+        "step": json.loads((state_dir / f"stage{stage}" / "last.json").read_text())["step"] if stage else 0,
+    }
     with open(metrics, newline="") as fh:
         rows = list(csv.DictReader(fh))
     metrics.unlink()
@@ -103,8 +127,16 @@ def _trim_metrics(run, state_dir: Path) -> None:
             run.log_metrics(row)
 
 
-def run_eval(run_dir: str | Path, *, n_test: int | None = None, task_identifiers: bool | None = None):
-    """Score a trained run again (optionally on more test images or with identifiers switched)."""
+def run_eval(
+    run_dir: str | Path,
+    *,
+    n_test: int | None = None,
+    task_identifiers: bool | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+):
+    """Score a trained run again (optionally on more test images or with identifiers switched) on ``device`` in
+    ``precision``."""
     from potpourri.core.runs import Run
     from potpourri.models.vlm import vlm_from_config
     from potpourri.vlm.train import instruction_data
@@ -123,4 +155,4 @@ def run_eval(run_dir: str | Path, *, n_test: int | None = None, task_identifiers
     _, train_instructions = instruction_data(cfg, "train", cfg["n_train"])
     out = folder / "eval"
     out.mkdir(exist_ok=True)
-    return _evaluate_and_write(Run(out), vlm, cfg, train_instructions, started)
+    return _evaluate_and_write(Run(out), vlm, cfg, train_instructions, started, device=device, precision=precision)

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from potpourri.core.errors import PotpourriError
-from potpourri.core.training import lr_at
+from potpourri.core.training import Trainer, TrainOptions, lr_at
 from potpourri.models.visual_tokenizer import add_image_tokens
 from potpourri.models.vlm import IGNORE, cache_kwarg, new_cache, token_ids
 
@@ -177,10 +178,21 @@ class ImageWriterTrainConfig:
 
 
 def train_image_writer(
-    writer: ImageTokenWriter, captions: Sequence[str], codes: torch.Tensor, cfg: ImageWriterTrainConfig
+    writer: ImageTokenWriter,
+    captions: Sequence[str],
+    codes: torch.Tensor,
+    cfg: ImageWriterTrainConfig,
+    *,
+    options: TrainOptions | None = None,
+    checkpoints: str | os.PathLike | None = None,
 ) -> list[dict[str, float]]:
-    """Train the new vocabulary rows and LoRA to answer ``[generate] caption`` with the codes; returns the log."""
-    from tqdm.auto import tqdm
+    """Train the new vocabulary rows and LoRA to answer ``[generate] caption`` with the codes; returns the log.
+
+    ``options``: device, precision, checkpoint cadence, resume from ``checkpoints`` (a folder; only the trained
+    parameters, the optimizer, the data order and the RNGs are written, not the frozen LM). Default: the config's
+    ``grad_clip`` and ``progress``, fp32 on the writer's device.
+    """
+    from potpourri.vlm.train import TrainableParts, train_options
 
     if not captions or len(captions) != len(codes):
         raise PotpourriError(f"give one code row per caption ({len(captions)} captions, {len(codes)} code rows)")
@@ -192,24 +204,30 @@ def train_image_writer(
         groups.append({"params": lora, "lr": cfg.lr, "weight_decay": 0.0, "base": cfg.lr})
     optimizer = torch.optim.AdamW(groups)  # no decay: masked old rows must stay exactly as they are
     generator = torch.Generator().manual_seed(cfg.seed)
-    order: list[int] = []
-    history, running, seen, started = [], 0.0, 0, time.perf_counter()
+    options = train_options(options, writer, grad_clip=cfg.grad_clip, checkpoint_every=0, progress=cfg.progress)
+    trainer = Trainer(
+        TrainableParts(writer), optimizer, total_steps=cfg.steps, options=options, folder=checkpoints,
+        params=[p for g in groups for p in g["params"]], generators={"order": generator}, desc="image tokens",
+    )  # fmt: skip
+    state = trainer.state  # data order and log, checkpointed with the weights
+    if not state:
+        state.update(order=[], history=[], running=0.0, seen=0)
+    started = time.perf_counter()
     writer.train()
-    for step in tqdm(range(cfg.steps), desc="image tokens", disable=not cfg.progress):
-        if len(order) < cfg.batch_size:
-            order += torch.randperm(len(captions), generator=generator).tolist()
-        batch, order = order[: cfg.batch_size], order[cfg.batch_size :]
+    for step in trainer.steps():
+        if len(state["order"]) < cfg.batch_size:
+            state["order"] += torch.randperm(len(captions), generator=generator).tolist()
+        batch, state["order"] = state["order"][: cfg.batch_size], state["order"][cfg.batch_size :]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, base=group["base"], total=cfg.steps, warmup=cfg.warmup_steps)
-        loss = writer([captions[i] for i in batch], codes[batch])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
-        optimizer.step()
-        running, seen = running + loss.item(), seen + 1
+        with trainer.autocast():
+            loss = writer([captions[i] for i in batch], codes[batch])
+        state["running"], state["seen"] = state["running"] + loss.item(), state["seen"] + 1  # before the checkpoint
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            history.append({"step": step + 1, "loss": running / seen, "seconds": time.perf_counter() - started})
-            running, seen = 0.0, 0
+            row = {"step": step + 1, "loss": state["running"] / state["seen"], "seconds": time.perf_counter() - started}
+            state["history"].append(row)
+            state["running"], state["seen"] = 0.0, 0
+        trainer.update(loss)
+    trainer.finish()
     writer.eval()
-    return history
+    return [dict(row) for row in state["history"]]

@@ -1,15 +1,18 @@
 """Training the SEED-style visual tokenizer (``models/visual_tokenizer``) on cached frozen features: one readable
-loop (AdamW, cosine schedule, dead-code restarts)."""
+loop (AdamW, cosine schedule, dead-code restarts) stepping through ``core.training.Trainer``."""
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
 
 from potpourri.core.errors import PotpourriError
+from potpourri.core.training import Trainer, TrainOptions
 from potpourri.models.visual_tokenizer import SEEDTokenizer
+from potpourri.vlm.train import model_device
 
 
 @dataclass
@@ -35,32 +38,55 @@ class TrainHistory:
 
 
 def train_tokenizer(
-    model: SEEDTokenizer, features: torch.Tensor, config: TokenizerTrainConfig | None = None
+    model: SEEDTokenizer,
+    features: torch.Tensor,
+    config: TokenizerTrainConfig | None = None,
+    *,
+    options: TrainOptions | None = None,
+    checkpoints: str | os.PathLike | None = None,
 ) -> TrainHistory:
-    """Train the tokenizer on cached frozen features ``(N, C, h, w)`` (or ``(N, T, C)``); returns the history."""
-    from tqdm.auto import tqdm
+    """Train the tokenizer on cached frozen features ``(N, C, h, w)`` (or ``(N, T, C)``); returns the history.
 
+    ``options``: device, precision, checkpoint cadence, resume (from ``checkpoints``, a folder; the codebook buffers,
+    the batch generator and the history are checkpointed, so a resumed run ends bitwise where a straight one does).
+    """
     cfg = config or TokenizerTrainConfig()
     if features.shape[0] == 0:
         raise PotpourriError("no features to train on; encode some images first")
     generator = torch.Generator().manual_seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    history = TrainHistory()
+    options = options or TrainOptions(device=model_device(model), progress=cfg.progress)  # fp32 where the model is
+    trainer = Trainer(model, optimizer, total_steps=cfg.steps, options=options, folder=checkpoints, params=params,
+                      generators={"batches": generator}, desc="seed tokenizer")  # fmt: skip
+    history = trainer.state
+    if not history:
+        history.update(loss=[], recon_loss=[], restarted=[])
+
+    def restart_due(step: int) -> bool:  # after ``step``; none in the last stretch: codes must settle before the end
+        last_stretch = step >= cfg.steps - cfg.restart_every
+        return model.config.restart_dead and (step + 1) % cfg.restart_every == 0 and not last_stretch
+
+    hook = None
+    if trainer.options.precision != "fp32":  # the quantiser keeps fp32 buffers (recent outputs, EMA sums): feed it fp32
+        hook = model.quantizer.register_forward_pre_hook(lambda module, args: tuple(a.float() for a in args))
     model.train()
-    for step in tqdm(range(cfg.steps), desc="seed tokenizer", disable=not cfg.progress):
+    for step in trainer.steps():
+        # the restart due after the previous step runs here, before this step's batch (the same draws in the same
+        # order as right after that step), so a checkpoint written by that step's update already holds nothing of it
+        if step > 0 and restart_due(step - 1):
+            dead = model.quantizer.restart_dead_codes(model.config.dead_threshold, generator=generator)
+            history["restarted"].append(len(dead))
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         index = torch.randint(features.shape[0], (min(cfg.batch_size, features.shape[0]),), generator=generator)
-        out = model(features[index])
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
-        history.loss.append(float(out.loss.detach()))
-        history.recon_loss.append(float(out.recon_loss.detach()))
-        last_stretch = step >= cfg.steps - cfg.restart_every  # no restart right before the end: codes must settle
-        if model.config.restart_dead and (step + 1) % cfg.restart_every == 0 and not last_stretch:
-            dead = model.quantizer.restart_dead_codes(model.config.dead_threshold, generator=generator)
-            history.restarted.append(len(dead))
+        with trainer.autocast():
+            out = model(features[index].to(trainer.device))
+        history["loss"].append(float(out.loss.detach()))
+        history["recon_loss"].append(float(out.recon_loss.detach()))
+        trainer.update(out.loss)
+    trainer.finish()
+    if hook is not None:
+        hook.remove()
     model.eval()
-    return history
+    return TrainHistory(list(history["loss"]), list(history["recon_loss"]), list(history["restarted"]))

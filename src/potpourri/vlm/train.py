@@ -1,10 +1,10 @@
 """Training and evaluation of the MiniGPT-v2-style VLM on DS-Synth instructions.
 
-One plain loop (AdamW, warm-up + cosine via ``core.training.lr_at``, gradient clipping, atomic checkpoints of the
-trainable parts). The encoder is frozen and in eval mode, so its feature maps are computed once per image and cached.
-With ``state_dir`` the loop also keeps a resumable checkpoint (trainable parts, AdamW moments, data order, RNG; the
-tuning engine's ``save_checkpoint`` format): ``resume=True`` continues where it stopped and ends with the same
-parameters as an uninterrupted run.
+One plain loop stepping through ``core.training.Trainer`` (AdamW, warm-up + cosine via ``core.training.lr_at``,
+gradient clipping, device and precision). The encoder is frozen and in eval mode, so its feature maps are computed
+once per image and cached. With ``state_dir`` the loop keeps a resumable checkpoint per stage (trainable parts, AdamW
+moments, data order, every RNG, the log): resuming continues where it stopped and ends with the same parameters as
+an uninterrupted run.
 
 Evaluation (greedy answers, parsed tolerantly by ``potpourri.core.textgeo``):
 
@@ -24,28 +24,32 @@ import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from potpourri.core.boxes import box_iou
 from potpourri.core.errors import PotpourriError
 from potpourri.core.runs import Run
 from potpourri.core.textgeo import box_to_text, dequantize_box, parse_boxes, parse_phrases, quantize_box
-from potpourri.core.training import lr_at
+from potpourri.core.training import Trainer, TrainOptions, autocast, check_precision, lr_at, resolve_device
 from potpourri.data.instructions import Instruction
 from potpourri.data.synth import DEFECTS, SynthSample
 from potpourri.models.vlm import VisionLanguageModel, encoder_transform_stats
 
 __all__ = [
+    "TrainableParts",
     "VLMTrainConfig",
     "encode_samples",
     "evaluate_vlm",
+    "model_device",
     "saved_stage",
     "score",
+    "train_options",
     "train_vlm",
     "trivial_predictions",
 ]
@@ -69,31 +73,78 @@ class VLMTrainConfig:
 
 
 @torch.no_grad()
-def encode_samples(vlm: VisionLanguageModel, samples: Sequence[SynthSample], *, batch_size: int = 16) -> torch.Tensor:
-    """The frozen encoder's feature maps ``(N, C, h, w)`` of DS-Synth images, normalised with the encoder's stats."""
+def encode_samples(
+    vlm: VisionLanguageModel,
+    samples: Sequence[SynthSample],
+    *,
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+) -> torch.Tensor:
+    """The frozen encoder's feature maps ``(N, C, h, w)`` of DS-Synth images, normalised with the encoder's stats;
+    computed on ``device`` (``auto``, ``cpu``, ``cuda[:N]``; None: where the model is; the model moves there) and
+    returned there."""
     from tqdm.auto import tqdm
 
+    where = _place(vlm, device, precision)
     mean, std = encoder_transform_stats(vlm.encoder)
     mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
     chunks = []
     for start in tqdm(range(0, len(samples), batch_size), desc="encode images", leave=False, disable=len(samples) < 64):
         images = np.stack([s.image for s in samples[start : start + batch_size]])
         pixels = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0 - mean_t) / std_t  # (B, 3, H, W)
-        chunks.append(vlm.encode_images(pixels))
+        with autocast(where, precision):
+            chunks.append(vlm.encode_images(pixels.to(where)).float())
     return torch.cat(chunks)
 
 
-class _TrainableParts:
-    """The VLM's trainable parts seen as a module's ``state_dict`` (what ``core.training.save_checkpoint`` stores)."""
+def _place(vlm: nn.Module, device: str | torch.device | None, precision: str) -> torch.device:
+    """Resolve ``device`` (``auto``, ``cpu``, ``cuda[:N]``; None: the model's), check ``precision``, move the model."""
+    where = device if isinstance(device, torch.device) else resolve_device(device or model_device(vlm))
+    check_precision(precision, where)
+    vlm.to(where)
+    return where
 
-    def __init__(self, vlm: VisionLanguageModel) -> None:
-        self.vlm = vlm
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.vlm.trainable_state_dict()
+class TrainableParts(nn.Module):
+    """A model seen through its trainable parameters only: ``state_dict`` holds just those (the frozen encoder and LM
+    are rebuilt from the config, not written at every checkpoint); ``.to()`` moves the whole model."""
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.vlm.load_trainable_state(state, source="the checkpoint")
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def load_state_dict(self, state: Any, strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
+        own = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if set(state) != set(own):
+            missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+            raise PotpourriError(f"the checkpoint does not fit this model (missing {missing[:2]}, unexpected "
+                                 f"{extra[:2]}); resume with the options the run was started with")  # fmt: skip
+        with torch.no_grad():
+            for name, value in state.items():
+                own[name].copy_(value)
+        return None
+
+
+def model_device(model: nn.Module) -> str:
+    """Where ``model``'s parameters are (``cpu``, ``cuda:0``, …): the default of the loops and evaluations here, so a
+    call without options or device computes where the caller put the model, as before ``--device`` existed."""
+    first = next(model.parameters(), None)
+    return str(first.device) if first is not None else "cpu"
+
+
+def train_options(
+    options: TrainOptions | None, model: nn.Module, *, grad_clip: float, checkpoint_every: int, progress: bool
+) -> TrainOptions:
+    """``options`` with the loop's own clipping when they set none; without options: the loop's config (fp32, on the
+    model's device)."""
+    if options is None:
+        return TrainOptions(device=model_device(model), grad_clip=grad_clip or None,
+                            checkpoint_every=checkpoint_every, progress=progress)  # fmt: skip
+    return replace(options, grad_clip=grad_clip or None) if options.grad_clip is None else options
 
 
 def train_vlm(
@@ -106,76 +157,67 @@ def train_vlm(
     checkpoint: str | Path | None = None,
     state_dir: str | Path | None = None,
     resume: bool = False,
+    options: TrainOptions | None = None,
 ) -> list[dict[str, float]]:
     """Train the current stage's parameters on (image features, instruction, answer); returns the logged history.
 
-    ``checkpoint``: a file for the trainable parts; ``state_dir``: a folder for the resumable state, one ``stage<N>/``
-    per stage (``resume=True`` continues from it; a stage already finished there is skipped).
+    ``checkpoint``: a file for the trainable parts, written when the stage ends; ``state_dir``: a folder for the
+    resumable state, one ``stage<N>/`` per stage (``resume=True`` or ``options.resume`` continues from it; a stage
+    finished there is restored, not trained again). ``options``: device, precision, checkpoint cadence (default: the
+    config's ``grad_clip``, ``checkpoint_every`` and ``progress``, fp32 on the model's device).
 
     Example:
         history = train_vlm(vlm, encode_samples(vlm, samples), make_instructions(samples), VLMTrainConfig(steps=100))
     """
-    from tqdm.auto import tqdm
-
-    from potpourri.core.training import load_checkpoint, save_checkpoint
-
     if not instructions:
         raise PotpourriError("no instructions to train on; generate some with make_instructions(samples)")
-    if resume and state_dir is None:
+    options = train_options(options, vlm, grad_clip=cfg.grad_clip, checkpoint_every=cfg.checkpoint_every,
+                            progress=cfg.progress)  # fmt: skip
+    if (resume or options.resume) and state_dir is None:
         raise PotpourriError("resume needs the state folder of the run to continue (state_dir)")
     vlm.set_stage(cfg.stage)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    order: list[int] = []
-    history: list[dict[str, float]] = []
-    first = 0
-    saved = saved_stage(state_dir) if resume else None
-    if saved is not None and saved > cfg.stage:
-        return history  # a later stage was already checkpointed: this one is done
+    stage_dir = Path(state_dir) / f"stage{cfg.stage}" if state_dir is not None else None
+    # a stage without a checkpoint yet starts from its first step (the one before it finished, or the run was killed
+    # before its first checkpoint: the same data and seeds make that the same run)
+    again = (resume or options.resume) and stage_dir is not None and (stage_dir / "last.json").is_file()
     params = [p for p in vlm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    stage_dir = Path(state_dir) / f"stage{cfg.stage}" if state_dir is not None else None
-    if saved == cfg.stage:
-        record = load_checkpoint(stage_dir, model=_TrainableParts(vlm), optimizer=optimizer)  # type: ignore[arg-type]
-        first, order = record["step"], list(record["order"])
-        generator.set_state(torch.tensor(record["generator"], dtype=torch.uint8))
-    running, seen, started = 0.0, 0, time.perf_counter()
+    generator = torch.Generator().manual_seed(cfg.seed)
+    trainer = Trainer(
+        TrainableParts(vlm), optimizer, total_steps=cfg.steps, options=replace(options, resume=again),
+        folder=stage_dir, params=params, generators={"order": generator}, desc=f"vlm stage {cfg.stage}",
+    )  # fmt: skip
+    state = trainer.state  # the data order and the log: checkpointed, so a resumed stage logs what a straight one does
+    if not state:
+        state.update(order=[], history=[], running=0.0, seen=0)
+    features = features.to(trainer.device)
+    started = time.perf_counter()
     vlm.train()
-    steps = range(first, cfg.steps)
-    for step in tqdm(steps, desc=f"vlm stage {cfg.stage}", initial=first, total=cfg.steps, disable=not cfg.progress):
-        if len(order) < cfg.batch_size:  # reshuffle an epoch's order when it runs out
-            order += torch.randperm(len(instructions), generator=generator).tolist()
-        batch, order = [instructions[i] for i in order[: cfg.batch_size]], order[cfg.batch_size :]
+    for step in trainer.steps():
+        if len(state["order"]) < cfg.batch_size:  # reshuffle an epoch's order when it runs out
+            state["order"] += torch.randperm(len(instructions), generator=generator).tolist()
+        batch = [instructions[i] for i in state["order"][: cfg.batch_size]]
+        state["order"] = state["order"][cfg.batch_size :]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, base=cfg.lr, total=cfg.steps, warmup=cfg.warmup_steps)
-        index = torch.tensor([item.image_index for item in batch])
-        loss = vlm(features[index], [item.prompt for item in batch], [item.answer for item in batch])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        running, seen = running + loss.item(), seen + 1
-        last = step + 1 == cfg.steps
-        if (step + 1) % cfg.log_every == 0 or last:
-            row = {"stage": cfg.stage, "step": step + 1, "loss": running / seen, "lr": optimizer.param_groups[0]["lr"],
-                   "seconds": time.perf_counter() - started}  # fmt: skip
-            history.append(row)
+        index = torch.tensor([item.image_index for item in batch], device=trainer.device)
+        with trainer.autocast():
+            loss = vlm(features[index], [item.prompt for item in batch], [item.answer for item in batch])
+        # logged before the update, whose checkpoint then holds the row: a resumed run neither loses nor repeats it
+        state["running"], state["seen"] = state["running"] + loss.item(), state["seen"] + 1
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            row = {"stage": cfg.stage, "step": step + 1, "loss": state["running"] / state["seen"],
+                   "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started}  # fmt: skip
+            state["history"].append(row)
             if run is not None:
                 run.log_metrics(row)
-            running, seen = 0.0, 0
-        if last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
-            if checkpoint is not None:
-                vlm.save_trainable(checkpoint)
-            if stage_dir is not None:
-                state = {
-                    "step": step + 1,
-                    "stage": cfg.stage,
-                    "order": order,
-                    "generator": generator.get_state().tolist(),
-                }
-                save_checkpoint(stage_dir, model=_TrainableParts(vlm), optimizer=optimizer, ema=None, state=state)  # type: ignore[arg-type]
+            state["running"], state["seen"] = 0.0, 0
+        trainer.update(loss)
+    trainer.finish()
     vlm.eval()
-    return history
+    if checkpoint is not None:
+        vlm.save_trainable(checkpoint)
+    return [dict(row) for row in state["history"]]
 
 
 def saved_stage(state_dir: str | Path | None) -> int | None:
@@ -285,16 +327,23 @@ def evaluate_vlm(
     batch_size: int = 16,
     max_new_tokens: int = 24,
     progress: bool = True,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
 ) -> tuple[dict[str, float], list[str]]:
-    """Greedy answers for every instruction, scored; returns (metrics, predictions)."""
+    """Greedy answers for every instruction on ``device`` (None: where the model is) in ``precision``, scored;
+    returns (metrics, predictions)."""
     from tqdm.auto import tqdm
 
+    where = _place(vlm, device, precision)
     vlm.eval()
+    features = features.to(where)
     predictions: list[str] = []
     for start in tqdm(range(0, len(instructions), batch_size), desc="vlm eval", disable=not progress):
         batch = instructions[start : start + batch_size]
-        index = torch.tensor([item.image_index for item in batch])
-        predictions += vlm.generate(features[index], [item.prompt for item in batch], max_new_tokens=max_new_tokens)
+        index = torch.tensor([item.image_index for item in batch], device=where)
+        with autocast(where, precision):
+            answers = vlm.generate(features[index], [item.prompt for item in batch], max_new_tokens=max_new_tokens)
+        predictions += answers
     return score(instructions, predictions), predictions
 
 
