@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from potpourri.cli import main
 from potpourri.core.training import TrainOptions
 from potpourri.models.sam import Sam, SamConfig
-from potpourri.segment.sam import run_sam_experiment, train_sam
+from potpourri.segment.sam import evaluate_sam, run_sam_experiment, train_sam
 from potpourri.segment.sam_clip import StageConfig, build_student, train_stage
 from potpourri.segment.sam_prompt import PromptConfig, image_embeddings, learn_prompt
 from tests.resume import assert_resumes_bitwise
@@ -240,14 +240,8 @@ def test_cuda_trains_the_sam_and_resumes(tmp_path, precision):
     resumed = train_sam(again, images, items, options=TrainOptions(device="cuda", precision=precision, resume=True,
                         progress=False), checkpoints=tmp_path)  # fmt: skip
     assert resumed == losses and all(torch.equal(v, again.state_dict()[k]) for k, v in sam.state_dict().items())
-    scores = run_eval_on_cuda(sam, images, items, precision)
-    assert 0 <= scores["1 click"] <= 1
-
-
-def run_eval_on_cuda(sam: Sam, images: np.ndarray, items: list, precision: str) -> dict:
-    from potpourri.segment.sam import evaluate_sam
-
-    return evaluate_sam(sam, images, items, progress=False, device="cuda", precision=precision)
+    scores = evaluate_sam(sam.cpu(), images, items, progress=False, device="cuda", precision=precision)
+    assert sam.pixel_mean.is_cuda and 0 <= scores["1 click"] <= 1 and scores["regions"] == 2
 
 
 @cuda
@@ -264,6 +258,10 @@ def test_cuda_learns_a_prompt_and_a_distillation_stage(precision):
                         batch_size=4)  # fmt: skip
     losses = train_stage(student, tiny_clip_data(), stage, options=cuda_options)
     assert next(student.parameters()).is_cuda and all(np.isfinite(losses))
+    teacher = tiny_sam(prompt_dim=8).to("cuda")  # SAM-CLIP's default student: a copy of teacher A's encoder on the GPU
+    copied = build_student("sam", sam_dim=8, clip_dim=6, sam=teacher)
+    losses = train_stage(copied, tiny_clip_data(), stage, options=cuda_options)
+    assert all(np.isfinite(losses))
 
 
 @cuda

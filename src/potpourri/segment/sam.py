@@ -120,7 +120,7 @@ def sam_loss(
     target = target.expand_as(logits)
     mask_loss = prompt_mask_loss(logits, target, focal_weight=focal_weight)  # (B, M)
     best = mask_loss.argmin(dim=1)  # SAM backpropagates only the lowest-loss mask of an ambiguous prompt
-    rows = torch.arange(len(best))
+    rows = torch.arange(len(best), device=best.device)
     with torch.no_grad():
         pred = logits > 0
         inter = (pred & (target > 0.5)).flatten(2).sum(-1).float()

@@ -84,7 +84,8 @@ class SamClipStudent(nn.Module):
         super().__init__()
         self.backbone = backbone
         with torch.no_grad():
-            channels = backbone.eval()(torch.zeros(1, 3, 64, 64)).shape[1]
+            device = next(backbone.parameters()).device  # a teacher's copy may sit on the GPU
+            channels = backbone.eval()(torch.zeros(1, 3, 64, 64, device=device)).shape[1]
         self.sam_head = nn.Sequential(  # the layout of SAM's neck
             nn.Conv2d(channels, sam_dim, 1, bias=False),
             LayerNorm2d(sam_dim),
