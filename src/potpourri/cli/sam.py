@@ -51,10 +51,19 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
     points = np.array(positives + negatives, np.float32).reshape(-1, 2)
     labels = np.array([1] * len(positives) + [0] * len(negatives), np.int64)
     box = np.array(parse_box(args.box), np.float32) if args.box else None
-    mask = annotate(image, points, labels, box, model=args.run, sam_weights=args.sam_weights)
+    mask = annotate(image, points, labels, box, model=args.run, sam_weights=args.sam_weights, device=args.device,
+                    precision=args.precision)  # fmt: skip
     path = write_mask(mask, args.class_id, args.out)
     print(f"{path}: {int(mask.sum())} pixels of class {args.class_id} ({mask.mean():.1%} of the image)")
     return 0
+
+
+def _train_options(args: argparse.Namespace):
+    """``TrainOptions`` from the compute and checkpoint flags of a training verb."""
+    from potpourri.core.training import TrainOptions
+
+    return TrainOptions(device=args.device, precision=args.precision, resume=args.resume, progress=True,
+                        checkpoint_every=args.checkpoint_every)  # fmt: skip
 
 
 def _cmd_sam_train(args: argparse.Namespace) -> int:
@@ -68,7 +77,7 @@ def _cmd_sam_train(args: argparse.Namespace) -> int:
     config = SamConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                        prompt_dim=args.prompt_dim, train_neck=not args.freeze_neck)  # fmt: skip
     summary = run_sam_experiment(out=args.out, per_category=args.per_category, test_per_category=args.test_per_category,
-                                 config=config)  # fmt: skip
+                                 config=config, options=_train_options(args))  # fmt: skip
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -82,7 +91,7 @@ def _cmd_ssprompt(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     config = SSPromptConfig(category=args.category, image_size=args.image_size, sam_steps=args.sam_steps,
                             prompt_steps=args.steps, segmenter_steps=args.segmenter_steps, seed=args.seed)  # fmt: skip
-    run = run_ssprompt_experiment(config, out=args.out, sam_path=args.sam)
+    run = run_ssprompt_experiment(config, out=args.out, sam_path=args.sam, options=_train_options(args))
     print((run.path / "results.md").read_text(), end="")
     print(f"run: {run.path}")
     return 0
@@ -99,10 +108,18 @@ def _cmd_sam_clip(args: argparse.Namespace) -> int:
                            probe_steps=args.probe_steps, stage2_steps=args.stage2_steps, lr=args.lr,
                            backbone_lr=args.backbone_lr or None, batch_size=args.batch_size,
                            rehearsal_shares=tuple(args.rehearsal), seed=args.seed)  # fmt: skip
-    run = run_sam_clip_experiment(config, out=args.out, sam_path=args.sam)
+    run = run_sam_clip_experiment(config, out=args.out, sam_path=args.sam, options=_train_options(args))
     print((run.path / "results.md").read_text(), end="")
     print(f"run: {run.path}")
     return 0
+
+
+def _add_training(parser: argparse.ArgumentParser, *, every: int) -> None:
+    """``--device``, ``--precision``, ``--resume`` and ``--checkpoint-every`` of a training verb."""
+    flags.add_compute(parser)
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    help_text = f"steps between checkpoints in <out>/checkpoints (default {every}; 0: only at the end)"
+    parser.add_argument("--checkpoint-every", type=flags.non_negative_int, default=every, help=help_text)
 
 
 def _register_sam_family(subparsers: argparse._SubParsersAction) -> None:
@@ -119,6 +136,7 @@ def _register_sam_family(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=flags.non_negative_int, default=0)
     s.add_argument("--threads", type=flags.non_negative_int, default=1)
     s.add_argument("--out", help="run folder (default runs/ssprompt/vN)")
+    _add_training(s, every=100)
     s.set_defaults(func=_cmd_ssprompt)
 
     c = subparsers.add_parser("sam-clip", help="merge a SAM and a Lite0 teacher into one student; forgetting table")
@@ -145,6 +163,7 @@ def _register_sam_family(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--seed", type=flags.non_negative_int, default=0)
     c.add_argument("--threads", type=flags.non_negative_int, default=1)
     c.add_argument("--out", help="run folder (default runs/sam-clip/vN)")
+    _add_training(c, every=50)
     c.set_defaults(func=_cmd_sam_clip)
 
 
@@ -162,6 +181,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--class-id", type=flags.positive_int, default=1, help="class id written on the mask (DS-Synth: 1..6)"
     )
     p.add_argument("--out", required=True, help="mask PNG to write (uint8 class ids, Defect Spectrum format)")
+    flags.add_compute(p)
     p.set_defaults(func=_cmd_annotate)
 
     t = subparsers.add_parser("sam-train", help="train the small Lite0 SAM on DS-Synth; report click/box mIoU")
@@ -175,5 +195,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--test-per-category", type=flags.positive_int, default=20, help="held-out images per texture")
     t.add_argument("--seed", type=flags.non_negative_int, default=0)
     t.add_argument("--threads", type=flags.non_negative_int, default=1)
+    _add_training(t, every=200)
     t.set_defaults(func=_cmd_sam_train)
     _register_sam_family(subparsers)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from potpourri.core.training import TrainOptions
 from potpourri.report.tables import markdown_table
 from potpourri.segment.sam_clip import (
     PARTS,
@@ -68,14 +69,20 @@ def run_sam_clip_experiment(
     out: str | os.PathLike | None = None,
     sam_path: str | os.PathLike | None = None,
     progress: bool = True,
+    options: TrainOptions | None = None,
 ):
-    """Stage 1 (A), probe (B head), then B without vs with rehearsal of A; a table of both tasks after each arm."""
+    """Stage 1 (A), probe (B head), then B without vs with rehearsal of A; a table of both tasks after each arm.
+
+    ``options``: device and precision of the stages, checkpoints (``<run>/checkpoints/<stage>``), and resuming the run
+    in ``out`` (finished stages are restored, not retrained)."""
     from potpourri.core.registry import create_model
     from potpourri.core.runs import new_run
-    from potpourri.segment.sam import synth_regions
+    from potpourri.segment.sam import check_resumable, continue_metrics, synth_regions
     from potpourri.segment.sam_prompt import image_embeddings, load_or_pretrain_sam
 
     cfg = config or SamClipConfig()
+    options = options or TrainOptions(progress=progress)
+    check_resumable(out, options)
     started = time.perf_counter()
     run = new_run(
         "sam-clip", out, config={**asdict(cfg), "sam_path": str(sam_path) if sam_path else None}, seed=cfg.seed
@@ -83,8 +90,11 @@ def run_sam_clip_experiment(
     timings: dict[str, float] = {}
 
     # teachers, frozen
-    sam = load_or_pretrain_sam(sam_path, cfg, run.path / "sam", progress=progress)
-    lite0 = create_model("efficientnet_lite0", pretrained=True).eval().requires_grad_(False)
+    checkpoints = run.path / "checkpoints"
+    log = continue_metrics(run, options.resume)
+    sam = load_or_pretrain_sam(sam_path, cfg, run.path / "sam", options=options, checkpoints=checkpoints / "sam")
+    device = sam.pixel_mean.device
+    lite0 = create_model("efficientnet_lite0", pretrained=True).eval().requires_grad_(False).to(device)
     mean, std = sam.pixel_mean, sam.pixel_std  # Lite0's normalisation, shared by both teachers and the student
 
     # data and teacher targets
@@ -109,9 +119,11 @@ def run_sam_clip_experiment(
 
     def stage(model: SamClipStudent, name: str, trainable: tuple[str, ...], shares: dict[str, float], steps: int):
         t0 = time.perf_counter()
+        model.to(device)
         if steps:  # 0 steps: evaluate as is (the teacher-initialised student needs no stage 1)
+            folder = checkpoints / f"stage{len(rows)}"  # one folder per stage, in the order they run
             losses = train_stage(model, train, StageConfig(name, trainable, shares, steps, cfg.lr, cfg.batch_size,
-                                 cfg.seed, cfg.backbone_lr), progress=progress, log=run.log_metrics)  # fmt: skip
+                                 cfg.seed, cfg.backbone_lr), log=log, options=options, checkpoints=folder)  # fmt: skip
             curves[name] = (float(np.mean(losses[:20])), float(np.mean(losses[-20:])))
         metrics = evaluate_student(model, sam, lite0.classifier, test, teacher_norm)
         data = f"{shares.get('sam', 0):.0%} : {shares.get('clip', 0):.0%}"

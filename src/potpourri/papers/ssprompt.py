@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from potpourri.core.training import TrainOptions, autocast
 from potpourri.report.tables import markdown_table
 from potpourri.segment.sam_prompt import (
     LearnedPrompt,
@@ -70,18 +71,23 @@ def run_ssprompt_experiment(
     out: str | os.PathLike | None = None,
     sam_path: str | os.PathLike | None = None,
     progress: bool = True,
+    options: TrainOptions | None = None,
 ):
     """Pretrain (or load) the small SAM, learn one prompt per defect class, compare with clicks and a segmenter.
 
     Writes summary.json, metrics.csv, results.md, prompts.safetensors and the SAM (``sam/``) into the run folder.
+    ``options``: device and precision of the SAM and the prompts, checkpoints (``<run>/checkpoints/<phase>``), and
+    resuming the run in ``out`` (finished phases are restored, not retrained; the segmenter retrains).
     """
     from potpourri.core.io import save_state_dict_atomic
     from potpourri.core.runs import new_run
     from potpourri.data.synth import CLASSES, DEFECTS
-    from potpourri.segment.sam import centre_click, predict_mask
+    from potpourri.segment.sam import backbone_features, centre_click, check_resumable, predict_mask
     from potpourri.segment.segmenter import SegmenterConfig, train_segmenter
 
     cfg = config or SSPromptConfig()
+    options = options or TrainOptions(progress=progress)
+    check_resumable(out, options)
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     run = new_run(
@@ -90,7 +96,9 @@ def run_ssprompt_experiment(
     timings: dict[str, float] = {}
 
     # 1. the "pretrained" SAM: trained once with random clicks and boxes, then frozen
-    sam = load_or_pretrain_sam(sam_path, cfg, run.path / "sam", progress=progress)
+    checkpoints = run.path / "checkpoints"
+    sam = load_or_pretrain_sam(sam_path, cfg, run.path / "sam", options=options, checkpoints=checkpoints / "sam")
+    device = sam.pixel_mean.device
     frozen = {k: v.clone() for k, v in sam.state_dict().items()}
     timings["sam_s"] = time.perf_counter() - started
 
@@ -99,12 +107,12 @@ def run_ssprompt_experiment(
                                    cfg.seed)  # fmt: skip
     test_x, test_y = _class_data(cfg.category, "test", cfg.test_per_class, cfg.test_multi, cfg.image_size, cfg.seed)
     train_emb, test_emb = image_embeddings(sam, train_x), image_embeddings(sam, test_x)
-    test_features = torch.cat([sam.backbone_features(test_x[i : i + 16]) for i in range(0, len(test_x), 16)])
+    test_features = backbone_features(sam, test_x)
 
     # 3. the supervised segmenter on the same training images
     t0 = time.perf_counter()
     segmenter = train_segmenter(train_x, train_y, SegmenterConfig(image_size=cfg.image_size, steps=cfg.segmenter_steps,
-                                encoder=cfg.segmenter_encoder, seed=cfg.seed), progress=progress)  # fmt: skip
+                                encoder=cfg.segmenter_encoder, seed=cfg.seed), progress=options.progress)  # fmt: skip
     seg_pred = segmenter.predict(test_x)
     timings["segmenter_s"] = time.perf_counter() - t0
 
@@ -125,21 +133,26 @@ def run_ssprompt_experiment(
         targets = train_y[train_idx] == class_id
         scores: dict[str, list[float]] = {a: [] for a in arms}
         truth = test_y[test_idx] == class_id
-        untrained = segment_with_prompt(sam, LearnedPrompt(sam.prompt_encoder), test_emb[test_idx])
+        centre = LearnedPrompt(sam.prompt_encoder)  # built outside autocast: its parameters stay fp32
+        with autocast(device, options.precision):
+            untrained = segment_with_prompt(sam, centre, test_emb[test_idx])
         for arm, mode, dense_map in learned:
             key = f"{name}.{mode}" + ("" if dense_map else "-vector")
             prompt, losses = learn_prompt(sam, train_emb[train_idx], targets, PromptConfig(mode=mode,
-                                          dense_map=dense_map, steps=cfg.prompt_steps, seed=cfg.seed))  # fmt: skip
-            pred = segment_with_prompt(sam, prompt, test_emb[test_idx])
+                                          dense_map=dense_map, steps=cfg.prompt_steps, seed=cfg.seed),
+                                          options=options, checkpoints=checkpoints / f"prompt-{key}")  # fmt: skip
+            with autocast(device, options.precision):
+                pred = segment_with_prompt(sam, prompt, test_emb[test_idx])
+                fit = segment_with_prompt(sam, prompt, train_emb[train_idx])  # training-image IoU: over/underfit?
             scores[arm] = [_iou(p, t) for p, t in zip(pred, truth, strict=True)]
-            fit = segment_with_prompt(sam, prompt, train_emb[train_idx])  # training-image IoU: over- or underfit?
             train_iou[key] = float(np.mean([_iou(p, t) for p, t in zip(fit, targets, strict=True)]))
             curves[key] = (float(np.mean(losses[:20])), float(np.mean(losses[-20:])))
-            prompts.update({f"{key}.{k}": v for k, v in prompt.state_dict().items()})
+            prompts.update({f"{key}.{k}": v.cpu() for k, v in prompt.state_dict().items()})
         scores["untrained prompt (centre of image)"] = [_iou(p, t) for p, t in zip(untrained, truth, strict=True)]
         for j, region in zip(test_idx, truth, strict=True):
             click = {"points": centre_click(region)[None], "labels": np.array([1])}
-            pred = predict_mask(sam, test_features[j : j + 1], click)  # best-predicted of SAM's 3 masks
+            with autocast(device, options.precision):
+                pred = predict_mask(sam, test_features[j : j + 1], click)  # best-predicted of SAM's 3 masks
             scores["oracle centre click (1 click)"].append(_iou(pred, region))
             scores["supervised segmenter"].append(_iou(seg_pred[j] == class_id, region))
         row = {"class": name, "regions": len(test_idx), "train_images": len(train_idx)}

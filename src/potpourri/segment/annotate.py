@@ -26,8 +26,11 @@ def annotate(
     *,
     model: str | None = None,
     sam_weights: str | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
 ) -> np.ndarray:
-    """(H, W) bool mask for the prompts (pixel x, y of ``image``) from a ``sam-train`` run or official weights."""
+    """(H, W) bool mask for the prompts (pixel x, y of ``image``) from a ``sam-train`` run or official weights,
+    computed on ``device`` (auto, cpu, cuda, cuda:N) in ``precision`` (fp32, bf16, fp16)."""
     height, width = image.shape[:2]
     _check_inside(points.reshape(-1, 2), width, height, "point")
     if box is not None:
@@ -36,14 +39,19 @@ def annotate(
         raise PotpourriError("give at least one --points x,y or a --box x0,y0,x1,y1")
     if (model is None) == (sam_weights is None):
         raise PotpourriError("pass exactly one of --model RUN (a `potpourri sam-train` run) or --sam-weights PATH")
-    if sam_weights is not None:
-        return _annotate_official(image, points, labels, box, sam_weights)
     import torch
 
-    from potpourri.models.sam import Sam
-    from potpourri.segment.sam import predict_mask
+    from potpourri.core.training import autocast, check_precision, resolve_device
 
-    sam = Sam.load(model)
+    where = resolve_device(device)
+    check_precision(precision, where)
+    if sam_weights is not None:
+        return _annotate_official(image, points, labels, box, sam_weights, where, precision)
+
+    from potpourri.models.sam import Sam
+    from potpourri.segment.sam import backbone_features, predict_mask
+
+    sam = Sam.load(model).to(where)
     size = sam.config.image_size
     scale = np.array([size / width, size / height], np.float32)
     resized = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
@@ -54,18 +62,23 @@ def annotate(
         if len(points):
             raise PotpourriError("a sam-train model takes points or a box, not both; drop one")
         prompt = {"boxes": (box.reshape(2, 2) * scale).reshape(4).astype(np.float32)}
-    with torch.no_grad():
-        mask = predict_mask(sam, sam.backbone_features(resized[None]), prompt)
+    with torch.no_grad(), autocast(where, precision):
+        mask = predict_mask(sam, backbone_features(sam, resized[None]), prompt)
     return np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST))
 
 
-def _annotate_official(image, points, labels, box, path) -> np.ndarray:
+def _annotate_official(image, points, labels, box, path, device, precision) -> np.ndarray:
+    import torch
+
+    from potpourri.core.training import autocast
     from potpourri.models.sam import build_official_sam
 
-    model = build_official_sam(path)
+    model = build_official_sam(path).to(device)
     module = type(model).__module__.split(".")[0]  # segment_anything or mobile_sam
     predictor = __import__(module, fromlist=["SamPredictor"]).SamPredictor(model)
-    predictor.set_image(image)
+    with torch.no_grad(), autocast(device, precision):  # the heavy image encoder in ``precision``
+        predictor.set_image(image)
+    predictor.features = predictor.features.float()  # the light decoder in fp32 (its outputs become NumPy)
     masks, scores, _ = predictor.predict(
         point_coords=points if len(points) else None,
         point_labels=labels if len(points) else None,

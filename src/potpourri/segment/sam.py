@@ -15,10 +15,13 @@ Example:
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,10 +29,15 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from potpourri.core.errors import PotpourriError
+from potpourri.core.training import Trainer, TrainOptions, autocast, resolve_device
 from potpourri.models.layers import binary_focal_loss, soft_dice
 from potpourri.models.sam import Sam, SamConfig
 
 __all__ = [
+    "backbone_features",
+    "check_resumable",
+    "continue_metrics",
     "evaluate_sam",
     "sam_loss",
     "train_sam",
@@ -112,7 +120,7 @@ def sam_loss(
     target = target.expand_as(logits)
     mask_loss = prompt_mask_loss(logits, target, focal_weight=focal_weight)  # (B, M)
     best = mask_loss.argmin(dim=1)  # SAM backpropagates only the lowest-loss mask of an ambiguous prompt
-    rows = torch.arange(len(best))
+    rows = torch.arange(len(best), device=best.device)
     with torch.no_grad():
         pred = logits > 0
         inter = (pred & (target > 0.5)).flatten(2).sum(-1).float()
@@ -145,12 +153,12 @@ def synth_regions(
 
 
 # ----------------------------------------------------------------------------------------------- train / evaluate
-def _batch_prompts(prompts: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+def _batch_prompts(prompts: list[dict[str, np.ndarray]], device: torch.device | None = None) -> dict[str, torch.Tensor]:
     if "boxes" in prompts[0]:
-        return {"boxes": torch.from_numpy(np.stack([p["boxes"] for p in prompts]))}
+        return {"boxes": torch.from_numpy(np.stack([p["boxes"] for p in prompts])).to(device)}
     return {
-        "points": torch.from_numpy(np.stack([p["points"] for p in prompts])),
-        "labels": torch.from_numpy(np.stack([p["labels"] for p in prompts])),
+        "points": torch.from_numpy(np.stack([p["points"] for p in prompts])).to(device),
+        "labels": torch.from_numpy(np.stack([p["labels"] for p in prompts])).to(device),
     }
 
 
@@ -158,25 +166,83 @@ def _upsample(logits: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
 
 
-def train_sam(
-    sam: Sam, images: np.ndarray, items: list[tuple[int, np.ndarray]], *, progress: bool = True, log=None
-) -> list[float]:
-    """Train prompt encoder and mask decoder (and the neck if ``train_neck``) on regions with sampled prompts."""
-    from tqdm import tqdm
+@torch.no_grad()
+def backbone_features(sam: Sam, images: np.ndarray, *, batch: int = 16) -> torch.Tensor:
+    """(N, S, S, 3) uint8 at ``image_size`` → frozen backbone features (N, C, S/16, S/16) on the SAM's device."""
+    device = sam.pixel_mean.device
+    backbone = sam.image_encoder.backbone
+    was = backbone.training
+    backbone.eval()  # frozen BatchNorm statistics
+    out = []
+    for first in range(0, len(images), batch):
+        x = torch.from_numpy(np.array(images[first : first + batch], np.float32)).to(device).permute(0, 3, 1, 2)
+        out.append(backbone((x / 255.0 - sam.pixel_mean) / sam.pixel_std))
+    backbone.train(was)
+    return torch.cat(out)
 
+
+def check_resumable(out: str | os.PathLike | None, options: TrainOptions | None) -> None:
+    """With ``options.resume``, ``out`` must be a run folder that holds checkpoints (one clear error otherwise)."""
+    if options is None or not options.resume:
+        return
+    if out is None:
+        raise PotpourriError("--resume continues the run in --out; give --out RUN")
+    if not (Path(out) / "checkpoints").is_dir():
+        raise PotpourriError(f"no checkpoint to resume in '{out}'; run without --resume first")
+
+
+def continue_metrics(run: Any, resume: bool) -> Callable[[dict[str, Any]], None]:
+    """``run.log_metrics``; a resumed run first keeps the rows logged before the (stage, step) of its first new row,
+    so ``metrics.csv`` reads as one uninterrupted run."""
+    path = run.path / "metrics.csv"
+    if not resume or not path.is_file():
+        return run.log_metrics
+    with open(path, newline="") as fh:
+        pending = [list(csv.DictReader(fh))]
+
+    def log(row: dict[str, Any]) -> None:
+        if pending:
+            old = pending.pop()
+            for kept in old:
+                if str(kept.get("stage", "")) == str(row.get("stage", "")) and int(kept["step"]) >= row["step"]:
+                    break
+                run.log_metrics(kept)
+        run.log_metrics(row)
+
+    return log
+
+
+def train_sam(
+    sam: Sam,
+    images: np.ndarray,
+    items: list[tuple[int, np.ndarray]],
+    *,
+    progress: bool = True,
+    log=None,
+    options: TrainOptions | None = None,
+    checkpoints: str | os.PathLike | None = None,
+) -> list[float]:
+    """Train prompt encoder and mask decoder (and the neck if ``train_neck``) on regions with sampled prompts.
+
+    ``options`` (device, precision, resume, ...) and ``checkpoints`` (a folder) go to ``core.training.Trainer``.
+    """
     cfg = sam.config
+    options = options or TrainOptions(progress=progress)
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
-    features = torch.cat([sam.backbone_features(images[i : i + 16]) for i in range(0, len(images), 16)])
     params = [p for p in sam.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     warmup = max(1, cfg.steps // 20)  # linear warm-up, then cosine decay
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps)))
     )
+    trainer = Trainer(sam, optimizer, total_steps=cfg.steps, options=options, folder=checkpoints,
+                      schedulers={"lr": scheduler}, generators={"prompts": rng}, desc="sam-train")  # fmt: skip
+    device = trainer.device
+    features = backbone_features(sam, images)
+    losses = trainer.state.setdefault("losses", [])
     sam.train()
-    losses = []
-    for step in tqdm(range(cfg.steps), disable=not progress, desc="sam-train"):
+    for step in trainer.steps():
         kind = ("point", "points", "box")[step % 3]  # one prompt kind per batch: the token count is fixed
         chosen = rng.integers(len(items), size=cfg.batch_size)
         if kind == "points":
@@ -187,28 +253,30 @@ def train_sam(
             ]
         else:
             prompts = [sample_prompt(items[j][1], rng, kind) for j in chosen]
-        target = torch.from_numpy(np.stack([items[j][1] for j in chosen])).float()[:, None]  # (B, 1, S, S)
-        logits, iou_pred = sam.decode(features[[items[j][0] for j in chosen]], **_batch_prompts(prompts),
-                                      multimask_output=kind == "point")  # fmt: skip
-        loss, parts = sam_loss(_upsample(logits, cfg.image_size), iou_pred, target, focal_weight=cfg.focal_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
+        target = torch.from_numpy(np.stack([items[j][1] for j in chosen])).float()[:, None].to(device)  # (B,1,S,S)
+        inputs = features[[items[j][0] for j in chosen]]
+        with trainer.autocast():
+            logits, iou_pred = sam.decode(inputs, **_batch_prompts(prompts, device), multimask_output=kind == "point")
+        loss, parts = sam_loss(_upsample(logits.float(), cfg.image_size), iou_pred.float(), target,
+                               focal_weight=cfg.focal_weight)  # fmt: skip
+        losses.append(float(loss.detach()))  # before update: its checkpoint holds this step's loss
+        trainer.update(loss)
         if log is not None and (step % 100 == 0 or step == cfg.steps - 1):
-            log({"step": step, "loss": loss.item(), **parts})
+            log({"step": step, "loss": losses[-1], **parts})
+    trainer.finish()
     sam.eval()
-    return losses
+    return list(losses)
 
 
 @torch.no_grad()
 def predict_mask(sam: Sam, features: torch.Tensor, prompt: dict[str, np.ndarray]) -> np.ndarray:
-    """One (S, S) bool mask for one image's features (1, C, h, w); a single click takes the best-predicted of 3."""
+    """One (S, S) bool mask for one image's features (1, C, h, w); a single click takes the best-predicted of 3.
+    Runs on the features' device, under any autocast the caller entered."""
     single_click = "points" in prompt and len(prompt["points"]) == 1
-    logits, iou_pred = sam.decode(features, **_batch_prompts([prompt]), multimask_output=single_click)
+    prompts = _batch_prompts([prompt], features.device)
+    logits, iou_pred = sam.decode(features, **prompts, multimask_output=single_click)
     best = int(iou_pred[0].argmax())
-    return (_upsample(logits[:, best : best + 1], sam.config.image_size)[0, 0] > 0).numpy()
+    return (_upsample(logits[:, best : best + 1].float(), sam.config.image_size)[0, 0] > 0).cpu().numpy()
 
 
 def _iou(pred: np.ndarray, target: np.ndarray) -> float:
@@ -216,39 +284,64 @@ def _iou(pred: np.ndarray, target: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def evaluate_sam(sam: Sam, images: np.ndarray, items: list[tuple[int, np.ndarray]], *, progress: bool = True):
-    """mIoU over regions for 1 centre click, 3 clicks (2 corrective), the tight box; and the box-fill baseline."""
+def evaluate_sam(
+    sam: Sam,
+    images: np.ndarray,
+    items: list[tuple[int, np.ndarray]],
+    *,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+):
+    """mIoU over regions for 1 centre click, 3 clicks (2 corrective), the tight box; and the box-fill baseline.
+
+    ``device`` (``auto``, ``cpu``, ``cuda[:N]``; default: where the SAM is) and ``precision`` (fp32, bf16, fp16)."""
     from tqdm import tqdm
 
+    if device is not None:
+        sam.to(resolve_device(device) if isinstance(device, str) else device)
     sam.eval()
-    features = torch.cat([sam.backbone_features(images[i : i + 16]) for i in range(0, len(images), 16)])
     scores: dict[str, list[float]] = {"1 click": [], "3 clicks": [], "box": [], "box filled (baseline)": []}
-    for index, region in tqdm(items, disable=not progress, desc="sam-eval"):
-        feats = features[index : index + 1]
-        points, labels = [centre_click(region)], [1]
-        pred = predict_mask(sam, feats, {"points": np.stack(points), "labels": np.array(labels)})
-        scores["1 click"].append(_iou(pred, region))
-        for _ in range(2):
-            point, label = next_click(pred, region)
-            points.append(point)
-            labels.append(label)
+    with autocast(sam.pixel_mean.device, precision):
+        features = backbone_features(sam, images)
+        for index, region in tqdm(items, disable=not progress, desc="sam-eval"):
+            feats = features[index : index + 1]
+            points, labels = [centre_click(region)], [1]
             pred = predict_mask(sam, feats, {"points": np.stack(points), "labels": np.array(labels)})
-        scores["3 clicks"].append(_iou(pred, region))
-        box = box_of(region)
-        scores["box"].append(_iou(predict_mask(sam, feats, {"boxes": box}), region))
-        filled = np.zeros_like(region)
-        filled[int(box[1]) : int(box[3]) + 1, int(box[0]) : int(box[2]) + 1] = True
-        scores["box filled (baseline)"].append(_iou(filled, region))
+            scores["1 click"].append(_iou(pred, region))
+            for _ in range(2):
+                point, label = next_click(pred, region)
+                points.append(point)
+                labels.append(label)
+                pred = predict_mask(sam, feats, {"points": np.stack(points), "labels": np.array(labels)})
+            scores["3 clicks"].append(_iou(pred, region))
+            box = box_of(region)
+            scores["box"].append(_iou(predict_mask(sam, feats, {"boxes": box}), region))
+            filled = np.zeros_like(region)
+            filled[int(box[1]) : int(box[3]) + 1, int(box[0]) : int(box[2]) + 1] = True
+            scores["box filled (baseline)"].append(_iou(filled, region))
     return {name: float(np.mean(v)) for name, v in scores.items()} | {"regions": len(items)}
 
 
-def run_sam_experiment(*, out: str | os.PathLike | None = None, per_category: int = 100, test_per_category: int = 20,
-                       config: SamConfig | None = None, progress: bool = True) -> dict[str, Any]:  # fmt: skip
-    """Train on DS-Synth training rows, evaluate on held-out rows, save the run and return its summary."""
+def run_sam_experiment(
+    *,
+    out: str | os.PathLike | None = None,
+    per_category: int = 100,
+    test_per_category: int = 20,
+    config: SamConfig | None = None,
+    progress: bool = True,
+    options: TrainOptions | None = None,
+) -> dict[str, Any]:
+    """Train on DS-Synth training rows, evaluate on held-out rows, save the run and return its summary.
+
+    ``options``: device, precision, checkpoints every N steps (in ``<run>/checkpoints``), resume the run in ``out``.
+    Backbone ``"none"`` builds the tiny random stand-in encoder (tests)."""
     from potpourri.core.registry import create_model
     from potpourri.core.runs import new_run
 
     config = config or SamConfig()
+    options = options or TrainOptions(progress=progress)
+    check_resumable(out, options)
     torch.manual_seed(config.seed)
     run = new_run(
         "sam",
@@ -257,15 +350,17 @@ def run_sam_experiment(*, out: str | os.PathLike | None = None, per_category: in
         seed=config.seed,
     )
     start = time.perf_counter()
-    sam = Sam(config, backbone=create_model(config.backbone, pretrained=True))
+    backbone = None if config.backbone == "none" else create_model(config.backbone, pretrained=True)
+    sam = Sam(config, backbone=backbone)
     train_images, train_items = synth_regions("train", per_category, size=config.image_size, seed=config.seed)
     test_images, test_items = synth_regions("test", test_per_category, size=config.image_size, seed=config.seed)
     frozen = {k: v.clone() for k, v in sam.image_encoder.backbone.state_dict().items()}
-    losses = train_sam(sam, train_images, train_items, progress=progress, log=run.log_metrics)
+    losses = train_sam(sam, train_images, train_items, log=continue_metrics(run, options.resume), options=options,
+                       checkpoints=run.path / "checkpoints")  # fmt: skip
     train_s = time.perf_counter() - start
-    same = all(torch.equal(frozen[k], v) for k, v in sam.image_encoder.backbone.state_dict().items())
-    metrics = evaluate_sam(sam, test_images, test_items, progress=progress)
-    sam.save(run.path)
+    same = all(torch.equal(frozen[k], v.cpu()) for k, v in sam.image_encoder.backbone.state_dict().items())
+    metrics = evaluate_sam(sam, test_images, test_items, progress=options.progress, precision=options.precision)
+    sam.cpu().save(run.path)
     summary = {
         "metrics": metrics,
         "train_regions": len(train_items),

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from potpourri.core.errors import PotpourriError
+from potpourri.core.training import Trainer, TrainOptions
 from potpourri.models.sam import LayerNorm2d, Sam
 
 __all__ = [
@@ -82,7 +84,8 @@ class SamClipStudent(nn.Module):
         super().__init__()
         self.backbone = backbone
         with torch.no_grad():
-            channels = backbone.eval()(torch.zeros(1, 3, 64, 64)).shape[1]
+            device = next(backbone.parameters()).device  # a teacher's copy may sit on the GPU
+            channels = backbone.eval()(torch.zeros(1, 3, 64, 64, device=device)).shape[1]
         self.sam_head = nn.Sequential(  # the layout of SAM's neck
             nn.Conv2d(channels, sam_dim, 1, bias=False),
             LayerNorm2d(sam_dim),
@@ -172,6 +175,14 @@ class RehearsalSampler:
         self.batches += 1
         return {name: self._take(name, n) for name, n in counts.items() if n > 0}
 
+    def state_dict(self) -> dict[str, Any]:
+        """The queues and the batch count (JSON-able; the generator is checkpointed on its own)."""
+        return {"queues": {k: list(v) for k, v in self.queues.items()}, "batches": self.batches}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.queues = {k: list(v) for k, v in state["queues"].items()}
+        self.batches = int(state["batches"])
+
 
 # ----------------------------------------------------------------------------------------------- training
 @dataclass
@@ -209,10 +220,12 @@ def train_stage(
     *,
     progress: bool = False,
     log=None,
+    options: TrainOptions | None = None,
+    checkpoints: str | os.PathLike | None = None,
 ) -> list[float]:
-    """Train ``stage.trainable`` on {source: (normalised inputs, teacher targets)} mixed by ``stage.shares``."""
-    from tqdm import tqdm
+    """Train ``stage.trainable`` on {source: (normalised inputs, teacher targets)} mixed by ``stage.shares``.
 
+    ``options`` (device, precision, resume, ...) and ``checkpoints`` (a folder) go to ``core.training.Trainer``."""
     missing = [name for name in stage.shares if name not in data]
     if missing:
         raise PotpourriError(f"stage {stage.name}: no data for sources {missing}")
@@ -231,6 +244,13 @@ def train_stage(
     sampler = RehearsalSampler({n: len(data[n][0]) for n in stage.shares}, stage.shares, stage.batch_size,
                                seed=stage.seed)  # fmt: skip
     torch.manual_seed(stage.seed)
+    trainer = Trainer(student, optimizer, total_steps=stage.steps, options=options or TrainOptions(progress=progress),
+                      folder=checkpoints, schedulers={"lr": schedule}, generators={"sampler": sampler.generator},
+                      desc=stage.name)  # fmt: skip
+    if "sampler" in trainer.state:
+        sampler.load_state_dict(trainer.state["sampler"])
+    device = trainer.device
+    data = {name: (x.to(device), y.to(device)) for name, (x, y) in data.items()}
     student.train()
     if "backbone" not in stage.trainable:
         student.backbone.eval()  # a frozen backbone keeps its BatchNorm statistics too
@@ -238,30 +258,32 @@ def train_stage(
         for module in student.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
-    losses = []
-    for step in tqdm(range(stage.steps), disable=not progress, desc=stage.name):
+    losses = trainer.state.setdefault("losses", [])
+    for step in trainer.steps():
         batch = sampler.next_batch()
+        trainer.state["sampler"] = sampler.state_dict()  # the queues move on with every batch
         names = list(batch)
         inputs = torch.cat([data[n][0][batch[n]] for n in names])
-        features = student.backbone(inputs)  # one pass over the mixed batch, as in multi-task distillation
-        loss, offset, parts = torch.zeros(()), 0, {}
+        loss, offset, parts = torch.zeros((), device=device), 0, {}
+        with trainer.autocast():
+            features = student.backbone(inputs)  # one pass over the mixed batch, as in multi-task distillation
+            predictions = {}
+            for name in names:
+                count = len(batch[name])
+                predictions[name] = getattr(student, f"{name}_head")(features[offset : offset + count])
+                offset += count
         for name in names:
-            count = len(batch[name])
-            prediction = getattr(student, f"{name}_head")(features[offset : offset + count])
-            part = _distill_loss(name, prediction, data[name][1][batch[name]])
-            loss = loss + part * count / stage.batch_size
+            part = _distill_loss(name, predictions[name].float(), data[name][1][batch[name]])
+            loss = loss + part * len(batch[name]) / stage.batch_size
             parts[name] = float(part.detach())
-            offset += count
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(float(loss.detach()))
+        losses.append(float(loss.detach()))  # before update: its checkpoint holds this step's loss
+        trainer.update(loss)
         if log is not None and (step % 50 == 0 or step == stage.steps - 1):
             log({"stage": stage.name, "step": step, "loss": losses[-1],
                  **{f"loss_{k}": parts.get(k, float("nan")) for k in HEADS}})  # fmt: skip
+    trainer.finish()
     student.eval()
-    return losses
+    return list(losses)
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -273,13 +295,15 @@ def click_miou(sam: Sam, embeddings: torch.Tensor, items: list[tuple[int, np.nda
 
     scores = []
     size = sam.config.image_size
+    device = embeddings.device
     for index, region in items:
-        point = torch.from_numpy(centre_click(region))[None, None]
-        sparse, dense = sam.prompt_encoder(point, torch.ones(1, 1, dtype=torch.long), None, 1)
+        point = torch.from_numpy(centre_click(region))[None, None].to(device)
+        sparse, dense = sam.prompt_encoder(point, torch.ones(1, 1, dtype=torch.long, device=device), None, 1)
         logits, iou = decode_embeddings(sam, embeddings[index : index + 1], sparse, dense, multimask_output=True)
         best = int(iou[0].argmax())
-        mask = F.interpolate(logits[:, best : best + 1], size=(size, size), mode="bilinear", align_corners=False)
-        pred = (mask[0, 0] > 0).numpy()
+        mask = F.interpolate(logits[:, best : best + 1].float(), size=(size, size), mode="bilinear",
+                             align_corners=False)  # fmt: skip
+        pred = (mask[0, 0] > 0).cpu().numpy()
         scores.append(float((pred & region).sum() / max(1, (pred | region).sum())))
     return float(np.mean(scores))
 
@@ -287,17 +311,19 @@ def click_miou(sam: Sam, embeddings: torch.Tensor, items: list[tuple[int, np.nda
 @torch.no_grad()
 def _predict(student: SamClipStudent, x: torch.Tensor, head: str, batch: int = 64) -> torch.Tensor:
     student.eval()
-    return torch.cat([student(x[i : i + batch], heads=(head,))[head] for i in range(0, len(x), batch)])
+    device = next(student.parameters()).device
+    return torch.cat([student(x[i : i + batch].to(device), heads=(head,))[head].float()
+                      for i in range(0, len(x), batch)])  # fmt: skip
 
 
 @torch.no_grad()
 def evaluate_student(student, sam: Sam, classifier: nn.Module, test: dict[str, Any], teacher_norm: float):
     """A: click mIoU through the frozen SAM decoder and embedding nMSE; B: cosine and ImageNet top-1 agreement."""
     emb = _predict(student, test["sam"][0], "sam")
-    target = test["sam"][1]
+    target = test["sam"][1].to(emb.device)
     nmse = float(F.mse_loss(emb, target) / target.var())
     feats = _predict(student, test["clip"][0], "clip")
-    teacher = test["clip"][1]
+    teacher = test["clip"][1].to(feats.device)
     cosine = float(F.cosine_similarity(feats, teacher, dim=-1).mean())
     scaled = F.normalize(feats, dim=-1) * teacher_norm  # the student matches directions; use the teacher's norm
     agree = float((classifier(scaled).argmax(-1) == classifier(teacher).argmax(-1)).float().mean())
@@ -341,11 +367,14 @@ def photo_crops(split: str, n: int, *, size: int, seed: int = 0, photos: Sequenc
 
 
 def normalised(images: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    x = torch.from_numpy(np.array(images, np.float32)).permute(0, 3, 1, 2) / 255.0
+    """(N, S, S, 3) uint8 → normalised (N, 3, S, S) float on the device of ``mean``."""
+    x = torch.from_numpy(np.array(images, np.float32)).to(mean.device).permute(0, 3, 1, 2) / 255.0
     return (x - mean) / std
 
 
 @torch.no_grad()
 def teacher_b(model: nn.Module, x: torch.Tensor, batch: int = 32) -> torch.Tensor:
-    return torch.cat([model.forward_head(model.forward_features(x[i : i + batch]), pre_logits=True)
+    """Teacher B's pooled features (N, D) of normalised images, computed on the model's device."""
+    device = next(model.parameters()).device
+    return torch.cat([model.forward_head(model.forward_features(x[i : i + batch].to(device)), pre_logits=True)
                       for i in range(0, len(x), batch)])  # fmt: skip

@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from potpourri.core.errors import PotpourriError
+from potpourri.core.training import Trainer, TrainOptions
 from potpourri.models.sam import PromptEncoder, Sam
-from potpourri.segment.sam import prompt_mask_loss
+from potpourri.segment.sam import backbone_features, prompt_mask_loss
 
 __all__ = [
     "LearnedPrompt",
@@ -60,7 +61,8 @@ class LearnedPrompt(nn.Module):
         if anchor_points is None:  # one click at the image centre
             height, width = prompt_encoder.input_image_size
             anchor_points = torch.tensor([[width / 2 - 0.5, height / 2 - 0.5]])
-        anchor_points = anchor_points.detach().float().reshape(-1, 2)
+        device = prompt_encoder.no_mask_embed.weight.device  # built where the SAM is
+        anchor_points = anchor_points.detach().float().reshape(-1, 2).to(device)
         self.anchor_points = nn.Parameter(anchor_points.clone())  # (P, 2) pixel (x, y)
         with torch.no_grad():
             sparse, dense = self.encoded(prompt_encoder)
@@ -72,7 +74,7 @@ class LearnedPrompt(nn.Module):
 
     def encoded(self, prompt_encoder: PromptEncoder) -> tuple[torch.Tensor, torch.Tensor]:
         """The frozen encoder's (sparse (1, P+1, C), dense (1, C, h, w)) for the anchor clicks (all positive)."""
-        labels = torch.ones(1, len(self.anchor_points), dtype=torch.long)
+        labels = torch.ones(1, len(self.anchor_points), dtype=torch.long, device=self.anchor_points.device)
         return prompt_encoder(self.anchor_points[None], labels, None, 1)
 
     def forward(self, prompt_encoder: PromptEncoder, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,8 +108,8 @@ def decode_embeddings(
 
 @torch.no_grad()
 def image_embeddings(sam: Sam, images: np.ndarray, *, batch: int = 16) -> torch.Tensor:
-    """(N, S, S, 3) uint8 at the SAM's ``image_size`` → frozen image embeddings (N, C, S/16, S/16)."""
-    return torch.cat([sam.image_encoder.neck(sam.backbone_features(images[i : i + batch]))
+    """(N, S, S, 3) uint8 at the SAM's ``image_size`` → frozen image embeddings (N, C, S/16, S/16), on its device."""
+    return torch.cat([sam.image_encoder.neck(backbone_features(sam, images[i : i + batch]))
                       for i in range(0, len(images), batch)])  # fmt: skip
 
 
@@ -138,17 +140,21 @@ def learn_prompt(
     *,
     prompt: LearnedPrompt | None = None,
     progress: bool = False,
+    options: TrainOptions | None = None,
+    checkpoints: str | os.PathLike | None = None,
 ) -> tuple[LearnedPrompt, list[float]]:
     """Learn a class prompt on frozen image embeddings (N, C, h, w) and binary targets (N, S, S); SAM frozen.
+
+    ``options`` (device, precision, resume, ...) and ``checkpoints`` (a folder) go to ``core.training.Trainer``; the
+    SAM moves to the trainer's device.
 
     Example:
         prompt, losses = learn_prompt(sam, image_embeddings(sam, images), masks == class_id)
     """
-    from tqdm import tqdm
-
     cfg = config or PromptConfig()
     if len(embeddings) != len(targets) or not len(targets):
         raise PotpourriError(f"{len(embeddings)} embeddings vs {len(targets)} targets; pass one mask per image (>0)")
+    options = options or TrainOptions(progress=progress)
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     sam.eval().requires_grad_(False)
@@ -162,24 +168,35 @@ def learn_prompt(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
     )
+    trainer = Trainer(prompt, optimizer, total_steps=cfg.steps, options=options, folder=checkpoints,
+                      schedulers={"lr": schedule}, generators={"batches": generator},
+                      desc=f"ssprompt-{cfg.mode}")  # fmt: skip
+    device = trainer.device
+    sam.to(device)  # frozen, not checkpointed
+    embeddings = embeddings.to(device)
     size = sam.config.image_size
-    target = torch.from_numpy(np.asarray(targets, bool)).float()[:, None]  # (N, 1, S, S)
-    losses = []
-    for _ in tqdm(range(cfg.steps), disable=not progress, desc=f"ssprompt-{cfg.mode}"):
+    target = torch.from_numpy(np.asarray(targets, bool)).float()[:, None].to(device)  # (N, 1, S, S)
+    losses = trainer.state.setdefault("losses", [])
+    for _ in trainer.steps():
+        _clamp_clicks(prompt, size)  # before the forward pass (not after the step), so checkpoints need no clamp
         chosen = torch.randint(len(target), (cfg.batch_size,), generator=generator)
-        sparse, dense = prompt(sam.prompt_encoder, len(chosen))
-        logits, _ = decode_embeddings(sam, embeddings[chosen], sparse, dense)  # (B, 1, S/4, S/4)
-        logits = _upsample(logits, size)
+        with trainer.autocast():
+            sparse, dense = prompt(sam.prompt_encoder, len(chosen))
+            logits, _ = decode_embeddings(sam, embeddings[chosen], sparse, dense)  # (B, 1, S/4, S/4)
+        logits = _upsample(logits.float(), size)
         loss = prompt_mask_loss(logits, target[chosen], focal_weight=cfg.focal_weight).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        with torch.no_grad():  # keep the clicks on the image
-            prompt.anchor_points[:, 0].clamp_(0, size - 1)
-            prompt.anchor_points[:, 1].clamp_(0, size - 1)
-        losses.append(float(loss.detach()))
-    return prompt, losses
+        losses.append(float(loss.detach()))  # before update: its checkpoint holds this step's loss
+        trainer.update(loss)
+    trainer.finish()
+    _clamp_clicks(prompt, size)
+    return prompt, list(losses)
+
+
+@torch.no_grad()
+def _clamp_clicks(prompt: LearnedPrompt, size: int) -> None:
+    """Keep the anchor clicks on the image."""
+    prompt.anchor_points[:, 0].clamp_(0, size - 1)
+    prompt.anchor_points[:, 1].clamp_(0, size - 1)
 
 
 @torch.no_grad()
@@ -190,25 +207,39 @@ def segment_with_prompt(sam: Sam, prompt: LearnedPrompt, embeddings: torch.Tenso
         chunk = embeddings[first : first + batch]
         sparse, dense = prompt(sam.prompt_encoder, len(chunk))
         logits, _ = decode_embeddings(sam, chunk, sparse, dense)
-        out.append((_upsample(logits, sam.config.image_size)[:, 0] > 0).numpy())
+        out.append((_upsample(logits.float(), sam.config.image_size)[:, 0] > 0).cpu().numpy())
     return np.concatenate(out)
 
 
-def load_or_pretrain_sam(sam_path: str | os.PathLike | None, cfg: Any, save_to: Path, *, progress: bool = True) -> Sam:
+def load_or_pretrain_sam(
+    sam_path: str | os.PathLike | None,
+    cfg: Any,
+    save_to: Path,
+    *,
+    progress: bool = True,
+    options: TrainOptions | None = None,
+    checkpoints: str | os.PathLike | None = None,
+) -> Sam:
     """The frozen SAM of the experiments: loaded from ``sam_path``, or pretrained with random clicks and boxes on
-    DS-Synth (``cfg.sam_steps``, ``cfg.sam_per_category``) and saved to ``save_to``."""
+    DS-Synth (``cfg.sam_steps``, ``cfg.sam_per_category``; ``options`` and ``checkpoints`` as in ``train_sam``) and
+    saved to ``save_to``. It ends on the device of ``options``."""
     from potpourri.core.registry import create_model
+    from potpourri.core.training import resolve_device
     from potpourri.models.sam import SamConfig
     from potpourri.segment.sam import synth_regions, train_sam
 
+    options = options or TrainOptions(progress=progress)
     if sam_path is not None:
         sam = Sam.load(sam_path)
         if sam.config.image_size != cfg.image_size:
             raise PotpourriError(f"{sam_path}: SAM image_size {sam.config.image_size} != {cfg.image_size}")
+        sam.to(resolve_device(options.device))
     else:
         sam_cfg = SamConfig(image_size=cfg.image_size, steps=cfg.sam_steps, seed=cfg.seed)
         sam = Sam(sam_cfg, backbone=create_model(sam_cfg.backbone, pretrained=True))
         images, items = synth_regions("train", cfg.sam_per_category, size=cfg.image_size, seed=cfg.seed)
-        train_sam(sam, images, items, progress=progress)
-        sam.save(save_to)
+        train_sam(sam, images, items, options=options, checkpoints=checkpoints)
+        device = sam.pixel_mean.device
+        sam.cpu().save(save_to)
+        sam.to(device)
     return sam.eval().requires_grad_(False)
