@@ -102,62 +102,17 @@ def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> No
     random.setstate((version, tuple(internal), gauss))
 
 
-def save_checkpoint(
-    folder: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None, state: dict[str, Any]
-) -> Path:
-    """Write one checkpoint atomically; ``last.json`` is written last, so a kill never leaves a torn checkpoint."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tag = f"step{state['step']:08d}"
-    weights = dict(model.state_dict())
-    if ema is not None:
-        weights.update({f"ema.{k}": v for k, v in ema.shadow.items()})
-    save_state_dict_atomic(weights, folder / f"{tag}.safetensors", metadata={"step": str(state["step"])})
-
-    optim = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, slots in optim["state"].items():
-        for key, value in slots.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{key}"] = value
-            else:
-                scalars[f"{index}.{key}"] = value
-    rng_tensors, rng_plain = rng_state()
-    save_state_dict_atomic({**tensors, **rng_tensors}, folder / f"{tag}.optim.safetensors")
-
-    record = {**state, "tag": tag, "param_groups": optim["param_groups"], "optim_scalars": scalars, "rng": rng_plain}
-    atomic_write_bytes(folder / "last.json", json.dumps(record).encode())
-    for old in folder.glob("step*.safetensors"):  # older checkpoints are superseded once last.json moved on
-        if not old.name.startswith(tag + "."):
-            old.unlink(missing_ok=True)
-    return folder / f"{tag}.safetensors"
-
-
-def load_checkpoint(
-    folder: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, ema: EMA | None = None
-) -> dict[str, Any]:
-    """Restore model (and optimizer, EMA, RNG when given) from ``folder/last.json``; returns the saved state."""
+def load_checkpoint(folder: Path, *, model: nn.Module) -> dict[str, Any]:
+    """Load the model weights of ``folder/last.json``'s checkpoint into ``model`` (no optimizer, no RNG); returns
+    the checkpoint record. ``Trainer(..., options=TrainOptions(resume=True))`` restores everything."""
     from safetensors.torch import load_file
 
-    last = folder / "last.json"
+    last = Path(folder) / "last.json"
     if not last.is_file():
-        raise PotpourriError(f"no checkpoint to resume in '{folder}'; run without --resume first")
+        raise PotpourriError(f"no checkpoint in '{folder}'")
     record = json.loads(last.read_text())
-    weights = load_file(str(folder / f"{record['tag']}.safetensors"))
-    model.load_state_dict({k: v for k, v in weights.items() if not k.startswith("ema.")})
-    if ema is not None:
-        ema.shadow = {k[4:]: v for k, v in weights.items() if k.startswith("ema.")}
-    if optimizer is not None:
-        extra = load_file(str(folder / f"{record['tag']}.optim.safetensors"))
-        slots: dict[int, dict[str, Any]] = {}
-        for key, value in extra.items():
-            if key.startswith("state."):
-                _, index, name = key.split(".", 2)
-                slots.setdefault(int(index), {})[name] = value
-        for key, value in record["optim_scalars"].items():
-            index, name = key.split(".", 1)
-            slots.setdefault(int(index), {})[name] = value
-        optimizer.load_state_dict({"state": slots, "param_groups": record["param_groups"]})
-        set_rng_state(extra, record["rng"])
+    weights = load_file(str(Path(folder) / f"{record['tag']}.safetensors"))
+    model.load_state_dict({k: v for k, v in weights.items() if not k.startswith(("ema.", "module."))})
     return record
 
 
@@ -433,6 +388,10 @@ class Trainer:
         if self.folder is None or not (self.folder / "last.json").is_file():
             raise PotpourriError(f"no checkpoint to resume in '{self.folder}'; run without --resume first")
         record = json.loads((self.folder / "last.json").read_text())
+        if "optimizers" not in record:
+            raise PotpourriError(
+                f"'{self.folder}' holds a checkpoint of an older potpourri that cannot be resumed; start a new --out"
+            )
         weights = load_file(str(self.folder / f"{record['tag']}.safetensors"), device=str(self.device))
         self.model.load_state_dict({k: v for k, v in weights.items() if not k.startswith(("ema.", "module."))})
         if self.ema is not None:

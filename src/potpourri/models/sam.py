@@ -345,14 +345,19 @@ class Sam(nn.Module):
         return self
 
     @torch.no_grad()
-    def backbone_features(self, images: np.ndarray) -> torch.Tensor:
-        """(N, S, S, 3) uint8 at ``image_size`` → frozen backbone features (N, C, S/16, S/16)."""
-        x = torch.from_numpy(np.array(images, np.float32)).permute(0, 3, 1, 2) / 255.0  # np.array: a writable copy
-        was = self.image_encoder.backbone.training
-        self.image_encoder.backbone.eval()
-        out = self.image_encoder.backbone((x - self.pixel_mean) / self.pixel_std)
-        self.image_encoder.backbone.train(was)
-        return out
+    def backbone_features(self, images: np.ndarray, *, batch: int = 16) -> torch.Tensor:
+        """(N, S, S, 3) uint8 at ``image_size`` → frozen backbone features (N, C, S/16, S/16) on the SAM's device,
+        in batches of ``batch`` with the backbone's BatchNorm in eval mode."""
+        device = self.pixel_mean.device
+        backbone = self.image_encoder.backbone
+        was = backbone.training
+        backbone.eval()
+        out = []
+        for first in range(0, len(images), batch):
+            x = torch.from_numpy(np.array(images[first : first + batch], np.float32)).to(device).permute(0, 3, 1, 2)
+            out.append(backbone((x / 255.0 - self.pixel_mean) / self.pixel_std))  # np.array: a writable copy
+        backbone.train(was)
+        return torch.cat(out)
 
     def decode(self, features, points=None, labels=None, boxes=None, *, multimask_output: bool = True):
         """Backbone features → (mask logits (B, M, S/4, S/4), IoU predictions (B, M))."""

@@ -143,7 +143,13 @@ class VectorQuantizer(nn.Module):
         return distances.argmin(1)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(..., d)`` -> straight-through quantised ``(..., d)``, indices ``(...)``, VQ loss (scalar)."""
+        """``(..., d)`` -> straight-through quantised ``(..., d)``, indices ``(...)``, VQ loss (scalar); always in
+        fp32 (autocast off): the codebook, usage counts and EMA sums are fp32 buffers."""
+        with torch.autocast(z.device.type, enabled=False):
+            return self.quantise(z.float())
+
+    def quantise(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The body of ``forward`` for fp32 ``z``."""
         flat = z.reshape(-1, self.dim)  # (M, d)
         indices = self.nearest(flat.detach())
         quantised = self.codebook[indices]  # (M, d)

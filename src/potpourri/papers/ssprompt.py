@@ -82,7 +82,7 @@ def run_ssprompt_experiment(
     from potpourri.core.io import save_state_dict_atomic
     from potpourri.core.runs import new_run
     from potpourri.data.synth import CLASSES, DEFECTS
-    from potpourri.segment.sam import backbone_features, centre_click, check_resumable, predict_mask
+    from potpourri.segment.sam import centre_click, check_resumable, predict_mask
     from potpourri.segment.segmenter import SegmenterConfig, train_segmenter
 
     cfg = config or SSPromptConfig()
@@ -107,7 +107,7 @@ def run_ssprompt_experiment(
                                    cfg.seed)  # fmt: skip
     test_x, test_y = _class_data(cfg.category, "test", cfg.test_per_class, cfg.test_multi, cfg.image_size, cfg.seed)
     train_emb, test_emb = image_embeddings(sam, train_x), image_embeddings(sam, test_x)
-    test_features = backbone_features(sam, test_x)
+    test_features = sam.backbone_features(test_x)
 
     # 3. the supervised segmenter on the same training images
     t0 = time.perf_counter()

@@ -49,7 +49,7 @@ def annotate(
         return _annotate_official(image, points, labels, box, sam_weights, where, precision)
 
     from potpourri.models.sam import Sam
-    from potpourri.segment.sam import backbone_features, predict_mask
+    from potpourri.segment.sam import predict_mask
 
     sam = Sam.load(model).to(where)
     size = sam.config.image_size
@@ -63,7 +63,7 @@ def annotate(
             raise PotpourriError("a sam-train model takes points or a box, not both; drop one")
         prompt = {"boxes": (box.reshape(2, 2) * scale).reshape(4).astype(np.float32)}
     with torch.no_grad(), autocast(where, precision):
-        mask = predict_mask(sam, backbone_features(sam, resized[None]), prompt)
+        mask = predict_mask(sam, sam.backbone_features(resized[None]), prompt)
     return np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST))
 
 

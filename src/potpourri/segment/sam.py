@@ -35,7 +35,6 @@ from potpourri.models.layers import binary_focal_loss, soft_dice
 from potpourri.models.sam import Sam, SamConfig
 
 __all__ = [
-    "backbone_features",
     "check_resumable",
     "continue_metrics",
     "evaluate_sam",
@@ -167,20 +166,6 @@ def _upsample(logits: torch.Tensor, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def backbone_features(sam: Sam, images: np.ndarray, *, batch: int = 16) -> torch.Tensor:
-    """(N, S, S, 3) uint8 at ``image_size`` → frozen backbone features (N, C, S/16, S/16) on the SAM's device."""
-    device = sam.pixel_mean.device
-    backbone = sam.image_encoder.backbone
-    was = backbone.training
-    backbone.eval()  # frozen BatchNorm statistics
-    out = []
-    for first in range(0, len(images), batch):
-        x = torch.from_numpy(np.array(images[first : first + batch], np.float32)).to(device).permute(0, 3, 1, 2)
-        out.append(backbone((x / 255.0 - sam.pixel_mean) / sam.pixel_std))
-    backbone.train(was)
-    return torch.cat(out)
-
-
 def check_resumable(out: str | os.PathLike | None, options: TrainOptions | None) -> None:
     """With ``options.resume``, ``out`` must be a run folder that holds checkpoints (one clear error otherwise)."""
     if options is None or not options.resume:
@@ -239,7 +224,7 @@ def train_sam(
     trainer = Trainer(sam, optimizer, total_steps=cfg.steps, options=options, folder=checkpoints,
                       schedulers={"lr": scheduler}, generators={"prompts": rng}, desc="sam-train")  # fmt: skip
     device = trainer.device
-    features = backbone_features(sam, images)
+    features = sam.backbone_features(images)
     losses = trainer.state.setdefault("losses", [])
     sam.train()
     for step in trainer.steps():
@@ -303,7 +288,7 @@ def evaluate_sam(
     sam.eval()
     scores: dict[str, list[float]] = {"1 click": [], "3 clicks": [], "box": [], "box filled (baseline)": []}
     with autocast(sam.pixel_mean.device, precision):
-        features = backbone_features(sam, images)
+        features = sam.backbone_features(images)
         for index, region in tqdm(items, disable=not progress, desc="sam-eval"):
             feats = features[index : index + 1]
             points, labels = [centre_click(region)], [1]

@@ -35,7 +35,7 @@ from torch import nn
 from potpourri.core.errors import PotpourriError
 from potpourri.core.training import Trainer, TrainOptions
 from potpourri.models.sam import PromptEncoder, Sam
-from potpourri.segment.sam import backbone_features, prompt_mask_loss
+from potpourri.segment.sam import prompt_mask_loss
 
 __all__ = [
     "LearnedPrompt",
@@ -109,7 +109,7 @@ def decode_embeddings(
 @torch.no_grad()
 def image_embeddings(sam: Sam, images: np.ndarray, *, batch: int = 16) -> torch.Tensor:
     """(N, S, S, 3) uint8 at the SAM's ``image_size`` → frozen image embeddings (N, C, S/16, S/16), on its device."""
-    return torch.cat([sam.image_encoder.neck(backbone_features(sam, images[i : i + batch]))
+    return torch.cat([sam.image_encoder.neck(sam.backbone_features(images[i : i + batch]))
                       for i in range(0, len(images), batch)])  # fmt: skip
 
 

@@ -67,9 +67,6 @@ def train_tokenizer(
         last_stretch = step >= cfg.steps - cfg.restart_every
         return model.config.restart_dead and (step + 1) % cfg.restart_every == 0 and not last_stretch
 
-    hook = None
-    if trainer.options.precision != "fp32":  # the quantiser keeps fp32 buffers (recent outputs, EMA sums): feed it fp32
-        hook = model.quantizer.register_forward_pre_hook(lambda module, args: tuple(a.float() for a in args))
     model.train()
     for step in trainer.steps():
         # the restart due after the previous step runs here, before this step's batch (the same draws in the same
@@ -86,7 +83,5 @@ def train_tokenizer(
         history["recon_loss"].append(float(out.recon_loss.detach()))
         trainer.update(out.loss)
     trainer.finish()
-    if hook is not None:
-        hook.remove()
     model.eval()
     return TrainHistory(list(history["loss"]), list(history["recon_loss"]), list(history["restarted"]))
