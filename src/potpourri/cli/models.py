@@ -52,11 +52,17 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from potpourri.tune.predict import predict_images
-
     images = ([args.model] if args.model else []) + args.images if args.run else args.images
     if not args.run and args.model is None:
         raise PotpourriError("give a model name (`potpourri list`) or --run RUN (a `potpourri tune` folder)")
+    if args.run:
+        from potpourri.deploy.runs import run_kind
+
+        kind = run_kind(args.run)
+        if kind != "classifier":
+            return _predict_other_run(kind, args, images)
+    from potpourri.tune.predict import predict_images
+
     run = predict_images(
         None if args.run else args.model,
         images,
@@ -71,6 +77,26 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         top = ", ".join(f"{p['label']} ({p['prob']:.3f})" for p in row["top"])
         print(f"{row['image']}: {top}")
     print(f"report: {run.path / 'report.html'}")
+    return 0
+
+
+def _predict_other_run(kind: str, args: argparse.Namespace, images: list[str]) -> int:
+    """``predict --run`` of an inspection, segmenter or detector run: that kind's own predict verb, defaults kept."""
+    if args.weights is not None:
+        raise PotpourriError("--weights does not apply with --run: the run's own weights are used")
+    compute = {"device": args.device, "precision": args.precision, "out": args.out, "threads": None}
+    if kind == "inspection":
+        from potpourri.inspect.pipeline import predict_images as inspect_images
+
+        inspect_images(run_dir=args.run, images=images, **compute)
+    elif kind == "segmenter":
+        from potpourri.segment.pipeline import predict_segmenter_run
+
+        predict_segmenter_run(run_dir=args.run, image_paths=images, **compute)
+    else:
+        from potpourri.detect.pipeline import predict_run
+
+        predict_run(run_dir=args.run, images=images, conf=0.25, iou=0.6, no_reparam=False, **compute)
     return 0
 
 
@@ -96,7 +122,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("model", nargs="?", help="a registered or timm model; omit with --run")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument(
-        "--run", type=flags.existing_path, help="a `potpourri tune` run folder: its classes, weights and transform"
+        "--run",
+        type=flags.existing_path,
+        help="a run folder (tune: its classes, weights and transform; inspect fit, segment-train, detect train)",
     )
     p.add_argument("--topk", type=flags.positive_int, default=5)
     p.add_argument(
