@@ -444,6 +444,12 @@ def test_cli_train_predict_eval_end_to_end(tmp_path: Path, capsys: pytest.Captur
     csv_text = (tmp_path / "pred" / "predictions.csv").read_text().splitlines()
     assert csv_text[0] == "image,class,score,x1,y1,x2,y2" and len(csv_text) > 1
     assert Image.open(next((tmp_path / "pred" / "images").glob("*.png"))).size == (128, 96)
+    from potpourri import load_run
+
+    predictor = load_run(out)  # the run reloads by its metadata.json kind
+    assert json.loads((out / "metadata.json").read_text())["kind"] == predictor.kind == "detector"
+    found = predictor.predict([str(image)])[0]
+    assert found["boxes"].shape[-1] == 4 and len(found["names"]) == len(found["scores"])
     assert main(["detect", "eval", str(out), "--data", "ds-synth:brick", "--per-kind", "2", "--reparam"]) == 0
     assert "mAP@0.5" in capsys.readouterr().out
     assert main(["detect", "eval", str(out), "--data", "ds-synth:nope"]) == 2

@@ -221,6 +221,11 @@ def test_cli_train_then_predict_on_an_images_masks_folder(planted, tmp_path: Pat
     mask = np.asarray(Image.open(tmp_path / "p" / "masks" / "000_000_mask.png"))
     assert mask.shape == (SIZE, SIZE) and mask.max() <= 2
     assert "defect fraction" in capsys.readouterr().out
+    from potpourri import load_run
+
+    predictor = load_run(run)  # the run reloads by its metadata.json kind, with the same masks as segment-predict
+    assert json.loads((run / "metadata.json").read_text())["kind"] == predictor.kind == "segmenter"
+    assert np.array_equal(predictor.predict([str(data / "images" / "000.png")])[0], mask)
 
 
 def test_cli_names_the_expected_layouts_for_a_bad_folder(tmp_path: Path, capsys) -> None:

@@ -128,17 +128,20 @@ def load_inspector(run_dir: str | os.PathLike) -> _Inspector:
     folder = Path(run_dir)
     if not folder.is_dir():
         raise PotpourriError(f"inspection run '{folder}' does not exist; make one with `potpourri inspect fit`")
-    if (folder / "metadata.json").is_file():
+    from potpourri.deploy.runs import run_kind
+
+    kind = run_kind(folder)
+    if kind == "inspection":
         from potpourri.inspect.base import load_method
 
         method = load_method(folder)
         return _Inspector(method, method.name)
-    from potpourri.segment.segmenter import CONFIG_FILE, Segmenter
+    from potpourri.segment.segmenter import Segmenter
 
-    if not (folder / CONFIG_FILE).is_file():
+    if kind != "segmenter":
         raise PotpourriError(
-            f"'{folder}' is neither an inspection run (`potpourri inspect fit`, metadata.json) nor a segmenter run "
-            f"(`potpourri inspect segment-train`, {CONFIG_FILE})"
+            f"'{folder}' is neither an inspection run (`potpourri inspect fit`) nor a segmenter run "
+            f"(`potpourri inspect segment-train`) but a {kind} run"
         )
     return _Inspector(Segmenter.load(folder), "segmenter")  # its own errors name a broken segmenter run
 

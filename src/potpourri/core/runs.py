@@ -24,7 +24,7 @@ import yaml
 
 from potpourri.core.io import atomic_write_bytes
 
-__all__ = ["Run", "environment", "new_run", "seed_everything"]
+__all__ = ["Run", "environment", "new_run", "seed_everything", "write_run_metadata"]
 
 
 def seed_everything(seed: int) -> None:
@@ -143,3 +143,12 @@ def new_run(
         run.write_config(config)
         run.write_env(seed=seed)
     return run
+
+
+def write_run_metadata(path: str | os.PathLike, *, kind: str, files: dict[str, str], **fields: Any) -> Path:
+    """``metadata.json`` of a run whose model lives in its own files (``files``: role -> file name): the run's
+    ``kind`` (what ``potpourri.load_run`` dispatches on), the library versions and any ``fields``."""
+    record = {"format": "potpourri.run", "kind": kind, "files": files, **_to_plain(fields), "versions": environment()}
+    target = Path(path) / "metadata.json"
+    atomic_write_bytes(target, json.dumps(record, indent=2).encode())
+    return target

@@ -37,11 +37,14 @@ def run_kind(folder: str | os.PathLike) -> str:
         raise PotpourriError(f"run '{folder}' does not exist")
     meta = folder / "metadata.json"
     if meta.is_file():
-        fmt = json.loads(meta.read_text()).get("format")
+        record = json.loads(meta.read_text())
+        fmt = record.get("format")
         if fmt == "potpourri.classifier":
             return "classifier"
         if fmt == "potpourri.inspect":
             return "inspection"
+        if fmt == "potpourri.run" and record.get("kind") in KINDS:
+            return record["kind"]
     if (folder / "detector.json").is_file():
         return "detector"
     from potpourri.segment.segmenter import CONFIG_FILE

@@ -84,6 +84,10 @@ def train_run(
     meta = {"model": model_name, "class_names": list(data.class_names), "image_size": image_size,
             "data": data_spec, "layout": data.layout}  # fmt: skip
     save_detector(run.path, model, meta)
+    from potpourri.core.runs import write_run_metadata
+
+    write_run_metadata(run.path, kind="detector", files={"model": "detector.safetensors", "config": "detector.json"},
+                       model=model_name, classes=list(data.class_names), image_size=image_size)  # fmt: skip
     metrics = evaluate_detector(model, data.test, image_size=image_size, precision=precision)  # where it trained
     shown = data.test[: min(8, len(data.test))]
     fused, parity = _reparam_check(model, [s.image for s in shown], image_size)

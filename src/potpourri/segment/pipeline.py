@@ -90,6 +90,11 @@ def train_segmenter_run(
     segmenter.notes = data.notes + segmenter.notes
     segmenter.metrics.update(test=metrics, latency=latency)
     segmenter.save(run.path)
+    from potpourri.core.runs import write_run_metadata
+    from potpourri.segment.segmenter import CONFIG_FILE
+
+    write_run_metadata(run.path, kind="segmenter", files={"config": CONFIG_FILE}, classes=segmenter.config.class_names,
+                       image_size=segmenter.config.image_size)  # fmt: skip
     summary = {
         "layout": data.layout,
         "train_images": len(data.train_images),
