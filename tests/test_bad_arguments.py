@@ -68,6 +68,14 @@ CASES = [
     (["chat", "x.png", "--run", MISSING, "--max-new-tokens", "-1"], "--max-new-tokens"),
     (["serve", "--run", MISSING], "does not exist"),
     (["serve", "--run", ".", "--port", "0"], "--port"),
+    (["tune", "--data", "ds-synth:classification", "--device", "tpu"], "--device"),
+    (["tune", "--data", "ds-synth:classification", "--precision", "fp8"], "--precision"),
+    (["tune", "--data", "ds-synth:classification", "--config", MISSING], "--config"),
+    (["inspect", "fit", "--data", "ds-synth:brick", "--layers", "2,-1"], "--layers"),
+    (["inspect", "fit", "--data", "ds-synth:brick", "--layers", "a,b"], "--layers"),
+    (["inspect", "predict", "--run", "r", "x.png", "--top-k", "-1"], "--top-k"),
+    (["predict", "x.png", "--run", MISSING], "does not exist"),
+    (["export", "--run", MISSING], "does not exist"),
 ]
 
 
