@@ -9,12 +9,18 @@ import torch
 from potpourri.cli import flags
 
 
+def _options(args: argparse.Namespace):
+    from potpourri.core.training import TrainOptions
+
+    return TrainOptions(device=args.device, precision=args.precision, progress=False)
+
+
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from potpourri.papers.registry import run_experiment
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    run = run_experiment(args.experiment, quick=args.quick, out=args.out)
+    run = run_experiment(args.experiment, quick=args.quick, out=args.out, options=_options(args))
     print((run.path / "results.md").read_text(), end="")
     print(f"run: {run.path}")
     return 0
@@ -33,13 +39,14 @@ def _register_reproduce(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run of the same code path")
     p.add_argument("--threads", type=flags.non_negative_int, default=None)
     p.add_argument("--out", help="run folder (default runs/reproduce-<experiment>/vN)")
+    flags.add_compute(p)
     p.set_defaults(func=_cmd_reproduce)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from potpourri.papers.demo import run_demo
 
-    run = run_demo(out=args.out, seed=args.seed, threads=args.threads)
+    run = run_demo(out=args.out, seed=args.seed, threads=args.threads, options=_options(args))
     print(f"report: {run.path / 'report.html'}")
     return 0
 
@@ -50,5 +57,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run folder (default runs/demo/vN)")
     p.add_argument("--seed", type=flags.non_negative_int, default=0)
     p.add_argument("--threads", type=flags.non_negative_int, default=None, help="torch threads (default: all cores)")
+    flags.add_compute(p)
     p.set_defaults(func=_cmd_demo)
     _register_reproduce(subparsers)

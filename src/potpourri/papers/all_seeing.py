@@ -12,7 +12,9 @@ import numpy as np
 import torch
 
 from potpourri.core.runs import Run, new_run, seed_everything
+from potpourri.core.training import TrainOptions, resolve_device
 from potpourri.models.allseeing import RegionTextHead
+from potpourri.papers.registry import options_for
 from potpourri.vlm.allseeing import RegionPair, pool_regions, region_caption_pairs, retrieval_accuracy, train_head
 
 
@@ -42,8 +44,11 @@ def _region_tensors(features: torch.Tensor, pairs: list[RegionPair], cfg: AllSee
     return pooled.flatten(1), boxes / cfg.image_size  # (N, C·s·s), (N, 4) in [0, 1]
 
 
-def reproduce_all_seeing(cfg: AllSeeingConfig, *, out: str | None = None) -> Run:
+def reproduce_all_seeing(cfg: AllSeeingConfig, *, out: str | None = None, options: TrainOptions | None = None) -> Run:
     """Train and evaluate the region–text head; writes ``results.md``, ``summary.json`` and ``pairs.jsonl``.
+
+    ``options``: the head trains and is evaluated on its device (and precision, once ``train_head`` takes options);
+    the Lite0 features and MiniLM text embeddings are computed on the CPU.
 
     Example:
         run = reproduce_all_seeing(AllSeeingConfig(seeds=(0,))); print((run.path / "results.md").read_text())
@@ -54,6 +59,7 @@ def reproduce_all_seeing(cfg: AllSeeingConfig, *, out: str | None = None) -> Run
     from potpourri.data.synth import DEFECTS, MULTI, make_samples
     from potpourri.detect.simdetr import lite0_feature_maps
 
+    device = resolve_device((options or TrainOptions()).device)
     started = time.perf_counter()
     run = new_run("reproduce-all-seeing", out, config=asdict(cfg), seed=cfg.seeds[0])
     kinds = (*DEFECTS, MULTI)
@@ -73,11 +79,11 @@ def reproduce_all_seeing(cfg: AllSeeingConfig, *, out: str | None = None) -> Run
     for split, samples in split_samples.items():
         features = lite0_feature_maps([s.image for s in samples], upsample=cfg.feature_upsample,
                                       progress=cfg.progress)  # fmt: skip
-        region[split] = _region_tensors(features, pairs[split], cfg)
+        region[split] = tuple(t.to(device) for t in _region_tensors(features, pairs[split], cfg))
         gallery = sorted({p.caption for p in pairs[split]})
         galleries[split] = gallery
         caption_ids[split] = torch.tensor([gallery.index(p.caption) for p in pairs[split]])
-        text[split] = text_encoder.encode(gallery)  # (G, 384)
+        text[split] = text_encoder.encode(gallery).to(device)  # (G, 384)
     train_captions, test_captions = set(galleries["train"]), galleries["test"]
     seen = float(np.mean([c in train_captions for c in test_captions]))
     seen_regions = float(np.mean([p.caption in train_captions for p in pairs["test"]]))
@@ -90,7 +96,7 @@ def reproduce_all_seeing(cfg: AllSeeingConfig, *, out: str | None = None) -> Run
 
     def evaluate(head: RegionTextHead) -> dict[str, float]:
         with torch.no_grad():
-            similarity = head.encode_regions(*region["test"]) @ head.encode_texts(text["test"]).T  # (N, G)
+            similarity = (head.encode_regions(*region["test"]) @ head.encode_texts(text["test"]).T).float().cpu()
         acc = retrieval_accuracy(similarity, targets, (1, 5))
         seen_rows = torch.tensor([p.caption in train_captions for p in test_pairs])
         on_seen = retrieval_accuracy(similarity[seen_rows], targets[seen_rows], (1,))[1]
@@ -110,17 +116,18 @@ def reproduce_all_seeing(cfg: AllSeeingConfig, *, out: str | None = None) -> Run
     }
     results: dict[str, list[dict[str, float]]] = {}
     region_dim = region["train"][0].shape[1]
-    train_text = text["train"][caption_ids["train"]]  # (N_train, 384) one row per region
+    train_text = text["train"][caption_ids["train"].to(device)]  # (N_train, 384) one row per region
     for seed in cfg.seeds:
         for arm, spec in arms.items():
             seed_everything(seed)
             head = RegionTextHead(region_dim, embed_dim=cfg.embed_dim, use_features=spec.get("use_features", True),
-                                  use_box=spec.get("use_box", True))  # fmt: skip
+                                  use_box=spec.get("use_box", True)).to(device)  # fmt: skip
             tic = time.perf_counter()
             losses = []
             if spec["train"]:
-                losses = train_head(head, *region["train"], train_text, caption_ids["train"], steps=cfg.steps,
-                                    batch_size=cfg.batch_size, lr=cfg.lr, seed=seed)  # fmt: skip
+                losses = train_head(head, *region["train"], train_text, caption_ids["train"].to(device),
+                                    steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
+                                    **options_for(train_head, options))  # fmt: skip
             head.eval()
             row = {**evaluate(head), "seconds": time.perf_counter() - tic,
                    "final_loss": float(np.mean(losses[-20:])) if losses else float("nan")}  # fmt: skip
@@ -169,10 +176,10 @@ def reproduce_all_seeing(cfg: AllSeeingConfig, *, out: str | None = None) -> Run
     return run
 
 
-def run(quick: bool, out: str | None) -> Run:
+def run(quick: bool, out: str | None, options: TrainOptions | None = None) -> Run:
     """``potpourri reproduce all-seeing``: the full study, or a seconds-long smoke run of the same code path."""
     cfg = AllSeeingConfig()
     if quick:  # same code path, numbers not meaningful
         cfg = AllSeeingConfig(categories=("brick",), image_size=64, train_per_kind=1, test_per_kind=1,
                               feature_upsample=1, steps=5, batch_size=8, seeds=(0,), progress=False)  # fmt: skip
-    return reproduce_all_seeing(cfg, out=out)
+    return reproduce_all_seeing(cfg, out=out, options=options)

@@ -13,7 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+from potpourri.core.training import TrainOptions, resolve_device
 from potpourri.models.visual_prompt import MAPPINGS
+from potpourri.papers.registry import compute_options
 from potpourri.tune.visual_prompt import (
     VPConfig,
     accuracy,
@@ -50,7 +52,14 @@ def _pixels(images: np.ndarray, labels: np.ndarray) -> TensorDataset:
     return TensorDataset(x, torch.from_numpy(labels))
 
 
-def _probe(source: nn.Module, train: TensorDataset, val: TensorDataset, test: TensorDataset, cfg: AutoVPConfig):
+def _probe(
+    source: nn.Module,
+    train: TensorDataset,
+    val: TensorDataset,
+    test: TensorDataset,
+    cfg: AutoVPConfig,
+    options: TrainOptions,
+):
     """Linear probe on the source's pooled features, image resized to the full canvas; lr picked on val."""
     from collections import OrderedDict
 
@@ -64,9 +73,11 @@ def _probe(source: nn.Module, train: TensorDataset, val: TensorDataset, test: Te
         mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in source_normalisation(source))
         return TensorDataset((x - mean) / std, data.tensors[1])
 
+    device = resolve_device(options.device)
     head = source.get_classifier()
     feats = {
-        k: extract_features(source, normalised(d), head) for k, d in (("train", train), ("val", val), ("test", test))
+        k: extract_features(source, normalised(d), head, device=device)
+        for k, d in (("train", train), ("val", val), ("test", test))
     }
     num_classes = int(train.tensors[1].max()) + 1
     best = None
@@ -74,10 +85,14 @@ def _probe(source: nn.Module, train: TensorDataset, val: TensorDataset, test: Te
         torch.manual_seed(cfg.seed)
         probe = nn.Sequential(OrderedDict(head=nn.Linear(feats["train"].tensors[0].shape[1], num_classes)))
         plan = get_strategy("linear").prepare(probe, lr=lr)
-        tcfg = TuneConfig(epochs=cfg.probe_epochs, batch_size=cfg.batch_size, lr=lr, seed=cfg.seed, progress=False)
+        tcfg = TuneConfig(
+            epochs=cfg.probe_epochs, batch_size=cfg.batch_size, lr=lr, seed=cfg.seed, progress=False,
+            **compute_options(TuneConfig, options),
+        )  # fmt: skip
         result = train_loop(probe, feats["train"], feats["val"], plan, tcfg)
         if best is None or result.val_acc > best[1]:
-            best = (lr, result.val_acc, evaluate(probe, feats["test"])["acc"], evaluate(probe, feats["train"])["acc"])
+            test_acc = evaluate(probe, feats["test"], device=device)["acc"]
+            best = (lr, result.val_acc, test_acc, evaluate(probe, feats["train"], device=device)["acc"])
     return {
         "lr": best[0],
         "val_acc": best[1],
@@ -87,14 +102,19 @@ def _probe(source: nn.Module, train: TensorDataset, val: TensorDataset, test: Te
     }
 
 
-def reproduce_autovp(cfg: AutoVPConfig | None = None, *, out: str | None = None):
-    """Search (mapping, scale, width) by successive halving; compare with a zero prompt and a linear probe."""
+def reproduce_autovp(cfg: AutoVPConfig | None = None, *, out: str | None = None, options: TrainOptions | None = None):
+    """Search (mapping, scale, width) by successive halving; compare with a zero prompt and a linear probe.
+
+    ``options`` sets the device and precision of every trial, the probe and the evaluations.
+    """
     from potpourri.core.registry import create_model
     from potpourri.core.runs import new_run, seed_everything
     from potpourri.data.splits import stratified_split
     from potpourri.data.synth import make_task
 
     cfg = cfg or AutoVPConfig()
+    options = options or TrainOptions(progress=False)
+    device, precision = resolve_device(options.device), options.precision
     started = time.perf_counter()
     run = new_run("reproduce-autovp", out, config=asdict(cfg), seed=cfg.seed)
     seed_everything(cfg.seed)
@@ -106,7 +126,7 @@ def reproduce_autovp(cfg: AutoVPConfig | None = None, *, out: str | None = None)
     val = _pixels(task.train_images[val_idx], task.train_labels[val_idx])
     test = _pixels(task.test_images, task.test_labels)
     k = len(task.class_names)
-    source = create_model("efficientnet_lite0", pretrained=True).eval()
+    source = create_model("efficientnet_lite0", pretrained=True).eval().to(device)
     before = {n: p.detach().clone() for n, p in source.state_dict().items()}
     text_encoder = None
     if "semantic" in cfg.mappings:
@@ -128,6 +148,7 @@ def reproduce_autovp(cfg: AutoVPConfig | None = None, *, out: str | None = None)
         lr=cfg.lr,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
+        options=options,
     )
     for r, rung in enumerate(result.rungs):
         for i, s in rung["scores"].items():
@@ -147,9 +168,9 @@ def reproduce_autovp(cfg: AutoVPConfig | None = None, *, out: str | None = None)
         {
             "method": f"AutoVP search winner ({configs[result.best].label()})",
             "epochs": winner.epochs_done,
-            "train_acc": accuracy(winner.model, train),
+            "train_acc": accuracy(winner.model, train, precision=precision),
             "val_acc": result.best_score,
-            "test_acc": accuracy(winner.model, test),
+            "test_acc": accuracy(winner.model, test, precision=precision),
             "trainable_params": sum(p.numel() for p in winner.model.parameters() if p.requires_grad),
         }
     ]
@@ -166,9 +187,9 @@ def reproduce_autovp(cfg: AutoVPConfig | None = None, *, out: str | None = None)
             {
                 "method": f"best {mapping} ({configs[i].label()}), stopped at rung {r}",
                 "epochs": trials[i].epochs_done,
-                "train_acc": accuracy(trials[i].model, train),
+                "train_acc": accuracy(trials[i].model, train, precision=precision),
                 "val_acc": val_acc,
-                "test_acc": accuracy(trials[i].model, test),
+                "test_acc": accuracy(trials[i].model, test, precision=precision),
                 "trainable_params": sum(p.numel() for p in trials[i].model.parameters() if p.requires_grad),
             }
         )
@@ -185,13 +206,13 @@ def reproduce_autovp(cfg: AutoVPConfig | None = None, *, out: str | None = None)
         {
             "method": "no prompt + FreqMap (no training)",
             "epochs": 0,
-            "train_acc": accuracy(zero, train),
-            "val_acc": accuracy(zero, val),
-            "test_acc": accuracy(zero, test),
+            "train_acc": accuracy(zero, train, precision=precision),
+            "val_acc": accuracy(zero, val, precision=precision),
+            "test_acc": accuracy(zero, test, precision=precision),
             "trainable_params": 0,
         }
     )
-    probe = _probe(source, train, val, test, cfg)
+    probe = _probe(source, train, val, test, cfg, options)
     rows.append(
         {
             "method": f"linear probe, {cfg.canvas}px input (lr {probe['lr']:g})",
@@ -240,8 +261,8 @@ def reproduce_autovp(cfg: AutoVPConfig | None = None, *, out: str | None = None)
     return run
 
 
-def run(quick: bool, out: str | None):
-    """``potpourri reproduce autovp`` (or its seconds-long smoke run)."""
+def run(quick: bool, out: str | None, options: TrainOptions | None = None):
+    """``potpourri reproduce autovp`` (or its seconds-long smoke run) on ``options``' device and precision."""
     cfg = AutoVPConfig()
     if quick:
         cfg = AutoVPConfig(
@@ -255,4 +276,4 @@ def run(quick: bool, out: str | None):
             probe_lrs=(1e-2,),
             probe_epochs=2,
         )
-    return reproduce_autovp(cfg, out=out)
+    return reproduce_autovp(cfg, out=out, options=options)

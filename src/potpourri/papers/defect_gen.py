@@ -33,6 +33,8 @@ from tqdm.auto import tqdm
 
 from potpourri.core.errors import PotpourriError
 from potpourri.core.runs import Run, new_run, seed_everything
+from potpourri.core.training import TrainOptions
+from potpourri.papers.registry import options_for
 from potpourri.report.tables import markdown_table
 
 __all__ = ["GENERATORS", "DefectGenExperimentConfig", "make_generator", "reproduce_defectgen", "run"]
@@ -63,8 +65,11 @@ class DefectGenExperimentConfig:
     generator_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> config overrides
 
 
-def make_generator(name: str, options: dict[str, Any] | None = None) -> Any:
-    """Build a registered generator; ``options`` fill its config dataclass (keys it lacks are ignored)."""
+def make_generator(
+    name: str, options: dict[str, Any] | None = None, *, train_options: TrainOptions | None = None
+) -> Any:
+    """Build a registered generator; ``options`` fill its config dataclass (keys it lacks are ignored);
+    ``train_options`` (device, precision) go to a generator class that takes an ``options`` keyword."""
     if name not in GENERATORS:
         raise PotpourriError(f"unknown generator '{name}'; choose from {', '.join(GENERATORS)}")
     module_name, class_name, config_name = GENERATORS[name].split(":")
@@ -76,7 +81,9 @@ def make_generator(name: str, options: dict[str, Any] | None = None) -> Any:
         raise PotpourriError(f"generator '{name}' needs {module_name}, which is not in this potpourri") from None
     config_cls = getattr(module, config_name)
     known = {f.name for f in dataclasses.fields(config_cls)}
-    return getattr(module, class_name)(config_cls(**{k: v for k, v in (options or {}).items() if k in known}))
+    generator_cls = getattr(module, class_name)
+    config = config_cls(**{k: v for k, v in (options or {}).items() if k in known})
+    return generator_cls(config, **options_for(generator_cls, train_options))
 
 
 def _available(name: str) -> bool:
@@ -155,8 +162,15 @@ def _markdown(table: list[dict[str, Any]], class_names: list[str]) -> str:
     )
 
 
-def reproduce_defectgen(cfg: DefectGenExperimentConfig | None = None, *, out: str | os.PathLike | None = None) -> Run:
+def reproduce_defectgen(
+    cfg: DefectGenExperimentConfig | None = None,
+    *,
+    out: str | os.PathLike | None = None,
+    options: TrainOptions | None = None,
+) -> Run:
     """Run every arm for every seed; writes metrics.csv, summary.json, results.md and report.html.
+
+    ``options`` (device, precision) reach every generator and segmenter whose training takes an ``options`` keyword.
 
     Example:
         run = reproduce_defectgen(DefectGenExperimentConfig(steps=300))
@@ -202,16 +216,18 @@ def reproduce_defectgen(cfg: DefectGenExperimentConfig | None = None, *, out: st
         if arm != "real":
             start = time.perf_counter()
             # the generator gets copies of the N real images and the defect-free ones: nothing else
-            options = {
+            overrides = {
                 "image_size": cfg.image_size,
                 "num_classes": len(class_names),
                 "seed": seed,
                 "progress": False,
                 **cfg.generator_options.get(arm, {}),
             }
-            generator = make_generator(arm, options)
+            generator = make_generator(arm, overrides, train_options=options)
             generator_configs.setdefault(arm, dataclasses.asdict(generator.config))
-            generator.fit(real_images.copy(), real_masks.copy(), normals=normals.copy())
+            generator.fit(
+                real_images.copy(), real_masks.copy(), normals=normals.copy(), **options_for(generator.fit, options)
+            )
             fake_images, fake_masks = generator.sample(cfg.n_synthetic, seed=seed)
             seconds = time.perf_counter() - start
             timings.setdefault(arm, []).append(seconds)
@@ -230,7 +246,10 @@ def reproduce_defectgen(cfg: DefectGenExperimentConfig | None = None, *, out: st
             row["generator_s"] = seconds
             row["synthetic_defect_fraction"] = float((fake_masks > 0).mean())
         seed_everything(seed)
-        segmenter = train_segmenter(train_images, train_masks, dataclasses.replace(seg_cfg, seed=seed), progress=False)
+        segmenter = train_segmenter(
+            train_images, train_masks, dataclasses.replace(seg_cfg, seed=seed), progress=False,
+            **options_for(train_segmenter, options),
+        )  # fmt: skip
         metrics = segmenter.evaluate(test_images, test_masks)
         predictions.setdefault(row["arm"], segmenter.predict(test_images[: len(kinds)]))
         row.update(
@@ -293,7 +312,7 @@ def reproduce_defectgen(cfg: DefectGenExperimentConfig | None = None, *, out: st
     return run
 
 
-def run(quick: bool, out: str | None) -> Run:
+def run(quick: bool, out: str | None, options: TrainOptions | None = None) -> Run:
     """``potpourri reproduce defect-gen``: the full experiment, or a seconds-long smoke run of the same code path."""
     cfg = DefectGenExperimentConfig()
     if quick:  # same code path, minutes -> seconds, numbers not meaningful
@@ -310,4 +329,4 @@ def run(quick: bool, out: str | None) -> Run:
                 "defect-gen-lite": {"train_steps": 4, "global_width": 8, "local_width": 8, "sample_steps": 2}
             },
         )
-    return reproduce_defectgen(cfg, out=out)
+    return reproduce_defectgen(cfg, out=out, options=options)

@@ -23,9 +23,11 @@ from tqdm.auto import tqdm
 
 from potpourri.core.registry import create_model, get_pretrained_cfg
 from potpourri.core.runs import Run, new_run, seed_everything
+from potpourri.core.training import TrainOptions, autocast, resolve_device
 from potpourri.data.baselines import colour_histograms
 from potpourri.data.synth import make_task
 from potpourri.data.transforms import model_transform
+from potpourri.papers.registry import compute_options, options_for
 from potpourri.report.html import Report
 from potpourri.report.plots import confusion_matrix_png, image_grid_png
 
@@ -42,13 +44,18 @@ def extract_features(
     *,
     batch_size: int = 32,
     desc: str = "features",
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
 ) -> np.ndarray:
-    """Pooled backbone features (N, C) of uint8 images (N, H, W, 3), with a progress bar."""
-    model.eval()
+    """Pooled backbone features (N, C) of uint8 images (N, H, W, 3), computed on ``device`` under ``precision``."""
+    device = torch.device(device)
+    model.to(device).eval()
     feats = []
     for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
-        batch = torch.stack([transform(img) for img in images[start : start + batch_size]])  # (B, 3, H, W)
-        feats.append(model.forward_head(model.forward_features(batch), pre_logits=True))  # (B, C)
+        batch = torch.stack([transform(img) for img in images[start : start + batch_size]]).to(device)  # (B, 3, H, W)
+        with autocast(device, precision):
+            pooled = model.forward_head(model.forward_features(batch), pre_logits=True)  # (B, C)
+        feats.append(pooled.float().cpu())
     return torch.cat(feats).numpy()
 
 
@@ -95,10 +102,11 @@ TUNING_ARMS = (
 )
 
 
-def _tuning_section(report: Report, task, *, seed: int, epochs: int) -> list[dict]:
+def _tuning_section(report: Report, task, *, seed: int, epochs: int, options: TrainOptions) -> list[dict]:
     """Linear probe vs SubTuning vs full fine-tuning through the one training loop, on the same split."""
     from potpourri.data.transforms import normalized_dataset
     from potpourri.tune import fit
+    from potpourri.tune.trainer import TuneConfig
 
     cfg = get_pretrained_cfg("efficientnet_lite0")
     train = normalized_dataset(task.train_images, task.train_labels, cfg.mean, cfg.std)
@@ -107,7 +115,10 @@ def _tuning_section(report: Report, task, *, seed: int, epochs: int) -> list[dic
     for strategy, lr, extra in TUNING_ARMS:
         seed_everything(seed)
         model = create_model("efficientnet_lite0", pretrained=True, num_classes=len(task.class_names))
-        result = fit(model, train, val, strategy, epochs=epochs, lr=lr, batch_size=16, seed=seed, **extra)
+        result = fit(
+            model, train, val, strategy, epochs=epochs, lr=lr, batch_size=16, seed=seed, **extra,
+            **compute_options(TuneConfig, options),
+        )  # fmt: skip
         rows.append(
             {
                 "strategy": strategy,
@@ -175,14 +186,19 @@ def _inspection_section(report: Report, run: Run, *, seed: int, image_size: int,
     return {"category": category, "seconds": seconds, **metrics}
 
 
-def _segmentation_section(report: Report, run: Run, *, seed: int, steps: int, category: str = "brick") -> dict:
+def _segmentation_section(
+    report: Report, run: Run, *, seed: int, steps: int, options: TrainOptions, category: str = "brick"
+) -> dict:
     """Defect segmentation on one DS-Synth category: a UNet decoder on the frozen pretrained encoder, per-class IoU."""
     from potpourri.segment.segmenter import SegmenterConfig, segmentation_panels_png, train_segmenter
 
     task = make_task("segmentation", categories=(category,), n_per_class=6, seed=seed, size=96)
     t0 = time.perf_counter()
     config = SegmenterConfig(image_size=96, steps=steps, seed=seed, class_names=tuple(task.class_names))
-    segmenter = train_segmenter(task.train_images, task.train_masks.astype(np.int64), config, progress=False)
+    segmenter = train_segmenter(
+        task.train_images, task.train_masks.astype(np.int64), config, progress=False,
+        **options_for(train_segmenter, options),
+    )  # fmt: skip
     seconds = time.perf_counter() - t0
     metrics = segmenter.evaluate(task.test_images, task.test_masks.astype(np.int64))
     report.section(
@@ -219,13 +235,19 @@ def run_demo(
     inspect: bool = True,
     tune_epochs: int = 5,
     segment_steps: int = 200,
+    options: TrainOptions | None = None,
 ) -> Run:
     """Run the offline demo and return its run folder (``report.html`` inside).
+
+    ``options`` (device, precision): feature extraction, the tuning arms and the segmenter run there; PatchCore and
+    the CPU latency section stay on the CPU.
 
     Example:
         run = run_demo(seed=0); print(run.read_summary()["probe_accuracy"])
     """
     started = time.perf_counter()
+    options = options or TrainOptions()
+    device = resolve_device(options.device)
     if threads:
         torch.set_num_threads(threads)
     seed_everything(seed)
@@ -246,8 +268,9 @@ def run_demo(
     model = create_model("efficientnet_lite0", pretrained=True)
     transform = model_transform(get_pretrained_cfg("efficientnet_lite0"))
     t0 = time.perf_counter()
-    train_x = extract_features(model, task.train_images, transform, desc="train features")
-    test_x = extract_features(model, task.test_images, transform, desc="test features")
+    compute = {"device": device, "precision": options.precision}
+    train_x = extract_features(model, task.train_images, transform, desc="train features", **compute)
+    test_x = extract_features(model, task.test_images, transform, desc="test features", **compute)
     feature_s = time.perf_counter() - t0
     predicted = _probe(train_x, task.train_labels, test_x, seed)
     hist_predicted = _probe(
@@ -297,9 +320,11 @@ def run_demo(
     )
     report.text(f"Feature extraction took {feature_s:.1f} s.", note=True)
 
-    tuning = _tuning_section(report, task, seed=seed, epochs=tune_epochs) if tune_epochs > 0 else []
+    tuning = _tuning_section(report, task, seed=seed, epochs=tune_epochs, options=options) if tune_epochs > 0 else []
     inspection = _inspection_section(report, run, seed=seed, image_size=image_size) if inspect else {}
-    segmentation = _segmentation_section(report, run, seed=seed, steps=segment_steps) if segment_steps > 0 else {}
+    segmentation = (
+        _segmentation_section(report, run, seed=seed, steps=segment_steps, options=options) if segment_steps > 0 else {}
+    )
     latency = _latency_section(report, run, latency_rounds) if latency_rounds > 0 else []
     elapsed = time.perf_counter() - started
     report.text(f"Total time {elapsed:.1f} s with {torch.get_num_threads()} threads; seed {seed}.", note=True)

@@ -21,8 +21,10 @@ from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from potpourri.core.runs import Run, new_run, seed_everything
+from potpourri.core.training import TrainOptions, resolve_device
 from potpourri.data.splits import stratified_split
 from potpourri.data.transforms import normalized_dataset
+from potpourri.papers.registry import compute_options
 from potpourri.report.tables import markdown_table
 
 __all__ = [
@@ -97,8 +99,11 @@ def _markdown(table: list[dict[str, Any]]) -> str:
     return markdown_table(header, rows)
 
 
-def reproduce_freeze_embed(cfg: FreezeEmbedConfig | None = None, *, out: str | os.PathLike | None = None) -> Run:
+def reproduce_freeze_embed(
+    cfg: FreezeEmbedConfig | None = None, *, out: str | os.PathLike | None = None, options: TrainOptions | None = None
+) -> Run:
     """Run the sweep and the seeded arms; writes metrics.csv (one row per run), summary.json, results.md, report.
+    ``options``: the device and precision every arm trains and is evaluated on.
 
     Example:
         run = reproduce_freeze_embed(); print((run.path / "results.md").read_text())
@@ -107,9 +112,10 @@ def reproduce_freeze_embed(cfg: FreezeEmbedConfig | None = None, *, out: str | o
     from potpourri.data.corruptions import CORRUPTIONS, corrupt
     from potpourri.data.synth import make_task
     from potpourri.report.html import Report
-    from potpourri.tune.trainer import evaluate, fit
+    from potpourri.tune.trainer import TuneConfig, evaluate, fit
 
     cfg = cfg or FreezeEmbedConfig()
+    device = resolve_device((options or TrainOptions()).device)
     started = time.perf_counter()
     run = new_run("reproduce-freeze-embed", out, config=asdict(cfg), seed=cfg.seeds[0])
     task = make_task(
@@ -147,11 +153,12 @@ def reproduce_freeze_embed(cfg: FreezeEmbedConfig | None = None, *, out: str | o
             batch_size=cfg.batch_size,
             seed=seed,
             progress=False,
+            **compute_options(TuneConfig, options),
         ).model
 
     chosen: dict[str, float] = {}
     for arm in tqdm(ARMS, desc="lr sweep", unit="arm"):
-        scores = {lr: evaluate(train_arm(arm, lr, 0, train), val)["acc"] for lr in cfg.lrs[arm]}
+        scores = {lr: evaluate(train_arm(arm, lr, 0, train), val, device=device)["acc"] for lr in cfg.lrs[arm]}
         chosen[arm] = max(scores, key=lambda lr: (scores[lr], -lr))
         for lr, acc in scores.items():
             run.log_metrics(
@@ -162,8 +169,8 @@ def reproduce_freeze_embed(cfg: FreezeEmbedConfig | None = None, *, out: str | o
     for arm in tqdm(ARMS, desc="seeded runs", unit="arm"):
         for seed in cfg.seeds:
             model = train_arm(arm, chosen[arm], seed, full_train)
-            id_acc = evaluate(model, test)["acc"]
-            ood_acc = statistics.fmean(evaluate(model, data)["acc"] for data in ood.values())
+            id_acc = evaluate(model, test, device=device)["acc"]
+            ood_acc = statistics.fmean(evaluate(model, data, device=device)["acc"] for data in ood.values())
             row = {
                 "phase": "final",
                 "arm": arm,
@@ -199,7 +206,7 @@ def reproduce_freeze_embed(cfg: FreezeEmbedConfig | None = None, *, out: str | o
 # --- SubTuning: accuracy against the number of training images ------------------------------------------------
 
 
-def run(quick: bool, out: str | None):
+def run(quick: bool, out: str | None, options: TrainOptions | None = None):
     """``potpourri reproduce freeze-embed``: the full run, or a seconds-long smoke run of the same code path."""
 
     cfg = FreezeEmbedConfig()
@@ -213,4 +220,4 @@ def run(quick: bool, out: str | None):
             lrs={arm: (lrs[0],) for arm, lrs in cfg.lrs.items()},
             corruptions=("gaussian_noise", "contrast"),
         )
-    return reproduce_freeze_embed(cfg, out=out)
+    return reproduce_freeze_embed(cfg, out=out, options=options)

@@ -46,6 +46,8 @@ from tqdm.auto import tqdm
 
 from potpourri.core.errors import PotpourriError
 from potpourri.core.runs import Run, new_run, seed_everything
+from potpourri.core.training import TrainOptions, resolve_device
+from potpourri.papers.registry import compute_options
 from potpourri.report.tables import markdown_table
 
 __all__ = ["ARMS", "FrozenLMConfig", "reproduce_frozen_lm", "run"]
@@ -191,11 +193,15 @@ def build_arm(arm: str, cfg: FrozenLMConfig, num_classes: int, seed: int, lm_cac
 
 
 @torch.no_grad()
-def filtering_iou(model: nn.Module, images: torch.Tensor, token_truth: torch.Tensor) -> dict[str, float]:
-    """Mean best-threshold IoU of activation pseudo-masks with the true object tokens (paper §6.2, App. A.3)."""
+def filtering_iou(
+    model: nn.Module, images: torch.Tensor, token_truth: torch.Tensor, *, device: str | torch.device = "cpu"
+) -> dict[str, float]:
+    """Mean best-threshold IoU of activation pseudo-masks with the true object tokens (paper §6.2, App. A.3); the
+    model runs on ``device``, the masks are scored on the CPU."""
     from potpourri.models.frozen_lm import activation_map, cls_attention, pseudo_mask_iou
 
-    model.eval()
+    model.to(device).eval()
+    images = images.to(device)
     record: dict[str, torch.Tensor] = {}
     model.forward_tokens(images, record)
     prefix = model.vit.num_prefix_tokens
@@ -213,7 +219,7 @@ def filtering_iou(model: nn.Module, images: torch.Tensor, token_truth: torch.Ten
         if name == "iou_cls_attn":
             low, high = act.amin(1, keepdim=True), act.amax(1, keepdim=True)
             act = (act - low) / (high - low).clamp_min(1e-12)
-        out[name] = float(pseudo_mask_iou(act, token_truth).mean())
+        out[name] = float(pseudo_mask_iou(act.float().cpu(), token_truth).mean())
     return out
 
 
@@ -259,15 +265,21 @@ def _markdown(table: list[dict[str, Any]]) -> str:
     return markdown_table(header, rows)
 
 
-def reproduce_frozen_lm(cfg: FrozenLMConfig | None = None, *, out: str | None = None) -> Run:
-    """Train every arm for every seed, evaluate clean / corrupted / pseudo-mask IoU; write results.md and report."""
+def reproduce_frozen_lm(
+    cfg: FrozenLMConfig | None = None, *, out: str | None = None, options: TrainOptions | None = None
+) -> Run:
+    """Train every arm for every seed, evaluate clean / corrupted / pseudo-mask IoU; write results.md and report.
+
+    ``options``: the device and precision every arm trains and is evaluated on.
+    """
     from potpourri.data.clutter import CLUTTER_CLASSES, make_clutter, token_masks
     from potpourri.data.corruptions import corrupt
     from potpourri.data.transforms import normalized_dataset
     from potpourri.report.html import Report
-    from potpourri.tune.trainer import evaluate, fit
+    from potpourri.tune.trainer import TuneConfig, evaluate, fit
 
     cfg = cfg or FrozenLMConfig()
+    device = resolve_device((options or TrainOptions()).device)
     started = time.perf_counter()
     run = new_run("reproduce-frozen-lm", out, config=asdict(cfg), seed=cfg.seeds[0])
     train_images, train_labels, _ = make_clutter(cfg.n_train, size=cfg.image_size, seed=0)
@@ -308,6 +320,7 @@ def reproduce_frozen_lm(cfg: FrozenLMConfig | None = None, *, out: str | None = 
                 batch_size=cfg.batch_size,
                 seed=seed,
                 progress=False,
+                **compute_options(TuneConfig, options),
             )
         except PotpourriError as exc:  # a NaN loss is a result of this arm, not a crash of the experiment
             row.update(status="diverged", error=str(exc))
@@ -315,9 +328,11 @@ def reproduce_frozen_lm(cfg: FrozenLMConfig | None = None, *, out: str | None = 
             model = result.model
             row.update(
                 status="ok",
-                clean_acc=evaluate(model, test)["acc"],
-                corrupt_acc=statistics.fmean(evaluate(model, data)["acc"] for data in corrupted.values()),
-                **filtering_iou(model, iou_x, iou_truth),
+                clean_acc=evaluate(model, test, device=device)["acc"],
+                corrupt_acc=statistics.fmean(
+                    evaluate(model, data, device=device)["acc"] for data in corrupted.values()
+                ),
+                **filtering_iou(model, iou_x, iou_truth, device=device),
             )
         row["seconds"] = time.perf_counter() - t0
         row["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -344,7 +359,7 @@ def reproduce_frozen_lm(cfg: FrozenLMConfig | None = None, *, out: str | None = 
     return run
 
 
-def run(quick: bool, out: str | None) -> Run:
-    """``potpourri reproduce frozen-lm`` (or its smoke run with ``quick``)."""
+def run(quick: bool, out: str | None, options: TrainOptions | None = None) -> Run:
+    """``potpourri reproduce frozen-lm`` (or its smoke run with ``quick``) on ``options``' device and precision."""
     cfg = FrozenLMConfig()
-    return reproduce_frozen_lm(cfg.quick() if quick else cfg, out=out)
+    return reproduce_frozen_lm(cfg.quick() if quick else cfg, out=out, options=options)

@@ -32,7 +32,9 @@ from tqdm.auto import tqdm
 
 from potpourri.core.errors import PotpourriError
 from potpourri.core.runs import Run, new_run, seed_everything
+from potpourri.core.training import TrainOptions, resolve_device
 from potpourri.models.blocks import block_map, entry_of
+from potpourri.papers.registry import compute_options
 from potpourri.report.tables import markdown_table
 from potpourri.tune.multitask import BlockProgram
 from potpourri.tune.strategies import get_strategy
@@ -101,19 +103,26 @@ def _attribute_of(model: nn.Module) -> Callable[[str], Any]:
 
 @torch.no_grad()
 def cached_inputs(
-    model: nn.Module, program: BlockProgram, images: torch.Tensor, starts: list[int], *, batch_size: int = 64
+    model: nn.Module,
+    program: BlockProgram,
+    images: torch.Tensor,
+    starts: list[int],
+    *,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
 ) -> dict[int, torch.Tensor]:
-    """``{start: activation crossing into node start}`` for every image, from one eval-mode pass of the prefix."""
-    model.eval()
+    """``{start: activation crossing into node start}`` for every image, from one eval-mode pass of the prefix on
+    ``device`` (the cached activations come back to the CPU)."""
+    model.to(device).eval()
     nodes = {start: program.crossing(start) for start in starts}
     if any(len(n) != 1 for n in nodes.values()):
         raise PotpourriError("prefix caching needs a chain of blocks (one value crossing each cut)")
     parts: dict[int, list[torch.Tensor]] = {start: [] for start in starts}
     for i in range(0, len(images), batch_size):
-        env = {program.input_node: images[i : i + batch_size]}
+        env = {program.input_node: images[i : i + batch_size].to(device)}
         program.run(env, 0, max(starts), model.get_submodule, _attribute_of(model))
         for start in starts:
-            parts[start].append(env[nodes[start][0]])
+            parts[start].append(env[nodes[start][0]].cpu())
     return {start: torch.cat(chunks) for start, chunks in parts.items()}
 
 
@@ -191,7 +200,9 @@ def _folds(labels: torch.Tensor, folds: int, seed: int = 42) -> list[tuple[np.nd
     return list(splitter.split(labels.numpy(), labels.numpy()))
 
 
-def proxy_study(cfg: ProxyStudyConfig | None = None, *, out: str | os.PathLike | None = None) -> Run:
+def proxy_study(
+    cfg: ProxyStudyConfig | None = None, *, out: str | os.PathLike | None = None, options: TrainOptions | None = None
+) -> Run:
     """Profile, proxies and greedy round 1 on Lite0 + DS-Synth; writes results.md, summary.json, profile.png.
 
     Example:
@@ -201,6 +212,7 @@ def proxy_study(cfg: ProxyStudyConfig | None = None, *, out: str | os.PathLike |
     from potpourri.tune.layer_select import proxy_scores
 
     cfg = cfg or ProxyStudyConfig()
+    device = resolve_device((options or TrainOptions()).device)
     started = time.perf_counter()
     run = new_run("reproduce-layer-proxies", out, config=asdict(cfg), seed=cfg.seeds[0])
     train_set, test_set = _data(cfg, "train", cfg.train_per_class), _data(cfg, "test", cfg.test_per_class)
@@ -217,13 +229,17 @@ def proxy_study(cfg: ProxyStudyConfig | None = None, *, out: str | os.PathLike |
 
     tick = time.perf_counter()
     cut_points = sorted(set(starts.values()))
-    train_inputs = cached_inputs(base, program, train_set.tensors[0], cut_points)
-    test_inputs = cached_inputs(base, program, test_set.tensors[0], cut_points)
+    train_inputs = cached_inputs(base, program, train_set.tensors[0], cut_points, device=device)
+    test_inputs = cached_inputs(base, program, test_set.tensors[0], cut_points, device=device)
+    base.cpu()  # fitted copies move to the device in the loop; the proxies below run where their inputs are (CPU)
     cache_s = time.perf_counter() - tick
     y_train, y_test = train_set.tensors[1], test_set.tensors[1]
 
     def recipe(seed: int, epochs: int, lr: float) -> TuneConfig:
-        return TuneConfig(epochs=epochs, lr=lr, batch_size=cfg.batch_size, seed=seed, progress=False)
+        return TuneConfig(
+            epochs=epochs, lr=lr, batch_size=cfg.batch_size, seed=seed, progress=False,
+            **compute_options(TuneConfig, options),
+        )  # fmt: skip
 
     def probe_head(seed: int, index: np.ndarray | None = None) -> tuple[dict[str, torch.Tensor], SuffixModel]:
         seed_everything(seed)  # the head's initialisation
@@ -242,14 +258,14 @@ def proxy_study(cfg: ProxyStudyConfig | None = None, *, out: str | os.PathLike |
     tick = time.perf_counter()
     for seed in tqdm(cfg.seeds, desc="finetuning profile (seeds)", unit="seed"):
         head, probe = probe_head(seed)
-        probe_acc[seed] = evaluate(probe, TensorDataset(test_inputs[starts["head"]], y_test))["acc"]
+        probe_acc[seed] = evaluate(probe, TensorDataset(test_inputs[starts["head"]], y_test), device=device)["acc"]
         profile[seed] = {}
         for block in tqdm(candidates, desc=f"seed {seed}", unit="block", leave=False):
             start = starts[block]
             tuned = tune_single_block(
                 base, program, block, train_inputs[start], y_train, recipe(seed, cfg.epochs, cfg.lr), head_state=head
             )
-            profile[seed][block] = evaluate(tuned, TensorDataset(test_inputs[start], y_test))["acc"]
+            profile[seed][block] = evaluate(tuned, TensorDataset(test_inputs[start], y_test), device=device)["acc"]
             run.log_metrics({"method": "profile", "seed": seed, "block": block, "score": profile[seed][block]})
     profile_s = time.perf_counter() - tick
     oracle = {b: statistics.fmean(profile[s][b] for s in cfg.seeds) for b in candidates}
@@ -271,7 +287,7 @@ def proxy_study(cfg: ProxyStudyConfig | None = None, *, out: str | os.PathLike |
                 head_state=head,
             )
             val = TensorDataset(train_inputs[start][val_index], y_train[val_index])
-            greedy[block] += evaluate(tuned, val)["acc"] / cfg.folds
+            greedy[block] += evaluate(tuned, val, device=device)["acc"] / cfg.folds
     greedy_s = time.perf_counter() - tick
 
     # 3. the cheap proxies, on the model with the linear probe's head (seed 0), and two free baselines
@@ -412,7 +428,7 @@ def _report(run: Run, markdown: str) -> None:
     report.write(run.path / "report.html")
 
 
-def run(quick: bool, out: str | None) -> Run:
+def run(quick: bool, out: str | None, options: TrainOptions | None = None) -> Run:
     """``potpourri reproduce layer-proxies``: the full study, or a seconds-long smoke run of the same code path."""
     cfg = ProxyStudyConfig()
     if quick:  # same code path, numbers not meaningful
@@ -428,4 +444,4 @@ def run(quick: bool, out: str | None) -> Run:
             proxy_batches=1,
             proxy_batch_size=4,
         )
-    return proxy_study(cfg, out=out)
+    return proxy_study(cfg, out=out, options=options)

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from potpourri.core.training import TrainOptions, resolve_device
+from potpourri.papers.registry import compute_options
 from potpourri.tune.opro import LMProposer, Param, RandomProposer, SearchSpace, opro_search
 
 
@@ -45,8 +47,11 @@ def probe_space(max_epochs: int = 60) -> SearchSpace:
     )
 
 
-def probe_objective(train: Any, val: Any, *, batch_size: int = 32, seed: int = 0) -> Callable[[dict], float]:
-    """Validation accuracy of a linear head trained on cached features with the given lr / wd / epochs."""
+def probe_objective(
+    train: Any, val: Any, *, batch_size: int = 32, seed: int = 0, options: TrainOptions | None = None
+) -> Callable[[dict], float]:
+    """Validation accuracy of a linear head trained on cached features with the given lr / wd / epochs (on
+    ``options``' device and precision)."""
     from collections import OrderedDict
 
     import torch.nn as nn
@@ -68,6 +73,7 @@ def probe_objective(train: Any, val: Any, *, batch_size: int = 32, seed: int = 0
             weight_decay=solution["wd"],
             seed=seed,
             progress=False,
+            **compute_options(TuneConfig, options),
         )
         return head, train_loop(head, train, val, plan, cfg)
 
@@ -78,8 +84,12 @@ def probe_objective(train: Any, val: Any, *, batch_size: int = 32, seed: int = 0
     return objective
 
 
-def reproduce_opro(cfg: OproConfig | None = None, *, out: str | None = None):
-    """OPRO with SmolLM2-135M-Instruct vs random search, same budget, over seeds; best-on-val scored on test."""
+def reproduce_opro(cfg: OproConfig | None = None, *, out: str | None = None, options: TrainOptions | None = None):
+    """OPRO with SmolLM2-135M-Instruct vs random search, same budget, over seeds; best-on-val scored on test.
+
+    ``options``: the device and precision of feature extraction and probe training (the LM proposer stays on the CPU:
+    ``LMProposer`` builds its token tensors there).
+    """
     from potpourri.core.registry import create_model, get_pretrained_cfg
     from potpourri.core.runs import new_run, seed_everything
     from potpourri.data.splits import stratified_split
@@ -89,6 +99,7 @@ def reproduce_opro(cfg: OproConfig | None = None, *, out: str | None = None):
     from potpourri.tune.trainer import evaluate
 
     cfg = cfg or OproConfig()
+    device = resolve_device((options or TrainOptions()).device)
     started = time.perf_counter()
     run = new_run("reproduce-opro", out, config=asdict(cfg), seed=cfg.seeds[0])
     seed_everything(0)
@@ -99,7 +110,7 @@ def reproduce_opro(cfg: OproConfig | None = None, *, out: str | None = None):
     head = backbone.get_classifier()
 
     def feats(images: np.ndarray, labels: np.ndarray):
-        return extract_features(backbone, normalized_dataset(images, labels, pcfg.mean, pcfg.std), head)
+        return extract_features(backbone, normalized_dataset(images, labels, pcfg.mean, pcfg.std), head, device=device)
 
     train, val = (
         feats(task.train_images[tr], task.train_labels[tr]),
@@ -107,7 +118,7 @@ def reproduce_opro(cfg: OproConfig | None = None, *, out: str | None = None):
     )
     test = feats(task.test_images, task.test_labels)
     space = probe_space()
-    objective = probe_objective(train, val, batch_size=cfg.batch_size)
+    objective = probe_objective(train, val, batch_size=cfg.batch_size, options=options)
     description = (
         f"Tune a linear classifier (AdamW, cosine schedule, batch {cfg.batch_size}) on frozen image features for "
         f"{len(task.class_names)} defect classes. The score is the validation accuracy in percent."
@@ -136,7 +147,7 @@ def reproduce_opro(cfg: OproConfig | None = None, *, out: str | None = None):
                 progress=True,
             )
             probe, _ = objective.build(result.best)
-            test_acc = evaluate(probe, test)["acc"]
+            test_acc = evaluate(probe, test, device=device)["acc"]
             row = {
                 "arm": arm,
                 "seed": seed,
@@ -186,11 +197,11 @@ def reproduce_opro(cfg: OproConfig | None = None, *, out: str | None = None):
     return run
 
 
-def run(quick: bool, out: str | None):
-    """``potpourri reproduce opro`` (or its smoke run: a tiny budget, one seed)."""
+def run(quick: bool, out: str | None, options: TrainOptions | None = None):
+    """``potpourri reproduce opro`` (or its smoke run: a tiny budget, one seed) on ``options``' device/precision."""
     cfg = OproConfig()
     if quick:
         cfg = OproConfig(
             categories=("brick",), n_per_class=3, image_size=32, budget=6, per_step=2, seeds=(0,), max_new_tokens=12
         )
-    return reproduce_opro(cfg, out=out)
+    return reproduce_opro(cfg, out=out, options=options)

@@ -1,16 +1,26 @@
 """``potpourri reproduce <experiment>``: every paper re-run at CPU scale, behind one verb.
 
-An experiment is a function ``run(quick: bool, out: str | None) -> Run`` that writes ``results.md`` into its run
-folder; ``quick`` is a seconds-long smoke run of the same code path (numbers not meaningful). Register a new one by
-adding a line to ``EXPERIMENTS``; modules are imported only when their experiment runs.
+An experiment is a function ``run(quick: bool, out: str | None, options: TrainOptions | None = None) -> Run`` that
+writes ``results.md`` into its run folder; ``quick`` is a seconds-long smoke run of the same code path (numbers not
+meaningful); ``options`` carries ``--device`` and ``--precision`` to every model the experiment trains or runs.
+Register a new one by adding a line to ``EXPERIMENTS``; modules are imported only when their experiment runs.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+from collections.abc import Callable
+from dataclasses import fields
+from typing import Any
+
+from potpourri.core.training import TrainOptions
 
 __all__ = [
     "EXPERIMENTS",
+    "accepted",
+    "compute_options",
+    "options_for",
     "run_experiment",
 ]
 
@@ -59,8 +69,28 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
 }
 
 
-def run_experiment(name: str, *, quick: bool = False, out: str | None = None):
-    """Run one registered experiment and return its ``Run`` (``results.md`` inside)."""
+def run_experiment(name: str, *, quick: bool = False, out: str | None = None, options: TrainOptions | None = None):
+    """Run one registered experiment on ``options``' device and precision; return its ``Run`` (``results.md``)."""
     target, _ = EXPERIMENTS[name]
     module, function = target.split(":")
-    return getattr(importlib.import_module(module), function)(quick, out)
+    return getattr(importlib.import_module(module), function)(quick, out, options or TrainOptions(progress=False))
+
+
+def compute_options(config_type: type, options: TrainOptions | None) -> dict[str, Any]:
+    """``device``/``precision`` of ``options`` as keyword arguments for a training config dataclass, limited to the
+    fields that config has (e.g. ``TuneConfig(**cfg, **compute_options(TuneConfig, options))``)."""
+    options = options or TrainOptions()
+    known = {f.name for f in fields(config_type)}
+    return {k: getattr(options, k) for k in ("device", "precision") if k in known}
+
+
+def accepted(function: Callable, **kwargs: Any) -> dict[str, Any]:
+    """The ``kwargs`` that ``function`` has parameters for (``None`` values dropped)."""
+    parameters = inspect.signature(function).parameters
+    return {k: v for k, v in kwargs.items() if k in parameters and v is not None}
+
+
+def options_for(function: Callable, options: TrainOptions | None) -> dict[str, Any]:
+    """``{"options": options}`` when ``function`` takes an ``options`` keyword (the loops on ``core.training.Trainer``),
+    else nothing: an experiment passes its device and precision to every loop that can take them."""
+    return accepted(function, options=options)

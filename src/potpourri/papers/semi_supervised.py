@@ -24,10 +24,12 @@ contrast, saturation only), because the class depends on the colour family (warm
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +41,7 @@ from tqdm.auto import tqdm
 
 from potpourri.core.errors import PotpourriError
 from potpourri.core.runs import Run, new_run, seed_everything
+from potpourri.core.training import Trainer, TrainOptions, resolve_device
 from potpourri.data.transforms import images_to_tensor
 from potpourri.report.tables import markdown_table
 
@@ -197,6 +200,14 @@ def _sample(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
     return torch.cat([torch.randperm(n, generator=gen) for _ in range(reps)])[:k]
 
 
+def _phase_options(options: TrainOptions | None, folder: Path | None, *, first: bool) -> TrainOptions:
+    """A later phase resumes only when it had written a checkpoint (the run may have been killed before it began)."""
+    options = options or TrainOptions(progress=False)
+    if options.resume and not first and (folder is None or not (folder / "last.json").is_file()):
+        return replace(options, resume=False)
+    return options
+
+
 def train_supervised(
     model: nn.Module,
     images: torch.Tensor,
@@ -209,21 +220,32 @@ def train_supervised(
     seed: int = 0,
     augment: Augment = weak_augment,
     progress: bool = False,
+    options: TrainOptions | None = None,
+    checkpoints: str | os.PathLike | None = None,
 ) -> list[float]:
-    """Cross-entropy on the labelled images for ``steps`` steps; returns the per-step loss."""
+    """Cross-entropy on the labelled images for ``steps`` steps; returns the per-step loss.
+
+    ``options`` sets device, precision, clipping and resume (from ``checkpoints``); ``progress`` is used only
+    without ``options``.
+    """
     gen = torch.Generator().manual_seed(seed)
     opt = _optimizer(model.parameters(), lr, weight_decay)
+    trainer = Trainer(
+        model, opt, total_steps=steps, options=options or TrainOptions(progress=progress), folder=checkpoints,
+        generators={"batches": gen}, desc="supervised",
+    )  # fmt: skip
     model.train()
-    losses = []
-    for step in tqdm(range(steps), desc="supervised", disable=not progress, leave=False):
+    losses: list[float] = trainer.state.setdefault("losses", [])
+    for step in trainer.steps():
         _set_lr(opt, step, steps, lr)
         idx = _sample(len(images), batch_size, gen)
-        loss = F.cross_entropy(model(augment(images[idx], gen)), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+        x = augment(images[idx], gen).to(trainer.device)
+        with trainer.autocast():
+            loss = F.cross_entropy(model(x), labels[idx].to(trainer.device))
+        losses.append(loss.item())  # before update: a checkpoint written there includes it
+        trainer.update(loss)
+    trainer.finish()
+    return list(losses)
 
 
 def train_fixmatch(
@@ -243,35 +265,42 @@ def train_fixmatch(
     weak: Augment = weak_augment,
     strong: Augment = strong_augment,
     progress: bool = False,
+    options: TrainOptions | None = None,
+    checkpoints: str | os.PathLike | None = None,
 ) -> list[dict[str, float]]:
     """FixMatch for ``steps`` steps: labelled, weak and strong batches in one forward (shared BN statistics)."""
     if len(unlabelled) == 0:
         raise PotpourriError("FixMatch needs unlabelled images; pass a non-empty `unlabelled` tensor")
     gen = torch.Generator().manual_seed(seed)
     opt = _optimizer(model.parameters(), lr, weight_decay)
+    trainer = Trainer(
+        model, opt, total_steps=steps, options=options or TrainOptions(progress=progress), folder=checkpoints,
+        generators={"batches": gen}, desc="fixmatch",
+    )  # fmt: skip
     model.train()
-    history = []
-    for step in tqdm(range(steps), desc="fixmatch", disable=not progress, leave=False):
+    history: list[dict[str, float]] = trainer.state.setdefault("history", [])
+    for step in trainer.steps():
         _set_lr(opt, step, steps, lr)
         idx = _sample(len(images), batch_size, gen)
         uidx = _sample(len(unlabelled), mu * batch_size, gen)
         x_l, u = weak(images[idx], gen), unlabelled[uidx]
         u_weak, u_strong = weak(u, gen), strong(u, gen)
-        logits = model(torch.cat([x_l, u_weak, u_strong]))  # (B + 2μB, K)
+        batch = torch.cat([x_l, u_weak, u_strong]).to(trainer.device)
         n_l, n_u = len(idx), len(uidx)
-        loss, stats = fixmatch_loss(
-            logits[:n_l],
-            labels[idx],
-            logits[n_l : n_l + n_u],
-            logits[n_l + n_u :],
-            threshold=threshold,
-            lambda_u=lambda_u,
-        )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        history.append({"loss": loss.item(), **stats})
-    return history
+        with trainer.autocast():
+            logits = model(batch)  # (B + 2μB, K)
+            loss, stats = fixmatch_loss(
+                logits[:n_l],
+                labels[idx].to(trainer.device),
+                logits[n_l : n_l + n_u],
+                logits[n_l + n_u :],
+                threshold=threshold,
+                lambda_u=lambda_u,
+            )
+        history.append({"loss": loss.item(), **stats})  # before update: its checkpoint includes it
+        trainer.update(loss)
+    trainer.finish()
+    return list(history)
 
 
 class _Projector(nn.Module):
@@ -295,23 +324,31 @@ def train_simclr(
     seed: int = 0,
     augment: Augment = strong_augment,
     progress: bool = False,
+    options: TrainOptions | None = None,
+    checkpoints: str | os.PathLike | None = None,
 ) -> list[float]:
     """SimCLR pretraining of ``model.forward_features`` (a projection MLP is trained alongside and then dropped)."""
     gen = torch.Generator().manual_seed(seed)
     projector = _Projector(model.num_features)
-    opt = _optimizer([*model.parameters(), *projector.parameters()], lr, weight_decay)
+    params = [*model.parameters(), *projector.parameters()]
+    opt = _optimizer(params, lr, weight_decay)
+    trainer = Trainer(
+        model, opt, total_steps=steps, options=options or TrainOptions(progress=progress), folder=checkpoints,
+        params=params, modules={"projector": projector}, generators={"batches": gen}, desc="simclr",
+    )  # fmt: skip
     model.train()
-    losses = []
-    for step in tqdm(range(steps), desc="simclr", disable=not progress, leave=False):
+    losses: list[float] = trainer.state.setdefault("losses", [])
+    for step in trainer.steps():
         _set_lr(opt, step, steps, lr)
         u = unlabelled[_sample(len(unlabelled), batch_size, gen)]
-        z = projector(model.forward_features(torch.cat([augment(u, gen), augment(u, gen)])))  # (2B, out)
-        loss = nt_xent(z[: len(u)], z[len(u) :], temperature)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+        views = torch.cat([augment(u, gen), augment(u, gen)]).to(trainer.device)
+        with trainer.autocast():
+            z = projector(model.forward_features(views)).float()  # (2B, out)
+            loss = nt_xent(z[: len(u)], z[len(u) :], temperature)
+        losses.append(loss.item())  # before update: a checkpoint written there includes it
+        trainer.update(loss)
+    trainer.finish()
+    return list(losses)
 
 
 # ----------------------------------------------------------------------------------------------- experiment
@@ -361,9 +398,19 @@ def _labelled_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarra
 
 
 def run_arm(
-    arm: str, cfg: SemiSupConfig, seed: int, labelled: tuple[torch.Tensor, torch.Tensor], unlabelled: torch.Tensor
+    arm: str,
+    cfg: SemiSupConfig,
+    seed: int,
+    labelled: tuple[torch.Tensor, torch.Tensor],
+    unlabelled: torch.Tensor,
+    *,
+    options: TrainOptions | None = None,
+    checkpoints: str | os.PathLike | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Train one arm from the seed's initialisation (identical across arms) and return it with its training notes."""
+    """Train one arm from the seed's initialisation (identical across arms) and return it with its training notes.
+
+    With ``checkpoints`` every phase checkpoints into its own sub-folder, so ``options.resume`` skips finished phases.
+    """
     if arm not in ARMS:
         raise PotpourriError(f"unknown arm '{arm}'; choose from {', '.join(ARMS)}")
     images, labels = labelled
@@ -371,9 +418,17 @@ def run_arm(
     seed_everything(seed)
     model = SmallCNN(num_classes, width=cfg.width)
     common = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "seed": seed}
+    folder = Path(checkpoints) if checkpoints is not None else None
+
+    def phase(name: str, *, first: bool = True) -> dict[str, Any]:
+        sub = folder / name if folder is not None else None
+        return {"options": _phase_options(options, sub, first=first), "checkpoints": sub}
+
     notes: dict[str, Any] = {}
     if arm == "supervised":
-        losses = train_supervised(model, images, labels, steps=cfg.steps, batch_size=cfg.batch_size, **common)
+        losses = train_supervised(
+            model, images, labels, steps=cfg.steps, batch_size=cfg.batch_size, **common, **phase("supervised")
+        )
         notes["final_loss"] = statistics.fmean(losses[-20:])
     elif arm.startswith("fixmatch"):
         history = train_fixmatch(
@@ -387,20 +442,23 @@ def run_arm(
             threshold=cfg.threshold if arm == "fixmatch" else cfg.low_threshold,
             lambda_u=cfg.lambda_u,
             **common,
+            **phase("fixmatch"),
         )
         notes["final_loss"] = statistics.fmean(h["loss"] for h in history[-20:])
         notes["mask_rate"] = statistics.fmean(h["mask_rate"] for h in history[-20:])
     else:
         pretrain = round(cfg.pretrain_fraction * cfg.steps)
         ssl = train_simclr(
-            model, unlabelled, steps=pretrain, batch_size=cfg.mu * cfg.batch_size, temperature=cfg.temperature, **common
-        )
+            model, unlabelled, steps=pretrain, batch_size=cfg.mu * cfg.batch_size, temperature=cfg.temperature,
+            **common, **phase("simclr"),
+        )  # fmt: skip
         notes["ssl_loss_first_last"] = (statistics.fmean(ssl[:10]), statistics.fmean(ssl[-10:]))
         seed_everything(seed + 1)
         model.reset_classifier(num_classes)
         losses = train_supervised(
-            model, images, labels, steps=cfg.steps - pretrain, batch_size=cfg.batch_size, **common
-        )
+            model, images, labels, steps=cfg.steps - pretrain, batch_size=cfg.batch_size, **common,
+            **phase("finetune", first=False),
+        )  # fmt: skip
         notes["final_loss"] = statistics.fmean(losses[-20:])
     return model, notes
 
@@ -437,14 +495,21 @@ def _markdown(table: list[dict[str, Any]], corruption_names: list[str]) -> str:
     return markdown_table(header, rows) + f"\n\nCorruptions averaged: {', '.join(corruption_names)}."
 
 
-def reproduce_semisup(cfg: SemiSupConfig | None = None, *, out: str | None = None) -> Run:
-    """Train every arm for every seed; evaluate clean and corrupted accuracy; write results.md and report.html."""
+def reproduce_semisup(
+    cfg: SemiSupConfig | None = None, *, out: str | None = None, options: TrainOptions | None = None
+) -> Run:
+    """Train every arm for every seed; evaluate clean and corrupted accuracy; write results.md and report.html.
+
+    ``options`` sets the device and precision of training (and the device of evaluation).
+    """
     from potpourri.data.clutter import make_clutter
     from potpourri.data.corruptions import corrupt
     from potpourri.report.html import Report
     from potpourri.tune.trainer import evaluate
 
     cfg = cfg or SemiSupConfig()
+    options = options or TrainOptions(progress=False)
+    device = resolve_device(options.device)
     started = time.perf_counter()
     run = new_run("reproduce-semi-supervised", out, config=asdict(cfg), seed=cfg.seeds[0])
     pool_images, pool_labels, _ = make_clutter(cfg.n_unlabelled, size=cfg.image_size, seed=10)
@@ -462,12 +527,12 @@ def reproduce_semisup(cfg: SemiSupConfig | None = None, *, out: str | None = Non
         chosen = _labelled_subset(pool_labels, cfg.labels_per_class, seed)  # L is a labelled subset of U's pool
         labelled = (unlabelled[chosen], torch.from_numpy(pool_labels[chosen]))
         t0 = time.perf_counter()
-        model, notes = run_arm(arm, cfg, seed, labelled, unlabelled)
-        per_corruption = {key: evaluate(model, data)["acc"] for key, data in corrupted.items()}
+        model, notes = run_arm(arm, cfg, seed, labelled, unlabelled, options=options)
+        per_corruption = {key: evaluate(model, data, device=device)["acc"] for key, data in corrupted.items()}
         row = {
             "arm": arm,
             "seed": seed,
-            "clean_acc": evaluate(model, test)["acc"],
+            "clean_acc": evaluate(model, test, device=device)["acc"],
             "corrupt_acc": statistics.fmean(per_corruption.values()),
             "seconds": time.perf_counter() - t0,
             **{f"acc_{k}": v for k, v in per_corruption.items()},
@@ -494,7 +559,7 @@ def reproduce_semisup(cfg: SemiSupConfig | None = None, *, out: str | None = Non
     return run
 
 
-def run(quick: bool, out: str | None) -> Run:
-    """``potpourri reproduce semi-supervised`` (or its smoke run with ``quick``)."""
+def run(quick: bool, out: str | None, options: TrainOptions | None = None) -> Run:
+    """``potpourri reproduce semi-supervised`` (or its smoke run with ``quick``) on ``options``' device/precision."""
     cfg = SemiSupConfig()
-    return reproduce_semisup(cfg.quick() if quick else cfg, out=out)
+    return reproduce_semisup(cfg.quick() if quick else cfg, out=out, options=options)

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 
 from potpourri.core.runs import Run, new_run, seed_everything
+from potpourri.core.training import TrainOptions, resolve_device
+from potpourri.papers.registry import accepted, compute_options, options_for
 
 __all__ = ["SimDETRConfig", "reproduce_simdetr", "run"]
 
@@ -70,14 +72,28 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def _detections_as_boxes(model: Any, samples: list, cfg: SimDETRConfig) -> list[dict[str, np.ndarray]]:
+def _where_to_evaluate(function: Any, model: Any, device: torch.device) -> dict[str, Any]:
+    """``device=`` for an evaluation function that takes it; otherwise it runs on the CPU, so the model goes there."""
+    where = accepted(function, device=device)
+    if not where:
+        model.cpu()
+    return where
+
+
+def _detections_as_boxes(
+    model: Any, samples: list, cfg: SimDETRConfig, device: torch.device | None = None
+) -> list[dict[str, np.ndarray]]:
     from potpourri.detect.train import detect_images
 
-    return detect_images(model, [s.image for s in samples], image_size=cfg.image_size, conf=0.001, max_det=50)
+    where = _where_to_evaluate(detect_images, model, device or torch.device("cpu"))
+    return detect_images(model, [s.image for s in samples], image_size=cfg.image_size, conf=0.001, max_det=50, **where)
 
 
-def reproduce_simdetr(cfg: SimDETRConfig, *, out: str | None = None) -> Run:
+def reproduce_simdetr(cfg: SimDETRConfig, *, out: str | None = None, options: TrainOptions | None = None) -> Run:
     """The four measurements above; writes ``results.md`` and ``summary.json`` into the run folder.
+
+    ``options`` (device, precision) reach the detector's training config and loop where they take them; proposals
+    (Lite0 features, clustering) are computed on the CPU.
 
     Example:
         run = reproduce_simdetr(SimDETRConfig(finetune_seeds=(0,))); print((run.path / "results.md").read_text())
@@ -99,6 +115,7 @@ def reproduce_simdetr(cfg: SimDETRConfig, *, out: str | None = None) -> Run:
     )
     from potpourri.detect.train import DetectTrainConfig, build_detector, evaluate_detector, train_detector
 
+    device = resolve_device((options or TrainOptions()).device)
     started = time.perf_counter()
     run = new_run("reproduce-simdetr", out, config=asdict(cfg), seed=cfg.seed)
     seed_everything(cfg.seed)
@@ -180,7 +197,8 @@ def reproduce_simdetr(cfg: SimDETRConfig, *, out: str | None = None) -> Run:
     pseudo_names = tuple(f"pseudo{i}" for i in range(cfg.pseudo_classes))
     pretrain_cfg = DetectTrainConfig(model=cfg.model, class_names=pseudo_names,
                                      image_size=cfg.image_size, epochs=cfg.pretrain_epochs, batch_size=cfg.batch_size,
-                                     lr=cfg.lr, seed=cfg.seed, progress=cfg.progress)  # fmt: skip
+                                     lr=cfg.lr, seed=cfg.seed, progress=cfg.progress,
+                                     **compute_options(DetectTrainConfig, options))  # fmt: skip
     pretrained: dict[str, Any] = {}
     model = None
     lines += ["## 3. Pretraining on pseudo-boxes and self-training: the detector's class-agnostic recall on the pool",
@@ -189,9 +207,9 @@ def reproduce_simdetr(cfg: SimDETRConfig, *, out: str | None = None) -> Run:
     for round_index in range(1, cfg.rounds + 1):
         train = [DetectionSample(s.image, b, lab, s.name) for s, (b, lab) in zip(pool, labels, strict=True)]
         tic = time.perf_counter()
-        result = train_detector(train, None, pretrain_cfg, model=model)
+        result = train_detector(train, None, pretrain_cfg, model=model, **options_for(train_detector, options))
         model = result.model
-        detections = _detections_as_boxes(model, pool, cfg)
+        detections = _detections_as_boxes(model, pool, cfg, device)
         recalls = [proposal_recall([d["boxes"] for d in detections], truth, top=k) for k in (1, 3, 10)]
         source = (
             f"top-{cfg.proposals_per_image} proposals" if round_index == 1 else f"detections ≥ {cfg.self_train_conf}"
@@ -213,7 +231,7 @@ def reproduce_simdetr(cfg: SimDETRConfig, *, out: str | None = None) -> Run:
     for seed in cfg.finetune_seeds:
         ft_cfg = DetectTrainConfig(model=cfg.model, class_names=tuple(DEFECTS), image_size=cfg.image_size,
                                    epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
-                                   progress=cfg.progress)  # fmt: skip
+                                   progress=cfg.progress, **compute_options(DetectTrainConfig, options))  # fmt: skip
         for arm in ("scratch", *pretrained):
             seed_everything(seed)
             if arm == "scratch":
@@ -222,8 +240,9 @@ def reproduce_simdetr(cfg: SimDETRConfig, *, out: str | None = None) -> Run:
                 start_model = copy.deepcopy(pretrained[arm])
                 start_model.reset_classifier(len(DEFECTS))
             tic = time.perf_counter()
-            result = train_detector(labelled, None, ft_cfg, model=start_model)
-            metrics = evaluate_detector(result.model, test, image_size=cfg.image_size)
+            result = train_detector(labelled, None, ft_cfg, model=start_model, **options_for(train_detector, options))
+            where = _where_to_evaluate(evaluate_detector, result.model, device)
+            metrics = evaluate_detector(result.model, test, image_size=cfg.image_size, **where)
             row = {"map50": metrics["map50"], "map": metrics["map"], "seconds": time.perf_counter() - tic}
             finetune_rows.setdefault(arm, []).append(row)
             _log(run, {"stage": "finetune", "arm": arm, "seed": seed, **row})
@@ -244,11 +263,11 @@ def reproduce_simdetr(cfg: SimDETRConfig, *, out: str | None = None) -> Run:
     return run
 
 
-def run(quick: bool, out: str | None) -> Run:
+def run(quick: bool, out: str | None, options: TrainOptions | None = None) -> Run:
     """``potpourri reproduce simdetr``: the full study, or a seconds-long smoke run of the same code path."""
     cfg = SimDETRConfig()
     if quick:  # same code path, numbers not meaningful
         cfg = SimDETRConfig(image_size=64, pool_per_kind=2, labelled_per_kind=1, test_per_kind=1, pseudo_classes=3,
                             purity_ks=(2,), pretrain_epochs=1, finetune_epochs=1, finetune_seeds=(0,),
                             feature_upsample=1, batch_size=7, progress=False)  # fmt: skip
-    return reproduce_simdetr(cfg, out=out)
+    return reproduce_simdetr(cfg, out=out, options=options)

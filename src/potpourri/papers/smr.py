@@ -26,6 +26,7 @@ SMR's shrinking token schedule costs (the decoder is identical for both); all ar
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -40,6 +41,7 @@ from tqdm.auto import tqdm
 
 from potpourri.core.errors import PotpourriError
 from potpourri.core.runs import Run, new_run, seed_everything
+from potpourri.core.training import Trainer, TrainOptions, autocast, lr_at, resolve_device
 from potpourri.data.transforms import images_to_tensor
 from potpourri.models.smr import (
     FeatureDecoder,
@@ -65,16 +67,28 @@ ARMS = ("random-init", "distill", "smr", "mae-matched", "mae-75")
 
 # ----------------------------------------------------------------------------------------------- teacher
 @torch.no_grad()
-def teacher_targets(teacher: nn.Module, images: torch.Tensor, *, batch_size: int = 64) -> torch.Tensor:
+def teacher_targets(
+    teacher: nn.Module,
+    images: torch.Tensor,
+    *,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+) -> torch.Tensor:
     """Per-token layer-normalised teacher features ``(N_img, N_tok, T)`` of images ``(N_img, 3, H, W)`` in [0, 1].
 
     ``teacher`` maps a batch of [0, 1] images to a feature map ``(B, T, h, w)``; it is put in eval mode, never trained.
+    With ``device`` the teacher moves there and runs under ``precision``; the targets come back float32 on the CPU.
     """
     teacher.eval()
+    if device is not None:
+        teacher.to(device)
+    where = torch.device(device) if device is not None else images.device
     chunks = []
     for start in range(0, len(images), batch_size):
-        fmap = teacher(images[start : start + batch_size])  # (B, T, h, w)
-        chunks.append(fmap.flatten(2).transpose(1, 2))  # (B, h*w, T)
+        with autocast(where, precision):
+            fmap = teacher(images[start : start + batch_size].to(where))  # (B, T, h, w)
+        chunks.append(fmap.float().flatten(2).transpose(1, 2).cpu())  # (B, h*w, T)
     targets = torch.cat(chunks)
     return F.layer_norm(targets, targets.shape[-1:])
 
@@ -93,14 +107,15 @@ def _loss(
     if objective in ("smr", "distill"):
         tokens, _, assignment = student.forward_tokens(images, r=r if objective == "smr" else 0)
         prediction = decoder(unmerge(tokens, assignment))  # (B, N, T): every patch, from the merged tokens
-        return F.mse_loss(prediction, targets)
+        return F.mse_loss(prediction.float(), targets)
     if objective == "mae":
         keep, hidden = random_masking(len(images), student.num_tokens, visible, generator)
+        keep, hidden = keep.to(images.device), hidden.to(images.device)
         tokens, _, _ = student.forward_tokens(images, visible=keep)  # (B, V, C)
         grid = tokens.new_zeros(len(images), student.num_tokens, tokens.shape[-1])
         grid = grid.scatter(1, keep.unsqueeze(-1).expand_as(tokens), tokens)  # (B, N, C)
         prediction = decoder(grid, hidden)
-        return F.mse_loss(prediction[hidden], targets[hidden])  # MAE: the loss is on the hidden tokens only
+        return F.mse_loss(prediction[hidden].float(), targets[hidden])  # MAE: the loss is on the hidden tokens only
     raise PotpourriError(f"unknown pretraining objective '{objective}'; choose smr, distill or mae")
 
 
@@ -119,14 +134,18 @@ def pretrain(
     weight_decay: float = 0.05,
     seed: int = 0,
     progress: bool = False,
+    options: TrainOptions | None = None,
+    checkpoints: str | os.PathLike | None = None,
 ) -> list[float]:
     """Train ``student`` + ``decoder`` to predict the frozen teacher's patch features; returns the per-step loss.
 
-    ``teacher`` is the teacher module or its precomputed ``teacher_targets`` for ``images``.
+    ``teacher`` is the teacher module or its precomputed ``teacher_targets`` for ``images``. ``options`` sets device,
+    precision, clipping and resume (``options.resume`` continues from ``checkpoints``); ``progress`` is used only
+    without ``options``.
     """
-    from potpourri.core.training import lr_at
-
-    targets = teacher if isinstance(teacher, torch.Tensor) else teacher_targets(teacher, images)
+    options = options or TrainOptions(progress=progress)
+    device = resolve_device(options.device)
+    targets = teacher if isinstance(teacher, torch.Tensor) else teacher_targets(teacher, images, device=device)
     if targets.shape[:2] != (len(images), student.num_tokens):
         raise PotpourriError(
             f"teacher targets {tuple(targets.shape)} do not match {len(images)} images x {student.num_tokens} patches; "
@@ -135,31 +154,44 @@ def pretrain(
     gen = torch.Generator().manual_seed(seed)
     params = [*student.parameters(), *decoder.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    trainer = Trainer(
+        student, opt, total_steps=steps, options=options, folder=checkpoints, params=params,
+        modules={"decoder": decoder}, generators={"batches": gen}, desc=f"pretrain {objective}",
+    )  # fmt: skip
+    images, targets = images.to(trainer.device), targets.to(trainer.device)
     student.train()
     decoder.train()
-    losses = []
-    for step in tqdm(range(steps), desc=f"pretrain {objective}", disable=not progress, leave=False):
+    losses: list[float] = trainer.state.setdefault("losses", [])
+    for step in trainer.steps():
         for group in opt.param_groups:
             group["lr"] = lr_at(step, base=lr, total=steps, warmup=max(1, steps // 20))
-        idx = torch.randint(0, len(images), (batch_size,), generator=gen)
-        x, t = images[idx], targets[idx]
+        idx = torch.randint(0, len(images), (batch_size,), generator=gen)  # drawn on the CPU: the same on any device
         flip = torch.rand(batch_size, generator=gen) < 0.5  # flip image and the target grid together
+        idx, flip = idx.to(trainer.device), flip.to(trainer.device)
+        x, t = images[idx], targets[idx]
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
         g = student.grid
         t_flipped = t.view(batch_size, g, g, -1).flip(2).reshape_as(t)
         t = torch.where(flip.view(-1, 1, 1), t_flipped, t)
-        loss = _loss(student, decoder, x, t, objective, r=r, visible=visible, generator=gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+        with trainer.autocast():
+            loss = _loss(student, decoder, x, t, objective, r=r, visible=visible, generator=gen)
+        losses.append(loss.item())  # before update: a checkpoint written there includes it
+        trainer.update(loss)
+    trainer.finish()
+    return list(losses)
 
 
 @torch.no_grad()
-def pooled_features(encoder, images: torch.Tensor, *, batch_size: int = 128) -> np.ndarray:
-    """``encoder(batch) -> (B, C)`` over all images, as a float64 NumPy array."""
-    return torch.cat([encoder(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]).double().numpy()
+def pooled_features(
+    encoder, images: torch.Tensor, *, batch_size: int = 128, device: str | torch.device = "cpu", precision: str = "fp32"
+) -> np.ndarray:
+    """``encoder(batch) -> (B, C)`` over all images (batches moved to ``device``), as a float64 NumPy array."""
+    device = torch.device(device)
+    chunks = []
+    for i in range(0, len(images), batch_size):
+        with autocast(device, precision):
+            chunks.append(encoder(images[i : i + batch_size].to(device)).float().cpu())
+    return torch.cat(chunks).double().numpy()
 
 
 def linear_probe(train: np.ndarray, y_train: np.ndarray, test: np.ndarray, y_test: np.ndarray) -> float:
@@ -208,10 +240,17 @@ def _fmt(values: list[float]) -> str:
     return f"{mean:.3f}±{statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}"
 
 
-def reproduce_smr(cfg: SMRConfig | None = None, *, out: str | None = None, teacher: nn.Module | None = None) -> Run:
+def reproduce_smr(
+    cfg: SMRConfig | None = None,
+    *,
+    out: str | None = None,
+    teacher: nn.Module | None = None,
+    options: TrainOptions | None = None,
+) -> Run:
     """Pretrain every arm for every seed, linear-probe it; write results.md and report.html.
 
-    ``teacher`` defaults to the frozen ImageNet EfficientNet-Lite0 (``Lite0Teacher``).
+    ``teacher`` defaults to the frozen ImageNet EfficientNet-Lite0 (``Lite0Teacher``); ``options`` sets the device
+    and precision of pretraining, the teacher and the probe features.
     """
     from potpourri.data.clutter import make_clutter
     from potpourri.report.html import Report
@@ -227,12 +266,16 @@ def reproduce_smr(cfg: SMRConfig | None = None, *, out: str | None = None, teach
     probe_x, probe_y, _ = make_clutter(cfg.n_probe_train, size=cfg.image_size, seed=21)
     test_x, test_y, _ = make_clutter(cfg.n_probe_test, size=cfg.image_size, seed=22)
     probe_x, test_x = images_to_tensor(probe_x), images_to_tensor(test_x)
-    targets = teacher_targets(teacher, pre_images)
+    options = options or TrainOptions(progress=False)
+    device, precision = resolve_device(options.device), options.precision
+    targets = teacher_targets(teacher, pre_images, device=device, precision=precision)
 
     def probe(encoder) -> float:
-        return linear_probe(pooled_features(encoder, probe_x), probe_y, pooled_features(encoder, test_x), test_y)
+        train = pooled_features(encoder, probe_x, device=device, precision=precision)
+        test = pooled_features(encoder, test_x, device=device, precision=precision)
+        return linear_probe(train, probe_y, test, test_y)
 
-    teacher_acc = probe(lambda x: teacher_targets(teacher, x).mean(1))  # mean-pooled teacher patch features
+    teacher_acc = probe(lambda x: teacher_targets(teacher, x, device=device, precision=precision).mean(1))
 
     shape = {"image_size": cfg.image_size, "patch_size": cfg.patch_size, "dim": cfg.dim, "depth": cfg.depth}
     reference = SMRViT(**shape, heads=cfg.heads)
@@ -257,9 +300,9 @@ def reproduce_smr(cfg: SMRConfig | None = None, *, out: str | None = None, teach
             visible = matched_visible if arm == "mae-matched" else cfg.mae_75_visible
             losses = pretrain(
                 student, decoder, targets, pre_images, objective, steps=cfg.steps, batch_size=cfg.batch_size,
-                r=cfg.r, visible=visible, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed,
+                r=cfg.r, visible=visible, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed, options=options,
             )  # fmt: skip
-        student.eval()
+        student.to(device).eval()
         row: dict[str, Any] = {
             "arm": arm,
             "seed": seed,
@@ -317,7 +360,7 @@ def reproduce_smr(cfg: SMRConfig | None = None, *, out: str | None = None, teach
     return run
 
 
-def run(quick: bool, out: str | None) -> Run:
-    """``potpourri reproduce smr`` (or its smoke run with ``quick``)."""
+def run(quick: bool, out: str | None, options: TrainOptions | None = None) -> Run:
+    """``potpourri reproduce smr`` (or its smoke run with ``quick``) on ``options``' device and precision."""
     cfg = SMRConfig()
-    return reproduce_smr(cfg.quick() if quick else cfg, out=out)
+    return reproduce_smr(cfg.quick() if quick else cfg, out=out, options=options)

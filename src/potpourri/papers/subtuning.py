@@ -14,7 +14,9 @@ from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from potpourri.core.runs import Run, new_run, seed_everything
+from potpourri.core.training import TrainOptions, resolve_device
 from potpourri.data.transforms import normalized_dataset
+from potpourri.papers.registry import compute_options
 
 SUBTUNING_ARMS: dict[str, tuple[str, float]] = {  # arm -> (strategy, lr)
     "linear": ("linear", 1e-2),
@@ -40,8 +42,11 @@ class SubTuningConfig:
     select_epochs: int = 3
 
 
-def reproduce_subtuning(cfg: SubTuningConfig | None = None, *, out: str | os.PathLike | None = None) -> Run:
+def reproduce_subtuning(
+    cfg: SubTuningConfig | None = None, *, out: str | os.PathLike | None = None, options: TrainOptions | None = None
+) -> Run:
     """Linear probe, full fine-tuning, greedy SubTuning and LoRA against the training-set size (Kaplun et al.).
+    ``options``: the device and precision of every fit (the greedy selection runs with its defaults).
 
     The SubTuning blocks are chosen once per size by the greedy search (2-fold CV on that size's training set,
     seed 0) and reused for every seed. Example: ``reproduce_subtuning(SubTuningConfig(sizes=(5,)))``.
@@ -50,9 +55,10 @@ def reproduce_subtuning(cfg: SubTuningConfig | None = None, *, out: str | os.Pat
     from potpourri.data.synth import make_samples
     from potpourri.report.html import Report
     from potpourri.tune.layer_select import greedy_select
-    from potpourri.tune.trainer import evaluate, fit
+    from potpourri.tune.trainer import TuneConfig, evaluate, fit
 
     cfg = cfg or SubTuningConfig()
+    device = resolve_device((options or TrainOptions()).device)
     started = time.perf_counter()
     run = new_run("reproduce-subtuning", out, config=asdict(cfg), seed=cfg.seeds[0])
     pcfg = get_pretrained_cfg("efficientnet_lite0")
@@ -100,6 +106,7 @@ def reproduce_subtuning(cfg: SubTuningConfig | None = None, *, out: str | os.Pat
                     seed=seed,
                     progress=False,
                     **extra,
+                    **compute_options(TuneConfig, options),
                 )
                 row = {
                     "images_per_class": size * len(cfg.categories),
@@ -109,7 +116,7 @@ def reproduce_subtuning(cfg: SubTuningConfig | None = None, *, out: str | os.Pat
                     "blocks": "+".join(blocks) if strategy == "subtuning" else "",
                     "trainable_params": result.plan["trainable_params"],
                     "train_s": result.seconds,
-                    "test_acc": evaluate(result.model, test)["acc"],
+                    "test_acc": evaluate(result.model, test, device=device)["acc"],
                 }
                 run.log_metrics(row)
                 results.append(row)
@@ -155,7 +162,7 @@ def reproduce_subtuning(cfg: SubTuningConfig | None = None, *, out: str | os.Pat
     return run
 
 
-def run(quick: bool, out: str | None):
+def run(quick: bool, out: str | None, options: TrainOptions | None = None):
     """``potpourri reproduce subtuning``: accuracy against training-set size (or its smoke run)."""
 
     cfg = SubTuningConfig()
@@ -171,4 +178,4 @@ def run(quick: bool, out: str | None):
             max_blocks=1,
             select_epochs=1,
         )
-    return reproduce_subtuning(cfg, out=out)
+    return reproduce_subtuning(cfg, out=out, options=options)

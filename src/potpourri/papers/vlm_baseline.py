@@ -34,8 +34,10 @@ from scipy import ndimage
 
 from potpourri.core.errors import PotpourriError
 from potpourri.core.textgeo import box_to_text, mask_to_box, phrase_to_text
+from potpourri.core.training import TrainOptions, autocast, resolve_device
 from potpourri.data.instructions import Instruction
 from potpourri.data.synth import CLASSES, DEFECTS, SynthSample, location_phrase
+from potpourri.papers.registry import options_for
 
 __all__ = ["BaselineConfig", "InspectionBaseline", "answer_texts", "component_boxes"]
 
@@ -152,12 +154,21 @@ def _presence_targets(samples: Sequence[SynthSample]) -> np.ndarray:
 class InspectionBaseline:
     """Segmenter (boxes) + per-class logistic regressions on frozen features (presence), answering as text."""
 
-    def __init__(self, config: BaselineConfig | None = None, *, backbone: torch.nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        config: BaselineConfig | None = None,
+        *,
+        backbone: torch.nn.Module | None = None,
+        options: TrainOptions | None = None,
+    ) -> None:
+        """``options``: the device (and precision) of the frozen features and of the segmenter's training."""
         from potpourri.core.registry import create_model
 
         self.config = config or BaselineConfig()
         if self.config.answers not in ANSWER_SOURCES:
             raise PotpourriError(f"unknown answer source '{self.config.answers}'; choose {', '.join(ANSWER_SOURCES)}")
+        self.options = options or TrainOptions()
+        self.device = resolve_device(self.options.device)
         self.encoder = (backbone or create_model(self.config.encoder, pretrained=self.config.pretrained)).eval()
         self._backbone_given = backbone is not None
         self.segmenter = None
@@ -169,12 +180,15 @@ class InspectionBaseline:
         """Average- and max-pooled frozen feature maps ``(N, 2C)`` of the images (the encoder's normalisation)."""
         from potpourri.models.vlm import encoder_transform_stats
 
-        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in encoder_transform_stats(self.encoder))
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1).to(self.device) for v in encoder_transform_stats(self.encoder))
+        self.encoder.to(self.device)
         chunks = []
         for start in range(0, len(samples), batch_size):
             images = torch.from_numpy(_images(samples[start : start + batch_size])).permute(0, 3, 1, 2).float()
-            fmap = self.encoder.forward_features((images / 255.0 - mean) / std)  # (B, C, h, w)
-            chunks.append(torch.cat([fmap.mean((2, 3)), fmap.amax((2, 3))], dim=1))
+            with autocast(self.device, self.options.precision):
+                fmap = self.encoder.forward_features((images.to(self.device) / 255.0 - mean) / std)  # (B, C, h, w)
+            fmap = fmap.float()
+            chunks.append(torch.cat([fmap.mean((2, 3)), fmap.amax((2, 3))], dim=1).cpu())
         return torch.cat(chunks).numpy()
 
     def fit(self, samples: Sequence[SynthSample], *, progress: bool = True) -> InspectionBaseline:
@@ -196,9 +210,11 @@ class InspectionBaseline:
             batch_size=cfg.seg_batch_size, encoder="frozen", seed=cfg.seed,
         )  # fmt: skip
         backbone = copy.deepcopy(self.encoder) if self._backbone_given else None
-        self.segmenter = Segmenter(seg_cfg, backbone=backbone).fit(
-            _images(samples), np.stack([s.mask for s in samples]), progress=progress
-        )
+        segmenter = Segmenter(seg_cfg, backbone=backbone)
+        self.segmenter = segmenter.fit(
+            _images(samples), np.stack([s.mask for s in samples]), progress=progress,
+            **options_for(segmenter.fit, self.options),
+        )  # fmt: skip
         self.seconds["segmenter_fit"] = time.perf_counter() - started
         started = time.perf_counter()
         x, y = self.features(samples), _presence_targets(samples)
@@ -241,8 +257,9 @@ class InspectionBaseline:
         )
 
 
-def run_baseline(cfg: dict[str, Any], out: str | None = None):
-    """Fit the non-LLM baseline on the training images, answer the test instructions; returns the ``Run``."""
+def run_baseline(cfg: dict[str, Any], out: str | None = None, *, options: TrainOptions | None = None):
+    """Fit the non-LLM baseline on the training images, answer the test instructions; returns the ``Run``
+    (``options``: device and precision of its features and segmenter)."""
     from potpourri.core.io import atomic_write_bytes
     from potpourri.core.runs import new_run, seed_everything
     from potpourri.papers.vlm_baseline import BaselineConfig, InspectionBaseline
@@ -256,7 +273,7 @@ def run_baseline(cfg: dict[str, Any], out: str | None = None):
     baseline = InspectionBaseline(BaselineConfig(
         encoder=cfg["encoder"], pretrained=cfg["pretrained"], seg_size=cfg["seg_size"], seg_steps=cfg["seg_steps"],
         min_pixels=cfg["min_pixels"], seed=cfg["seed"],
-    )).fit(samples)  # fmt: skip
+    ), options=options).fit(samples)  # fmt: skip
     predictions = {source: baseline.predict(test_samples, test_instructions, answers=source)
                    for source in ("classifier", "segmenter")}  # fmt: skip
     lines = [

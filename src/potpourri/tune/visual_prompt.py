@@ -24,9 +24,10 @@ Example:
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from potpourri.core.errors import PotpourriError
+from potpourri.core.training import Trainer, TrainOptions, autocast, epoch_batches, resolve_device
 from potpourri.models.visual_prompt import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -116,11 +118,11 @@ def build_visual_prompt(
     mapping: nn.Module = (
         FullyMap(num_source, num_classes) if cfg.mapping == "fully" else IndexMap(num_source, num_classes, cfg.num_map)
     )
-    model = VisualPromptModel(pad, source, mapping)
+    model = VisualPromptModel(pad, source, mapping).to(_device_of(source))  # the source may already sit on a GPU
     if cfg.mapping in ("freq", "iter"):
         if train_data is None:
             raise PotpourriError(f"label mapping '{cfg.mapping}' needs train_data to count source predictions")
-        model.remap_frequency(train_data)
+        model.remap_frequency(_on(train_data, _device_of(source)))
     elif cfg.mapping == "semantic":
         if class_names is None or text_encoder is None:
             raise PotpourriError("label mapping 'semantic' needs class_names and a text_encoder (e.g. MiniLM encode)")
@@ -141,7 +143,18 @@ def _num_outputs(source: nn.Module, canvas: int) -> int:
     if hasattr(source, "num_classes") and isinstance(source.num_classes, int) and source.num_classes > 0:
         return source.num_classes
     with torch.no_grad():
-        return source(torch.zeros(1, 3, canvas, canvas)).shape[-1]
+        return source(torch.zeros(1, 3, canvas, canvas, device=_device_of(source))).shape[-1]
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    tensor = next(iter([*module.parameters(), *module.buffers()]), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _on(data: TensorDataset, device: torch.device) -> TensorDataset:
+    if all(t.device == device for t in data.tensors):
+        return data
+    return TensorDataset(*(t.to(device) for t in data.tensors))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -149,15 +162,25 @@ def _num_outputs(source: nn.Module, canvas: int) -> int:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, data: TensorDataset, *, batch_size: int = 64) -> float:
-    """Top-1 accuracy of ``model`` on a TensorDataset, in eval mode."""
+def accuracy(
+    model: nn.Module,
+    data: TensorDataset,
+    *,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+) -> float:
+    """Top-1 accuracy of ``model`` on a TensorDataset, in eval mode, on ``device`` (default: where the model is)."""
+    device = torch.device(device) if device is not None else _device_of(model)
+    model.to(device)
     was_training = model.training
     model.eval()
     images, labels = data.tensors[0], data.tensors[1]
-    correct = sum(
-        (model(images[i : i + batch_size]).argmax(1) == labels[i : i + batch_size]).sum().item()
-        for i in range(0, len(data), batch_size)
-    )
+    correct = 0
+    for i in range(0, len(data), batch_size):
+        with autocast(device, precision):
+            logits = model(images[i : i + batch_size].to(device))
+        correct += (logits.argmax(1) == labels[i : i + batch_size].to(device)).sum().item()
     model.train(was_training)
     return correct / max(len(data), 1)
 
@@ -181,32 +204,69 @@ def _new_trial(model: VisualPromptModel, cfg: VPConfig, lr: float, weight_decay:
 
 
 def _train_until(
-    trial: _Trial, train: TensorDataset, val: TensorDataset | None, epochs: int, *, batch_size: int, seed: int
+    trial: _Trial,
+    train: TensorDataset,
+    val: TensorDataset | None,
+    epochs: int,
+    *,
+    batch_size: int,
+    seed: int,
+    options: TrainOptions | None = None,
+    checkpoints: str | os.PathLike | None = None,
 ) -> float | None:
-    """Train ``trial`` on from its last epoch up to ``epochs``; returns the validation accuracy (None: no val)."""
-    from potpourri.core.training import epoch_batches
+    """Train ``trial`` on from its last epoch up to ``epochs``; returns the validation accuracy (None: no val).
+
+    One ``Trainer`` step per batch; with ``checkpoints`` and ``options.resume`` it continues from the last checkpoint.
+    An epoch's row (mean loss, scale, validation accuracy at the last epoch) is written when the next step begins or
+    the loop ends, so a checkpoint at an epoch boundary holds the epoch's loss sum and its row is written after resume.
+    """
     from potpourri.tune.strategies import apply_bn_policy
 
     model = trial.model
-    images, labels = train.tensors[0], train.tensors[1]
-    for epoch in range(trial.epochs_done, epochs):
-        if trial.cfg.mapping == "iter" and epoch > 0 and epoch % trial.cfg.remap_every == 0:
-            model.remap_frequency(train)
+    per_epoch = len(epoch_batches(len(train), batch_size, seed=seed, epoch=0, shuffle=True, drop_last=False))
+    trainer = Trainer(
+        model, trial.optimizer, total_steps=epochs * per_epoch, options=options or TrainOptions(progress=False),
+        folder=checkpoints, desc=f"visual prompt {trial.cfg.label()}",
+    )  # fmt: skip
+    if not trainer.options.resume:
+        trainer.step = trial.epochs_done * per_epoch  # successive halving trains a trial on from its last budget
+        trainer.state = {"history": trial.history, "loss_sum": 0.0}
+    state = trainer.state
+    on_device = _on(train, trainer.device)
+    images, labels = on_device.tensors[0], on_device.tensors[1]
+    order: dict[int, list] = {}  # this epoch's batches (a function of seed and epoch only)
+
+    def close_epochs() -> None:  # the rows of every finished epoch not yet recorded (weights are the epoch's end)
+        while len(state["history"]) < trainer.step // per_epoch:
+            epoch = len(state["history"])
+            row = {"epoch": epoch + 1, "train_loss": state["loss_sum"] / len(train)}
+            row["scale"] = float(model.prompt.scale.detach())
+            if val is not None and epoch + 1 == epochs:
+                row["val_acc"] = accuracy(model, val, device=trainer.device, precision=trainer.options.precision)
+            state["history"].append(row)
+
+    for step in trainer.steps():
+        epoch, position = divmod(step, per_epoch)
+        if position == 0:
+            close_epochs()
+            state["loss_sum"] = 0.0
+            if trial.cfg.mapping == "iter" and epoch > 0 and epoch % trial.cfg.remap_every == 0:
+                model.remap_frequency(on_device)
         model.train()
         apply_bn_policy(model, "eval")  # the frozen source runs as at inference
-        loss_sum = 0.0
-        for batch in epoch_batches(len(train), batch_size, seed=seed, epoch=epoch, shuffle=True, drop_last=False):
-            index = torch.as_tensor(batch)
-            loss = F.cross_entropy(model(images[index]), labels[index])  # (B, K) logits
-            trial.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            trial.optimizer.step()
-            loss_sum += loss.item() * len(batch)
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / len(train), "scale": float(model.prompt.scale.detach())}
-        trial.epochs_done = epoch + 1
-        if val is not None and epoch + 1 == epochs:
-            row["val_acc"] = accuracy(model, val)
-        trial.history.append(row)
+        if epoch not in order:
+            order.clear()
+            order[epoch] = epoch_batches(len(train), batch_size, seed=seed, epoch=epoch, shuffle=True, drop_last=False)
+        batch = order[epoch][position]
+        index = torch.as_tensor(batch, device=trainer.device)
+        with trainer.autocast():
+            loss = F.cross_entropy(model(images[index]).float(), labels[index])  # (B, K) logits
+        state["loss_sum"] += loss.item() * len(batch)  # before update: a checkpoint written there includes it
+        trainer.update(loss)
+    close_epochs()
+    trainer.finish()
+    trial.history = state["history"]
+    trial.epochs_done = trainer.step // per_epoch
     return trial.history[-1].get("val_acc") if trial.history else None
 
 
@@ -221,11 +281,17 @@ def train_visual_prompt(
     batch_size: int = 16,
     seed: int = 0,
     cfg: VPConfig | None = None,
+    options: TrainOptions | None = None,
+    checkpoints: str | os.PathLike | None = None,
 ) -> list[dict[str, Any]]:
-    """Train prompt (+ scale) and mapping with Adam; IterMap re-maps every ``cfg.remap_every`` epochs."""
+    """Train prompt (+ scale) and mapping with Adam; IterMap re-maps every ``cfg.remap_every`` epochs.
+
+    ``options`` sets device, precision and resume (from ``checkpoints``, one checkpoint every
+    ``options.checkpoint_every`` steps).
+    """
     torch.manual_seed(seed)
     trial = _new_trial(model, cfg or VPConfig("fully"), lr, weight_decay)
-    _train_until(trial, train, val, epochs, batch_size=batch_size, seed=seed)
+    _train_until(trial, train, val, epochs, batch_size=batch_size, seed=seed, options=options, checkpoints=checkpoints)
     return trial.history
 
 
@@ -290,8 +356,14 @@ def autovp_search(
     batch_size: int = 16,
     seed: int = 0,
     progress: bool = True,
+    options: TrainOptions | None = None,
 ) -> tuple[HalvingResult, dict[int, _Trial]]:
-    """Successive halving over ``configs`` (epochs as budget); every trial shares the one frozen ``source``."""
+    """Successive halving over ``configs`` (epochs as budget); every trial shares the one frozen ``source``.
+
+    ``options`` sets the device and precision every trial trains and is validated on (no checkpoints, no resume).
+    """
+    options = replace(options or TrainOptions(), progress=False, resume=False)
+    source.to(resolve_device(options.device))
     trials: dict[int, _Trial] = {}
     bar = tqdm(desc="autovp search", unit="trial-rung", disable=not progress)
     embedded: dict[tuple[str, ...], torch.Tensor] = {}
@@ -315,7 +387,7 @@ def autovp_search(
             )
             trials[i] = _new_trial(model, configs[i], lr, 0.0)
         started = time.perf_counter()
-        acc = _train_until(trials[i], train, val, budget, batch_size=batch_size, seed=seed)
+        acc = _train_until(trials[i], train, val, budget, batch_size=batch_size, seed=seed, options=options)
         trials[i].history[-1]["seconds"] = time.perf_counter() - started
         bar.update(1)
         bar.set_postfix(cfg=configs[i].label(), epochs=budget, val=f"{acc:.3f}")
