@@ -24,7 +24,7 @@ class SpyConfig(CopyPasteConfig):
 class Spy(CopyPaste):
     """Copy-paste that records what ``fit`` was given."""
 
-    def fit(self, images, masks, normals=None):
+    def fit(self, images, masks, normals=None, *, options=None):
         SEEN.append({"images": images.copy(), "masks": masks.copy(), "normals": normals.copy()})
         return super().fit(images, masks, normals)
 

@@ -75,14 +75,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_baseline(args: argparse.Namespace) -> int:
+    from potpourri.core.training import TrainOptions
     from potpourri.papers.vlm_baseline import run_baseline
     from potpourri.vlm.train import parse_kinds
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = {k: v for k, v in vars(args).items() if k not in ("func", "out", "threads", "vlm_command")}
+    skip = ("func", "out", "threads", "vlm_command", "device", "precision")
+    cfg = {k: v for k, v in vars(args).items() if k not in skip}
     cfg["kinds"] = ",".join(parse_kinds(cfg["kinds"]))
-    run = run_baseline(cfg, args.out)
+    run = run_baseline(cfg, args.out, options=TrainOptions(device=args.device, precision=args.precision))
     summary = run.read_summary()
     _print_summary(summary)
     segmenter = summary["segmenter_answers"]
@@ -158,5 +160,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     base.add_argument("--min-pixels", type=flags.positive_int, default=4, help="drop mask components smaller than this")
     base.add_argument("--seed", type=flags.non_negative_int, default=0)
     base.add_argument("--threads", type=flags.non_negative_int, default=0, help="torch threads (0: leave as is)")
+    flags.add_compute(base)
     base.add_argument("--out", default=None, help="run folder (default runs/vlm/v<N>)")
     base.set_defaults(func=_cmd_baseline)

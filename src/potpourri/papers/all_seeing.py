@@ -14,7 +14,6 @@ import torch
 from potpourri.core.runs import Run, new_run, seed_everything
 from potpourri.core.training import TrainOptions, resolve_device
 from potpourri.models.allseeing import RegionTextHead
-from potpourri.papers.registry import options_for
 from potpourri.vlm.allseeing import RegionPair, pool_regions, region_caption_pairs, retrieval_accuracy, train_head
 
 
@@ -127,7 +126,7 @@ def reproduce_all_seeing(cfg: AllSeeingConfig, *, out: str | None = None, option
             if spec["train"]:
                 losses = train_head(head, *region["train"], train_text, caption_ids["train"].to(device),
                                     steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
-                                    **options_for(train_head, options))  # fmt: skip
+                                    options=options)  # fmt: skip
             head.eval()
             row = {**evaluate(head), "seconds": time.perf_counter() - tic,
                    "final_loss": float(np.mean(losses[-20:])) if losses else float("nan")}  # fmt: skip

@@ -34,7 +34,6 @@ from tqdm.auto import tqdm
 from potpourri.core.errors import PotpourriError
 from potpourri.core.runs import Run, new_run, seed_everything
 from potpourri.core.training import TrainOptions
-from potpourri.papers.registry import options_for
 from potpourri.report.tables import markdown_table
 
 __all__ = ["GENERATORS", "DefectGenExperimentConfig", "make_generator", "reproduce_defectgen", "run"]
@@ -65,11 +64,8 @@ class DefectGenExperimentConfig:
     generator_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> config overrides
 
 
-def make_generator(
-    name: str, options: dict[str, Any] | None = None, *, train_options: TrainOptions | None = None
-) -> Any:
-    """Build a registered generator; ``options`` fill its config dataclass (keys it lacks are ignored);
-    ``train_options`` (device, precision) go to a generator class that takes an ``options`` keyword."""
+def make_generator(name: str, options: dict[str, Any] | None = None) -> Any:
+    """Build a registered generator; ``options`` fill its config dataclass (keys it lacks are ignored)."""
     if name not in GENERATORS:
         raise PotpourriError(f"unknown generator '{name}'; choose from {', '.join(GENERATORS)}")
     module_name, class_name, config_name = GENERATORS[name].split(":")
@@ -83,7 +79,7 @@ def make_generator(
     known = {f.name for f in dataclasses.fields(config_cls)}
     generator_cls = getattr(module, class_name)
     config = config_cls(**{k: v for k, v in (options or {}).items() if k in known})
-    return generator_cls(config, **options_for(generator_cls, train_options))
+    return generator_cls(config)
 
 
 def _available(name: str) -> bool:
@@ -223,11 +219,9 @@ def reproduce_defectgen(
                 "progress": False,
                 **cfg.generator_options.get(arm, {}),
             }
-            generator = make_generator(arm, overrides, train_options=options)
+            generator = make_generator(arm, overrides)
             generator_configs.setdefault(arm, dataclasses.asdict(generator.config))
-            generator.fit(
-                real_images.copy(), real_masks.copy(), normals=normals.copy(), **options_for(generator.fit, options)
-            )
+            generator.fit(real_images.copy(), real_masks.copy(), normals=normals.copy(), options=options)
             fake_images, fake_masks = generator.sample(cfg.n_synthetic, seed=seed)
             seconds = time.perf_counter() - start
             timings.setdefault(arm, []).append(seconds)
@@ -248,7 +242,7 @@ def reproduce_defectgen(
         seed_everything(seed)
         segmenter = train_segmenter(
             train_images, train_masks, dataclasses.replace(seg_cfg, seed=seed), progress=False,
-            **options_for(train_segmenter, options),
+            options=options,
         )  # fmt: skip
         metrics = segmenter.evaluate(test_images, test_masks)
         predictions.setdefault(row["arm"], segmenter.predict(test_images[: len(kinds)]))

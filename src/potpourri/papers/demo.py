@@ -27,7 +27,7 @@ from potpourri.core.training import TrainOptions, autocast, resolve_device
 from potpourri.data.baselines import colour_histograms
 from potpourri.data.synth import make_task
 from potpourri.data.transforms import model_transform
-from potpourri.papers.registry import compute_options, options_for
+from potpourri.papers.registry import compute_options
 from potpourri.report.html import Report
 from potpourri.report.plots import confusion_matrix_png, image_grid_png
 
@@ -197,7 +197,7 @@ def _segmentation_section(
     config = SegmenterConfig(image_size=96, steps=steps, seed=seed, class_names=tuple(task.class_names))
     segmenter = train_segmenter(
         task.train_images, task.train_masks.astype(np.int64), config, progress=False,
-        **options_for(train_segmenter, options),
+        options=options,
     )  # fmt: skip
     seconds = time.perf_counter() - t0
     metrics = segmenter.evaluate(task.test_images, task.test_masks.astype(np.int64))

@@ -9,8 +9,6 @@ Register a new one by adding a line to ``EXPERIMENTS``; modules are imported onl
 from __future__ import annotations
 
 import importlib
-import inspect
-from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
@@ -18,9 +16,7 @@ from potpourri.core.training import TrainOptions
 
 __all__ = [
     "EXPERIMENTS",
-    "accepted",
     "compute_options",
-    "options_for",
     "run_experiment",
 ]
 
@@ -82,15 +78,3 @@ def compute_options(config_type: type, options: TrainOptions | None) -> dict[str
     options = options or TrainOptions()
     known = {f.name for f in fields(config_type)}
     return {k: getattr(options, k) for k in ("device", "precision") if k in known}
-
-
-def accepted(function: Callable, **kwargs: Any) -> dict[str, Any]:
-    """The ``kwargs`` that ``function`` has parameters for (``None`` values dropped)."""
-    parameters = inspect.signature(function).parameters
-    return {k: v for k, v in kwargs.items() if k in parameters and v is not None}
-
-
-def options_for(function: Callable, options: TrainOptions | None) -> dict[str, Any]:
-    """``{"options": options}`` when ``function`` takes an ``options`` keyword (the loops on ``core.training.Trainer``),
-    else nothing: an experiment passes its device and precision to every loop that can take them."""
-    return accepted(function, options=options)

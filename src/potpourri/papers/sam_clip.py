@@ -159,13 +159,12 @@ def run_sam_clip_experiment(
     return run
 
 
-def run(quick: bool, out: str | None, options: Any = None):
+def run(quick: bool, out: str | None, options: TrainOptions | None = None):
     """``potpourri reproduce sam-clip``: the full experiment, or a seconds-long smoke run of the same code path;
     ``options`` (a ``core.training.TrainOptions``: device, precision) reach ``run_sam_clip_experiment``."""
-    from potpourri.papers.registry import options_for
 
     cfg = SamClipConfig()
     if quick:  # same code path, minutes -> seconds, numbers not meaningful
         cfg = SamClipConfig(image_size=64, sam_per_category=3, sam_test_per_category=2, photo_train=8, photo_test=4,
                             stage1_steps=2, probe_steps=2, stage2_steps=2, sam_steps=2, batch_size=4)  # fmt: skip
-    return run_sam_clip_experiment(cfg, out=out, progress=False, **options_for(run_sam_clip_experiment, options))
+    return run_sam_clip_experiment(cfg, out=out, progress=False, options=options)

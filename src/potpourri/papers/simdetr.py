@@ -27,7 +27,7 @@ import torch
 
 from potpourri.core.runs import Run, new_run, seed_everything
 from potpourri.core.training import TrainOptions, resolve_device
-from potpourri.papers.registry import accepted, compute_options, options_for
+from potpourri.papers.registry import compute_options
 
 __all__ = ["SimDETRConfig", "reproduce_simdetr", "run"]
 
@@ -72,21 +72,13 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def _where_to_evaluate(function: Any, model: Any, device: torch.device) -> dict[str, Any]:
-    """``device=`` for an evaluation function that takes it; otherwise it runs on the CPU, so the model goes there."""
-    where = accepted(function, device=device)
-    if not where:
-        model.cpu()
-    return where
-
-
 def _detections_as_boxes(
     model: Any, samples: list, cfg: SimDETRConfig, device: torch.device | None = None
 ) -> list[dict[str, np.ndarray]]:
     from potpourri.detect.train import detect_images
 
-    where = _where_to_evaluate(detect_images, model, device or torch.device("cpu"))
-    return detect_images(model, [s.image for s in samples], image_size=cfg.image_size, conf=0.001, max_det=50, **where)
+    images = [s.image for s in samples]
+    return detect_images(model, images, image_size=cfg.image_size, conf=0.001, max_det=50, device=device or "cpu")
 
 
 def reproduce_simdetr(cfg: SimDETRConfig, *, out: str | None = None, options: TrainOptions | None = None) -> Run:
@@ -207,7 +199,7 @@ def reproduce_simdetr(cfg: SimDETRConfig, *, out: str | None = None, options: Tr
     for round_index in range(1, cfg.rounds + 1):
         train = [DetectionSample(s.image, b, lab, s.name) for s, (b, lab) in zip(pool, labels, strict=True)]
         tic = time.perf_counter()
-        result = train_detector(train, None, pretrain_cfg, model=model, **options_for(train_detector, options))
+        result = train_detector(train, None, pretrain_cfg, model=model, options=options)
         model = result.model
         detections = _detections_as_boxes(model, pool, cfg, device)
         recalls = [proposal_recall([d["boxes"] for d in detections], truth, top=k) for k in (1, 3, 10)]
@@ -240,9 +232,8 @@ def reproduce_simdetr(cfg: SimDETRConfig, *, out: str | None = None, options: Tr
                 start_model = copy.deepcopy(pretrained[arm])
                 start_model.reset_classifier(len(DEFECTS))
             tic = time.perf_counter()
-            result = train_detector(labelled, None, ft_cfg, model=start_model, **options_for(train_detector, options))
-            where = _where_to_evaluate(evaluate_detector, result.model, device)
-            metrics = evaluate_detector(result.model, test, image_size=cfg.image_size, **where)
+            result = train_detector(labelled, None, ft_cfg, model=start_model, options=options)
+            metrics = evaluate_detector(result.model, test, image_size=cfg.image_size, device=device)
             row = {"map50": metrics["map50"], "map": metrics["map"], "seconds": time.perf_counter() - tic}
             finetune_rows.setdefault(arm, []).append(row)
             _log(run, {"stage": "finetune", "arm": arm, "seed": seed, **row})

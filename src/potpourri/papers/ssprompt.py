@@ -181,13 +181,12 @@ def run_ssprompt_experiment(
     return run
 
 
-def run(quick: bool, out: str | None, options: Any = None):
+def run(quick: bool, out: str | None, options: TrainOptions | None = None):
     """``potpourri reproduce ssprompt``: the full experiment, or a seconds-long smoke run of the same code path;
     ``options`` (a ``core.training.TrainOptions``: device, precision) reach ``run_ssprompt_experiment``."""
-    from potpourri.papers.registry import options_for
 
     cfg = SSPromptConfig()
     if quick:  # same code path, minutes -> seconds, numbers not meaningful
         cfg = SSPromptConfig(image_size=64, sam_per_category=3, sam_steps=3, train_per_class=1, train_multi=2,
                              test_per_class=1, test_multi=2, prompt_steps=3, segmenter_steps=3)  # fmt: skip
-    return run_ssprompt_experiment(cfg, out=out, progress=False, **options_for(run_ssprompt_experiment, options))
+    return run_ssprompt_experiment(cfg, out=out, progress=False, options=options)

@@ -37,7 +37,6 @@ from potpourri.core.textgeo import box_to_text, mask_to_box, phrase_to_text
 from potpourri.core.training import TrainOptions, autocast, resolve_device
 from potpourri.data.instructions import Instruction
 from potpourri.data.synth import CLASSES, DEFECTS, SynthSample, location_phrase
-from potpourri.papers.registry import options_for
 
 __all__ = ["BaselineConfig", "InspectionBaseline", "answer_texts", "component_boxes"]
 
@@ -213,7 +212,7 @@ class InspectionBaseline:
         segmenter = Segmenter(seg_cfg, backbone=backbone)
         self.segmenter = segmenter.fit(
             _images(samples), np.stack([s.mask for s in samples]), progress=progress,
-            **options_for(segmenter.fit, self.options),
+            options=self.options,
         )  # fmt: skip
         self.seconds["segmenter_fit"] = time.perf_counter() - started
         started = time.perf_counter()

@@ -23,6 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from potpourri.core.errors import PotpourriError
+from potpourri.core.training import TrainOptions
 
 __all__ = ["CopyPaste", "CopyPasteConfig", "DefectGenerator", "DefectRegion", "check_generator_inputs"]
 
@@ -31,8 +32,16 @@ __all__ = ["CopyPaste", "CopyPasteConfig", "DefectGenerator", "DefectRegion", "c
 class DefectGenerator(Protocol):
     """A synthetic-defect generator: learns from few real (image, class-id mask) pairs, then samples new pairs."""
 
-    def fit(self, images: np.ndarray, masks: np.ndarray, normals: np.ndarray | None = None) -> DefectGenerator:
-        """Learn from (N, H, W, 3) uint8 images, (N, H, W) int64 class-id masks and optional defect-free images."""
+    def fit(
+        self,
+        images: np.ndarray,
+        masks: np.ndarray,
+        normals: np.ndarray | None = None,
+        *,
+        options: TrainOptions | None = None,
+    ) -> DefectGenerator:
+        """Learn from (N, H, W, 3) uint8 images, (N, H, W) int64 class-id masks and optional defect-free images;
+        ``options`` (a ``TrainOptions``: device, precision, checkpoints) for generators that train."""
         ...
 
     def sample(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -128,8 +137,16 @@ class CopyPaste:
         self.targets: np.ndarray | None = None
         self.target_masks: np.ndarray | None = None
 
-    def fit(self, images: np.ndarray, masks: np.ndarray, normals: np.ndarray | None = None) -> CopyPaste:
-        """Cut every defect region out of ``images``; paste targets are ``normals`` (else ``images``)."""
+    def fit(
+        self,
+        images: np.ndarray,
+        masks: np.ndarray,
+        normals: np.ndarray | None = None,
+        *,
+        options: TrainOptions | None = None,
+    ) -> CopyPaste:
+        """Cut every defect region out of ``images``; paste targets are ``normals`` (else ``images``). Nothing trains
+        here, so ``options`` has nothing to place: it is taken for the ``DefectGenerator`` contract only."""
         images, masks, normals = check_generator_inputs(images, masks, normals)
         cfg = self.config
         self.regions = []
