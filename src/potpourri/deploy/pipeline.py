@@ -8,6 +8,7 @@ from typing import Any
 
 from potpourri.core.errors import PotpourriError
 from potpourri.core.runs import Run
+from potpourri.deploy.runs import run_kind
 
 
 def export_run(
@@ -31,6 +32,8 @@ def export_run(
 
     if export_format != "onnx":
         raise PotpourriError(f"unknown export format '{export_format}'; choose onnx")
+    if run is not None and run_kind(run) == "inspection":
+        return _export_inspection(run, out, run_config)
     if run is not None:
         from potpourri.tune.predict import load_classifier
 
@@ -52,6 +55,32 @@ def export_run(
     )
     out_run.write_summary(result_dict(result))
     print(f"{result.onnx_path} (ONNX Runtime max |diff| {result.max_abs_diff:.2e}); metadata: {result.metadata_path}")
+    return out_run
+
+
+def _export_inspection(run: str, out: str | None, run_config: dict[str, Any]) -> Run:
+    """``export --run`` of an ``inspect fit`` run: the torch-free bundle, parity-checked on up to 8 of the run's
+    own test images (else training images)."""
+    import yaml
+
+    from potpourri.core.runs import new_run
+    from potpourri.data.folders import read_folder
+    from potpourri.deploy.inspect_export import export_patchcore
+
+    data = yaml.safe_load((Path(run) / "config.yaml").read_text()).get("data")
+    if not data:
+        raise PotpourriError(f"'{run}' records no data to check the export on; refit it with this potpourri")
+    folder = read_folder(data)
+    images = list(folder.test or folder.train)[:8]
+    out_run = new_run("export", out, config=run_config)
+    meta = export_patchcore(run, out_run.path / "bundle", check_images=images)
+    out_run.write_summary({"bundle": str(out_run.path / "bundle"), "parity": meta["parity"]})
+    for backend in ("onnxruntime", "openvino"):
+        if backend in meta["parity"]:
+            p = meta["parity"][backend]
+            print(f"{backend}: score rel diff {p['score_rel_diff']:.1e}, map rel diff {p['map_rel_diff']:.1e}, "
+                  f"same verdicts {p['same_verdicts']}")  # fmt: skip
+    print(f"bundle: {out_run.path / 'bundle'} (patchcore.onnx, metadata.json, inspect_runtime.py)")
     return out_run
 
 

@@ -327,6 +327,12 @@ class PatchCore(InspectionMethod):
             self._mean_std = tuple(cfg.get("mean", (0.5,) * 3)), tuple(cfg.get("std", (0.5,) * 3))
         return self._features
 
+    @property
+    def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) the backbone's inputs are normalised with (from its pretrained config)."""
+        self.features  # noqa: B018  (builds the backbone, which sets them)
+        return self._mean_std
+
     def _tensor(self, image: ImageInput) -> torch.Tensor:
         size = self.config.image_size
         rgb = as_rgb(image)
