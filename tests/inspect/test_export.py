@@ -55,7 +55,7 @@ def test_the_bundle_runs_without_torch(mvtec_folder, tmp_path):
         "import sys, json; sys.modules['torch'] = None; sys.path.insert(0, sys.argv[1]);"
         "from inspect_runtime import Inspector;"
         "r = Inspector(sys.argv[1]).predict(sys.argv[2:]);"
-        "print(json.dumps([[x['score'], x['label']] for x in r]))"
+        "print(json.dumps([[x['score'], x['label'], x['normalised']] for x in r]))"
     )
     out = subprocess.run([sys.executable, "-c", code, str(bundle), *images], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -63,5 +63,6 @@ def test_the_bundle_runs_without_torch(mvtec_folder, tmp_path):
     from potpourri.inspect.base import load_method
 
     expected = load_method(run).predict(images)
-    assert [label for _, label in got] == [r.label for r in expected]
-    assert np.allclose([s for s, _ in got], [r.score for r in expected], rtol=1e-4)
+    assert [label for _, label, _ in got] == [r.label for r in expected]
+    assert np.allclose([s for s, _, _ in got], [r.score for r in expected], rtol=1e-4)
+    assert np.allclose([n for _, _, n in got], [r.normalised for r in expected], atol=1e-4)

@@ -31,6 +31,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         config=method_module(args.method).config_from_args(args),
         device=args.device,
         precision=args.precision,
+        false_alarm_rate=args.false_alarm_rate,
+        normal_holdout=args.normal_holdout,
     )
     return 0
 
@@ -82,6 +84,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fit.add_argument("--nn-backend", choices=("torch", "faiss"), default="torch", help="faiss needs faiss-cpu")
     fit.add_argument("--threshold", type=float, default=None, help="image threshold (default: F1-max on validation)")
     fit.add_argument("--pixel-threshold", type=float, default=None)
+    fit.add_argument(
+        "--false-alarm-rate", type=flags.fraction, default=0.01,
+        help="without labelled defects: threshold at this share of held-out good images (default 0.01)",
+    )  # fmt: skip
+    fit.add_argument(
+        "--normal-holdout", type=flags.fraction, default=0.2,
+        help="without labelled defects: share of the good training images held out to calibrate on (default 0.2)",
+    )  # fmt: skip
     fit.add_argument(
         "--val-fraction", type=flags.fraction, default=0.5, help="share of test/ used to calibrate thresholds"
     )

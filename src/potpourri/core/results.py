@@ -15,3 +15,4 @@ class InspectionResult:
     anomaly_map: np.ndarray  # (H, W) float32, at the method's input resolution
     mask: np.ndarray | None  # (H, W) bool, anomaly_map >= pixel threshold
     label: bool | None  # True = defect, score >= image threshold
+    normalised: float | None = None  # 0-1, 0.5 at the image threshold (anomalib's min-max convention)

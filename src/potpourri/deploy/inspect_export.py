@@ -73,7 +73,7 @@ def export_patchcore(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
         "resize": "PIL bicubic to image_size x image_size",
         "nearest_neighbour_search": "in the graph (memory bank as an initializer)",
         "memory_bank_rows": int(method.memory_bank.shape[0]),
-        "thresholds": {"image": thresholds.image, "pixel": thresholds.pixel, "source": thresholds.source},
+        "thresholds": {k: getattr(thresholds, k) for k in ("image", "pixel", "source", "image_min", "image_max")},
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(method.config).items()},
         "source_run": str(run_dir),
     }

@@ -80,17 +80,25 @@ class Inspector:
         return np.concatenate(scores), np.concatenate(maps)
 
     def predict(self, images: list) -> list[dict[str, Any]]:
-        """Per image: ``score``, ``label`` (True = defect, None when uncalibrated), ``anomaly_map`` (S, S) and
-        ``mask`` (S, S) bool or None."""
+        """Per image: ``score``, ``normalised`` (0-1, 0.5 at the threshold; None when uncalibrated), ``label``
+        (True = defect, None when uncalibrated), ``anomaly_map`` (S, S) and ``mask`` (S, S) bool or None."""
         thresholds = self.meta["thresholds"]
         image_t, pixel_t = thresholds.get("image"), thresholds.get("pixel")
+        low, high = thresholds.get("image_min"), thresholds.get("image_max")
         scores, maps = self.score(images)
         out = []
         for score, anomaly_map in zip(scores, maps, strict=True):
             out.append({
                 "score": float(score),
+                "normalised": None if None in (image_t, low, high) else normalise(float(score), image_t, low, high),
                 "label": None if image_t is None else bool(score >= image_t),
                 "anomaly_map": anomaly_map,
                 "mask": None if pixel_t is None else anomaly_map >= pixel_t,
             })  # fmt: skip
         return out
+
+
+def normalise(score: float, threshold: float, low: float, high: float) -> float:
+    """anomalib's min-max convention, as ``Thresholds.normalise``: (score - threshold) / (high - low) + 0.5, clipped
+    to [0, 1]."""
+    return float(np.clip((score - threshold) / max(high - low, 1e-12) + 0.5, 0.0, 1.0))

@@ -32,6 +32,7 @@ __all__ = [
     "METHOD_MODULES",
     "InspectionMethod",
     "Thresholds",
+    "calibrate_on_normal",
     "load_method",
     "method_module",
 ]
@@ -55,10 +56,21 @@ class Thresholds:
     pixel: float | None = None
     source: str = "none"
     notes: list[str] = field(default_factory=list)
+    # score range on the calibration images: the normalised score is (s - image) / (max - min) + 0.5 in [0, 1]
+    image_min: float | None = None
+    image_max: float | None = None
+    false_alarm_rate: float | None = None  # the rate asked for when calibrated on normal images only
 
     @property
     def calibrated(self) -> bool:
         return self.image is not None
+
+    def normalise(self, score: float) -> float | None:
+        """anomalib's min-max convention: 0.5 at the image threshold, clipped to [0, 1]; None when uncalibrated."""
+        if self.image is None or self.image_min is None or self.image_max is None:
+            return None
+        spread = max(self.image_max - self.image_min, 1e-12)
+        return float(np.clip((score - self.image) / spread + 0.5, 0.0, 1.0))
 
 
 def calibrate_thresholds(
@@ -92,7 +104,30 @@ def calibrate_thresholds(
     else:
         pixel = image
         notes.append("no defect masks to calibrate on: pixel threshold = image threshold")
-    return Thresholds(image=image, pixel=pixel, source=source, notes=notes)
+    low, high = (float(scores.min()), float(scores.max())) if scores.size else (None, None)
+    return Thresholds(image=image, pixel=pixel, source=source, notes=notes, image_min=low, image_max=high)
+
+
+def calibrate_on_normal(scores: np.ndarray, maps: np.ndarray, false_alarm_rate: float) -> Thresholds:
+    """Thresholds from defect-free held-out images only: the image threshold is the ``1 - false_alarm_rate``
+    quantile of their scores, the pixel threshold that quantile of their per-image map maxima (so a normal image
+    raises a mask pixel about as often as a false alarm); the notes say how far the rate can be trusted."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.size < 2:
+        return Thresholds(notes=["fewer than 2 held-out normal images: thresholds not calibrated; pass --threshold"])
+    q = 1.0 - false_alarm_rate
+    image = float(np.quantile(scores, q, method="higher"))
+    pixel = float(np.quantile(np.asarray(maps).reshape(len(scores), -1).max(1), q, method="higher"))
+    observed = float((scores >= image).mean())
+    notes = [
+        f"calibrated on {scores.size} held-out normal images only (no labelled defects): image threshold = their "
+        f"{q:.3g} quantile; asked false-alarm rate {false_alarm_rate:.3g}, {observed:.3g} of them at or above it"
+    ]
+    if false_alarm_rate < 1.0 / scores.size:
+        notes.append(f"a false-alarm rate below 1/{scores.size} cannot be checked on {scores.size} images")
+    return Thresholds(image=image, pixel=pixel, source=f"{q:.3g} quantile of held-out normal scores", notes=notes,
+                      image_min=float(scores.min()), image_max=float(scores.max()),
+                      false_alarm_rate=false_alarm_rate)  # fmt: skip
 
 
 class InspectionMethod(ABC):
@@ -171,6 +206,7 @@ class InspectionMethod(ABC):
                 anomaly_map=m.astype(np.float32),
                 mask=None if pixel_t is None else m >= pixel_t,
                 label=None if image_t is None else bool(s >= image_t),
+                normalised=self.thresholds.normalise(float(s)),
             )
             for s, m in zip(scores, maps, strict=True)
         ]

@@ -30,9 +30,15 @@ def fit_folder(
     threads: int | None = None,
     device: str = "cpu",
     precision: str = "fp32",
+    false_alarm_rate: float = 0.01,
+    normal_holdout: float = 0.2,
 ) -> Run:
     """``potpourri inspect fit``: fit ``method_name`` on the normal images of ``data_spec``, calibrate thresholds and
-    evaluate on its test images if any; writes the run folder (metrics, report.html) and returns it."""
+    evaluate on its test images if any; writes the run folder (metrics, report.html) and returns it.
+
+    Thresholds: F1-max on a labelled validation share of the test images when they hold defects; otherwise (good
+    images only) the ``1 - false_alarm_rate`` quantile of scores of ``normal_holdout`` of the training images,
+    held out of the fit."""
     import torch
 
     from potpourri.core.metrics import evaluate, roc_curve
@@ -58,14 +64,29 @@ def fit_folder(
         seed=seed,
     )
     notes = [n for n in (_size_note(data.train, config.image_size, "training"),) if n]
+    train, normal_held = list(data.train), []
+    labelled = bool(data.test) and bool(np.asarray(data.labels).any())
+    if not labelled and threshold is None and normal_holdout > 0 and len(train) >= 4:
+        order = np.random.default_rng(seed).permutation(len(train))
+        n_held = max(2, round(normal_holdout * len(train)))
+        normal_held = [train[i] for i in sorted(order[:n_held])]
+        train = [train[i] for i in sorted(order[n_held:])]
 
     start = time.perf_counter()
-    method.fit(data.train)
+    method.fit(train)
     fit_s = time.perf_counter() - start
+    if normal_held:
+        from potpourri.inspect.base import calibrate_on_normal
+
+        held_scores, held_maps = method.score(normal_held)
+        method.thresholds = calibrate_on_normal(held_scores, held_maps, false_alarm_rate)
+        if pixel_threshold is not None:
+            method.thresholds.pixel = float(pixel_threshold)
     summary: dict = {
         "method": method_name,
         "layout": data.layout,
         "train_images": method.n_train_images,
+        "normal_holdout_images": len(normal_held),
         **(
             {
                 "memory_bank_rows": int(method.memory_bank.shape[0]),
@@ -89,14 +110,18 @@ def fit_folder(
         masks, mask_notes = truth_masks(data, config.image_size)
         evaluation = evaluate(labels, scores, masks, maps)
         val, held_out, split_note = _validation_split(labels, val_fraction, seed)
-        method.calibrate(
-            scores[val],
-            labels[val],
-            maps[val],
-            None if masks is None else masks[val],
-            image_threshold=threshold,
-            pixel_threshold=pixel_threshold,
-        )
+        if labelled or not normal_held:
+            method.calibrate(
+                scores[val],
+                labels[val],
+                maps[val],
+                None if masks is None else masks[val],
+                image_threshold=threshold,
+                pixel_threshold=pixel_threshold,
+            )
+        else:
+            held_out = np.arange(len(labels))  # calibrated on training images: every test image is held out
+            split_note = None
         notes += mask_notes + list(evaluation.notes) + [n for n in (split_note,) if n]
         summary["metrics"] = {k: v for k, v in evaluation.as_dict().items() if k != "notes"}
         summary["held_out_at_threshold"] = _threshold_metrics(
@@ -105,7 +130,8 @@ def fit_folder(
         run.log_metrics({"split": "test", **summary["metrics"]})
     else:
         notes.append("no labelled test set (test/<defect> folders): metrics not computed")
-        method.calibrate(np.array([]), np.array([]), image_threshold=threshold, pixel_threshold=pixel_threshold)
+        if not normal_held:
+            method.calibrate(np.array([]), np.array([]), image_threshold=threshold, pixel_threshold=pixel_threshold)
     method.notes = notes + method.thresholds.notes
     method.save(run.path)
     summary["thresholds"] = vars(method.thresholds)
@@ -154,7 +180,9 @@ def fit_folder(
     return run
 
 
-PREDICTION_FIELDS = ["image", "score", "label", "image_threshold", "defect_fraction", "width", "height", "mask"]
+PREDICTION_FIELDS = [
+    "image", "score", "normalised", "label", "image_threshold", "defect_fraction", "width", "height", "mask",
+]  # fmt: skip
 
 
 def _resume_rows(run_path: Path, paths: list[Path], batch_size: int) -> list[dict[str, str]]:
@@ -252,6 +280,7 @@ def predict_images(
                     mask.resize((width, height), Image.Resampling.NEAREST).save(run.path / mask_png)
                 new_rows.append({
                     "image": str(path), "score": result.score, "width": width, "height": height, "mask": mask_png,
+                    "normalised": "" if result.normalised is None else result.normalised,
                     "label": "" if result.label is None else ("defect" if result.label else "good"),
                     "image_threshold": threshold,
                     "defect_fraction": "" if result.mask is None else float(result.mask.mean()),
