@@ -143,3 +143,24 @@ def test_predict_killed_after_a_batch_resumes_to_the_same_csv(mvtec_folder: Path
     straight = (tmp_path / "straight" / "predictions.csv").read_text()
     assert (tmp_path / "killed" / "predictions.csv").read_text() == straight
     assert len(straight.splitlines()) == 27
+
+
+@pytest.mark.slow
+def test_predict_over_2000_images_stays_under_1_5_gb(mvtec_folder: Path, tmp_path: Path) -> None:
+    import resource
+
+    run = tmp_path / "run"
+    fit = potpourri("inspect", "fit", "--data", str(mvtec_folder), "--out", str(run), "--image-size", "32",
+                    "--coreset-ratio", "0.5", "--threads", "1")  # fmt: skip
+    assert fit.returncode == 0, fit.stderr
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2000):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / f"{i:04d}.png")
+    predict = potpourri("inspect", "predict", "--run", str(run), str(images), "--out", str(tmp_path / "p"),
+                        "--threads", "1", "--no-progress")  # fmt: skip
+    assert predict.returncode == 0, predict.stderr[-2000:]
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest child: fit or predict
+    assert len((tmp_path / "p" / "predictions.csv").read_text().splitlines()) == 2001
+    assert peak_kib < 1.5 * 1024 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB"
