@@ -29,12 +29,19 @@ def test_the_graph_module_equals_the_method(planted, small_config, lite0):
     assert np.allclose(g_maps.numpy(), maps, rtol=1e-4, atol=1e-5)
 
 
-def test_export_run_bundle_matches_eager_in_onnxruntime_and_openvino(mvtec_folder, tmp_path):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def exported(mvtec_folder, tmp_path_factory):
+    """An `inspect fit` run on the planted folder and its `export --run` bundle."""
+    tmp = tmp_path_factory.mktemp("export")
+    run = tmp / "run"
     fit = ["inspect", "fit", "--data", str(mvtec_folder), "--image-size", "64", "--coreset-ratio", "0.5"]
     assert main([*fit, "--out", str(run), "--threads", "1"]) == 0
-    assert main(["export", "--run", str(run), "--out", str(tmp_path / "export")]) == 0
-    bundle = tmp_path / "export" / "bundle"
+    assert main(["export", "--run", str(run), "--out", str(tmp / "export")]) == 0
+    return run, tmp / "export" / "bundle"
+
+
+def test_export_run_bundle_matches_eager_in_onnxruntime_and_openvino(exported):
+    _, bundle = exported
     meta = json.loads((bundle / "metadata.json").read_text())
     assert meta["nearest_neighbour_search"].startswith("in the graph") and meta["thresholds"]["image"] is not None
     backends = ["onnxruntime"] + (["openvino"] if "openvino" in meta["parity"] else [])
@@ -44,12 +51,8 @@ def test_export_run_bundle_matches_eager_in_onnxruntime_and_openvino(mvtec_folde
         assert parity["same_verdicts"] is True
 
 
-def test_the_bundle_runs_without_torch(mvtec_folder, tmp_path):
-    run = tmp_path / "run"
-    fit = ["inspect", "fit", "--data", str(mvtec_folder), "--image-size", "64", "--coreset-ratio", "0.5"]
-    assert main([*fit, "--out", str(run), "--threads", "1"]) == 0
-    assert main(["export", "--run", str(run), "--out", str(tmp_path / "export")]) == 0
-    bundle = tmp_path / "export" / "bundle"
+def test_the_bundle_runs_without_torch(exported, mvtec_folder):
+    run, bundle = exported
     images = sorted(str(p) for p in (mvtec_folder / "test").glob("*/*.png"))
     code = (
         "import sys, json; sys.modules['torch'] = None; sys.path.insert(0, sys.argv[1]);"
