@@ -76,6 +76,7 @@ CASES = [
     (["inspect", "predict", "--run", "r", "x.png", "--top-k", "-1"], "--top-k"),
     (["predict", "x.png", "--run", MISSING], "does not exist"),
     (["export", "--run", MISSING], "does not exist"),
+    (["serve", "--run", ".", "--max-megapixels", "0"], "--max-megapixels"),
 ]
 
 

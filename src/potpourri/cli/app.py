@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from potpourri.cli import flags
+from potpourri.core.errors import PotpourriError
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
@@ -50,10 +52,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from potpourri.app.assistant import Assistant
     from potpourri.app.serve import build_app, require_gradio
+    from potpourri.deploy.runs import run_kind
 
     require_gradio()  # fail before the model loads
     if args.threads:
         torch.set_num_threads(args.threads)
+    if (Path(args.run) / "metadata.json").is_file() and run_kind(args.run) == "inspection":
+        from potpourri.app.inspect_app import InspectionService, serve_inspection
+
+        if args.inspect:
+            raise PotpourriError("--inspect adds an inspection run to a VLM run; RUN already is an inspection run")
+        service = InspectionService(args.run, max_megapixels=args.max_megapixels, device=args.device,
+                                    precision=args.precision)  # fmt: skip
+        serve_inspection(service, host=args.host, port=args.port)
+        return 0
     assistant = Assistant(args.run, inspect=args.inspect, max_new_tokens=args.max_new_tokens, device=args.device,
                           precision=args.precision)  # fmt: skip
     app = build_app(assistant)
@@ -64,8 +76,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _register_serve(subparsers: argparse._SubParsersAction) -> None:
     """Add ``potpourri serve``."""
-    serve = subparsers.add_parser("serve", help="the assistant as a web app (Gradio; pip install 'potpourri[app]')")
-    serve.add_argument("--run", required=True, help="a run folder written by `potpourri vlm train`")
+    serve = subparsers.add_parser(
+        "serve", help="an inspection run or the VLM assistant as a web app (Gradio; pip install 'potpourri[app]')"
+    )
+    serve.add_argument(
+        "--run", required=True, help="an `inspect fit` run (inspection app + JSON endpoint) or a `vlm train` run"
+    )
+    serve.add_argument(
+        "--max-megapixels", type=flags.positive_float, default=50.0, help="inspection app: larger uploads are refused"
+    )
     serve.add_argument("--inspect", default=None, help="also show a PatchCore (`inspect fit`) or segmenter run")
     serve.add_argument("--port", type=flags.positive_int, default=7860)
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
