@@ -77,6 +77,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fit.add_argument(
         "--pretrained", action=argparse.BooleanOptionalAction, default=True, help="patchcore: pretrained backbone"
     )
+    fit.add_argument(
+        "--tile", action="store_true", help="patchcore: large images as overlapping --image-size tiles (not shrunk)"
+    )
     fit.add_argument("--coreset-ratio", type=flags.fraction, default=0.1)
     fit.add_argument(
         "--k-shot", type=flags.positive_int, default=None, help="few-shot: use only K seeded normal images"

@@ -40,6 +40,8 @@ def export_patchcore(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
     method = load_method(run_dir)
     if method.name != "patchcore":
         raise PotpourriError(f"export of '{method.name}' runs is not supported; PatchCore runs export to ONNX")
+    if method.config.tile:
+        raise PotpourriError("export of a tiled PatchCore run is not supported yet (the runtime does not tile)")
     graph = PatchCoreGraph(method).eval()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ __all__ = [
     "memory_budget",
     "nearest_neighbors",
     "partitioned_coreset",
+    "tile_grid",
 ]
 
 
@@ -108,6 +109,25 @@ class PatchFeatures(nn.Module):
             flat = F.adaptive_avg_pool1d(flat, self.embed_dim)  # (B*h*w, 1, D)
             features = flat.reshape(b, h, w, self.embed_dim).permute(0, 3, 1, 2)
         return features.contiguous()  # (B, D, h, w)
+
+
+def tile_grid(image: Image.Image, size: int, overlap: float) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+    """Overlapping ``size`` x ``size`` tiles covering ``image`` (the last row and column flush with its edges) and
+    their (top, left) corners; an image smaller than a tile in either side is one tile (the whole image)."""
+    if not 0 <= overlap < 1:
+        raise PotpourriError(f"tile_overlap must be in [0, 1), got {overlap}")
+    pixels = np.asarray(image)
+    height, width = pixels.shape[:2]
+    if height < size or width < size:
+        return [pixels], [(0, 0)]
+    stride = max(1, round(size * (1 - overlap)))
+
+    def starts(length: int) -> list[int]:
+        out = list(range(0, length - size + 1, stride))
+        return out if out[-1] == length - size else [*out, length - size]
+
+    corners = [(top, left) for top in starts(height) for left in starts(width)]
+    return [pixels[t : t + size, left : left + size] for t, left in corners], corners
 
 
 def default_layers(backbone: nn.Module) -> tuple[int, ...]:
@@ -276,6 +296,10 @@ class PatchCoreConfig:
     # None = one greedy pass over the whole bank (quadratic: ~46 min for 1,000 images at 224 px)
     coreset_max_patches: int | None = 100_000
     border_zero_pad: bool = True  # see PatchFeatures; runs saved before this option used False
+    # high-resolution parts: cut images larger than image_size into overlapping image_size tiles at their own
+    # resolution (fit and predict alike) instead of shrinking them; maps are stitched, the image score is the max
+    tile: bool = False
+    tile_overlap: float = 0.25
     seed: int = 0
 
 
@@ -374,6 +398,10 @@ class PatchCore(InspectionMethod):
                 raise PotpourriError(f"k_shot={self.config.k_shot} but only {len(images)} normal images given")
             order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.config.seed))
             images = [images[i] for i in order[: self.config.k_shot].tolist()]
+        n_images = len(images)
+        if self.config.tile:
+            images = [t for image in images for t in tile_grid(as_rgb(image), self.config.image_size,
+                                                               self.config.tile_overlap)[0]]  # fmt: skip
         start = time.perf_counter()
         h, w = self.grid()
         bank = torch.empty(len(images) * h * w, self.config.embed_dim)  # preallocated: no list + cat copy
@@ -397,7 +425,7 @@ class PatchCore(InspectionMethod):
         else:
             self.memory_bank = bank
         self.timings["coreset_s"] = time.perf_counter() - start
-        self.n_train_images = len(images)
+        self.n_train_images = n_images
         return self
 
     def _require_fit(self) -> torch.Tensor:
@@ -405,9 +433,49 @@ class PatchCore(InspectionMethod):
             raise PotpourriError("PatchCore is not fitted: call fit(normal_images) or load a fitted run first")
         return self.memory_bank
 
+    def tiled(self, image: ImageInput) -> tuple[float, np.ndarray]:
+        """Score one image tile by tile: (max tile score, the stitched map at the image's own size; overlaps are
+        averaged)."""
+        rgb = as_rgb(image)
+        tiles, corners = tile_grid(rgb, self.config.image_size, self.config.tile_overlap)
+        size = self.config.image_size
+        if len(tiles) == 1 and rgb.size != (size, size):  # smaller than a tile: scored whole, as without tiling
+            scores, maps = self.score_tiles(tiles)
+            full = F.interpolate(torch.from_numpy(maps)[:, None], size=(rgb.height, rgb.width), mode="bilinear")
+            return float(scores[0]), full[0, 0].numpy()
+        scores, maps = self.score_tiles(tiles)
+        total = np.zeros((rgb.height, rgb.width), np.float32)
+        count = np.zeros_like(total)
+        for (top, left), tile_map in zip(corners, maps, strict=True):
+            total[top : top + size, left : left + size] += tile_map
+            count[top : top + size, left : left + size] += 1
+        return float(scores.max()), total / count
+
+    def predict(self, images: Sequence[ImageInput]) -> list:
+        """As ``InspectionMethod.predict``; with ``tile``, maps and masks come at each image's own size."""
+        if not self.config.tile:
+            return super().predict(images)
+        out = []
+        for image in images:
+            score, full = self.tiled(image)
+            out += self.results(np.array([score]), full[None])
+        return out
+
     @torch.inference_mode()
     def score(self, images: Sequence[ImageInput]) -> tuple[np.ndarray, np.ndarray]:
-        """Image scores (N,) and Gaussian-smoothed anomaly maps (N, S, S) at the input size S."""
+        """Image scores (N,) and Gaussian-smoothed anomaly maps (N, S, S) at the input size S (with ``tile``: the
+        stitched map of each image, resized to S x S)."""
+        if self.config.tile:
+            size = self.config.image_size
+            results = [self.tiled(image) for image in images]
+            maps = [F.interpolate(torch.from_numpy(m)[None, None], size=(size, size), mode="bilinear")[0, 0].numpy()
+                    for _, m in results]  # fmt: skip
+            return np.array([s for s, _ in results], np.float32), np.stack(maps)
+        return self.score_tiles(images)
+
+    @torch.inference_mode()
+    def score_tiles(self, images: Sequence[ImageInput]) -> tuple[np.ndarray, np.ndarray]:
+        """Scores (N,) and maps (N, S, S) of images each resized to S x S (a tile already is)."""
         bank = self._require_fit()
         if not len(images):
             raise PotpourriError("PatchCore.score got no images")
@@ -470,6 +538,7 @@ def config_from_args(args: Any) -> PatchCoreConfig:
         image_size=args.image_size,
         coreset_ratio=args.coreset_ratio,
         k_shot=args.k_shot,
+        tile=getattr(args, "tile", False),
         nn_backend=args.nn_backend,
         seed=args.seed,
     )
