@@ -35,7 +35,8 @@ def main() -> None:
     for tile in (False, True):
         method = PatchCore(PatchCoreConfig(image_size=64, coreset_ratio=0.25, tile=tile), backbone=lite0).fit(train)
         scores, _ = method.score(good + bad)
-        print(f"tile={tile!s:<5} image AUROC {image_auroc(labels, scores):.3f}  scores {[round(float(s), 2) for s in scores]}")
+        shown = [round(float(s), 2) for s in scores]
+        print(f"tile={tile!s:<5} image AUROC {image_auroc(labels, scores):.3f}  scores {shown}")
 
 
 if __name__ == "__main__":
