@@ -405,7 +405,10 @@ class PatchCore(InspectionMethod):
         start = time.perf_counter()
         h, w = self.grid()
         bank = torch.empty(len(images) * h * w, self.config.embed_dim)  # preallocated: no list + cat copy
-        for first in range(0, len(images), self.config.batch_size):
+        from tqdm.auto import tqdm
+
+        batches = range(0, len(images), self.config.batch_size)
+        for first in tqdm(batches, desc="PatchCore fit", unit="batch", leave=False, disable=None):  # None: a TTY only
             features = self.embed(images[first : first + self.config.batch_size])  # (B, D, h, w)
             rows = features.permute(0, 2, 3, 1).reshape(-1, self.config.embed_dim)  # (B*h*w, D)
             bank[first * h * w : first * h * w + rows.shape[0]] = rows
