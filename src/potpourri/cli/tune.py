@@ -24,6 +24,7 @@ def _training_options(args: argparse.Namespace) -> dict[str, Any]:
         "label_smoothing": args.label_smoothing,
         "ema_decay": args.ema,
         "bn": args.bn,
+        "augment": args.augment,
         "seed": args.seed,
         "num_workers": args.workers,
         "progress": not args.no_progress,
@@ -97,6 +98,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "--ema", type=flags.probability, default=None, metavar="DECAY", help="evaluate an EMA of the weights"
     )
     p.add_argument("--bn", choices=["eval", "train", "recalibrate"], default="eval", help="BatchNorm policy")
+    p.add_argument("--augment", action="store_true", help="random flips and quarter turns of the training images")
     p.add_argument("--seed", type=flags.non_negative_int, default=0)
     p.add_argument("--workers", type=flags.non_negative_int, default=0, help="data-loading processes")
     p.add_argument("--threads", type=flags.non_negative_int, default=None, help="torch threads (default: all cores)")

@@ -37,7 +37,7 @@ from potpourri.core.training import (
 )
 from potpourri.tune.strategies import Plan, apply_bn_policy, recalibrate_bn
 
-__all__ = ["TuneConfig", "TuneResult", "evaluate", "fit", "lr_at", "train"]
+__all__ = ["TuneConfig", "TuneResult", "augment_batch", "evaluate", "fit", "lr_at", "train"]
 
 # config keys that may change between a run and its resumption; all others must match
 _RESUMABLE_CHANGES = {"epochs", "progress", "device", "precision", "num_workers", "checkpoint_every"}
@@ -58,6 +58,7 @@ class TuneConfig:
     label_smoothing: float = 0.0
     ema_decay: float | None = None  # e.g. 0.999; evaluation then uses the EMA weights
     bn: str = "eval"  # eval | train | recalibrate (see strategies.apply_bn_policy)
+    augment: bool = False  # random flips and quarter turns of each training image (square inputs)
     seed: int = 0
     shuffle: bool = True
     drop_last: bool = False
@@ -95,6 +96,18 @@ class TuneResult:
 
 # ----------------------------------------------------------------------------------------------------------------
 # the loop
+
+
+def augment_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image of ``(B, C, S, S)`` under one of the 8 symmetries of the square (flip, then 0-3 quarter turns)."""
+    if images.shape[-1] != images.shape[-2]:
+        raise PotpourriError(f"augment needs square inputs, got {tuple(images.shape[-2:])}")
+    flips = torch.rand(len(images), generator=generator) < 0.5
+    turns = torch.randint(0, 4, (len(images),), generator=generator)
+    out = [
+        torch.rot90(x.flip(-1) if f else x, int(k), dims=(-2, -1)) for x, f, k in zip(images, flips, turns, strict=True)
+    ]
+    return torch.stack(out)
 
 
 def _make_optimizer(plan: Plan, cfg: TuneConfig) -> torch.optim.Optimizer:
@@ -210,7 +223,9 @@ def train(
     ckpt_dir = run_path / "checkpoints" if run_path is not None and dist.main else None
     if resume and not dist.main:  # every rank restores from rank 0's folder, only rank 0 writes
         ckpt_dir = run_path / "checkpoints"
-    trainer = Trainer(model, optimizer, total_steps=total_steps, options=options, folder=ckpt_dir, ema=ema, desc="tune")
+    augment_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 17)  # checkpointed with the trainer
+    trainer = Trainer(model, optimizer, total_steps=total_steps, options=options, folder=ckpt_dir, ema=ema,
+                      generators={"augment": augment_gen}, desc="tune")  # fmt: skip
     if not dist.main:
         trainer.folder = None
     net = model
@@ -254,6 +269,8 @@ def train(
             bar = tqdm(total=len(batches), initial=done, desc=desc, disable=not (cfg.progress and dist.main))
             epoch_start = time.perf_counter()
             for index, (images, labels) in enumerate(iter_batches(train_data, shards, cfg.num_workers), done):
+                if cfg.augment:
+                    images = augment_batch(images, augment_gen)
                 images, labels = images.to(device), labels.to(device)
                 lr = lr_at(step, base=cfg.lr, total=total_steps, warmup=cfg.warmup_steps, min_ratio=cfg.min_lr_ratio)
                 for group in optimizer.param_groups:
@@ -381,7 +398,9 @@ def fit(
         model, lr=cfg.lr, weight_decay=cfg.weight_decay, optimizer=cfg.optimizer
     )
     if cache_features is None:
-        cache_features = strategy == "linear"
+        cache_features = strategy == "linear" and not cfg.augment  # augmented images cannot use cached features
+    if cache_features and cfg.augment:
+        raise PotpourriError("augment changes every image: it cannot be combined with cache_features")
     if not cache_features:
         return train(model, train_data, val_data, plan, cfg, run=out, resume=resume)
     if strategy != "linear":
