@@ -47,7 +47,7 @@ def test_fit_rejects_one_class_unknown_options_and_misplaced_blocks():
     one_class = TensorDataset(torch.randn(8, 3, 8, 8), torch.zeros(8, dtype=torch.long))
     with pytest.raises(PotpourriError, match="single class"):
         fit(tiny_model(), one_class)
-    with pytest.raises(PotpourriError, match="unknown training option 'epoch'; valid options: batch_size"):
+    with pytest.raises(PotpourriError, match="unknown training option 'epoch'; valid options: augment, batch_size"):
         fit(tiny_model(), colour_data(), epoch=3)
     with pytest.raises(PotpourriError, match="blocks= only applies to strategy 'subtuning'"):
         fit(tiny_model(), colour_data(), strategy="linear", blocks=["blocks.0.0"])
