@@ -2,7 +2,8 @@
 experiments issue: image size x defect severity x images per class, scoring a logistic probe on frozen ImageNet
 EfficientNet-Lite0 features against the same probe on colour histograms (7 classes: chance 0.143).
 
-Run: ``.venv/bin/python benchmarks/ds_synth_probe_sweep.py [--sizes 128 224] [--severities 0.5 1.0] [--n 10 30]``.
+Run: ``.venv/bin/python benchmarks/ds_synth_probe_sweep.py [--sizes 128 224] [--severities 0.5 1.0] [--n 10 30]
+[--version 2]``.
 Prints one row per setting: probe accuracy, histogram accuracy, their gap and seconds; one thread.
 """
 
@@ -31,6 +32,7 @@ def main() -> None:
     parser.add_argument("--severities", type=float, nargs="+", default=[0.5, 1.0])
     parser.add_argument("--n", type=int, nargs="+", default=[10, 30], help="images per class per surface")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--version", default="1", choices=["1", "2"], help="DS-Synth version")
     args = parser.parse_args()
     torch.set_num_threads(1)
     from potpourri import create_model
@@ -53,7 +55,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for size, severity, n in itertools.product(args.sizes, args.severities, args.n):
         start = time.perf_counter()
-        task = make_task("classification", n_per_class=n, size=size, severity=severity, seed=args.seed)
+        task = make_task("classification", n_per_class=n, size=size, severity=severity, seed=args.seed,
+                         version=args.version)  # fmt: skip
         y_train, y_test = task.train_labels, task.test_labels
         lite0 = probe(features(task.train_images), y_train, features(task.test_images), y_test)
         hist = probe(colour_histograms(task.train_images), y_train, colour_histograms(task.test_images), y_test)

@@ -83,7 +83,12 @@ def _cmd_select_layers(args: argparse.Namespace) -> int:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="efficientnet_lite0", help="model name (default efficientnet_lite0)")
-    p.add_argument("--data", required=True, help="ImageFolder DIR (or DIR/train + DIR/val) or ds-synth:<task>")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="ImageFolder DIR (or DIR/train + DIR/val), ds-synth:classification (v1) or "
+        "ds-synth-v2:classification (the v2 benchmark: defect types differ by shape only)",
+    )
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True)
     flags.add_image_size(p, default=None, help="input size (default: the model's)", old="--img-size")
     p.add_argument("--epochs", type=flags.positive_int, default=10)

@@ -40,15 +40,19 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from potpourri.core.errors import PotpourriError
+from potpourri.data.synth_shapes import SHAPE_PAINTERS, apply_ink, draw_ink, rasterise
 
 __all__ = [
+    "BENCHMARK_V2",
     "CATEGORIES",
     "CLASSES",
     "GENERATOR_VERSION",
     "PALETTE",
     "SPLIT_FRACTION",
+    "VERSIONS",
     "SynthSample",
     "SynthTask",
+    "check_version",
     "location_phrase",
     "make_sample",
     "make_samples",
@@ -58,7 +62,11 @@ __all__ = [
     "write_ds_synth",
 ]
 
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "1.0"  # of dataset version "1"; bump when v1's bytes change
+VERSIONS = {"1": "1.0", "2": "2.0"}  # dataset version -> generator version (v2: shape-only defect types)
+# The pinned v2 defect-type classification benchmark (issue 20): per surface and class, images at the model's size.
+# Measured at 128 px: Lite0 probe 0.605 vs colour histogram 0.221 (benchmarks/ds_synth_probe_sweep.py --version 2).
+BENCHMARK_V2 = {"version": "2", "n_per_class": 20, "severity": 0.75}
 CLASSES = ("good", "scratch", "crack", "stain", "hole", "contamination", "dent")
 DEFECTS = CLASSES[1:]
 MULTI = "multi"  # a test image with 2-3 defects of different classes
@@ -82,6 +90,12 @@ _LOCATIONS = (
     ("left", "center", "right"),
     ("lower left", "bottom", "lower right"),
 )
+
+
+def check_version(version: str) -> None:
+    """One-line error for an unknown DS-Synth version."""
+    if version not in VERSIONS:
+        raise PotpourriError(f"unknown DS-Synth version '{version}'; choose from {', '.join(VERSIONS)}")
 
 
 # ----------------------------------------------------------------------------------------------- base photos
@@ -126,14 +140,6 @@ class Defect:
     phrase: str
 
 
-def _canvas_alpha(size: int, draw_fn, supersample: int = 2) -> np.ndarray:
-    """Rasterise ``draw_fn(ImageDraw, scale)`` anti-aliased: draw at 2x, box-downsample; (size, size) float32."""
-    canvas = Image.new("L", (size * supersample, size * supersample), 0)
-    draw_fn(ImageDraw.Draw(canvas), supersample)
-    small = canvas.resize((size, size), Image.Resampling.BOX)
-    return np.asarray(small, dtype=np.float32) / 255.0
-
-
 def _bezier(p0: np.ndarray, p1: np.ndarray, p2: np.ndarray, steps: int = 48) -> np.ndarray:
     t = np.linspace(0.0, 1.0, steps)[:, None]
     return (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2  # (steps, 2) as (x, y)
@@ -161,7 +167,7 @@ def _scratch(img: np.ndarray, rng: np.random.Generator, sev: float, center: np.n
     def draw(d: ImageDraw.ImageDraw, s: int) -> None:
         d.line([tuple(p) for p in points * s], fill=255, width=max(1, round(width * s)), joint="curve")
 
-    alpha = _canvas_alpha(size, draw)
+    alpha = rasterise(size, draw)
     strength = min(0.9, 0.25 + 0.9 * sev) * rng.uniform(0.7, 1.0)
     dark = bool(rng.random() < 0.5)
     target = img * (1 - strength) if dark else img + (1 - img) * strength
@@ -191,7 +197,7 @@ def _crack(img: np.ndarray, rng: np.random.Generator, sev: float, center: np.nda
         for path in walks:
             d.line([tuple(p) for p in path * s], fill=255, width=max(1, round(width * s)), joint="curve")
 
-    core = _canvas_alpha(size, draw)
+    core = rasterise(size, draw)
     # shading: the crack's lower-right lip catches light, so a 1-px-shifted copy brightens outside the core
     lip = np.clip(np.roll(core, (1, 1), axis=(0, 1)) - core, 0, 1) * 0.7
     strength = min(0.95, 0.35 + 0.9 * sev)
@@ -260,7 +266,7 @@ def _contamination(img: np.ndarray, rng: np.random.Generator, sev: float, center
             x, y = (center[0] + ox) * s, (center[1] + oy) * s
             d.ellipse([x - rad * s, y - rad * s, x + rad * s, y + rad * s], fill=int(shade))
 
-    alpha = _canvas_alpha(size, draw)
+    alpha = rasterise(size, draw)
     dark = bool(rng.random() < 0.6)
     colour = rng.uniform(0.0, 0.15, 3) if dark else rng.uniform(0.3, 0.9, 3)
     opacity = min(1.0, 0.45 + 0.8 * sev)
@@ -358,10 +364,32 @@ def location_phrase(center: tuple[float, float], size: int) -> str:
     return f"{preposition.get(where, 'in the')} {where}"
 
 
+def _paint_v2(canvas: np.ndarray, rng: np.random.Generator, name: str, severity: float, xy: np.ndarray):
+    """v2: the type's shape in a class-independent ink (see ``synth_shapes``); (rendered, alpha, phrase)."""
+    alpha, shape_words = SHAPE_PAINTERS[name](canvas.shape[0], rng, xy)
+    ink = draw_ink(rng, severity)
+    dark, _, tint = ink
+    tone = ("darker" if dark else "lighter") + ("" if tint == "neutral" else f", {tint}")
+    return apply_ink(canvas, alpha, ink), alpha, f"{shape_words} ({tone})"
+
+
 def make_sample(
-    category: str, split: str, kind: str, index: int, *, seed: int = 0, size: int = 256, severity: float = 0.5
+    category: str,
+    split: str,
+    kind: str,
+    index: int,
+    *,
+    seed: int = 0,
+    size: int = 256,
+    severity: float = 0.5,
+    version: str = "1",
 ) -> SynthSample:
-    """One deterministic sample: ``kind`` is "good", a defect class or "multi"; same arguments, same bytes."""
+    """One deterministic sample: ``kind`` is "good", a defect class or "multi"; same arguments, same bytes.
+
+    ``version`` "1" (the default, what every run before the v2 benchmark used) or "2" (class-independent ink,
+    types differ by shape only; see ``synth_shapes``).
+    """
+    check_version(version)
     if kind not in (*CLASSES, MULTI):
         raise PotpourriError(f"unknown DS-Synth kind '{kind}'; choose from {', '.join((*CLASSES, MULTI))}")
     if not 0.0 <= severity <= 1.0:
@@ -388,7 +416,10 @@ def make_sample(
         spread = 0.22 if kind == MULTI else 0.55
         xy = np.array([(cx + 0.5) / 3, (cy + 0.5) / 3]) * size + rng.uniform(-spread, spread, 2) * size / 3
         xy = np.clip(xy, 0.15 * size, 0.85 * size)
-        rendered, alpha, phrase = _RENDERERS[name](canvas, rng, severity, xy)
+        if version == "1":
+            rendered, alpha, phrase = _RENDERERS[name](canvas, rng, severity, xy)
+        else:
+            rendered, alpha, phrase = _paint_v2(canvas, rng, name, severity, xy)
         region = alpha > _MASK_THRESHOLD
         image[region] = np.clip(rendered[region] * 255.0, 0, 255).round().astype(np.uint8)
         mask[region] = CLASSES.index(name)
@@ -416,6 +447,7 @@ def make_samples(
     size: int = 256,
     kinds: Sequence[str] | None = None,
     severity: float = 0.5,
+    version: str = "1",
 ) -> list[SynthSample]:
     """``n`` samples whose kinds cycle through ``kinds`` (default: good and the six defect classes).
 
@@ -427,7 +459,16 @@ def make_samples(
     if not kinds:
         raise PotpourriError("kinds is empty; pass e.g. ('good',) or leave it out for all classes")
     return [
-        make_sample(category, split, kinds[i % len(kinds)], i // len(kinds), seed=seed, size=size, severity=severity)
+        make_sample(
+            category,
+            split,
+            kinds[i % len(kinds)],
+            i // len(kinds),
+            seed=seed,
+            size=size,
+            severity=severity,
+            version=version,
+        )
         for i in range(n)
     ]
 
@@ -463,6 +504,7 @@ def make_task(
     seed: int = 0,
     size: int = 128,
     severity: float = 0.5,
+    version: str = "1",
 ) -> SynthTask:
     """Build a task: "classification" (good + 6 defect types), "anomaly" (good-only train), "segmentation".
 
@@ -471,7 +513,7 @@ def make_task(
         >>> task.class_names, int(task.train_labels.sum())
         (['good', 'defect'], 0)
     """
-    gen = {"seed": seed, "size": size, "severity": severity}
+    gen = {"seed": seed, "size": size, "severity": severity, "version": version}
     train: list[SynthSample] = []
     test: list[SynthSample] = []
     if task == "classification":

@@ -14,10 +14,14 @@ from potpourri.core.errors import PotpourriError
 
 
 def _ds_synth(
-    spec: str, *, img_size: int, mean: tuple, std: tuple, seed: int = 0, n_per_class: int = 10
+    spec: str, *, img_size: int, mean: tuple, std: tuple, seed: int = 0, version: str = "1"
 ) -> tuple[Dataset, Dataset, list[str]]:
-    """``ds-synth:classification[:cat1,cat2]``: DS-Synth defect-type classification; val = the disjoint test split."""
-    from potpourri.data.synth import CATEGORIES, make_task
+    """``classification[:cat1,cat2]`` of DS-Synth ``version``; val = the disjoint test split.
+
+    Version 1 keeps its old settings (10 images per class and surface, severity 0.5); version 2 is the pinned
+    classification benchmark (``synth.BENCHMARK_V2``).
+    """
+    from potpourri.data.synth import BENCHMARK_V2, CATEGORIES, make_task
     from potpourri.data.transforms import normalized_dataset
 
     task, _, cats = spec.partition(":")
@@ -27,7 +31,8 @@ def _ds_synth(
     unknown = [c for c in categories if c not in CATEGORIES]
     if unknown:
         raise PotpourriError(f"unknown DS-Synth category '{unknown[0]}'; choose from {', '.join(CATEGORIES)}")
-    data = make_task(task, categories=categories, n_per_class=n_per_class, seed=seed, size=img_size)
+    settings = BENCHMARK_V2 if version == "2" else {"version": "1", "n_per_class": 10, "severity": 0.5}
+    data = make_task(task, categories=categories, seed=seed, size=img_size, **settings)
     train = normalized_dataset(data.train_images, data.train_labels, mean, std)
     return train, normalized_dataset(data.test_images, data.test_labels, mean, std), data.class_names
 
@@ -35,12 +40,14 @@ def _ds_synth(
 def load_image_data(
     spec: str, *, img_size: int, mean: tuple, std: tuple, val_fraction: float = 0.2, seed: int = 0
 ) -> tuple[Dataset, Dataset, list[str]]:
-    """``(train, val, class_names)`` from ``DIR`` (ImageFolder, or DIR/train + DIR/val) or ``ds-synth:<task>``."""
+    """``(train, val, class_names)`` from ``DIR`` (ImageFolder, or DIR/train + DIR/val), ``ds-synth:<task>`` (v1) or
+    ``ds-synth-v2:<task>`` (the v2 classification benchmark)."""
     from potpourri.core.weights import PretrainedCfg
     from potpourri.data.transforms import eval_transform
 
-    if spec.startswith("ds-synth:"):
-        return _ds_synth(spec.split(":", 1)[1], img_size=img_size, mean=mean, std=std, seed=seed)
+    for prefix, version in (("ds-synth:", "1"), ("ds-synth-v2:", "2")):
+        if spec.startswith(prefix):
+            return _ds_synth(spec[len(prefix) :], img_size=img_size, mean=mean, std=std, seed=seed, version=version)
     from torchvision import datasets
 
     root = Path(spec).expanduser()
