@@ -120,3 +120,25 @@ def test_prompt_training_moves_only_the_prompts_and_a_run_folder_builds_the_towe
         build_towers(AnomalyCLIPConfig(towers="own"))
     with pytest.raises(PotpourriError, match="dual_from"):
         OwnClipTowers(clip, dual_from=6)
+
+
+def test_cli_fit_then_predict_on_our_own_clip(tmp_path: Path, mvtec_folder, capsys) -> None:
+    import json
+
+    from potpourri.cli import main
+
+    save_small_clip(tiny_clip(), tmp_path / "clip", {**TINY, "tuned_text_layers": 0, "text_pretrained": False}, "#\n")
+    run = tmp_path / "run"
+    argv = ["inspect", "fit", "--method", "anomalyclip", "--data", str(mvtec_folder), "--out", str(run),
+            "--clip", "clip_vit_tiny_minilm", "--clip-weights", str(tmp_path / "clip"), "--aux-data",
+            str(mvtec_folder), "--epochs", "1", "--threads", "1"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["towers"] == "own"
+    image = next((mvtec_folder / "test" / "square").iterdir())
+    assert main(["inspect", "predict", str(run), str(image), "--out", str(tmp_path / "pred")]) == 0
+    assert (tmp_path / "pred" / "predictions.csv").is_file()
+    capsys.readouterr()
+    assert main([*argv[:-6], "--clip-weights", str(tmp_path / "absent"), "--aux-data", str(mvtec_folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--clip-weights" in err[0]

@@ -4,8 +4,9 @@ loss) on the CLIP-style model trained here, zero-shot on surfaces neither model 
 Towers: ``clip_vit_tiny_minilm`` from ``potpourri reproduce clip-small`` (ViT + MiniLM trained on DS-Synth brick,
 grass, gravel and clutter). AnomalyCLIP trains its prompts on the labelled *test* split of those auxiliary surfaces
 (the paper's protocol trains on an auxiliary dataset's test split) and is applied unchanged to moon and tissue.
-Compared on the same towers with AnomalyCLIP without DPAM and with WinCLIP-style hand-written prompts (nothing
-trained), and with PatchCore (Lite0) fitted on 1 / 4 / 8 normal images of the target surface itself.
+Compared on the same towers with AnomalyCLIP without DPAM and with WinCLIP-style hand-written prompts (WinCLIP's
+ensemble, and sentences in DS-Synth's own words; nothing trained), and with PatchCore (Lite0) fitted on 1 / 4 / 8
+normal images of the target surface itself.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from potpourri.inspect.clip_towers import OwnClipTowers
 from potpourri.inspect.patchcore import PatchCore, PatchCoreConfig
 from potpourri.inspect.winclip import WinCLIP, WinCLIPConfig
 
-__all__ = ["AnomalyClipOwnConfig", "reproduce_anomalyclip_own", "run"]
+__all__ = ["AnomalyClipOwnConfig", "DefectWordsWinCLIP", "reproduce_anomalyclip_own", "run"]
 
 
 @dataclass
@@ -50,6 +51,21 @@ class AnomalyClipOwnConfig:
     patchcore_size: int = 224
     object_name: str = "surface"  # the noun of WinCLIP's hand-written prompts
     seed: int = 0
+
+
+class DefectWordsWinCLIP(WinCLIP):
+    """WinCLIP-style scoring with hand-written sentences in DS-Synth's own words instead of WinCLIP's ensemble."""
+
+    def text_features(self) -> torch.Tensor:
+        if self._words is None:
+            from potpourri.data.synth import DEFECTS
+
+            states = (["a surface with no defect"], [f"a surface with a {d}" for d in DEFECTS])
+            sentences = [[*s, *(f"a close-up of {t}" for t in s)] for s in states]
+            self._words = torch.stack([F.normalize(self.towers.encode_texts(s), dim=-1).mean(0) for s in sentences])
+        return self._words
+
+    _words: torch.Tensor | None = None
 
 
 def _samples(surfaces, per_kind: int, size: int, seed: int):
@@ -130,6 +146,8 @@ def reproduce_anomalyclip_own(
     methods["WinCLIP-style (hand-written prompts)"] = WinCLIP(
         WinCLIPConfig(towers="own", clip_weights=str(clip_folder), image_size=size, object_name=cfg.object_name,
                       seed=cfg.seed), towers=towers["dpam"]).fit([])  # fmt: skip
+    methods["WinCLIP-style, DS-Synth words (hand-written)"] = DefectWordsWinCLIP(
+        methods["WinCLIP-style (hand-written prompts)"].config, towers=towers["dpam"]).fit([])  # fmt: skip
 
     rows: list[dict[str, Any]] = []
     for surface, (images, masks, labels) in tests.items():
@@ -152,10 +170,13 @@ def reproduce_anomalyclip_own(
     means = {n: {k: float(np.mean([r[k] for r in rows if r["method"] == n])) for k in ("image_auroc", "pixel_auroc",
              "aupro")} for n in names}  # fmt: skip
     learned, hand = means[names[0]], means["WinCLIP-style (hand-written prompts)"]
+    words = means["WinCLIP-style, DS-Synth words (hand-written)"]
     best_pc = means[f"PatchCore (Lite0), {max(cfg.shots)} normal image(s)"] if cfg.shots else None
     verdict = {
         "learned_beats_handwritten_image_auroc": learned["image_auroc"] > hand["image_auroc"],
         "learned_beats_handwritten_pixel_auroc": learned["pixel_auroc"] > hand["pixel_auroc"],
+        "learned_beats_defect_words_image_auroc": learned["image_auroc"] > words["image_auroc"],
+        "learned_beats_defect_words_pixel_auroc": learned["pixel_auroc"] > words["pixel_auroc"],
         "dpam_beats_plain_pixel_auroc": learned["pixel_auroc"] > means[names[1]]["pixel_auroc"],
         "zero_shot_beats_patchcore_max_shot_pixel_auroc": bool(best_pc)
         and learned["pixel_auroc"] > best_pc["pixel_auroc"],
