@@ -87,6 +87,14 @@ def _tiny_clip(folder: Path) -> Path:
     return folder
 
 
+def _run_surfaces(clip_folder: Path) -> list[str] | None:
+    """The training surfaces from the `reproduce clip-small` run holding ``clip_folder`` (older model folders)."""
+    import yaml
+
+    config = clip_folder.parent / "config.yaml"
+    return list(yaml.safe_load(config.read_text()).get("train_surfaces") or []) or None if config.is_file() else None
+
+
 def _metrics(labels, scores, masks, maps) -> dict[str, float]:
     e = evaluate(labels, scores, masks, maps)
     return {"image_auroc": e.image_auroc, "pixel_auroc": e.pixel_auroc, "aupro": e.aupro}
@@ -106,7 +114,7 @@ def reproduce_anomalyclip_own(
     if not (clip_folder / "config.json").is_file():
         raise PotpourriError(f"no trained clip in '{clip_folder}'; run `potpourri reproduce clip-small --out "
                              f"{clip_folder.parent}` first")  # fmt: skip
-    trained_on = json.loads((clip_folder / "config.json").read_text()).get("trained_on")
+    trained_on = json.loads((clip_folder / "config.json").read_text()).get("trained_on") or _run_surfaces(clip_folder)
     if trained_on and set(trained_on) & set(cfg.held_out):
         raise PotpourriError(f"the clip was trained on {trained_on}: not zero-shot for {list(cfg.held_out)}")
     if set(cfg.aux_surfaces) & set(cfg.held_out):
