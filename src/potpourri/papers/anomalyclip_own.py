@@ -38,7 +38,8 @@ __all__ = ["AnomalyClipOwnConfig", "DefectWordsWinCLIP", "reproduce_anomalyclip_
 class AnomalyClipOwnConfig:
     """Every knob of ``reproduce anomalyclip``."""
 
-    clip_run: str | None = "runs/clip-small/text-tuned-0"  # a `reproduce clip-small` model folder; None: tiny random
+    # a `reproduce clip-small` run (its chosen model) or model folder; None: a tiny random clip (the quick run)
+    clip_run: str | None = "runs/clip-small"
     aux_surfaces: tuple[str, ...] = ("brick", "grass", "gravel")
     held_out: tuple[str, ...] = ("moon", "tissue")
     aux_per_kind: int = 10  # labelled test-split images per kind (good, six defects, multi) and auxiliary surface
@@ -106,14 +107,16 @@ def reproduce_anomalyclip_own(
     """Train the prompts on the auxiliary surfaces, score the held-out ones; writes ``results.md``/``summary.json``.
 
     Example:
-        run = reproduce_anomalyclip_own(AnomalyClipOwnConfig(clip_run="runs/clip-small/text-tuned-0"))
+        run = reproduce_anomalyclip_own(AnomalyClipOwnConfig(clip_run="runs/clip-small"))
     """
     started = time.perf_counter()
     run = new_run("reproduce-anomalyclip", out, config=asdict(cfg), seed=cfg.seed)
     clip_folder = Path(cfg.clip_run) if cfg.clip_run else _tiny_clip(run.path / "tiny-clip")
+    if (clip_folder / "summary.json").is_file() and not (clip_folder / "config.json").is_file():
+        clip_folder = Path(json.loads((clip_folder / "summary.json").read_text())["model_folder"])
     if not (clip_folder / "config.json").is_file():
         raise PotpourriError(f"no trained clip in '{clip_folder}'; run `potpourri reproduce clip-small --out "
-                             f"{clip_folder.parent}` first")  # fmt: skip
+                             f"{clip_folder}` first")  # fmt: skip
     trained_on = json.loads((clip_folder / "config.json").read_text()).get("trained_on") or _run_surfaces(clip_folder)
     if trained_on and set(trained_on) & set(cfg.held_out):
         raise PotpourriError(f"the clip was trained on {trained_on}: not zero-shot for {list(cfg.held_out)}")
