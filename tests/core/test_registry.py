@@ -43,6 +43,8 @@ def test_every_model_builds_runs_forward_and_backward(name: str) -> None:
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert trainable, "a model with nothing to train"
     no_grad = [n for n, p in trainable if p.grad is None]
+    if "clip" in REGISTRY[name].tags:  # forward embeds images: the text side trains through encode_text only
+        no_grad = [n for n in no_grad if not n.startswith(("text.", "text_projection.", "logit_scale"))]
     assert not no_grad, f"parameters without gradient: {no_grad[:5]}"
 
 

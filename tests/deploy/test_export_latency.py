@@ -24,7 +24,19 @@ needs_onnxruntime = pytest.mark.skipif(
 IMAGE_MODELS = [n for n in list_models() if REGISTRY[n].modality == "image"]
 POTPOURRI = str(Path(sys.executable).with_name("potpourri"))
 # ViTs resample their position embedding (bicubic, antialiased: no ONNX op) unless built at the export size
-BUILD_AT_64 = {"vit_tiny_frozenlm": {"img_size": 64}}
+BUILD_AT_64 = {
+    "vit_tiny_frozenlm": {"img_size": 64},
+    "clip_vit_tiny_minilm": {
+        "vision": {
+            "img_size": 64,
+            "patch_size": 16,
+            "embed_dim": 192,
+            "depth": 6,
+            "num_heads": 3,
+            "dynamic_img_size": False,
+        }
+    },
+}
 
 
 @needs_onnxruntime

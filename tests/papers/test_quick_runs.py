@@ -48,3 +48,30 @@ def test_simdetr_quick_recall_grows_with_the_number_of_proposals(tmp_path) -> No
     for key in ("recall_lite0 features", "recall_pixels (RGB)"):
         recalls = [summary[key][k] for k in sorted(summary[key], key=int)]  # top-1, top-3, top-10, top-20
         assert all(0.0 <= r <= 1.0 for r in recalls) and recalls == sorted(recalls)
+
+
+def test_clip_small_quick_reloads_exactly_and_reports_exact_chance(tmp_path) -> None:
+    results, summary = _quick("clip-small", tmp_path)
+    assert "held-out" in results and "zero-shot" in results and "moon, tissue" in results
+    assert set(summary["verdict"]) == {"zero_shot_above_chance", "i2t_above_chance", "t2i_above_chance",
+                                       "chosen_text_arm"}  # fmt: skip
+    for arm in summary["arms"].values():
+        assert arm["reload_max_diff"] == 0.0  # the saved model embeds exactly as the trained one
+        for split in ("held_out", "seen"):
+            r = arm["scores"][split]["retrieval"]
+            assert r["i2t_r1_chance"] == pytest.approx(1 / r["gallery"])
+            assert r["i2t_r1_chance"] <= r["i2t_r5_chance"] <= 1.0 and r["t2i_r1_chance"] <= r["t2i_r5_chance"]
+    config = json.loads((tmp_path / "clip-small" / "text-tuned-0" / "config.json").read_text())
+    assert config["trained_on"] == ["brick", "grass", "gravel"] and config["held_out"] == ["moon", "tissue"]
+
+
+def test_anomalyclip_quick_keeps_the_global_path_and_the_towers_untouched(tmp_path) -> None:
+    results, summary = _quick("anomalyclip", tmp_path)
+    assert "zero-shot" in results and "PatchCore (Lite0), 1 normal image(s)" in results
+    checks = summary["checks"]
+    assert checks["dpam_global_max_diff"] == 0.0  # DPAM's global embedding is the model's own image embedding
+    assert checks["dpam_clip_unchanged"] and checks["plain_clip_unchanged"]  # only the prompts train
+    assert {r["method"] for r in summary["rows"]} >= {"AnomalyCLIP (learned prompts, DPAM)",
+                                                      "WinCLIP-style (hand-written prompts)"}  # fmt: skip
+    assert all(0.0 <= r["image_auroc"] <= 1.0 and 0.0 <= r["pixel_auroc"] <= 1.0 for r in summary["rows"])
+    assert set(summary["verdict"]) >= {"learned_beats_handwritten_image_auroc", "dpam_beats_plain_pixel_auroc"}

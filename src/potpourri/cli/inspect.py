@@ -103,8 +103,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     flags.add_compute(fit)
     zero_shot = fit.add_argument_group("anomalyclip / winclip (zero-shot on --data, trained on --aux-data)")
     zero_shot.add_argument("--aux-data", help="labelled auxiliary sets, e.g. ds-synth:brick,gravel or DIR1,DIR2")
-    zero_shot.add_argument("--clip", help="open_clip architecture (e.g. ViT-B-16) or JSON config; default: stand-in")
-    zero_shot.add_argument("--clip-weights", help="local open_clip checkpoint for --clip (never downloaded)")
+    zero_shot.add_argument(
+        "--clip",
+        help="open_clip architecture (e.g. ViT-B-16) or JSON config, or clip_vit_tiny_minilm: our ViT + MiniLM trained "
+        "on DS-Synth brick/grass/gravel + clutter (zero-shot only on moon/tissue); default: the Lite0 stand-in",
+    )
+    zero_shot.add_argument(
+        "--clip-weights", type=flags.existing_path,
+        help="local open_clip checkpoint for --clip (never downloaded), or the `reproduce clip-small` model folder",
+    )  # fmt: skip
     zero_shot.add_argument(
         "--epochs", type=flags.positive_int, default=None, help="prompt/bridge training epochs (default 15)"
     )

@@ -40,6 +40,8 @@ from potpourri.inspect.base import InspectionMethod
 from potpourri.inspect.towers import OBJECT_PROMPTS, PromptLearner, Towers, replace_prefix
 from potpourri.models.layers import dice_loss, multiclass_focal_loss
 
+OWN_CLIP = "clip_vit_tiny_minilm"  # --clip with this name: our own CLIP-style model (--clip-weights RUN_FOLDER)
+
 __all__ = [
     "METHOD",
     "AnomalyCLIP",
@@ -402,7 +404,9 @@ def train_prompts(
 class AnomalyCLIPConfig:
     """Everything that defines an AnomalyCLIP model (saved in ``metadata.json``)."""
 
-    towers: str = "standin"  # "standin" (Lite0 + MiniLM, offline) or "open_clip" (needs clip_model + clip_weights)
+    # "standin" (Lite0 + MiniLM + bridge), "open_clip" (clip_model + clip_weights) or "own" (clip_weights = a
+    # `reproduce clip-small` model folder: our ViT + MiniLM trained on DS-Synth brick/grass/gravel + clutter)
+    towers: str = "standin"
     clip_model: str | None = None  # open_clip architecture name, or a .json model config
     clip_weights: str | None = None  # local open_clip checkpoint
     aux_data: tuple[str, ...] = ()  # labelled auxiliary sets, e.g. ("ds-synth:brick", "ds-synth:gravel")
@@ -581,7 +585,16 @@ def build_towers(config: Any) -> Towers:
             seed=config.seed,
             **prompt_shape,
         )
-    raise PotpourriError(f"unknown towers '{config.towers}'; use 'standin' or 'open_clip'")
+    if config.towers == "own":  # our clip_vit_tiny_minilm, trained by `reproduce clip-small`; DPAM on its ViT
+        from potpourri.inspect.clip_towers import OwnClipTowers
+
+        if not config.clip_weights:
+            raise PotpourriError(f"--clip {OWN_CLIP} needs --clip-weights RUN: a `reproduce clip-small` model folder")
+        return OwnClipTowers.from_run(
+            config.clip_weights, dual_from=getattr(config, "dual_from", None),
+            feature_layers=getattr(config, "feature_layers", ()), seed=config.seed, **prompt_shape,
+        )  # fmt: skip
+    raise PotpourriError(f"unknown towers '{config.towers}'; use 'standin', 'open_clip' or 'own'")
 
 
 def config_from_args(args: Any) -> AnomalyCLIPConfig:
@@ -593,7 +606,7 @@ def common_args(args: Any) -> dict[str, Any]:
     aux = tuple(_expand_aux(getattr(args, "aux_data", None) or ""))
     clip = getattr(args, "clip", None)
     out = {
-        "towers": "open_clip" if clip else "standin",
+        "towers": "own" if clip == OWN_CLIP else "open_clip" if clip else "standin",
         "clip_model": clip,
         "clip_weights": getattr(args, "clip_weights", None),
         "aux_data": aux,

@@ -4,4 +4,4 @@ pieces (``blocks``: a model's named blocks). No training loops, no CLI; importin
 Contract: imports core/ and data/ only.
 """
 
-from potpourri.models import efficientmod, efficientnet, fastervit, frozen_lm, minilm, rep, smollm2, yolo  # noqa: F401  (registration side effects)
+from potpourri.models import clip_small, efficientmod, efficientnet, fastervit, frozen_lm, minilm, rep, smollm2, yolo  # noqa: F401  (registration side effects)

@@ -22,6 +22,11 @@ __all__ = [
 
 # name -> ("module:function", one-line help)
 EXPERIMENTS: dict[str, tuple[str, str]] = {
+    "anomalyclip": (
+        "potpourri.papers.anomalyclip_own:run",
+        "AnomalyCLIP (learned prompts, DPAM, glocal loss) on our clip-small towers, zero-shot on moon/tissue, vs "
+        "hand-written prompts and PatchCore 1/4/8-shot (run clip-small first)",
+    ),
     "autovp": (
         "potpourri.papers.autovp:run",
         "AutoVP: padding prompt + label mapping on frozen Lite0, successive-halving search vs linear probing",
@@ -29,6 +34,11 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "all-seeing": (
         "potpourri.papers.all_seeing:run",
         "All-Seeing-style region-text contrastive head (Lite0 RoI tokens vs MiniLM captions): retrieval accuracy",
+    ),
+    "clip-small": (
+        "potpourri.papers.clip_small:run",
+        "a CLIP-style model trained here (timm ViT + MiniLM on DS-Synth brick/grass/gravel + clutter): zero-shot "
+        "defect classification and retrieval on held-out moon/tissue",
     ),
     "defect-gen": ("potpourri.papers.defect_gen:run", "segmentation mIoU: real vs + copy-paste / Defect-Gen"),
     "freeze-embed": ("potpourri.papers.freeze_embed:run", "SGD vs AdamW vs SGD freeze-embed, ID and OOD accuracy"),
