@@ -51,7 +51,7 @@ def test_every_model_builds_runs_forward_and_backward(name: str) -> None:
 def test_list_models_patterns_and_pretrained_filter() -> None:
     assert list_models("*lite0") == ["efficientnet_lite0"]
     assert {"efficientnet_lite0", "efficientnet_lite0_frozenlm"} <= set(list_models("efficientnet*"))
-    assert list_models("minilm") == ["minilm_l6"]  # a bare word matches as a substring
+    assert list_models("minilm") == ["clip_vit_tiny_minilm", "minilm_l6"]  # a bare word matches as a substring
     assert {"efficientnet_lite0", "minilm_l6"} <= set(list_models(pretrained=True))
     assert list_models("no_such_model_*") == []
 
