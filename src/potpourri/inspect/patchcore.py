@@ -31,6 +31,7 @@ __all__ = [
     "PatchCore",
     "PatchCoreConfig",
     "PatchFeatures",
+    "bank_dtype",
     "default_layers",
     "greedy_coreset",
     "memory_budget",
@@ -287,6 +288,7 @@ class PatchCoreConfig:
     projection_dim: int | None = 64  # random projection for coreset distances; None = exact
     num_neighbors: int = 9  # image-score reweighting (paper eq. 7); 1 = plain max patch distance
     sigma: float = 4.0  # Gaussian smoothing of the map, in input pixels
+    map_upsample: str = "bilinear"  # patch grid -> input size before smoothing; anomalib uses "nearest"
     k_shot: int | None = None  # few-shot: fit on k seeded normal images only
     batch_size: int = 8
     chunk_bytes: int = 128 << 20
@@ -300,17 +302,32 @@ class PatchCoreConfig:
     # resolution (fit and predict alike) instead of shrinking them; maps are stitched, the image score is the max
     tile: bool = False
     tile_overlap: float = 0.25
+    # "float16": the full bank while fitting and the saved coreset are half precision (half the memory; distances stay
+    # float32, and scores move by < 1e-3 relative, tested); "float32" keeps full precision (runs saved before it)
+    bank_dtype: str = "float16"
     seed: int = 0
 
 
+def bank_dtype(config: PatchCoreConfig) -> torch.dtype:
+    """The dtype the full bank is fitted in and the coreset is saved in (``config.bank_dtype``)."""
+    if config.bank_dtype not in ("float16", "float32"):
+        raise PotpourriError(f"bank_dtype '{config.bank_dtype}' is not 'float16' or 'float32'")
+    return getattr(torch, config.bank_dtype)
+
+
 def memory_budget(config: PatchCoreConfig, n_images: int, grid: tuple[int, int]) -> dict[str, int]:
-    """Bytes of the full patch bank, the projected copy, coreset buffers (peak while fitting) and the stored coreset."""
+    """Bytes of the full patch bank, the float32 slice and projection the coreset works on, its buffers (the peak
+    while fitting, on top of the backbone), the stored coreset (``memory_bank``) and its float32 search copy."""
     patches = n_images * grid[0] * grid[1]
-    full = patches * config.embed_dim * 4
-    projected = patches * config.projection_dim * 4 if config.projection_dim else 0
-    buffers = patches * 4 * 3  # squared norms, running minimum, step distances (float32)
-    stored = max(1, math.ceil(config.coreset_ratio * patches)) * config.embed_dim * 4
-    return {"patches": patches, "full_bank": full, "fit_peak": full + projected + buffers, "memory_bank": stored}
+    width = bank_dtype(config).itemsize
+    full = patches * config.embed_dim * width
+    rows = min(patches, config.coreset_max_patches or patches)  # one slice at a time
+    work = rows * config.embed_dim * 4 if width != 4 else 0  # the slice as float32
+    work += rows * config.projection_dim * 4 if config.projection_dim else 0
+    buffers = rows * 4 * 3  # squared norms, running minimum, step distances (float32)
+    kept = max(1, math.ceil(config.coreset_ratio * patches)) * config.embed_dim
+    return {"patches": patches, "full_bank": full, "fit_peak": full + work + buffers + kept * 4,
+            "memory_bank": kept * width, "search_bank": kept * 4}  # fmt: skip
 
 
 class PatchCore(InspectionMethod):
@@ -326,6 +343,8 @@ class PatchCore(InspectionMethod):
 
     def __init__(self, config: PatchCoreConfig | None = None, *, backbone: nn.Module | None = None) -> None:
         super().__init__(config or PatchCoreConfig())
+        if self.config.map_upsample not in ("bilinear", "nearest"):
+            raise PotpourriError(f"map_upsample '{self.config.map_upsample}' is not 'bilinear' or 'nearest'")
         self._backbone = backbone
         self._features: PatchFeatures | None = None
         self.memory_bank: torch.Tensor | None = None
@@ -404,7 +423,8 @@ class PatchCore(InspectionMethod):
                                                                self.config.tile_overlap)[0]]  # fmt: skip
         start = time.perf_counter()
         h, w = self.grid()
-        bank = torch.empty(len(images) * h * w, self.config.embed_dim)  # preallocated: no list + cat copy
+        # preallocated (no list + cat copy), in the storage dtype: float16 halves the largest buffer of a fit
+        bank = torch.empty(len(images) * h * w, self.config.embed_dim, dtype=bank_dtype(self.config))
         from tqdm.auto import tqdm
 
         batches = range(0, len(images), self.config.batch_size)
@@ -424,9 +444,9 @@ class PatchCore(InspectionMethod):
                 seed=self.config.seed,
                 threads=self.config.coreset_threads,
             )
-            self.memory_bank = bank[chosen].clone()
+            self.memory_bank = bank[chosen].float()  # the search runs in float32 on the stored (rounded) values
         else:
-            self.memory_bank = bank
+            self.memory_bank = bank.float()
         self.timings["coreset_s"] = time.perf_counter() - start
         self.n_train_images = n_images
         return self
@@ -493,7 +513,7 @@ class PatchCore(InspectionMethod):
             patch_scores = distance[:, 0].view(b, h * w)  # (B, h*w)
             scores.append(self._image_scores(patches.view(b, h * w, d), patch_scores, nearest[:, 0].view(b, h * w)))
             size = self.config.image_size
-            upsampled = F.interpolate(patch_scores.view(b, 1, h, w), size=(size, size), mode="bilinear")
+            upsampled = F.interpolate(patch_scores.view(b, 1, h, w), size=(size, size), mode=self.config.map_upsample)
             maps.append(gaussian_blur(upsampled[:, 0], self.config.sigma))  # (B, S, S)
         return torch.cat(scores).numpy(), torch.cat(maps).numpy()
 
@@ -514,12 +534,12 @@ class PatchCore(InspectionMethod):
 
     @classmethod
     def from_metadata(cls, metadata: dict, folder) -> PatchCore:
-        """Load a fitted PatchCore; runs saved before ``border_zero_pad`` existed keep their old border averaging."""
-        metadata = {**metadata, "config": {"border_zero_pad": False, **metadata["config"]}}
+        """Load a fitted PatchCore; runs saved before ``border_zero_pad`` / ``bank_dtype`` keep their old behaviour."""
+        metadata = {**metadata, "config": {"border_zero_pad": False, "bank_dtype": "float32", **metadata["config"]}}
         return super().from_metadata(metadata, folder)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"memory_bank": self._require_fit()}
+        return {"memory_bank": self._require_fit().to(bank_dtype(self.config))}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         if "memory_bank" not in tensors:

@@ -40,6 +40,7 @@ class PatchCoreGraph(nn.Module):
         self.register_buffer("pool", pool.contiguous() if channels != self.features.embed_dim else torch.empty(0))
         self.size = method.config.image_size
         self.sigma = method.config.sigma
+        self.upsample = method.config.map_upsample
 
     def nearest(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Distance to and index of the nearest bank row for each row of ``queries`` ``(..., D)``."""
@@ -71,5 +72,5 @@ class PatchCoreGraph(nn.Module):
             test = patches.gather(1, top[:, :, None].expand(b, 1, d))  # (B, 1, D)
             spread = torch.linalg.vector_norm(self.bank[support] - test, dim=-1)  # (B, k)
             best = (1 - torch.softmax(spread, dim=1)[:, 0]) * best
-        upsampled = F.interpolate(distance.view(b, 1, h, w), size=(self.size, self.size), mode="bilinear")
+        upsampled = F.interpolate(distance.view(b, 1, h, w), size=(self.size, self.size), mode=self.upsample)
         return best, gaussian_blur(upsampled[:, 0], self.sigma)
