@@ -166,12 +166,12 @@ def test_memory_bank_bytes_match_budget_and_1000_images_fit_1_gib(fitted: PatchC
     full = PatchCoreConfig()  # defaults: 224 px, 10 % coreset, float16 bank
     big = memory_budget(full, 1000, (28, 28))  # stride-8 grid at 224 px, checked against the model below
     assert big["fit_peak"] <= 1 << 30 and big["memory_bank"] <= 40 * 10**6
-    assert big["full_bank"] == 1000 * 28 * 28 * full.embed_dim * 2
+    assert big["full_bank"] == 1000 * 28 * 28 * full.embed_dim * 4
 
 
 def test_float16_bank_scores_match_float32_and_reload_exactly(planted, small_config, fitted, lite0, tmp_path) -> None:
-    """Rounding a float32 coreset to half moves scores and maps by < 1e-3 relative and keeps the ranking; a saved
-    float16 run reloads bitwise. (A float16 fit may pick other coreset rows; its AUROC is benchmarked, not here.)"""
+    """Rounding a float32 coreset to half moves scores and maps by < 1e-3 relative and keeps the ranking; both
+    storages keep the same rows (selection runs in float32); a saved float16 run reloads bitwise."""
     import copy
 
     from potpourri.inspect.base import load_method
@@ -186,6 +186,7 @@ def test_float16_bank_scores_match_float32_and_reload_exactly(planted, small_con
     assert np.abs(scores16 - scores32).max() <= 1e-3 * np.abs(scores32).max()
     assert np.abs(maps16 - maps32).max() <= 1e-3 * np.abs(maps32).max()
     assert image_auroc(planted.labels, scores16) == image_auroc(planted.labels, scores32)
+    assert torch.equal(fitted.memory_bank, exact.memory_bank.half().float())  # the same rows, rounded
     reloaded = load_method(fitted.save(tmp_path / "run"))
     assert torch.equal(reloaded.memory_bank, fitted.memory_bank)  # the fitted bank already holds the rounded values
     with pytest.raises(PotpourriError, match="bank_dtype 'int8'"):

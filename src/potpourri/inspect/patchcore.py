@@ -302,28 +302,28 @@ class PatchCoreConfig:
     # resolution (fit and predict alike) instead of shrinking them; maps are stitched, the image score is the max
     tile: bool = False
     tile_overlap: float = 0.25
-    # "float16": the full bank while fitting and the saved coreset are half precision (half the memory; distances stay
-    # float32, and scores move by < 1e-3 relative, tested); "float32" keeps full precision (runs saved before it)
+    # "float16": the kept coreset rows are rounded to half precision (half the stored bytes; the search stays float32,
+    # scores move by < 1e-3 relative, tested). Selection runs on the float32 bank: greedy k-center is chaotic, and
+    # a float16 full bank changed the chosen rows enough to move one set's image AUROC by 0.05 (issue 21)
     bank_dtype: str = "float16"
     seed: int = 0
 
 
 def bank_dtype(config: PatchCoreConfig) -> torch.dtype:
-    """The dtype the full bank is fitted in and the coreset is saved in (``config.bank_dtype``)."""
+    """The dtype the coreset is stored in (``config.bank_dtype``)."""
     if config.bank_dtype not in ("float16", "float32"):
         raise PotpourriError(f"bank_dtype '{config.bank_dtype}' is not 'float16' or 'float32'")
     return getattr(torch, config.bank_dtype)
 
 
 def memory_budget(config: PatchCoreConfig, n_images: int, grid: tuple[int, int]) -> dict[str, int]:
-    """Bytes of the full patch bank, the float32 slice and projection the coreset works on, its buffers (the peak
-    while fitting, on top of the backbone), the stored coreset (``memory_bank``) and its float32 search copy."""
+    """Bytes of the full float32 patch bank, the projection and buffers of one coreset slice and the kept rows (the
+    peak while fitting, on top of the backbone), the stored coreset (``memory_bank``) and its float32 search copy."""
     patches = n_images * grid[0] * grid[1]
     width = bank_dtype(config).itemsize
-    full = patches * config.embed_dim * width
+    full = patches * config.embed_dim * 4
     rows = min(patches, config.coreset_max_patches or patches)  # one slice at a time
-    work = rows * config.embed_dim * 4 if width != 4 else 0  # the slice as float32
-    work += rows * config.projection_dim * 4 if config.projection_dim else 0
+    work = rows * config.projection_dim * 4 if config.projection_dim else 0
     buffers = rows * 4 * 3  # squared norms, running minimum, step distances (float32)
     kept = max(1, math.ceil(config.coreset_ratio * patches)) * config.embed_dim
     return {"patches": patches, "full_bank": full, "fit_peak": full + work + buffers + kept * 4,
@@ -423,8 +423,7 @@ class PatchCore(InspectionMethod):
                                                                self.config.tile_overlap)[0]]  # fmt: skip
         start = time.perf_counter()
         h, w = self.grid()
-        # preallocated (no list + cat copy), in the storage dtype: float16 halves the largest buffer of a fit
-        bank = torch.empty(len(images) * h * w, self.config.embed_dim, dtype=bank_dtype(self.config))
+        bank = torch.empty(len(images) * h * w, self.config.embed_dim)  # preallocated: no list + cat copy
         from tqdm.auto import tqdm
 
         batches = range(0, len(images), self.config.batch_size)
@@ -444,9 +443,9 @@ class PatchCore(InspectionMethod):
                 seed=self.config.seed,
                 threads=self.config.coreset_threads,
             )
-            self.memory_bank = bank[chosen].float()  # the search runs in float32 on the stored (rounded) values
-        else:
-            self.memory_bank = bank.float()
+            bank = bank[chosen]
+        # rounded to the storage dtype now, so a fitted model and its saved run score alike; searched in float32
+        self.memory_bank = bank.to(bank_dtype(self.config)).float()
         self.timings["coreset_s"] = time.perf_counter() - start
         self.n_train_images = n_images
         return self
