@@ -37,7 +37,8 @@ def child(folder: Path, out: Path, overrides: dict) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     run = model.save(out)
     stored = sum(f.stat().st_size for f in run.glob("*.safetensors"))
-    budget = {k: round(v / 1e6, 1) for k, v in memory_budget(model.config, len(images), model.grid()).items()}
+    budget = memory_budget(model.config, len(images), model.grid())
+    budget = {k: round(v / 1e6, 1) for k, v in budget.items() if k != "patches"}
     return {"images": len(images), "rss_before_fit_MiB": round(before), "fit_peak_rss_MiB": round(peak),
             "fit_peak_rss_MB": round(peak * 1.048576), "fit_s": round(fit_s, 1), "timings": model.timings,
             "bank_rows": int(model.memory_bank.shape[0]), "bank_dtype": model.config.bank_dtype,

@@ -290,7 +290,7 @@ class PatchCoreConfig:
     sigma: float = 4.0  # Gaussian smoothing of the map, in input pixels
     map_upsample: str = "bilinear"  # patch grid -> input size before smoothing; anomalib uses "nearest"
     k_shot: int | None = None  # few-shot: fit on k seeded normal images only
-    batch_size: int = 8
+    batch_size: int = 4  # 8 raised the fit's peak RSS by ~55 MiB (Lite0 activations) at no measured speed gain
     chunk_bytes: int = 128 << 20
     nn_backend: str = "torch"  # or "faiss" (pip install faiss-cpu); torch is the reference
     coreset_threads: int | None = 1  # see greedy_coreset
