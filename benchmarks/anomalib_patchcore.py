@@ -47,6 +47,7 @@ SETS = ("ds-synth:brick", "ds-synth:grass", "ds-synth:gravel", "ds-synth:moon", 
 # our PatchCoreConfig overrides, one suspect at a time (Lite0 blocks 2 + 4 have 152 channels: 152 = no pooling)
 VARIANTS: dict[str, dict] = {
     "ours": {},
+    "pooled_128": {"embed_dim": 128},  # the default before issue 21 (channels averaged 152 -> 128)
     "ours_fp32_bank": {"bank_dtype": "float32"},
     "no_pool": {"embed_dim": 152},
     "exact_coreset": {"projection_dim": None},
