@@ -1,18 +1,25 @@
-"""Our PatchCore vs anomalib 2.7.0's PatchCore on DS-Synth, same EfficientNet-Lite0 weights, same inputs, same metrics.
+"""Our PatchCore vs anomalib 2.7.0's PatchCore, same EfficientNet-Lite0 weights, same inputs, same metrics.
 
 Both methods see the same 224 px images (bicubic resize, Lite0 normalisation), use blocks 2 and 4, a 3×3 average,
 a 10 % greedy coreset, 9-neighbour image-score reweighting and σ=4 map smoothing; both are scored with
-``potpourri.core.metrics``. anomalib's ``PatchcoreModel`` (its torch model) is driven directly: training-mode
-forward passes fill its embedding store, ``subsample_embedding`` runs its k-center greedy coreset, eval-mode
-forward passes give scores and maps. Ours and anomalib alternate order per category; threads are pinned.
-``ours_zero_pad`` is an ablation: our PatchCore with anomalib's border averaging (``count_include_pad=True``).
+``potpourri.core.metrics`` (image AUROC, pixel AUROC, AUPRO). anomalib's ``PatchcoreModel`` (its torch model) is
+driven directly: training-mode forward passes fill its embedding store, ``subsample_embedding`` runs its k-center
+greedy coreset, eval-mode forward passes give scores and maps. Sets: DS-Synth categories (``ds-synth:brick``) and
+the held-out photo sets of ``potpourri.data.photo_sets`` (``photo:retina``); each seed regenerates the set and
+seeds both coresets. ``--variants`` are our configs, each a suspect changed alone (``VARIANTS``); methods alternate
+order per (set, seed); threads are pinned; the last lines are mean ± std over seeds per set and method.
 
-Runs in a separate venv with anomalib (it is not a potpourri dependency):
-    python3 -m venv /tmp/anomalib-venv && /tmp/anomalib-venv/bin/pip install anomalib==2.7.0 torch torchvision timm
-    PYTHONPATH=src /tmp/anomalib-venv/bin/python benchmarks/anomalib_patchcore.py --threads 2
-Stock anomalib's coreset loop fragments glibc's heap (~20 MB per step) and runs out of memory on 24 GB, so the
-script re-executes itself with ``MALLOC_MMAP_THRESHOLD_=1048576`` unless that is already set (it also slows
-anomalib's coreset selection; ``--no-mmap-threshold`` keeps the stock allocator).
+Runs in a separate venv with anomalib (it is not a potpourri dependency). Issue 21 used a venv that reuses the
+project venv's torch through a ``.pth`` file (so both methods run the same torch build) and adds anomalib:
+    python3 -m venv /work/anomalib-venv
+    echo /work/main/.venv/lib/python3.11/site-packages > /work/anomalib-venv/lib/python3.11/site-packages/zz.pth
+    /work/anomalib-venv/bin/pip install anomalib==2.7.0
+    PYTHONPATH=src OMP_NUM_THREADS=1 /work/anomalib-venv/bin/python benchmarks/anomalib_patchcore.py --threads 1
+Stock anomalib's coreset loop fragments glibc's heap (~20 MB per step; issue 21 saw 14 GB RSS at 31,360 patches),
+so the script re-executes itself with ``MALLOC_MMAP_THRESHOLD_=1048576`` (every large temporary is its own mapping,
+returned on free) and ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (those mappings use transparent huge pages: without
+it the page faults make anomalib's coreset 5x slower; with it, 940 steps on 31,360 x 152 took 6.9 s against 7.8 s
+stock and 38.8 s mmap-only, at a flat 1.16 GB). ``--no-mmap-threshold`` keeps the stock allocator.
 """
 
 from __future__ import annotations
@@ -30,12 +37,32 @@ import torch
 from PIL import Image
 
 from potpourri import PotpourriError, create_model
-from potpourri.core.metrics import image_auroc, pixel_auroc
+from potpourri.core.metrics import aupro, image_auroc, pixel_auroc
 from potpourri.data.folders import ds_synth_category, read_folder
+from potpourri.data.photo_sets import photo_set
 from potpourri.inspect.patchcore import PatchCore, PatchCoreConfig
 
-CATEGORIES = ("brick", "grass", "gravel", "moon", "tissue")
+SETS = ("ds-synth:brick", "ds-synth:grass", "ds-synth:gravel", "ds-synth:moon", "ds-synth:tissue",
+        "photo:retina", "photo:stars", "photo:coins")  # fmt: skip
+# our PatchCoreConfig overrides, one suspect at a time (Lite0 blocks 2 + 4 have 152 channels: 152 = no pooling)
+VARIANTS: dict[str, dict] = {
+    "ours": {},
+    "pooled_128": {"embed_dim": 128},  # the default before issue 21 (channels averaged 152 -> 128)
+    "ours_fp32_bank": {"bank_dtype": "float32"},
+    "no_pool": {"embed_dim": 152},
+    "exact_coreset": {"projection_dim": None},
+    "no_pool_exact": {"embed_dim": 152, "projection_dim": None},
+    "no_pool_proj128": {"embed_dim": 152, "projection_dim": 128},
+    "nearest_map": {"map_upsample": "nearest"},
+    "no_pool_nearest_map": {"embed_dim": 152, "map_upsample": "nearest"},
+}
 MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
+
+
+def set_folder(spec: str, seed: int) -> Path:
+    """The MVTec-layout folder of ``ds-synth:<category>`` or ``photo:<name>`` generated with ``seed``."""
+    kind, name = spec.split(":", 1)
+    return ds_synth_category(name, seed=seed) if kind == "ds-synth" else photo_set(name, seed=seed)
 
 
 def load_images(paths: list[Path], size: int) -> list[Image.Image]:
@@ -118,10 +145,8 @@ def anomalib_score(model: torch.nn.Module, images: list[Image.Image], mean, std,
     return torch.cat(scores).numpy(), torch.cat(maps).numpy()
 
 
-def run_ours(config: PatchCoreConfig, backbone, train, test, *, zero_pad: bool = False) -> dict:
+def run_ours(config: PatchCoreConfig, backbone, train, test) -> dict:
     model = PatchCore(config, backbone=backbone)
-    if zero_pad:  # ablation: anomalib's AvgPool2d(3, 1, 1) counts the zero padding at the border
-        model.features.aggregate = torch.nn.AvgPool2d(config.neighbourhood, 1, config.neighbourhood // 2)
     model.embed(train[:2])  # warm-up (and builds the extractor), as for anomalib below
     start = time.perf_counter()
     model.fit(train)
@@ -130,15 +155,14 @@ def run_ours(config: PatchCoreConfig, backbone, train, test, *, zero_pad: bool =
     scores, maps = model.score(test)
     predict_s = time.perf_counter() - start
     return {"model": model, "fit_s": fit_s, "predict_s": predict_s, "scores": scores, "maps": maps,
-            "bank": int(model.memory_bank.shape[0]), "coreset_s": model.timings["coreset_s"],
-            "predict": lambda: model.score(test)}  # fmt: skip
+            "bank": int(model.memory_bank.shape[0]), "coreset_s": model.timings["coreset_s"]}  # fmt: skip
 
 
-def run_theirs(state, args, mean, std, train, test) -> dict:
+def run_theirs(state, args, seed, mean, std, train, test) -> dict:
     model = build_anomalib(state, args.coreset_ratio)
     with torch.inference_mode():
         model.feature_extractor(to_batch(train[:2], mean, std))  # warm-up
-    torch.manual_seed(args.seed)  # anomalib seeds its coreset and projection from the global generator
+    torch.manual_seed(seed)  # anomalib seeds its coreset and projection from the global generator
     start = time.perf_counter()
     anomalib_fit(model, train, args.coreset_ratio, mean, std, args.batch_size)
     fit_s = time.perf_counter() - start
@@ -146,83 +170,102 @@ def run_theirs(state, args, mean, std, train, test) -> dict:
     scores, maps = anomalib_score(model, test, mean, std, args.batch_size)
     predict_s = time.perf_counter() - start
     return {"model": model, "fit_s": fit_s, "predict_s": predict_s, "scores": scores, "maps": maps,
-            "bank": int(model.memory_bank.shape[0]),
-            "predict": lambda: anomalib_score(model, test, mean, std, args.batch_size)}  # fmt: skip
+            "bank": int(model.memory_bank.shape[0])}  # fmt: skip
+
+
+def summarise(rows: list[dict], methods: list[str]) -> list[dict]:
+    """Mean ± std over seeds of every metric, per set and method, with the difference to anomalib's mean."""
+    out = []
+    for spec in dict.fromkeys(r["set"] for r in rows):
+        mine = [r for r in rows if r["set"] == spec]
+        line: dict = {"set": spec, "seeds": len(mine)}
+        for method in methods:
+            line[method] = {}
+            for key in ("image_auroc", "pixel_auroc", "aupro", "fit_s"):
+                values = np.array([r[method][key] for r in mine])
+                line[method][key] = f"{values.mean():.3f} ± {values.std():.3f}"
+                if method != "anomalib":
+                    reference = np.mean([r["anomalib"][key] for r in mine])
+                    line[method][f"{key}_vs_anomalib"] = round(float(values.mean() - reference), 3)
+        out.append(line)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sets", nargs="+", default=list(SETS), help="ds-synth:<category> or photo:<name>")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--coreset-ratio", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=1, help="predict timings per method (alternating); median")
     parser.add_argument("--no-mmap-threshold", action="store_true", help="keep glibc's default (anomalib may OOM)")
-    parser.add_argument("--out", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--out", type=Path, help="also write the rows and the summary as JSON here")
     args = parser.parse_args()
     if not args.no_mmap_threshold and MMAP_ENV not in os.environ:  # must be set before the process starts
         quiet = {"TQDM_DISABLE": "1"}  # anomalib's per-step coreset bar would flood the log
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, MMAP_ENV: "1048576", **quiet})
+        allocator = {MMAP_ENV: "1048576", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **allocator, **quiet})
     try:
         import anomalib
     except ImportError as exc:
         raise PotpourriError("needs anomalib: run in a venv with `pip install anomalib==2.7.0` (see --help)") from exc
     torch.set_num_threads(args.threads)
-    np.random.seed(args.seed)  # anomalib's sparse projection draws from numpy's global generator
     load_start = [round(v, 2) for v in os.getloadavg()]
     backbone = create_model("efficientnet_lite0", pretrained=True).eval()
     state = backbone.state_dict()
     mean, std = tuple(backbone.pretrained_cfg["mean"]), tuple(backbone.pretrained_cfg["std"])
-    config = PatchCoreConfig(image_size=args.image_size, coreset_ratio=args.coreset_ratio, seed=args.seed)
     print(json.dumps({"anomalib": anomalib.__version__, "torch": torch.__version__, "threads": args.threads,
-                      MMAP_ENV: os.environ.get(MMAP_ENV)}), flush=True)  # fmt: skip
+                      MMAP_ENV: os.environ.get(MMAP_ENV), "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES"),
+                      "load_start": load_start}), flush=True)  # fmt: skip
 
-    rows = []
-    for index, category in enumerate(args.categories):
-        data = read_folder(str(ds_synth_category(category)))
-        train = load_images(data.train, args.image_size)
-        test = load_images(data.test, args.image_size)
-        labels = np.asarray(data.labels)
-        masks = load_masks(data.mask_paths, args.image_size)
-        order = ("ours", "anomalib", "ours_zero_pad") if index % 2 == 0 else ("anomalib", "ours", "ours_zero_pad")
-        results = {}
-        for method in order:
-            if method == "anomalib":
-                results[method] = run_theirs(state, args, mean, std, train, test)
-            else:
-                results[method] = run_ours(config, backbone, train, test, zero_pad=method == "ours_zero_pad")
-        timings = {method: [result["predict_s"]] for method, result in results.items()}
-        for _ in range(args.repeats - 1):  # alternate methods so load changes hit both alike
+    rows, turn = [], 0
+    methods = ["anomalib", *args.variants]
+    for spec in args.sets:
+        for seed in args.seeds:
+            data = read_folder(str(set_folder(spec, seed)))
+            train = load_images(data.train, args.image_size)
+            test = load_images(data.test, args.image_size)
+            labels = np.asarray(data.labels)
+            masks = load_masks(data.mask_paths, args.image_size)
+            order = methods[turn % len(methods) :] + methods[: turn % len(methods)]  # rotate who runs first
+            turn += 1
+            results = {}
             for method in order:
-                start = time.perf_counter()
-                results[method]["predict"]()
-                timings[method].append(time.perf_counter() - start)
-        parity = feature_parity(results["ours"]["model"], results["anomalib"]["model"], to_batch(test[:2], mean, std))
-        row = {"category": category, "train": len(train), "test": len(test), "order": "/".join(order),
-               "feature_max_abs_diff": parity}  # fmt: skip
-        for method, result in results.items():
-            row[method] = {
-                "image_auroc": round(image_auroc(labels, result["scores"]), 4),
-                "pixel_auroc": round(pixel_auroc(masks, result["maps"]), 4),
-                "fit_s": round(result["fit_s"], 2),
-                "predict_images_per_s": round(len(test) / float(np.median(timings[method])), 2),
-                "memory_bank_rows": result["bank"],
-            }
-        for method in ("ours", "ours_zero_pad"):
-            row[method]["coreset_s"] = round(results[method]["coreset_s"], 2)
-        row["throughput_ratio_ours_over_anomalib"] = round(
-            row["ours"]["predict_images_per_s"] / row["anomalib"]["predict_images_per_s"], 3
-        )
-        row["fit_speedup_ours_over_anomalib"] = round(row["anomalib"]["fit_s"] / row["ours"]["fit_s"], 2)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+                np.random.seed(seed)
+                if method == "anomalib":
+                    results[method] = run_theirs(state, args, seed, mean, std, train, test)
+                else:
+                    config = PatchCoreConfig(image_size=args.image_size, coreset_ratio=args.coreset_ratio, seed=seed,
+                                             batch_size=args.batch_size, **VARIANTS[method])  # fmt: skip
+                    results[method] = run_ours(config, backbone, train, test)
+            parity = feature_parity(results[args.variants[0]]["model"], results["anomalib"]["model"],
+                                    to_batch(test[:2], mean, std))  # fmt: skip
+            row = {"set": spec, "seed": seed, "train": len(train), "test": len(test), "order": "/".join(order),
+                   "feature_max_abs_diff": parity}  # fmt: skip
+            for method in methods:
+                result = results[method]
+                row[method] = {
+                    "image_auroc": round(image_auroc(labels, result["scores"]), 4),
+                    "pixel_auroc": round(pixel_auroc(masks, result["maps"]), 4),
+                    "aupro": round(aupro(masks, result["maps"]), 4),
+                    "fit_s": round(result["fit_s"], 2),
+                    "predict_images_per_s": round(len(test) / result["predict_s"], 2),
+                    "memory_bank_rows": result["bank"],
+                }
+                if "coreset_s" in result:
+                    row[method]["coreset_s"] = round(result["coreset_s"], 2)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    summary = summarise(rows, methods)
+    for line in summary:
+        print(json.dumps(line), flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     load = [round(v, 2) for v in os.getloadavg()]  # other workers share the cores: every time above is skewed
     print(json.dumps({"peak_rss_MiB": round(peak, 1), "load_start": load_start, "load_end": load}), flush=True)
     if args.out:
-        args.out.write_text(json.dumps(rows, indent=1) + "\n")
+        args.out.write_text(json.dumps({"rows": rows, "summary": summary}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -12,15 +12,17 @@ import pytest
 import torch
 
 from potpourri.cli import main
-from potpourri.inspect.patchcore import PatchCore
+from potpourri.inspect.patchcore import PatchCore, PatchCoreConfig
 from potpourri.inspect.patchcore_graph import PatchCoreGraph
 
 pytestmark = pytest.mark.one_thread
 pytest.importorskip("onnxruntime")
 
 
-def test_the_graph_module_equals_the_method(planted, small_config, lite0):
-    method = PatchCore(small_config, backbone=lite0).fit(planted.train)
+@pytest.mark.parametrize(("upsample", "embed_dim"), [("bilinear", 152), ("nearest", 152), ("bilinear", 128)])
+def test_the_graph_module_equals_the_method(planted, small_config, lite0, upsample, embed_dim):
+    config = PatchCoreConfig(**{**vars(small_config), "map_upsample": upsample, "embed_dim": embed_dim})
+    method = PatchCore(config, backbone=lite0).fit(planted.train)
     scores, maps = method.score(planted.test)
     x = torch.stack([method._tensor(i) for i in planted.test])
     with torch.no_grad():

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from potpourri.cli import main
+from potpourri.inspect.patchcore import PatchCoreConfig
 
 POTPOURRI = str(Path(sys.executable).with_name("potpourri"))
 
@@ -107,7 +108,7 @@ def test_ds_synth_category_is_generated_once_as_an_mvtec_folder() -> None:
 
 
 def predict_job(out: str, resume: bool) -> None:
-    """``inspect predict`` over 26 planted images in batches of 8 (a kill test job, see tests/resume.py)."""
+    """``inspect predict`` over 26 planted images in the method's batches (a kill test job, see tests/resume.py)."""
     import os
 
     from potpourri.cli import main
@@ -128,7 +129,7 @@ def test_predict_killed_after_a_batch_resumes_to_the_same_csv(mvtec_folder: Path
     images = tmp_path / "images"
     images.mkdir()
     sources = sorted(mvtec_folder.glob("test/*/*.png"))
-    for i in range(26):  # 3 full batches of 8 and a last one of 2
+    for i in range(26):  # not a multiple of the batch size: the last batch is short
         Image.open(sources[i % len(sources)]).rotate(90 * (i // len(sources))).save(images / f"{i:02d}.png")
     monkeypatch.setenv("PREDICT_FIXTURE", str(tmp_path))
     job = "tests.inspect.test_inspect_cli:predict_job"
@@ -137,7 +138,8 @@ def test_predict_killed_after_a_batch_resumes_to_the_same_csv(mvtec_folder: Path
     assert killed.returncode == -9, killed.stderr[-2000:]
     with open(tmp_path / "killed" / "predictions.csv", "a") as fh:
         fh.write("/a/torn/row.png,0.1")  # a row cut by the kill: dropped on resume
-    assert len(list(csv.DictReader((tmp_path / "killed" / "predictions.csv").open()))) == 17
+    batch = PatchCoreConfig().batch_size  # predict writes one batch of the method's size at a time
+    assert len(list(csv.DictReader((tmp_path / "killed" / "predictions.csv").open()))) == 2 * batch + 1
     resumed = run_job(job, tmp_path / "killed", "resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     straight = (tmp_path / "straight" / "predictions.csv").read_text()

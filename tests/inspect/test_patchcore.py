@@ -158,14 +158,54 @@ def test_fit_is_deterministic_per_seed(planted, small_config, fitted: PatchCore,
 def test_memory_bank_bytes_match_budget_and_1000_images_fit_1_gib(fitted: PatchCore, planted) -> None:
     h, w = fitted.grid()
     budget = memory_budget(fitted.config, len(planted.train), (h, w))
-    bank = fitted.memory_bank
-    assert bank.dtype == torch.float32
+    bank, stored = fitted.memory_bank, fitted.state_tensors()["memory_bank"]
+    assert bank.dtype == torch.float32 and stored.dtype == torch.float16  # searched in float32, stored in half
     assert bank.shape[0] == math.ceil(fitted.config.coreset_ratio * len(planted.train) * h * w)
-    assert bank.element_size() * bank.nelement() == budget["memory_bank"]
-    full = PatchCoreConfig()  # defaults: 224 px, 10 % coreset, 128-d features, 64-d projection
+    assert stored.element_size() * stored.nelement() == budget["memory_bank"]
+    assert bank.element_size() * bank.nelement() == budget["search_bank"]
+    full = PatchCoreConfig()  # defaults: 224 px, 10 % coreset, float16 bank
     big = memory_budget(full, 1000, (28, 28))  # stride-8 grid at 224 px, checked against the model below
-    assert big["fit_peak"] <= 1 << 30 and big["memory_bank"] <= 1 << 30
-    assert big["full_bank"] == 1000 * 28 * 28 * 128 * 4
+    assert big["fit_peak"] <= 1 << 30 and big["memory_bank"] <= 40 * 10**6
+    assert big["full_bank"] == 1000 * 28 * 28 * full.embed_dim * 4
+
+
+def test_float16_bank_scores_match_float32_and_reload_exactly(planted, small_config, fitted, lite0, tmp_path) -> None:
+    """Rounding a float32 coreset to half moves scores and maps by < 1e-3 relative and keeps the ranking; both
+    storages keep the same rows (selection runs in float32); a saved float16 run reloads bitwise."""
+    import copy
+
+    from potpourri.inspect.base import load_method
+
+    exact = PatchCore(PatchCoreConfig(**{**vars(small_config), "bank_dtype": "float32"}), backbone=lite0)
+    exact.fit(planted.train)
+    assert exact.state_tensors()["memory_bank"].dtype == torch.float32
+    rounded = copy.copy(exact)
+    rounded.memory_bank = exact.memory_bank.half().float()
+    scores32, maps32 = exact.score(planted.test)
+    scores16, maps16 = rounded.score(planted.test)
+    assert np.abs(scores16 - scores32).max() <= 1e-3 * np.abs(scores32).max()
+    assert np.abs(maps16 - maps32).max() <= 1e-3 * np.abs(maps32).max()
+    assert image_auroc(planted.labels, scores16) == image_auroc(planted.labels, scores32)
+    assert torch.equal(fitted.memory_bank, exact.memory_bank.half().float())  # the same rows, rounded
+    reloaded = load_method(fitted.save(tmp_path / "run"))
+    assert torch.equal(reloaded.memory_bank, fitted.memory_bank)  # the fitted bank already holds the rounded values
+    with pytest.raises(PotpourriError, match="bank_dtype 'int8'"):
+        PatchCore(PatchCoreConfig(**{**vars(small_config), "bank_dtype": "int8"}), backbone=lite0).fit(planted.train)
+
+
+def test_nearest_map_upsampling_repeats_each_patch_score(planted, small_config, lite0) -> None:
+    """Unsmoothed, a nearest-upsampled map is constant on each patch's 8 x 8 block and equals its patch distance."""
+    config = PatchCoreConfig(**{**vars(small_config), "sigma": 0.0, "map_upsample": "nearest"})
+    model = PatchCore(config, backbone=lite0).fit(planted.train)
+    _, maps = model.score(planted.test[:1])
+    h, w = model.grid()
+    blocks = maps[0].reshape(h, 8, w, 8)
+    assert np.array_equal(blocks, np.broadcast_to(blocks[:, :1, :, :1], blocks.shape))
+    patches = model.embed(planted.test[:1])[0].permute(1, 2, 0).reshape(-1, config.embed_dim)
+    nearest = torch.cdist(patches, model.memory_bank).min(1).values.view(h, w)
+    assert np.allclose(blocks[:, 0, :, 0], nearest.numpy(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(PotpourriError, match="map_upsample 'cubic'"):
+        PatchCore(PatchCoreConfig(map_upsample="cubic"))
 
 
 def test_grid_at_224_is_28(lite0) -> None:

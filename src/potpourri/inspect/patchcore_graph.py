@@ -40,12 +40,11 @@ class PatchCoreGraph(nn.Module):
         self.register_buffer("pool", pool.contiguous() if channels != self.features.embed_dim else torch.empty(0))
         self.size = method.config.image_size
         self.sigma = method.config.sigma
+        self.upsample = method.config.map_upsample
 
-    def nearest(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Distance to and index of the nearest bank row for each row of ``queries`` ``(..., D)``."""
-        d2 = queries.pow(2).sum(-1, keepdim=True) - 2 * queries @ self.bank.T + self.bank_sq  # (..., K)
-        d2, index = d2.min(-1)
-        return d2.clamp_min(0).sqrt(), index
+    def squared_distances(self, queries: torch.Tensor) -> torch.Tensor:
+        """Squared distances ``(..., K)`` of each row of ``queries`` ``(..., D)`` to every bank row."""
+        return queries.pow(2).sum(-1, keepdim=True) - 2 * queries @ self.bank.T + self.bank_sq
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """``PatchFeatures.forward`` with the channel pooling as a matrix product: (B, D, h, w)."""
@@ -61,15 +60,18 @@ class PatchCoreGraph(nn.Module):
         features = self.embed(images)  # (B, D, h, w)
         b, d, h, w = features.shape
         patches = features.permute(0, 2, 3, 1).reshape(b, h * w, d)  # (B, hw, D)
-        distance, nearest = self.nearest(patches)  # (B, hw) each
+        d2 = self.squared_distances(patches)  # (B, hw, K)
+        # a plain reduction: an index over the whole (hw, K) matrix (TopK / ArgMin) took half of OpenVINO's time
+        distance = d2.amin(-1).clamp_min(0).sqrt()  # (B, hw)
         top = distance.argmax(1, keepdim=True)  # (B, 1): the most anomalous patch
         best = distance.gather(1, top)[:, 0]  # (B,)
-        if self.k > 1:  # reweight by how isolated its nearest bank patch is
-            anchor = self.bank[nearest.gather(1, top)[:, 0]]  # (B, D)
+        if self.k > 1:  # reweight by how isolated its nearest bank patch is; only its row needs an index
+            row = d2.gather(1, top[:, :, None].expand(b, 1, d2.shape[-1]))[:, 0]  # (B, K)
+            anchor = self.bank[row.argmin(-1)]  # (B, D)
             d2 = anchor.pow(2).sum(-1, keepdim=True) - 2 * anchor @ self.bank.T + self.bank_sq  # (B, K)
             support = d2.topk(self.k, dim=1, largest=False).indices  # (B, k)
             test = patches.gather(1, top[:, :, None].expand(b, 1, d))  # (B, 1, D)
             spread = torch.linalg.vector_norm(self.bank[support] - test, dim=-1)  # (B, k)
             best = (1 - torch.softmax(spread, dim=1)[:, 0]) * best
-        upsampled = F.interpolate(distance.view(b, 1, h, w), size=(self.size, self.size), mode="bilinear")
+        upsampled = F.interpolate(distance.view(b, 1, h, w), size=(self.size, self.size), mode=self.upsample)
         return best, gaussian_blur(upsampled[:, 0], self.sigma)

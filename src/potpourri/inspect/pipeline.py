@@ -45,7 +45,7 @@ def fit_folder(
     from potpourri.core.runs import new_run, seed_everything
     from potpourri.data.folders import read_folder, truth_masks
     from potpourri.inspect.base import method_module
-    from potpourri.inspect.patchcore import memory_budget
+    from potpourri.inspect.patchcore import bank_dtype, memory_budget
     from potpourri.report.html import Report
     from potpourri.report.inspect_plots import inspection_panel_png, roc_curves_png
 
@@ -90,7 +90,7 @@ def fit_folder(
         **(
             {
                 "memory_bank_rows": int(method.memory_bank.shape[0]),
-                "memory_bank_bytes": method.memory_bank.nelement() * 4,
+                "memory_bank_bytes": method.memory_bank.nelement() * bank_dtype(method.config).itemsize,
                 "budget_1000_images": memory_budget(config, 1000, method.grid()),
             }
             if method_name == "patchcore"
