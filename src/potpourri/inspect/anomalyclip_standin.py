@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from potpourri.core.errors import PotpourriError
-from potpourri.inspect.towers import OBJECT_PROMPTS, PromptLearner, Towers, replace_prefix
+from potpourri.inspect.towers import OBJECT_PROMPTS, PromptLearner, Towers, deep_prompt_hook
 
 __all__ = ["StandInTowers"]
 
@@ -73,7 +73,8 @@ class StandInTowers(Towers):
         self.register_buffer("prompt_mask", batch["attention_mask"], persistent=False)  # (2, T)
         self._deep_active = False
         for index, layer in enumerate(layers):
-            layer.register_forward_pre_hook(self._deep_hook(index), with_kwargs=True)
+            hook = deep_prompt_hook(lambda i=index: self.prompts.deep_tokens(i) if self._deep_active else None)
+            layer.register_forward_pre_hook(hook, with_kwargs=True)
 
     @classmethod
     def pretrained(cls, **kwargs: Any) -> StandInTowers:
@@ -91,17 +92,6 @@ class StandInTowers(Towers):
     @property
     def bridge_parameters(self) -> list[nn.Parameter]:
         return list(self.bridge.parameters())
-
-    def _deep_hook(self, index: int):
-        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            tokens = self.prompts.deep_tokens(index) if self._deep_active else None
-            if tokens is None:
-                return None
-            if args:
-                return (replace_prefix(args[0], tokens), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": replace_prefix(kwargs["hidden_states"], tokens)}
-
-        return hook
 
     @torch.no_grad()
     def frozen_image_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

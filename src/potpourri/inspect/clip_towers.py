@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from potpourri.core.errors import PotpourriError
-from potpourri.inspect.towers import OBJECT_PROMPTS, PromptLearner, Towers, replace_prefix
+from potpourri.inspect.towers import OBJECT_PROMPTS, PromptLearner, Towers, deep_prompt_hook
 
 __all__ = ["OwnClipTowers", "vit_dual_path", "vit_vv_attention"]
 
@@ -96,7 +96,8 @@ class OwnClipTowers(Towers):
         self.register_buffer("prompt_mask", mask, persistent=False)  # (2, T)
         self._deep_active = False
         for index, layer in enumerate(layers):
-            layer.register_forward_pre_hook(self._deep_hook(index), with_kwargs=True)
+            hook = deep_prompt_hook(lambda i=index: self.prompts.deep_tokens(i) if self._deep_active else None)
+            layer.register_forward_pre_hook(hook, with_kwargs=True)
         self.mean, self.std = (0.5,) * 3, (0.5,) * 3
         self.image_size = int(clip.visual.patch_embed.img_size[0])
         self.grid = tuple(clip.visual.patch_embed.grid_size)
@@ -107,17 +108,6 @@ class OwnClipTowers(Towers):
         from potpourri.models.clip_small import load_small_clip
 
         return cls(load_small_clip(path), **kwargs)
-
-    def _deep_hook(self, index: int):
-        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            tokens = self.prompts.deep_tokens(index) if self._deep_active else None
-            if tokens is None:
-                return None
-            if args:
-                return (replace_prefix(args[0], tokens), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": replace_prefix(kwargs["hidden_states"], tokens)}
-
-        return hook
 
     def _project_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Patch tokens (B, N, W) → the joint space on the grid, (B, h, w, D) (final norm, then the projection)."""

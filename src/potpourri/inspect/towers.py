@@ -4,6 +4,8 @@ prompt learner and the prompt-prefix helper.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 
@@ -45,6 +47,20 @@ def replace_prefix(x: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor
     if tokens is None:
         return x
     return torch.cat([x[:, :1], tokens.unsqueeze(0).expand(x.shape[0], -1, -1), x[:, 1 + tokens.shape[0] :]], dim=1)
+
+
+def deep_prompt_hook(tokens: Callable[[], torch.Tensor | None]) -> Callable:
+    """A forward pre-hook (``with_kwargs=True``) writing ``tokens()`` over a text layer's input prefix; None: no-op."""
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        deep = tokens()
+        if deep is None:
+            return None
+        if args:
+            return (replace_prefix(args[0], deep), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": replace_prefix(kwargs["hidden_states"], deep)}
+
+    return hook
 
 
 # ----------------------------------------------------------------------------------------------- open_clip towers
