@@ -109,3 +109,20 @@ def test_tune_reads_the_pinned_v2_benchmark_by_name() -> None:
     assert label == direct.train_labels[3]
     v1_train, _, _ = load_image_data("ds-synth:classification:brick", img_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
     assert len(v1_train) == 10 * len(CLASSES)  # v1 keeps its old settings under its old name
+
+
+def test_synth_writes_v2_files_that_hold_the_in_memory_samples(tmp_path) -> None:
+    from PIL import Image
+
+    from potpourri.cli import main
+
+    out = tmp_path / "ds"
+    argv = ["synth", "--out", str(out), "--image-size", "48", "--per-class", "1", "--categories", "brick"]
+    assert main([*argv, "--dataset-version", "2", "--workers", "1"]) == 0
+    import json
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dataset_version"] == "2" and manifest["generator_version"] == "2.0"
+    written = np.asarray(Image.open(out / "MVTec-Synth/brick/test/hole/000.png"))
+    np.testing.assert_array_equal(written, make_sample("brick", "test", "hole", 0, size=48, version="2").image)
+    assert main([*argv, "--dataset-version", "3"]) == 2  # unknown version: refused at parse time

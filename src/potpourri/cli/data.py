@@ -27,6 +27,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         categories=categories,
         severity=args.severity,
         workers=args.workers,
+        version=args.dataset_version,
     )
     seconds = time.perf_counter() - start
     images = sum(n for per_cat in manifest["counts"].values() for n in per_cat.values())
@@ -82,6 +83,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--workers", type=flags.non_negative_int, default=None, help="processes (default: all cores, at most 8)"
+    )
+    p.add_argument(
+        "--dataset-version",
+        choices=["1", "2"],
+        default="1",
+        help="1: the original (default); 2: defect types share one ink and differ by shape only",
     )
     p.set_defaults(func=_cmd_synth)
 

@@ -552,9 +552,9 @@ def _png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _job_files(job: tuple[str, str, str, int, int, int, float]) -> tuple[dict[str, bytes], dict[str, Any]]:
-    category, split, kind, index, seed, size, severity = job
-    s = make_sample(category, split, kind, index, seed=seed, size=size, severity=severity)
+def _job_files(job: tuple[str, str, str, int, int, int, float, str]) -> tuple[dict[str, bytes], dict[str, Any]]:
+    category, split, kind, index, seed, size, severity, version = job
+    s = make_sample(category, split, kind, index, seed=seed, size=size, severity=severity, version=version)
     stem = f"{index:03d}"
     image_png = _png(s.image)
     files = {}
@@ -594,12 +594,14 @@ def write_ds_synth(
     categories: Sequence[str] | None = None,
     severity: float = 0.5,
     workers: int | None = None,
+    version: str = "1",
 ) -> dict[str, Any]:
     """Write DS-Synth in the Defect Spectrum and MVTec AD layouts plus captions and manifest; returns the manifest.
 
     Per category: ``per_class`` test images per defect class and of "multi", ``per_class`` good test images and
     ``2 * per_class`` good train images.
     """
+    check_version(version)
     categories = list(categories or CATEGORIES)
     for cat in categories:
         photo(cat)  # fail early on an unknown category
@@ -608,9 +610,9 @@ def write_ds_synth(
     root = Path(out)
     jobs = []
     for cat in categories:
-        jobs += [(cat, "train", "good", i, seed, size, severity) for i in range(2 * per_class)]
+        jobs += [(cat, "train", "good", i, seed, size, severity, version) for i in range(2 * per_class)]
         for kind in (*CLASSES, MULTI):
-            jobs += [(cat, "test", kind, i, seed, size, severity) for i in range(per_class)]
+            jobs += [(cat, "test", kind, i, seed, size, severity, version) for i in range(per_class)]
     workers = workers if workers is not None else min(len(os.sched_getaffinity(0)), 8)
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -642,7 +644,8 @@ def write_ds_synth(
         counts[record["category"]][key] += 1
     manifest = {
         "name": "DS-Synth",
-        "generator_version": GENERATOR_VERSION,
+        "generator_version": VERSIONS[version],
+        "dataset_version": version,
         "seed": seed,
         "size": size,
         "per_class": per_class,
