@@ -2,7 +2,7 @@
 fine-tuning of the pretrained EfficientNet-Lite0 through ``potpourri.tune.fit``, one seed per call.
 
 Run: ``.venv/bin/python benchmarks/ds_synth_v2_tuning.py [--size 128] [--severity 0.75] [--n 20] [--epochs 5]
-[--arms linear subtuning full full-fast] [--seed 0] [--augment]``. Prints one row per arm: validation accuracy
+[--arms linear subtuning full full-fast siamese] [--seed 0] [--augment]``. Prints one row per arm: validation accuracy
 (the held-out test rows of brick, grass, gravel; 7 classes, chance 0.143), trainable parameters and seconds.
 """
 
@@ -19,6 +19,7 @@ ARMS = {
     "subtuning": ("subtuning", 3e-4, {"blocks": ["blocks.5.3", "blocks.6.0"]}),
     "full": ("full-adamw", 5e-5, {}),
     "full-fast": ("full-adamw", 2e-4, {}),
+    "siamese": ("siamese-subtuning", 3e-4, {"blocks": ["blocks.5.3", "blocks.6.0"]}),
 }
 
 
@@ -28,7 +29,7 @@ def main() -> None:
     parser.add_argument("--severity", type=float, default=0.75)
     parser.add_argument("--n", type=int, default=20, help="images per class per surface")
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS)[:4])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--augment", action="store_true", help="random flips and quarter turns in training")
@@ -54,6 +55,10 @@ def main() -> None:
         strategy, lr, extra = ARMS[arm]
         torch.manual_seed(args.seed)
         model = create_model("efficientnet_lite0", pretrained=True, num_classes=len(task.class_names))
+        if strategy == "siamese-subtuning":
+            from potpourri.models.siamese import SiameseSubTuned
+
+            model = SiameseSubTuned(model, len(task.class_names))
         start = time.perf_counter()
         result = fit(model, train, val, strategy, epochs=args.epochs, lr=lr, batch_size=16, seed=args.seed,
                      augment=args.augment, progress=False, **extra)  # fmt: skip

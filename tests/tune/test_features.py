@@ -49,5 +49,5 @@ def test_fit_rejects_one_class_unknown_options_and_misplaced_blocks():
         fit(tiny_model(), one_class)
     with pytest.raises(PotpourriError, match="unknown training option 'epoch'; valid options: augment, batch_size"):
         fit(tiny_model(), colour_data(), epoch=3)
-    with pytest.raises(PotpourriError, match="blocks= only applies to strategy 'subtuning'"):
+    with pytest.raises(PotpourriError, match="blocks= only applies to strategies 'subtuning' and 'siamese-subtuning'"):
         fit(tiny_model(), colour_data(), strategy="linear", blocks=["blocks.0.0"])

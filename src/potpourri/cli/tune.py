@@ -120,7 +120,7 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("tune", help="adapt a pretrained model with one strategy (linear, subtuning, lora, …)")
     _add_common(p)
     p.add_argument("--strategy", default="linear", help=f"one of {', '.join(STRATEGIES)}")
-    p.add_argument("--blocks", help="comma-separated block-map entries for --strategy subtuning")
+    p.add_argument("--blocks", help="comma-separated block-map entries for --strategy subtuning or siamese-subtuning")
     p.add_argument("--momentum", type=flags.probability, default=None, help="SGD momentum (default 0.9)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.set_defaults(func=_cmd_tune)

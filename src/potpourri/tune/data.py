@@ -147,4 +147,8 @@ def model_and_data(
     train, val, classes = load_image_data(data_spec, img_size=img_size, mean=mean, std=std, seed=seed)
     torch.manual_seed(seed)  # the new head's initialisation
     model = create_model(model_name, pretrained=pretrained, num_classes=len(classes))
+    if strategy == "siamese-subtuning":  # a frozen copy beside the tuned one; the head reads both
+        from potpourri.models.siamese import SiameseSubTuned
+
+        model = SiameseSubTuned(model, len(classes))
     return model, train, val, classes

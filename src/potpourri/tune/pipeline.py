@@ -58,8 +58,8 @@ def tune_run(
         strategy_kwargs["momentum"] = momentum
     blocks = [b for b in blocks_spec.split(",") if b] if blocks_spec else None
     get_strategy(strategy, **strategy_kwargs)  # bad names fail before a run folder exists
-    if blocks:
-        check_blocks(blocks, block_map(model))
+    if blocks:  # wrapped models (Siamese, visual prompt) name their own blocks
+        check_blocks(blocks, model.block_map() if hasattr(model, "block_map") else block_map(model))
     run = new_run("tune", out)
     result = fit(
         model,
@@ -103,6 +103,8 @@ def _write_reloadable(
     if strategy == "lora":  # the adapters stay in the checkpoints; the run's model is the merged plain model
         save_state_dict_atomic(plain_state_dict(model), run.path / "model.safetensors")
     builder = {"name": "visual-prompt", "width": prompt_width(size)} if strategy == "visual-prompt" else None
+    if strategy == "siamese-subtuning":
+        builder = {"name": "siamese-subtuning"}
     write_classifier_metadata(
         run.path, model_name=model_name, classes=classes, image_size=size, mean=mean, std=std, strategy=strategy,
         builder=builder,

@@ -220,6 +220,10 @@ def load_classifier(folder: str | os.PathLike, *, device: str = "cpu", precision
         model = build_visual_prompt(source, len(meta["classes"]), vp, canvas=size)
     else:
         model = create_model(meta["model"], pretrained=False, **meta["model_args"])
+    if meta.get("builder") and meta["builder"].get("name") == "siamese-subtuning":
+        from potpourri.models.siamese import SiameseSubTuned
+
+        model = SiameseSubTuned(model, len(meta["classes"]))
     weights = folder / meta["weights"]
     load_strict(model, load_state_dict_file(weights, fix="the run is incomplete; retune it"), str(weights))
     cfg = PretrainedCfg(

@@ -10,6 +10,7 @@ block, neck, head), derived from the model's structure by ``block_map(model)`` a
 | `full-sgd`         | everything                               | SGD + momentum       |
 | `sgd-freeze-embed` | everything but the first entry (stem)    | SGD (momentum opt.)  |
 | `subtuning`        | the chosen blocks + head                 | AdamW (overridable)  |
+| `siamese-subtuning`| the chosen blocks of one copy + a head on both copies' features (models/siamese.py) | AdamW |
 | `layer-decay`      | everything, lr × decay^(depth from head) | AdamW (overridable)  |
 | `lora`             | low-rank adapters on Linear / 1×1 conv + head | AdamW (overridable) |
 | `visual-prompt`    | AutoVP input prompt + resize + label mapping (tune/visual_prompt.py) | AdamW (overridable) |
@@ -277,6 +278,24 @@ class SubTuning(Strategy):
         return list(dict.fromkeys([*self.blocks, *head]))
 
 
+class SiameseSubTuning(SubTuning):
+    """SubTuning on a ``SiameseSubTuned`` model: the head reads the tuned and a frozen copy's features (low data)."""
+
+    name = "siamese-subtuning"
+
+    def prepare(self, model: nn.Module, **kwargs: Any) -> Plan:
+        from potpourri.models.siamese import SiameseSubTuned
+
+        if not isinstance(model, SiameseSubTuned):
+            raise PotpourriError(
+                "strategy 'siamese-subtuning' needs a SiameseSubTuned model; wrap yours with "
+                "potpourri.models.siamese.SiameseSubTuned(model, num_classes) or run `potpourri tune --strategy "
+                "siamese-subtuning`"
+            )
+        self.block_map_override = self.block_map_override or model.block_map()
+        return super().prepare(model, **kwargs)
+
+
 class LayerDecay(FullAdamW):
     """Everything trains; entry i of n gets lr × decay^(n-1-i), so the head keeps the full lr."""
 
@@ -356,7 +375,8 @@ class VisualPrompt(Strategy):
 
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    s.name: s for s in (Linear, FullAdamW, FullSGD, SGDFreezeEmbed, SubTuning, LayerDecay, LoRA, VisualPrompt)
+    s.name: s
+    for s in (Linear, FullAdamW, FullSGD, SGDFreezeEmbed, SubTuning, SiameseSubTuning, LayerDecay, LoRA, VisualPrompt)
 }
 
 

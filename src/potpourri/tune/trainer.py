@@ -391,8 +391,10 @@ def fit(
         raise PotpourriError(f"training data has a single class ({labels[0].item()}); a classifier needs at least 2")
     kwargs = dict(strategy_kwargs or {})
     if blocks is not None:
-        if strategy != "subtuning":
-            raise PotpourriError(f"blocks= only applies to strategy 'subtuning', not '{strategy}'")
+        if strategy not in ("subtuning", "siamese-subtuning"):
+            raise PotpourriError(
+                f"blocks= only applies to strategies 'subtuning' and 'siamese-subtuning', not '{strategy}'"
+            )
         kwargs["blocks"] = list(blocks)
     plan = get_strategy(strategy, **kwargs).prepare(
         model, lr=cfg.lr, weight_decay=cfg.weight_decay, optimizer=cfg.optimizer
