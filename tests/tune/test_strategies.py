@@ -24,11 +24,12 @@ EXPECTED_PREFIXES = {
     "full-sgd": [ALL],
     "sgd-freeze-embed": ["blocks.", "conv_head.", "bn2.", "classifier."],
     "subtuning": ["blocks.0.1.", "classifier."],
+    "siamese-subtuning": ["tuned.blocks.0.1.", "head."],  # never the frozen copy
     "layer-decay": [ALL],
     "lora": [".lora_", "classifier."],
     "visual-prompt": ["prompt.", "mapping."],
 }
-KWARGS = {"subtuning": {"blocks": ["blocks.0.1"]}}
+KWARGS = {"subtuning": {"blocks": ["blocks.0.1"]}, "siamese-subtuning": {"blocks": ["blocks.0.1"]}}
 
 
 def _expected(names: list[str], strategy: str) -> set[str]:
@@ -51,6 +52,10 @@ def test_strategy_trains_exactly_its_params_and_frozen_stay_bit_identical(name):
         from potpourri.tune.visual_prompt import VPConfig, build_visual_prompt
 
         model = build_visual_prompt(tiny_model(num_classes=12), 3, VPConfig("fully", width=2), canvas=12)
+    if name == "siamese-subtuning":  # a frozen copy beside the tuned one, a head on both
+        from potpourri.models.siamese import SiameseSubTuned
+
+        model = SiameseSubTuned(tiny_model(), 3)
     plan = get_strategy(name, **KWARGS.get(name, {})).prepare(model, lr=0.05)
     names = [n for n, _ in model.named_parameters()]
     expected = _expected(names, name)

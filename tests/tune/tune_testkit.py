@@ -37,14 +37,25 @@ class TinyNet(nn.Module):
         self.drop = nn.Dropout(drop_rate)
         self.classifier = nn.Linear(16, num_classes)
 
+    num_features = 16
+
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, K)
+    def reset_classifier(self, num_classes: int) -> None:
+        self.classifier = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, 16, H/2, W/2)
         x = torch.relu(self.bn1(self.conv_stem(x)))  # (B, C, H/2, W/2)
         x = self.blocks(x)  # (B, C, H/2, W/2)
-        x = torch.relu(self.bn2(self.conv_head(x)))  # (B, 16, H/2, W/2)
-        return self.classifier(self.drop(x.mean((2, 3))))  # (B, K)
+        return torch.relu(self.bn2(self.conv_head(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:  # -> (B, 16) or (B, K)
+        x = self.drop(x.mean((2, 3)))
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, K)
+        return self.forward_head(self.forward_features(x))
 
 
 TINY_BLOCKS = ["stem", "blocks.0.0", "blocks.0.1", "blocks.1.0", "neck", "head"]
