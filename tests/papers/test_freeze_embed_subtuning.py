@@ -53,15 +53,18 @@ def test_quick_reproduction_end_to_end(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_quick_subtuning_reproduction(tmp_path: Path) -> None:
+def test_quick_subtuning_reproduction_and_its_resume(tmp_path: Path) -> None:
     from potpourri.papers.subtuning import SUBTUNING_ARMS, SubTuningConfig, reproduce_subtuning
 
     cfg = SubTuningConfig(
         categories=("brick",),
         sizes=(2,),
+        native_sizes=(2,),
         test_per_class=1,
         image_size=32,
+        native_resolution=40,
         epochs=1,
+        min_steps=1,
         seeds=(0, 1),
         candidates=("blocks.5.3", "blocks.6.0"),
         max_blocks=1,
@@ -69,12 +72,34 @@ def test_quick_subtuning_reproduction(tmp_path: Path) -> None:
     )
     run = reproduce_subtuning(cfg, out=tmp_path / "run")
     summary = run.read_summary()
-    assert [r["arm"] for r in summary["table"]] == list(SUBTUNING_ARMS)
+    assert [(r["image_size"], r["arm"]) for r in summary["table"]] == [
+        (px, arm) for px in (32, 40) for arm in SUBTUNING_ARMS
+    ]
     for row in summary["table"]:
-        accs = [r["test_acc"] for r in summary["runs"] if r["arm"] == row["arm"]]
+        accs = [
+            r["test_acc"] for r in summary["runs"] if (r["arm"], r["image_size"]) == (row["arm"], row["image_size"])
+        ]
         assert row["acc_mean"] == pytest.approx(statistics.fmean(accs)) and len(accs) == 2
     params = {r["arm"]: r["trainable_params"] for r in summary["table"]}
     assert params["linear"] < params["lora"] < params["full-adamw"]
-    assert params["linear"] < params["subtuning (greedy)"] < params["full-adamw"]
-    chosen = summary["table"][2]["blocks"]
-    assert chosen in cfg.candidates  # the greedy search picked one of the offered blocks
+    assert params["linear"] < params["subtuning (greedy)"] < params["subtuning (last 2)"] < params["full-adamw"]
+    assert summary["table"][1]["blocks"] == "blocks.5.3+blocks.6.0"
+    assert summary["table"][3]["blocks"] in cfg.candidates  # the greedy search picked one of the offered blocks
+    assert len(summary["verdicts"]) == 2 and all("separated from" in v for v in summary["verdicts"])
+
+    # a killed job: drop the last three finished runs (and cut a line in half); the re-run redoes only those
+    lines = (run.path / "runs.jsonl").read_text().splitlines()
+    (run.path / "runs.jsonl").write_text("\n".join(lines[:-3]) + "\n" + lines[-3][:20])
+    again = reproduce_subtuning(cfg, out=tmp_path / "run").read_summary()
+    assert [r["test_acc"] for r in again["runs"]] == [r["test_acc"] for r in summary["runs"]]
+    timeless = [{k: v for k, v in r.items() if k != "train_s_mean"} for r in summary["table"]]
+    assert [{k: v for k, v in r.items() if k != "train_s_mean"} for r in again["table"]] == timeless
+
+
+def test_two_std_rule_on_planted_arms() -> None:
+    from potpourri.papers.subtuning import separated
+
+    a = {"acc_mean": 0.80, "acc_std": 0.02}
+    assert separated(a, {"acc_mean": 0.75, "acc_std": 0.01})  # 0.05 > 2 x 0.02
+    assert not separated(a, {"acc_mean": 0.77, "acc_std": 0.01})  # 0.03 < 0.04
+    assert not separated(a, {"acc_mean": 0.70, "acc_std": 0.06})  # the larger std decides: 0.10 < 0.12

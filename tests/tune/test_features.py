@@ -51,3 +51,31 @@ def test_fit_rejects_one_class_unknown_options_and_misplaced_blocks():
         fit(tiny_model(), colour_data(), epoch=3)
     with pytest.raises(PotpourriError, match="blocks= only applies to strategies 'subtuning' and 'siamese-subtuning'"):
         fit(tiny_model(), colour_data(), strategy="linear", blocks=["blocks.0.0"])
+
+
+@pytest.mark.parametrize("blocks", [["blocks.0.1"], ["blocks.0.1", "neck"]])
+def test_subtuning_on_cached_prefix_activations_gives_the_uncached_weights(tmp_path, blocks):
+    cfg = {"epochs": 2, "batch_size": 8, "lr": 5e-2, "seed": 1, "progress": False, "optimizer": "sgd"}
+    train_set, val_set = colour_data(24), colour_data(12, seed=3)
+    base = tiny_model()
+    naive = fit(copy.deepcopy(base), train_set, val_set, "subtuning", blocks=blocks, cache_features=False, **cfg)
+    cached = fit(copy.deepcopy(base), train_set, val_set, "subtuning", blocks=blocks, cache_features=True,
+                 out=tmp_path / "run", **cfg)  # fmt: skip
+    expected = naive.model.state_dict()
+    for name, actual in cached.model.state_dict().items():
+        torch.testing.assert_close(actual, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    moved = [k for k, v in cached.model.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    assert moved and all(k.startswith(("blocks.0.1", "conv_head", "bn2", "classifier")) for k in moved)
+    assert cached.val_acc == naive.val_acc
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(tmp_path / "run" / "model.safetensors"))) == set(base.state_dict())
+
+
+def test_cached_subtuning_refuses_what_would_make_the_prefix_change():
+    with pytest.raises(PotpourriError, match="needs bn='eval'"):
+        fit(tiny_model(), colour_data(), strategy="subtuning", blocks=["blocks.0.1"], cache_features=True, bn="train")
+    with pytest.raises(PotpourriError, match="cannot be combined with cache_features"):
+        fit(tiny_model(), colour_data(), strategy="subtuning", blocks=["blocks.0.1"], cache_features=True, augment=True)
+    with pytest.raises(PotpourriError, match="only applies to strategies 'linear' and 'subtuning'"):
+        fit(tiny_model(), colour_data(), strategy="full-adamw", cache_features=True)

@@ -26,6 +26,7 @@ __all__ = [
     "mean_iou",
     "pixel_auroc",
     "roc_curve",
+    "two_std_apart",
 ]
 
 
@@ -216,3 +217,8 @@ def evaluate(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | None, m
             warnings.warn("pixel metrics skipped: no ground-truth masks", MetricUndefinedWarning, stacklevel=1)
     notes = tuple(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, MetricUndefinedWarning)))
     return Evaluation(image, pixel, pro, f1, threshold, notes)
+
+
+def two_std_apart(mean_a: float, std_a: float, mean_b: float, std_b: float) -> bool:
+    """Our rule for calling two seeded results different: means more than 2 (larger) standard deviations apart."""
+    return abs(mean_a - mean_b) > 2 * max(std_a, std_b)

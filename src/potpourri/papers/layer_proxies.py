@@ -20,7 +20,6 @@ import os
 import statistics
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -30,17 +29,17 @@ import torch.nn as nn
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
-from potpourri.core.errors import PotpourriError
 from potpourri.core.runs import Run, new_run, seed_everything
 from potpourri.core.training import TrainOptions, resolve_device
 from potpourri.models.blocks import block_map, entry_of
 from potpourri.papers.registry import compute_options
 from potpourri.report.tables import markdown_table
+from potpourri.tune.features import SuffixModel, cached_inputs
 from potpourri.tune.multitask import BlockProgram
 from potpourri.tune.strategies import get_strategy
 from potpourri.tune.trainer import TuneConfig, evaluate, train
 
-__all__ = ["ProxyStudyConfig", "SuffixModel", "agreement", "cached_inputs", "proxy_study", "run", "tune_single_block"]
+__all__ = ["ProxyStudyConfig", "agreement", "proxy_study", "run", "tune_single_block"]
 
 
 @dataclass
@@ -67,63 +66,6 @@ class ProxyStudyConfig:
 
 # ---------------------------------------------------------------------------------------------------------------
 # training on cached frozen-prefix activations
-
-
-class SuffixModel(nn.Module):
-    """Runs ``model``'s forward from node ``start`` of its traced program, fed the value that crosses the cut.
-
-    The whole model is a submodule, so ``train()``'s BN policy and parameter handling see exactly what they see
-    when the full model trains; only the frozen prefix is skipped.
-    """
-
-    def __init__(self, model: nn.Module, program: BlockProgram, start: int) -> None:
-        super().__init__()
-        crossing = program.crossing(start)
-        if len(crossing) != 1:
-            raise PotpourriError(
-                f"the forward has {len(crossing)} values crossing node {start}; prefix caching needs a chain of blocks"
-            )
-        self.model, self.program, self.start, self.node = model, program, start, crossing[0]
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) activation at the cut -> (B, K)
-        env = {self.node: inputs}
-        stop = len(self.program.nodes)
-        return self.program.run(env, self.start, stop, self.model.get_submodule, _attribute_of(self.model))
-
-
-def _attribute_of(model: nn.Module) -> Callable[[str], Any]:
-    """Resolver for fx ``get_attr`` nodes: a parameter or buffer of ``model`` by dotted name."""
-
-    def attribute(target: str) -> Any:
-        owner, _, name = target.rpartition(".")
-        return getattr(model.get_submodule(owner) if owner else model, name)
-
-    return attribute
-
-
-@torch.no_grad()
-def cached_inputs(
-    model: nn.Module,
-    program: BlockProgram,
-    images: torch.Tensor,
-    starts: list[int],
-    *,
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
-) -> dict[int, torch.Tensor]:
-    """``{start: activation crossing into node start}`` for every image, from one eval-mode pass of the prefix on
-    ``device`` (the cached activations come back to the CPU)."""
-    model.to(device).eval()
-    nodes = {start: program.crossing(start) for start in starts}
-    if any(len(n) != 1 for n in nodes.values()):
-        raise PotpourriError("prefix caching needs a chain of blocks (one value crossing each cut)")
-    parts: dict[int, list[torch.Tensor]] = {start: [] for start in starts}
-    for i in range(0, len(images), batch_size):
-        env = {program.input_node: images[i : i + batch_size].to(device)}
-        program.run(env, 0, max(starts), model.get_submodule, _attribute_of(model))
-        for start in starts:
-            parts[start].append(env[nodes[start][0]].cpu())
-    return {start: torch.cat(chunks) for start, chunks in parts.items()}
 
 
 def tune_single_block(

@@ -405,9 +405,11 @@ def fit(
         raise PotpourriError("augment changes every image: it cannot be combined with cache_features")
     if not cache_features:
         return train(model, train_data, val_data, plan, cfg, run=out, resume=resume)
-    if strategy != "linear":
-        raise PotpourriError(f"cache_features only applies to strategy 'linear', not '{strategy}'")
+    if strategy not in ("linear", "subtuning"):
+        raise PotpourriError(f"cache_features only applies to strategies 'linear' and 'subtuning', not '{strategy}'")
     device = resolve_device(cfg.device)
+    if strategy == "subtuning":
+        return _fit_on_cached_prefix(model, train_data, val_data, plan, cfg, out=out, resume=resume, device=device)
     head = head_module(model, plan.block_map["head"])
     cached_train = extract_features(model, train_data, head, batch_size=max(cfg.batch_size, 64), device=device)
     cached_val = None
@@ -416,5 +418,44 @@ def fit(
     result = train(head, cached_train, cached_val, plan, cfg, run=out, resume=resume)
     result.model = model
     if result.run_path is not None and int(os.environ.get("RANK", "0")) == 0:  # the whole model, not just its head
+        save_state_dict_atomic(model.state_dict(), result.run_path / "model.safetensors", {"step": str(result.steps)})
+    return result
+
+
+def _fit_on_cached_prefix(
+    model: nn.Module,
+    train_data: Dataset,
+    val_data: Dataset | None,
+    plan: Plan,
+    cfg: TuneConfig,
+    *,
+    out: str | Path | None,
+    resume: bool,
+    device: torch.device,
+) -> TuneResult:
+    """SubTuning on cached frozen-prefix activations: the prefix before the first tuned block runs once per image.
+
+    Exact when BN is in eval mode (the prefix is then a fixed function); the same updates as training the model.
+    """
+    from potpourri.tune.features import SuffixModel, cached_inputs
+    from potpourri.tune.multitask import BlockProgram
+
+    if cfg.bn != "eval":
+        raise PotpourriError(f"cache_features needs bn='eval' (a frozen prefix must not change); got bn='{cfg.bn}'")
+    if not isinstance(train_data, TensorDataset) or (val_data is not None and not isinstance(val_data, TensorDataset)):
+        raise PotpourriError("cache_features for subtuning needs TensorDataset inputs (images, labels)")
+    program = BlockProgram(model, plan.block_map)
+    start = program.branch_point(plan.trainable_entries or ["head"])
+    batch = max(cfg.batch_size, 64)
+    train_in = cached_inputs(model, program, train_data.tensors[0], [start], batch_size=batch, device=device)[start]
+    cached_val = None
+    if val_data is not None:
+        val_in = cached_inputs(model, program, val_data.tensors[0], [start], batch_size=batch, device=device)[start]
+        cached_val = TensorDataset(val_in, val_data.tensors[1])
+    suffix = SuffixModel(model, program, start)
+    cached_train = TensorDataset(train_in, train_data.tensors[1])
+    result = train(suffix, cached_train, cached_val, plan, cfg, run=out, resume=resume)
+    result.model = model
+    if result.run_path is not None and int(os.environ.get("RANK", "0")) == 0:  # the whole model, not the wrapper
         save_state_dict_atomic(model.state_dict(), result.run_path / "model.safetensors", {"step": str(result.steps)})
     return result
