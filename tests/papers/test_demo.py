@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from potpourri.papers.demo import run_demo
+from potpourri.papers.demo import run_demo, summary_lines, tuning_story
 
 
 @pytest.mark.slow
@@ -41,3 +41,18 @@ def test_demo_end_to_end_is_reproducible(tmp_path: Path) -> None:
     assert "Defect segmentation" in html and (first.path / "images" / "segmentation.png").is_file()
     for name in ("config.yaml", "env.json", "metrics.csv", "summary.json"):
         assert (first.path / name).is_file()
+    lines = summary_lines(a)
+    assert f"{a['probe_accuracy']:.3f}" in lines[0] and f"{a['histogram_accuracy']:.3f}" in lines[0]
+    assert [line.split()[1] for line in lines[1:4]] == ["linear", "subtuning", "full-adamw"]
+    assert f"{a['inspection']['image_auroc']:.3f}" in "\n".join(lines)
+
+
+def test_tuning_story_states_gains_and_costs_from_the_rows() -> None:
+    rows = [
+        {"strategy": "linear", "val accuracy": 0.60, "trainable params": 9_000, "train seconds": 2.0},
+        {"strategy": "subtuning", "val accuracy": 0.75, "trainable params": 1_089_000, "train seconds": 20.0},
+        {"strategy": "full-adamw", "val accuracy": 0.70, "trainable params": 3_380_000, "train seconds": 60.0},
+    ]
+    story = tuning_story(rows)
+    assert "subtuning gains 0.150 over linear for 121x the trainable parameters and 10.0x the training time" in story
+    assert "full-adamw loses 0.050 over subtuning for 3x the trainable parameters and 3.0x" in story

@@ -44,9 +44,10 @@ def _register_reproduce(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from potpourri.papers.demo import run_demo
+    from potpourri.papers.demo import run_demo, summary_lines
 
     run = run_demo(out=args.out, seed=args.seed, threads=args.threads, options=_options(args))
+    print("\n".join(summary_lines(run.read_summary())))
     print(f"report: {run.path / 'report.html'}")
     return 0
 
