@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from potpourri.core.errors import PotpourriError
-from potpourri.inspect.towers import OBJECT_PROMPTS, PromptLearner, Towers, deep_prompt_hook
+from potpourri.inspect.towers import OBJECT_PROMPTS, DeepPromptSwitch, PromptLearner, Towers
 
 __all__ = ["StandInTowers"]
 
@@ -71,10 +71,7 @@ class StandInTowers(Towers):
         )
         self.register_buffer("prompt_ids", batch["input_ids"], persistent=False)  # (2, T)
         self.register_buffer("prompt_mask", batch["attention_mask"], persistent=False)  # (2, T)
-        self._deep_active = False
-        for index, layer in enumerate(layers):
-            hook = deep_prompt_hook(lambda i=index: self.prompts.deep_tokens(i) if self._deep_active else None)
-            layer.register_forward_pre_hook(hook, with_kwargs=True)
+        self.deep = DeepPromptSwitch(layers, lambda i: self.prompts.deep_tokens(i))
 
     @classmethod
     def pretrained(cls, **kwargs: Any) -> StandInTowers:
@@ -115,11 +112,8 @@ class StandInTowers(Towers):
         """MiniLM embeddings (2, 384) of the learned prompts, fed as input embeddings; deep tokens via hooks."""
         bert = self.minilm.bert
         embeds = self.prompts.insert(bert.embeddings.word_embeddings(self.prompt_ids))  # (2, T, 384)
-        self._deep_active = True
-        try:
+        with self.deep.on():
             hidden = bert(inputs_embeds=embeds, attention_mask=self.prompt_mask).last_hidden_state  # (2, T, 384)
-        finally:
-            self._deep_active = False
         weights = self.prompt_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(1) / weights.sum(1)  # masked mean, as sentence-transformers pools
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from potpourri.core.errors import PotpourriError
-from potpourri.inspect.towers import OBJECT_PROMPTS, PromptLearner, Towers, deep_prompt_hook
+from potpourri.inspect.towers import OBJECT_PROMPTS, DeepPromptSwitch, PromptLearner, Towers
 
 __all__ = ["OwnClipTowers", "vit_dual_path", "vit_vv_attention"]
 
@@ -94,10 +94,7 @@ class OwnClipTowers(Towers):
         ids, mask = clip.tokenize([f"{' '.join(['x'] * n_ctx)} {name}" for name in OBJECT_PROMPTS])
         self.register_buffer("prompt_ids", ids, persistent=False)  # (2, T)
         self.register_buffer("prompt_mask", mask, persistent=False)  # (2, T)
-        self._deep_active = False
-        for index, layer in enumerate(layers):
-            hook = deep_prompt_hook(lambda i=index: self.prompts.deep_tokens(i) if self._deep_active else None)
-            layer.register_forward_pre_hook(hook, with_kwargs=True)
+        self.deep = DeepPromptSwitch(layers, lambda i: self.prompts.deep_tokens(i))
         self.mean, self.std = (0.5,) * 3, (0.5,) * 3
         self.image_size = int(clip.visual.patch_embed.img_size[0])
         self.grid = tuple(clip.visual.patch_embed.grid_size)
@@ -132,11 +129,8 @@ class OwnClipTowers(Towers):
         """Joint-space embeddings (2, D) of the learned normal / anomalous prompts, deep tokens included."""
         bert = self.clip.text.bert
         embeds = self.prompts.insert(bert.embeddings.word_embeddings(self.prompt_ids))  # (2, T, 384)
-        self._deep_active = True
-        try:
+        with self.deep.on():
             hidden = bert(inputs_embeds=embeds, attention_mask=self.prompt_mask).last_hidden_state  # (2, T, 384)
-        finally:
-            self._deep_active = False
         return self.clip.project_text(hidden, self.prompt_mask)
 
     @torch.no_grad()

@@ -4,7 +4,8 @@ prompt learner and the prompt-prefix helper.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -61,6 +62,26 @@ def deep_prompt_hook(tokens: Callable[[], torch.Tensor | None]) -> Callable:
         return args, {**kwargs, "hidden_states": replace_prefix(kwargs["hidden_states"], deep)}
 
     return hook
+
+
+class DeepPromptSwitch:
+    """Pre-hooks on text ``layers`` that write ``tokens(i)`` (layer i's deep prompt tokens) over each layer's input
+    prefix, only inside ``with switch.on():``; every other text encoding runs the layers untouched."""
+
+    def __init__(self, layers: Sequence[nn.Module], tokens: Callable[[int], torch.Tensor]) -> None:
+        self.active = False
+        for index, layer in enumerate(layers):
+            hook = deep_prompt_hook(lambda i=index: tokens(i) if self.active else None)
+            layer.register_forward_pre_hook(hook, with_kwargs=True)
+
+    @contextmanager
+    def on(self) -> Iterator[None]:
+        """Deep prompts active for the enclosed forward passes."""
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
 
 
 # ----------------------------------------------------------------------------------------------- open_clip towers
