@@ -186,3 +186,15 @@ def test_bench_roofline_verb_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     summary = json.loads((out / "summary.json").read_text())
     assert summary["peaks"]["threads"] == 1 and summary["roofline"][0]["gflop"] > 0
     assert "of bound" in (out / "results.md").read_text()
+
+
+@pytest.mark.skipif(missing_backends(["openvino"]) != {}, reason="needs onnx, onnxruntime and openvino")
+def test_every_backend_times_one_exported_graph() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    backends = ["eager", "onnxruntime", "openvino", "openvino-bf16"]
+    rows, conditions = bench_models(["tiny"], models={"tiny": model}, backends=backends, batches=[1, 2], rounds=1,
+                                    image_size=16)  # fmt: skip
+    assert [(r.backend, r.batch) for r in rows] == [(b, n) for n in (1, 2) for b in backends]
+    assert all(r.median_ms > 0 for r in rows) and conditions["not_installed"] == {}
+    assert isinstance(conditions["openvino_native_bf16"], bool)
