@@ -97,7 +97,8 @@ class MachinePeaks:
         return Roof(self.matmul_gflops, self.cache_bandwidth_gbs if cache else self.bandwidth_gbs)
 
 
-def _median_gb_per_s(calls: dict[str, tuple[Callable[[], Any], float]], reps: int, min_time_s: float) -> dict:
+def _median_giga_rate(calls: dict[str, tuple[Callable[[], Any], float]], reps: int, min_time_s: float) -> dict:
+    """``{name: work / median seconds / 1e9}`` for ``{name: (call, work per call)}``, rounds interleaved."""
     timings = interleaved_timings(
         {k: call for k, (call, _) in calls.items()}, warmup=1, rounds=reps, min_time_s=min_time_s
     )
@@ -112,7 +113,7 @@ def _stream_bandwidth(n_floats: int, reps: int, min_time_s: float) -> float:
         "copy": (lambda: a.copy_(b), 2 * size),  # read b, write a (STREAM counting: no write-allocate)
         "triad": (lambda: torch.add(b, c, alpha=3.0, out=a), 3 * size),
     }
-    return max(_median_gb_per_s(calls, reps, min_time_s).values())
+    return max(_median_giga_rate(calls, reps, min_time_s).values())
 
 
 def measure_peaks(
@@ -126,6 +127,8 @@ def measure_peaks(
 ) -> MachinePeaks:
     """Measure fp32 ``torch.mm`` peak (best size, median of ``reps``) and copy/triad bandwidth at ``threads`` threads.
 
+    The cache bandwidth is what torch ops reach on L2-sized arrays, per-call overhead included.
+
     Example:
         peaks = measure_peaks(threads=1); print(peaks.matmul_gflops, peaks.bandwidth_gbs)
     """
@@ -137,7 +140,7 @@ def measure_peaks(
         for n in sizes:
             a, b, out = torch.rand(n, n, generator=generator), torch.rand(n, n, generator=generator), torch.empty(n, n)
             calls[str(n)] = ((lambda a=a, b=b, out=out: torch.mm(a, b, out=out)), 2 * n**3)
-        matmul = _median_gb_per_s(calls, reps, min_time_s)  # FLOP/s / 1e9 = GFLOP/s
+        matmul = _median_giga_rate(calls, reps, min_time_s)  # FLOP/s / 1e9 = GFLOP/s
         best = max(matmul, key=matmul.get)
         dram = _stream_bandwidth(int(stream_mib * 2**20 / 4), reps, min_time_s)
         cache = _stream_bandwidth(int(cache_kib * 2**10 / 4 / 3), reps, min_time_s)  # 3 arrays fit in cache_kib
