@@ -6,6 +6,7 @@ import argparse
 
 from potpourri.cli import flags
 from potpourri.core.errors import PotpourriError
+from potpourri.deploy.latency import BACKENDS
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -40,6 +41,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         threads=args.threads,
         run_config=vars(args) | {"func": None},
+        roofline=args.roofline or bool(args.per_layer),
+        per_layer=args.per_layer,
     )
     return 0
 
@@ -80,10 +83,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_export)
 
     p = subparsers.add_parser("bench", help="latency of models side by side (interleaved, threads pinned)")
-    p.add_argument("models", nargs="+", metavar="MODEL", help="the first one is the reference for speed-ups")
+    p.add_argument(
+        "models", nargs="+", type=flags.model_name, metavar="MODEL", help="the first one is the reference for speed-ups"
+    )
     p.add_argument("--batch", type=flags.positive_int, nargs="+", default=[1])
-    p.add_argument("--threads", type=flags.non_negative_int, default=1)
-    p.add_argument("--backend", nargs="+", default=["eager"], help="eager and/or onnxruntime")
+    p.add_argument("--threads", type=flags.positive_int, default=1)
+    p.add_argument("--backend", nargs="+", choices=BACKENDS, default=["eager"], help=", ".join(BACKENDS))
+    p.add_argument(
+        "--roofline",
+        action="store_true",
+        help="measure this machine's matmul peak and memory bandwidth; report each model's bound and achieved share",
+    )
+    p.add_argument(
+        "--per-layer",
+        type=flags.positive_int,
+        nargs="?",
+        const=10,
+        default=0,
+        metavar="N",
+        help="with --roofline: the top N layers (default 10) of each model under 60%% of its bound",
+    )
     flags.add_image_size(p, default=224, help="input size (default 224)", old="--size")
     p.add_argument("--rounds", type=flags.positive_int, default=10)
     p.add_argument("--reparam", action="store_true", help="also time each model re-parameterised")

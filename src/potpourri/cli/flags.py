@@ -20,6 +20,7 @@ __all__ = [
     "fraction",
     "image_side",
     "index_list",
+    "model_name",
     "non_negative_float",
     "non_negative_int",
     "normalise_run",
@@ -99,6 +100,16 @@ def existing_path(text: str) -> str:
     if not Path(text).exists():
         raise argparse.ArgumentTypeError(f"'{text}' does not exist")
     return text
+
+
+def model_name(text: str) -> str:
+    """A registered model or a timm model (``timm/`` prefix optional), checked without building it."""
+    from potpourri.core.registry import check_model_name
+
+    try:
+        return check_model_name(text)
+    except PotpourriError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_run(parser: argparse.ArgumentParser, what: str) -> None:

@@ -144,12 +144,31 @@ def model_info(name: str) -> dict[str, Any]:
     return info
 
 
-def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Multiply-accumulates of one eval forward pass (``torch.utils.flop_counter`` FLOPs / 2)."""
+def _sdpa_flops(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """FLOPs of fused attention from shapes: 2·B·H·Lq·Lk·D for Q·Kᵀ plus 2·B·H·Lq·Lk·Dv for softmax·V."""
+    batch, heads, queries, depth = query
+    keys, value_depth = key[-2], value[-1]
+    return 2 * batch * heads * queries * keys * (depth + value_depth)
+
+
+def flop_counter(*, fused_attention: bool = True) -> Any:
+    """A silent ``torch.utils.flop_counter.FlopCounterMode``; ``fused_attention`` also counts CPU fused attention
+    (SDPA, which timm's ViTs call), missing from torch's own table."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    cpu_sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    return FlopCounterMode(display=False, custom_mapping={cpu_sdpa: _sdpa_flops} if fused_attention else None)
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one eval forward pass (``torch.utils.flop_counter`` FLOPs / 2).
+
+    CPU fused attention is left out, as the pinned reference counts were made (``flop_counter()`` counts it).
+    """
+    import torch
+
+    counter = flop_counter(fused_attention=False)
     with counter, torch.no_grad():
         model.eval()(torch.zeros(input_shape))
     return counter.get_total_flops() // 2
@@ -201,12 +220,23 @@ def _load_exact(model: nn.Module, weights: str) -> nn.Module:
     return model
 
 
+def check_model_name(name: str) -> str:
+    """``name`` unchanged if it is a registered or timm model (``timm/`` prefix optional); else one clear error."""
+    import timm
+
+    if name in REGISTRY:
+        return name
+    timm_name = name[len("timm/") :] if name.startswith("timm/") else name
+    if not timm.is_model(timm_name):
+        hint = suggest(timm_name, list(REGISTRY)) or suggest(timm_name, timm.list_models())  # our names first
+        raise PotpourriError(f"unknown model '{timm_name}'{hint} (see `potpourri list`)")
+    return name
+
+
 def _create_timm_model(name: str, *, pretrained: bool, weights: str | None, **kwargs: Any) -> nn.Module:
     import timm
 
-    if not timm.is_model(name):
-        hint = suggest(name, list(REGISTRY)) or suggest(name, timm.list_models())  # our names first
-        raise PotpourriError(f"unknown model '{name}'{hint} (see `potpourri list`)")
+    check_model_name(f"timm/{name}")
     if weights is not None:
         from potpourri.core.io import load_state_dict_file
 

@@ -6,6 +6,7 @@ is logged before and after so a noisy run can be recognised.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -18,9 +19,23 @@ from potpourri.core.errors import PotpourriError
 from potpourri.core.timing import interleaved_timings, quartiles
 from potpourri.report.tables import markdown_table
 
-__all__ = ["LatencyRow", "bench_models", "latency_table"]
+__all__ = [
+    "BACKENDS",
+    "LatencyRow",
+    "bench_models",
+    "build_candidates",
+    "latency_table",
+    "missing_backends",
+    "openvino_has_bf16",
+]
 
-BACKENDS = ("eager", "onnxruntime")
+BACKENDS = ("eager", "onnxruntime", "openvino", "openvino-bf16")
+# what each backend imports (the OpenVINO ones read the ONNX graph, exported with an ONNX Runtime parity check)
+_NEEDS = {
+    "onnxruntime": ("onnx", "onnxruntime"),
+    "openvino": ("onnx", "onnxruntime", "openvino"),
+    "openvino-bf16": ("onnx", "onnxruntime", "openvino"),
+}
 
 
 @dataclass
@@ -46,13 +61,70 @@ def _eager_call(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
     return call
 
 
-def _onnx_call(model: torch.nn.Module, x: torch.Tensor, threads: int, folder: str, name: str) -> Callable[[], Any]:
-    from potpourri.deploy.export import export_onnx, ort_session
+def _ort_call(onnx_path: str, x: torch.Tensor, threads: int) -> Callable[[], Any]:
+    from potpourri.deploy.export import ort_session
 
-    result = export_onnx(model, folder, input_size=tuple(x.shape[1:]), name=name.replace("/", "_"))
-    session = ort_session(result.onnx_path, threads)
+    session = ort_session(onnx_path, threads)
     feed = {session.get_inputs()[0].name: x.numpy()}
     return lambda: session.run(None, feed)
+
+
+def _openvino_call(onnx_path: str, x: torch.Tensor, threads: int, precision: str) -> Callable[[], Any]:
+    import openvino as ov
+
+    core = ov.Core()
+    graph = core.read_model(onnx_path)
+    graph.reshape(list(x.shape))  # a static shape: OpenVINO plans memory and kernels once
+    # the precision hint matters: OpenVINO picks bf16 by itself on CPUs with bf16 units
+    config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    request = core.compile_model(graph, "CPU", config).create_infer_request()
+    feed = {0: x.numpy()}
+    return lambda: request.infer(feed)
+
+
+def openvino_has_bf16() -> bool | None:
+    """Whether OpenVINO reports native bf16 on this CPU (else the bf16 hint runs f32); None without OpenVINO."""
+    if importlib.util.find_spec("openvino") is None:
+        return None
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def missing_backends(backends: Sequence[str]) -> dict[str, str]:
+    """``{backend: "not installed (pip install …)"}`` for each requested backend whose packages are missing."""
+    missing = {}
+    for backend in backends:
+        absent = [m for m in _NEEDS.get(backend, ()) if importlib.util.find_spec(m) is None]
+        if absent:
+            missing[backend] = f"not installed (pip install {' '.join(absent)})"
+    return missing
+
+
+def build_candidates(
+    names: Sequence[str], *, reparam: bool = False, models: dict[str, torch.nn.Module] | None = None
+) -> dict[str, torch.nn.Module]:
+    """Eval-mode models by name (pre-built ``models`` first, else the registry), plus ``<name>+reparam`` copies."""
+    from potpourri.core.registry import create_model
+    from potpourri.models.reparam import reparameterize
+
+    built: dict[str, torch.nn.Module] = {}
+    for name in names:
+        model = (models or {}).get(name) or create_model(name, pretrained=False)
+        built[name] = model.eval()
+        if reparam:
+            built[f"{name}+reparam"] = reparameterize(model)
+    return built
+
+
+def _backend_call(
+    backend: str, model: torch.nn.Module, x: torch.Tensor, threads: int, exported: Callable[[], str]
+) -> Callable[[], Any]:
+    if backend == "eager":
+        return _eager_call(model, x)
+    if backend == "onnxruntime":
+        return _ort_call(exported(), x, threads)
+    return _openvino_call(exported(), x, threads, "bf16" if backend == "openvino-bf16" else "f32")
 
 
 def bench_models(
@@ -69,38 +141,43 @@ def bench_models(
     """Time every model × backend × batch in one interleaved protocol; returns rows and the run's conditions.
 
     ``reparam`` adds a ``<name>+reparam`` candidate for each model. ``models`` may pass pre-built modules by name.
+    Backends whose packages are missing are left out and listed in ``conditions["not_installed"]``.
     Example:
         rows, conditions = bench_models(["efficientmod_xxs", "repconvnet_s"], batches=[1, 8], reparam=True)
     """
-    from potpourri.core.registry import create_model
-    from potpourri.models.reparam import reparameterize
-
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise PotpourriError(f"unknown backend '{unknown[0]}'; choose from {', '.join(BACKENDS)}")
     if threads < 1 or threads > (os.cpu_count() or 1):
         raise PotpourriError(f"--threads {threads} is outside 1..{os.cpu_count()} (cores on this machine)")
+    not_installed = missing_backends(backends)
+    backends = [b for b in backends if b not in not_installed]
     torch.set_num_threads(threads)
-    built: dict[str, torch.nn.Module] = {}
-    for name in names:
-        model = (models or {}).get(name) or create_model(name, pretrained=False)
-        built[name] = model.eval()
-        if reparam:
-            built[f"{name}+reparam"] = reparameterize(model)
+    built = build_candidates(names, reparam=reparam, models=models)
     rows: list[LatencyRow] = []
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as folder:
+        graphs: dict[str, str] = {}  # one ONNX export per model (dynamic batch) serves every batch and runtime
+
+        def exporter(name: str, model: torch.nn.Module, x: torch.Tensor) -> Callable[[], str]:
+            def exported() -> str:
+                if name not in graphs:
+                    from potpourri.deploy.export import export_onnx
+
+                    safe = name.replace("/", "_").replace("+", "_")
+                    graphs[name] = str(export_onnx(model, folder, input_size=tuple(x.shape[1:]), name=safe).onnx_path)
+                return graphs[name]
+
+            return exported
+
         for batch in batches:
             x = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-            candidates: dict[tuple[str, str], Callable[[], Any]] = {}
-            for name, model in built.items():
-                for backend in backends:
-                    if backend == "eager":
-                        candidates[(name, backend)] = _eager_call(model, x)
-                    else:
-                        candidates[(name, backend)] = _onnx_call(model, x, threads, folder, f"{name}_{batch}")
-            keyed = {f"{n}|{b}": call for (n, b), call in candidates.items()}
-            timings = interleaved_timings(keyed, rounds=rounds)
+            candidates = {
+                f"{name}|{backend}": _backend_call(backend, model, x, threads, exporter(name, model, x))
+                for name, model in built.items()
+                for backend in backends
+            }
+            timings = interleaved_timings(candidates, rounds=rounds)
             for key, values in timings.items():
                 name, backend = key.split("|")
                 q1, median, q3 = quartiles(values)
@@ -114,7 +191,10 @@ def bench_models(
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
         "cpu_count": os.cpu_count(),
+        "not_installed": not_installed,
     }
+    if any(b.startswith("openvino") for b in backends):
+        conditions["openvino_native_bf16"] = openvino_has_bf16()
     return rows, conditions
 
 

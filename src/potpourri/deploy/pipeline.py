@@ -95,30 +95,61 @@ def bench_run(
     rounds: int,
     threads: int | None,
     run_config: dict[str, Any],
+    roofline: bool = False,
+    per_layer: int = 0,
 ) -> Run:
-    """``potpourri bench``: interleaved latency of ``models`` per backend and batch; a Markdown table."""
+    """``potpourri bench``: interleaved latency of ``models`` per backend and batch; a Markdown table. With
+    ``roofline``, this machine's peaks and each model's FLOPs, bytes and achieved fraction of its roofline bound;
+    ``per_layer`` > 0 adds that many top layers for each model under 60 % of its bound."""
     from potpourri.core.runs import new_run
-    from potpourri.deploy.latency import bench_models, latency_table
+    from potpourri.deploy.latency import bench_models, build_candidates, latency_table
     from potpourri.report.html import Report
 
+    built = build_candidates(models, reparam=reparam)
     rows, conditions = bench_models(
-        models,
+        list(built),
+        models=built,
         batches=batch,
         threads=threads,
         backends=backend,
         image_size=image_size,
         rounds=rounds,
-        reparam=reparam,
     )
+    peaks = None
+    if roofline:
+        from potpourri.deploy.roofline import measure_peaks
+
+        peaks = measure_peaks(threads)  # after the latencies, so their settings are validated first
     run = new_run("bench", out, config=run_config)
     for row in rows:
         run.log_metrics(asdict(row))
     table = latency_table(rows, reference=models[0])
-    (run.path / "results.md").write_text(table + "\n")
-    run.write_summary({"rows": [asdict(r) for r in rows], "conditions": conditions})
+    table += "".join(f"\n{b}: {why}" for b, why in conditions["not_installed"].items())
+    summary: dict[str, Any] = {"rows": [asdict(r) for r in rows], "conditions": conditions}
     report = Report("potpourri bench")
     report.section("Latency", f"Speed-up column: against {models[0]} with the same backend and batch.")
     report.table([asdict(r) for r in rows])
+    if peaks is not None:
+        from potpourri.deploy.roofline import roofline_report
+
+        roof = roofline_report(
+            built,
+            rows,
+            peaks,
+            image_size=image_size,
+            not_installed=conditions["not_installed"],
+            per_layer_top=per_layer,
+            rounds=rounds,
+        )
+        table += "\n\n" + roof.text()
+        summary |= {"peaks": asdict(peaks), "roofline": roof.rows, "per_layer": roof.per_layer}
+        report.section("Roofline", roof.text().split("\n", 1)[0])
+        report.table(roof.rows)
+        for title, per_layer_md in roof.per_layer.items():
+            report.section(title)
+            report.code(per_layer_md)
+    (run.path / "results.md").write_text(table + "\n")
+    run.write_summary(summary)
     report.text(f"Conditions: {conditions}", note=True)
     report.write(run.path / "report.html")
     print(table)
