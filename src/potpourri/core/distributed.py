@@ -106,6 +106,12 @@ class ProcessGroup:
             raise PotpourriError(value)
         return value
 
+    def after_main_writes(self) -> None:
+        """Every rank calls this once rank 0 has written a verb's files (the others right away): in a group the caller
+        joined, all then leave together, so a next step can read them; a group the verb joined is gone, a no-op."""
+        if self.distributed and not self.owns_group and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
     def destroy(self) -> None:
         """Leave the process group if this object joined it."""
         if self.owns_group and torch.distributed.is_initialized():

@@ -41,6 +41,7 @@ def fit_folder(
     held out of the fit."""
     import torch
 
+    from potpourri.core.distributed import join
     from potpourri.core.metrics import evaluate, roc_curve
     from potpourri.core.runs import new_run, seed_everything
     from potpourri.data.folders import read_folder, truth_masks
@@ -57,24 +58,29 @@ def fit_folder(
     method = module.METHOD(config).to(device, precision)  # an unsupported device fails before the run folder
     if method_name == "patchcore":
         method.features  # noqa: B018  (builds the backbone: a bad name or layer fails before the run folder too)
-    run = new_run(
-        "inspect",
-        out,
-        config={"verb": "inspect fit", "method": method_name, "data": data_spec, **vars(config)},
-        seed=seed,
-    )
-    notes = [n for n in (_size_note(data.train, config.image_size, "training"),) if n]
-    train, normal_held = list(data.train), []
-    labelled = bool(data.test) and bool(np.asarray(data.labels).any())
-    if not labelled and threshold is None and normal_holdout > 0 and len(train) >= 4:
-        order = np.random.default_rng(seed).permutation(len(train))
-        n_held = max(2, round(normal_holdout * len(train)))
-        normal_held = [train[i] for i in sorted(order[:n_held])]
-        train = [train[i] for i in sorted(order[n_held:])]
+    group = join(method.device)  # torchrun: every process fits its share, rank 0 writes the run
+    try:
+        run = group.main_first(lambda: new_run(
+            "inspect", out, config={"verb": "inspect fit", "method": method_name, "data": data_spec, **vars(config)},
+            seed=seed,
+        ))  # fmt: skip
+        notes = [n for n in (_size_note(data.train, config.image_size, "training"),) if n]
+        train, normal_held = list(data.train), []
+        labelled = bool(data.test) and bool(np.asarray(data.labels).any())
+        if not labelled and threshold is None and normal_holdout > 0 and len(train) >= 4:
+            order = np.random.default_rng(seed).permutation(len(train))
+            n_held = max(2, round(normal_holdout * len(train)))
+            normal_held = [train[i] for i in sorted(order[:n_held])]
+            train = [train[i] for i in sorted(order[n_held:])]
 
-    start = time.perf_counter()
-    method.fit(train)
-    fit_s = time.perf_counter() - start
+        start = time.perf_counter()
+        method.fit(train)
+        fit_s = time.perf_counter() - start
+    finally:
+        group.destroy()
+    if not group.is_main:  # rank 0 calibrates, evaluates and writes alone
+        group.after_main_writes()
+        return run
     if normal_held:
         from potpourri.inspect.base import calibrate_on_normal
 
@@ -87,6 +93,7 @@ def fit_folder(
         "layout": data.layout,
         "train_images": method.n_train_images,
         "normal_holdout_images": len(normal_held),
+        "world_size": group.world,  # processes the fit ran in (torchrun)
         **(
             {
                 "memory_bank_rows": int(method.memory_bank.shape[0]),
@@ -177,6 +184,7 @@ def fit_folder(
     for note in method.notes:
         print(f"note: {note}")
     print(f"run: {run.path}")
+    group.after_main_writes()
     return run
 
 

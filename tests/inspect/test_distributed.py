@@ -1,0 +1,91 @@
+"""PatchCore under torchrun (2 gloo processes on the CPU) against one process.
+
+One torchrun job does the distributed work (a PatchCore fit over slices that cut images in half, ``inspect fit``
+through the CLI); the test process computes the one-process answers and compares.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.planted import make_planted
+
+ROOT = Path(__file__).resolve().parents[2]
+SIZE = 64  # an 8 x 8 patch grid: 64 rows per image
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in"),
+]
+
+SCRIPT = """
+import sys
+import torch
+torch.set_num_threads(1)
+sys.path.insert(0, {root!r})
+from tests.inspect.test_distributed import {job}
+{job}(*sys.argv[1:])
+"""
+
+
+def sliced_patchcore():
+    """A seeded random Lite0 PatchCore whose 100-row coreset slices cut through images and batches."""
+    from potpourri import create_model
+    from potpourri.inspect.patchcore import PatchCore, PatchCoreConfig
+
+    torch.manual_seed(0)
+    config = PatchCoreConfig(image_size=SIZE, coreset_ratio=0.25, coreset_max_patches=100, batch_size=4, seed=3)
+    return PatchCore(config, backbone=create_model("efficientnet_lite0", pretrained=False).eval())
+
+
+def fit_job(out: str, data: str) -> None:
+    """Under torchrun: the sliced PatchCore bank, then ``inspect fit`` by the CLI."""
+    from potpourri.cli import main
+    from potpourri.core.distributed import process_group
+
+    # one group for both steps: the verb reuses it
+    with process_group("cpu") as group:
+        bank = sliced_patchcore().fit(make_planted(n_train=10).train).memory_bank
+        if group.is_main:
+            save_file({"bank": bank}, f"{out}/bank.safetensors")
+        assert main(["inspect", "fit", "--data", data, "--out", f"{out}/run", "--image-size", str(SIZE),
+                     "--coreset-ratio", "0.5", "--threads", "1"]) == 0  # fmt: skip
+
+
+def torchrun(tmp: Path, job: str, *args: str) -> subprocess.CompletedProcess:
+    script = tmp / f"{job}.py"
+    script.write_text(SCRIPT.format(root=str(ROOT), job=job))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env.pop("POTPOURRI_KILL_AT_STEP", None)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    return subprocess.run([*launcher, str(script), *args], env=env, capture_output=True, text=True, timeout=150)
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory: pytest.TempPathFactory, mvtec_folder: Path) -> Path:
+    """The torchrun job's folder: bank.safetensors, run/ (inspect fit)."""
+    tmp = tmp_path_factory.mktemp("two_processes")
+    done = torchrun(tmp, "fit_job", str(tmp), str(mvtec_folder))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tmp
+
+
+def test_two_process_bank_equals_the_one_process_partitioned_coreset_row_for_row(two: Path) -> None:
+    one = sliced_patchcore().fit(make_planted(n_train=10).train).memory_bank  # 640 rows in 7 slices of 91-92
+    bank = load_file(str(two / "bank.safetensors"))["bank"]
+    assert bank.shape == (7 * 23, 152)  # ceil(0.25 * 91) = ceil(0.25 * 92) = 23 rows kept per slice
+    assert torch.equal(bank, one)
+
+
+def test_the_fitted_run_records_two_processes_and_only_rank_0_wrote(two: Path) -> None:
+    summary = json.loads((two / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert sorted(p.name for p in two.iterdir() if p.name.startswith("run")) == ["run"]
