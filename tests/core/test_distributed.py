@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from potpourri.core.distributed import ProcessGroup, join, shard_bounds
+from potpourri.core.distributed import ProcessGroup, join, rows_in_parts, shard_bounds
 from potpourri.core.errors import PotpourriError
 
 
@@ -39,3 +39,64 @@ def test_main_first_hands_back_the_result_and_raises_its_error() -> None:
 
     with pytest.raises(PotpourriError, match="--out 'x' exists"):
         group.main_first(bad)
+
+
+class Rank(ProcessGroup):
+    """One rank of a 2-process job played in this process: ranks run one after the other, so no barrier is needed."""
+
+    def barrier(self) -> None:
+        pass
+
+
+KEYS = [f"img{i:02d}.png" for i in range(11)]
+FIELDS = ["image", "score"]
+
+
+def scorer(calls: list, fail_after: int | None = None):
+    done = []
+
+    def score(first: int, stop: int) -> list[dict]:
+        if fail_after is not None and len(done) == fail_after:
+            raise KeyboardInterrupt  # the job dies here, after ``fail_after`` batches of this rank are on disk
+        calls.append((first, stop))
+        done.append(first)
+        return [{"image": k, "score": sum(map(ord, k)) / (stop - first)} for k in KEYS[first:stop]]  # batch-dependent
+
+    return score
+
+
+def job(csv_path, world: int, calls: list, fail_after: dict | None = None) -> list[dict]:
+    """Every rank of a ``world``-process job, rank 0 last (it merges)."""
+    rows = []
+    for rank in reversed(range(world)):
+        score = scorer(calls, (fail_after or {}).get(rank))
+        rows = rows_in_parts(Rank(rank, world), csv_path, KEYS, score, batch_size=4, fieldnames=FIELDS)
+    return rows
+
+
+def test_parts_merge_in_key_order_and_equal_one_process(tmp_path) -> None:
+    one_calls, two_calls = [], []
+    job(tmp_path / "one.csv", 1, one_calls)
+    merged = job(tmp_path / "two.csv", 2, two_calls)
+    assert [r["image"] for r in merged] == KEYS
+    assert sorted(two_calls) == one_calls == [(0, 4), (4, 8), (8, 11)]  # the same batches, split by rank
+    assert (tmp_path / "two.csv").read_text() == (tmp_path / "one.csv").read_text()
+    assert not list(tmp_path.glob("two.part*"))
+
+
+def test_a_killed_job_resumes_from_its_parts_without_rescoring(tmp_path) -> None:
+    job(tmp_path / "straight.csv", 2, [])
+    with pytest.raises(KeyboardInterrupt):  # rank 1 finishes, rank 0 dies after its first batch
+        job(tmp_path / "killed.csv", 2, [], fail_after={0: 1})
+    part = tmp_path / "killed.part0-of-2.csv"
+    part.write_text(part.read_text() + "img05.png,0.5")  # a line cut by the kill
+    calls = []
+    job(tmp_path / "killed.csv", 2, calls)
+    assert calls == [(4, 8)]  # only rank 0's unfinished batch
+    assert (tmp_path / "killed.csv").read_text() == (tmp_path / "straight.csv").read_text()
+
+
+def test_a_part_of_other_images_is_one_clear_error(tmp_path) -> None:
+    (tmp_path / "p.part1-of-2.csv").write_text("image,score\r\nelsewhere.png,1\r\n")
+    with pytest.raises(PotpourriError, match="other images"):
+        rows_in_parts(Rank(1, 2), tmp_path / "p.csv", KEYS, scorer([]), batch_size=4, fieldnames=FIELDS)

@@ -1,7 +1,7 @@
-"""PatchCore under torchrun (2 gloo processes on the CPU) against one process.
+"""PatchCore and ``inspect predict`` under torchrun (2 gloo processes on the CPU) against one process.
 
 One torchrun job does the distributed work (a PatchCore fit over slices that cut images in half, ``inspect fit``
-through the CLI); the test process computes the one-process answers and compares.
+and ``inspect predict`` through the CLI); the test process computes the one-process answers and compares.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from tests.planted import make_planted
@@ -45,18 +46,25 @@ def sliced_patchcore():
     return PatchCore(config, backbone=create_model("efficientnet_lite0", pretrained=False).eval())
 
 
-def fit_job(out: str, data: str) -> None:
-    """Under torchrun: the sliced PatchCore bank, then ``inspect fit`` by the CLI."""
+def fit_job(out: str, data: str, images: str) -> None:
+    """Under torchrun: the sliced PatchCore bank, then ``inspect fit`` and ``inspect predict`` by the CLI."""
     from potpourri.cli import main
     from potpourri.core.distributed import process_group
 
-    # one group for both steps: the verb reuses it
+    # one group for the three steps: the verbs reuse it, so rank 1 waits in predict while rank 0 still evaluates
     with process_group("cpu") as group:
         bank = sliced_patchcore().fit(make_planted(n_train=10).train).memory_bank
         if group.is_main:
             save_file({"bank": bank}, f"{out}/bank.safetensors")
         assert main(["inspect", "fit", "--data", data, "--out", f"{out}/run", "--image-size", str(SIZE),
                      "--coreset-ratio", "0.5", "--threads", "1"]) == 0  # fmt: skip
+        predict_job(f"{out}/run", images, f"{out}/two")
+
+
+def predict_job(run: str, images: str, out: str) -> None:
+    from potpourri.cli import main
+
+    assert main(["inspect", "predict", "--run", run, images, "--out", out, "--no-progress", "--top-k", "1"]) == 0
 
 
 def torchrun(tmp: Path, job: str, *args: str) -> subprocess.CompletedProcess:
@@ -71,9 +79,14 @@ def torchrun(tmp: Path, job: str, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory: pytest.TempPathFactory, mvtec_folder: Path) -> Path:
-    """The torchrun job's folder: bank.safetensors, run/ (inspect fit)."""
+    """The torchrun job's folder: bank.safetensors, run/ (inspect fit), two/ (inspect predict)."""
     tmp = tmp_path_factory.mktemp("two_processes")
-    done = torchrun(tmp, "fit_job", str(tmp), str(mvtec_folder))
+    images = tmp / "images"
+    images.mkdir()
+    sources = sorted(mvtec_folder.glob("test/*/*.png"))
+    for i in range(11):  # 11 images, batches of 4: blocks of 6 and 5 images, short last batches
+        Image.open(sources[i % len(sources)]).rotate(90 * (i // len(sources))).save(images / f"{i:02d}.png")
+    done = torchrun(tmp, "fit_job", str(tmp), str(mvtec_folder), str(images))
     assert done.returncode == 0, done.stderr[-3000:]
     return tmp
 
@@ -89,3 +102,10 @@ def test_the_fitted_run_records_two_processes_and_only_rank_0_wrote(two: Path) -
     summary = json.loads((two / "run" / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert sorted(p.name for p in two.iterdir() if p.name.startswith("run")) == ["run"]
+
+
+def test_two_process_predictions_csv_equals_one_process_csv(two: Path, tmp_path: Path) -> None:
+    predict_job(str(two / "run"), str(two / "images"), str(tmp_path / "one"))
+    assert (two / "two" / "predictions.csv").read_text() == (tmp_path / "one" / "predictions.csv").read_text()
+    assert len((two / "two" / "predictions.csv").read_text().splitlines()) == 12
+    assert not list((two / "two").glob("predictions.part*"))  # merged, then the parts went

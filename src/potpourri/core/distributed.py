@@ -10,22 +10,26 @@ A single process is rank 0 of 1 and every call is a cheap no-op, so loops need n
             write(parts)
 
 Reading order: ``ProcessGroup`` (where this process sits, its collectives) → ``process_group`` (join from the
-environment) → ``current_group`` (the group someone already joined) → ``shard_bounds``.
+environment) → ``current_group`` (the group someone already joined) → ``rows_in_parts`` (a prediction job's
+CSV: one part file per process, merged by rank 0, resumable after a kill).
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
 from potpourri.core.errors import PotpourriError
+from potpourri.core.io import atomic_write_bytes, write_csv
 
-__all__ = ["ProcessGroup", "current_group", "join", "process_group", "shard_bounds"]
+__all__ = ["ProcessGroup", "current_group", "join", "process_group", "rows_in_parts", "shard_bounds"]
 
 T = TypeVar("T")
 
@@ -156,3 +160,92 @@ def process_group(device: torch.device | str = "cpu") -> Iterator[ProcessGroup]:
         yield group
     finally:
         group.destroy()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rows of a prediction job, one part file per process
+
+
+def _complete_rows(path: Path, key: str) -> list[dict[str, str]]:
+    """The rows of a part file up to its last full line (a line cut by a kill is dropped and the file rewritten)."""
+    text = path.read_text() if path.is_file() else ""
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+        atomic_write_bytes(path, text.encode())
+    return [row for row in csv.DictReader(text.splitlines()) if row.get(key)]
+
+
+def rows_in_parts(
+    group: ProcessGroup,
+    csv_path: str | os.PathLike,
+    keys: Sequence[str],
+    score: Callable[[int, int], list[dict[str, Any]]],
+    *,
+    batch_size: int,
+    fieldnames: list[str],
+    key: str = "image",
+    progress: bool = False,
+) -> list[dict[str, str]]:
+    """Rows for every entry of ``keys`` (files, in output order): this process scores its contiguous block of the
+    one-process batches (``score(first, stop)`` gives the rows of ``keys[first:stop]``) into its own part file,
+    appended and fsynced per batch, skipping batches a killed run already completed; rank 0 then merges every part
+    into ``csv_path`` in the order of ``keys`` (one process: the part is ``csv_path`` itself). Returns the merged
+    rows on rank 0, this process's rows on the others.
+
+    Example:
+        rows = rows_in_parts(group, run.path / "predictions.csv", paths, score, batch_size=8, fieldnames=FIELDS)
+    """
+    from tqdm.auto import tqdm
+
+    from potpourri.core.training import kill_point
+
+    csv_path = Path(csv_path)
+    part = csv_path if not group.distributed else csv_path.with_name(
+        f"{csv_path.stem}.part{group.rank}-of-{group.world}{csv_path.suffix}"
+    )  # fmt: skip
+    # whole batches of the one-process run per rank: a model's numbers may depend on what else is in its batch
+    n_batches = -(-len(keys) // batch_size)
+    start, stop = (min(len(keys), b * batch_size) for b in shard_bounds(n_batches, group.rank, group.world))
+    mine = set(keys[start:stop])
+    done = {}
+    for source in dict.fromkeys([csv_path, part]):  # a finished merge counts as done too
+        for row in _complete_rows(source, key):
+            if source == part and row[key] not in mine:
+                raise PotpourriError(f"'{part}' holds rows of other images ({row[key]}); start a new --out")
+            done[row[key]] = row
+    if not part.is_file() or not part.read_text():
+        atomic_write_bytes(part, (",".join(fieldnames) + "\r\n").encode())
+    scored: list[dict[str, str]] = []
+    bar = tqdm(total=stop - start, desc=csv_path.stem, unit="img", disable=not (progress and group.is_main))
+    with bar, open(part, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fieldnames)
+        for first in range(start, stop, batch_size):
+            last = min(first + batch_size, stop)
+            if all(k in done for k in keys[first:last]):  # whole batches only: a resumed run sees the same batches
+                scored += [done[k] for k in keys[first:last]]
+                bar.update(last - first)
+                continue
+            rows = score(first, last)
+            writer.writerows(rows)  # one batch per write, flushed: a kill loses at most this batch
+            fh.flush()
+            os.fsync(fh.fileno())
+            scored += [{k: str(v) for k, v in row.items()} for row in rows]
+            bar.update(last - first)
+            kill_point((first - start) // batch_size + 1)
+    group.barrier()  # every part is complete before rank 0 reads them
+    if not group.is_main:
+        return scored
+    merged = {**done}
+    for rank in range(group.world):
+        name = f"{csv_path.stem}.part{rank}-of-{group.world}{csv_path.suffix}"
+        merged.update({row[key]: row for row in _complete_rows(csv_path.with_name(name), key)})
+    merged.update({row[key]: row for row in scored})
+    missing = [k for k in keys if k not in merged]
+    if missing:
+        raise PotpourriError(f"no row for '{missing[0]}' in the parts of '{csv_path}'; rerun with --resume")
+    rows = [merged[k] for k in keys]
+    write_csv(csv_path, rows, fieldnames=fieldnames)
+    if group.distributed:  # the merged file now holds every row: the parts can go
+        for rank in range(group.world):
+            csv_path.with_name(f"{csv_path.stem}.part{rank}-of-{group.world}{csv_path.suffix}").unlink(missing_ok=True)
+    return rows
