@@ -196,19 +196,10 @@ def train(
         resume=resume,
         progress=False,  # one bar per epoch below
     )
-    ckpt_dir = run_path / "checkpoints" if run_path is not None and dist.is_main else None
-    if resume and not dist.is_main:  # every rank restores from rank 0's folder, only rank 0 writes
-        ckpt_dir = run_path / "checkpoints"
+    ckpt_dir = run_path / "checkpoints" if run_path is not None else None  # rank 0 writes, every rank resumes
     augment_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 17)  # checkpointed with the trainer
     trainer = Trainer(model, optimizer, total_steps=total_steps, options=options, folder=ckpt_dir, ema=ema,
                       generators={"augment": augment_gen}, desc="tune")  # fmt: skip
-    if not dist.is_main:
-        trainer.folder = None
-    net = model
-    if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     state: dict[str, Any] = trainer.state
     if resume:
@@ -252,7 +243,7 @@ def train(
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
                 with trainer.autocast():
-                    logits = net(images)  # (B, K)
+                    logits = model(images)  # (B, K)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
                 # global sums of loss, correct, seen: the same on every process, so all stop together on NaN
                 stats = torch.tensor(
@@ -271,7 +262,7 @@ def train(
                         f"stopped, {kept}; lower --lr or set --grad-clip"
                     )
                 state["sums"] = [a + b for a, b in zip(state["sums"], stats.tolist(), strict=True)]
-                # DDP averages gradients over processes; weighting by slice size makes that the global-batch mean
+                # the trainer averages gradients over processes; weighting by slice size makes that the global mean
                 trainer.update(loss * (labels.numel() * dist.world / len(batches[index])))
                 step = trainer.step
                 bar.update(1)
