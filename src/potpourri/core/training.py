@@ -235,7 +235,9 @@ class Trainer:
         self.group: ProcessGroup = join(self.device)  # rank 0 of 1 outside torchrun
         if self.options.sync_bn and self.group.distributed:
             if self.device.type != "cuda":
-                raise PotpourriError("--sync-bn needs CUDA (torch's SyncBatchNorm); drop it on the CPU")
+                raise PotpourriError(
+                    "sync_bn needs CUDA (torch's SyncBatchNorm runs on GPUs only); set sync_bn=False on the CPU"
+                )
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the same parameters, synchronised statistics
         self.model = model.to(self.device)
         self.optimizer = optimizer

@@ -51,13 +51,13 @@ def fit_folder(
     if threads:
         torch.set_num_threads(threads)
     seed_everything(seed)
-    data = read_folder(data_spec)
     module = method_module(method_name)
     method = module.METHOD(config).to(device, precision)  # an unsupported device fails before the run folder
     if method_name == "patchcore":
         method.features  # noqa: B018  (builds the backbone: a bad name or layer fails before the run folder too)
     group = join(method.device)  # torchrun: every process fits its share, rank 0 writes the run
     try:
+        data = group.main_first(lambda: read_folder(data_spec))  # a ds-synth set is generated once, by rank 0
         run = group.main_first(lambda: new_run(
             "inspect", out, config={"verb": "inspect fit", "method": method_name, "data": data_spec, **vars(config)},
             seed=seed,
