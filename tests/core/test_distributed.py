@@ -19,6 +19,13 @@ def test_shards_are_contiguous_blocks_that_concatenate_to_the_list(n: int, world
     assert [shard_bounds(n, r, world)[1] for r in range(world)][-1] == n
 
 
+@pytest.mark.parametrize(("n", "batch", "world"), [(11, 4, 2), (13, 16, 2), (40, 16, 3), (0, 4, 2)])
+def test_batch_blocks_are_whole_batches_of_one_process_in_rank_order(n: int, batch: int, world: int) -> None:
+    blocks = [ProcessGroup(rank, world).batch_block(n, batch) for rank in range(world)]
+    assert [b for _, b in blocks[:-1]] == [a for a, _ in blocks[1:]] and blocks[0][0] == 0 and blocks[-1][1] == n
+    assert all(start % batch == 0 for start, stop in blocks if stop > start)
+
+
 def test_one_process_is_rank_0_of_1_and_collectives_are_identities(monkeypatch) -> None:
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     group = join("cpu")

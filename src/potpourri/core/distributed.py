@@ -67,6 +67,13 @@ class ProcessGroup:
         start, stop = shard_bounds(len(items), self.rank, self.world)
         return list(items[start:stop])
 
+    def batch_block(self, n: int, batch_size: int) -> tuple[int, int]:
+        """``[start, stop)`` of this rank's whole batches of ``n`` items: the batches one process would run, so a
+        model whose numbers depend on what else is in its batch gives the same numbers."""
+        n_batches = -(-n // batch_size)
+        start, stop = shard_bounds(n_batches, self.rank, self.world)
+        return min(n, start * batch_size), min(n, stop * batch_size)
+
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every rank's picklable ``obj``, in rank order, on every rank."""
         if not self.distributed:
@@ -203,9 +210,7 @@ def rows_in_parts(
     part = csv_path if not group.distributed else csv_path.with_name(
         f"{csv_path.stem}.part{group.rank}-of-{group.world}{csv_path.suffix}"
     )  # fmt: skip
-    # whole batches of the one-process run per rank: a model's numbers may depend on what else is in its batch
-    n_batches = -(-len(keys) // batch_size)
-    start, stop = (min(len(keys), b * batch_size) for b in shard_bounds(n_batches, group.rank, group.world))
+    start, stop = group.batch_block(len(keys), batch_size)
     mine = set(keys[start:stop])
     done = {}
     for source in dict.fromkeys([csv_path, part]):  # a finished merge counts as done too
