@@ -1,4 +1,5 @@
-"""PatchCore and ``inspect predict`` under torchrun (2 gloo processes on the CPU) against one process.
+"""PatchCore and ``inspect predict`` under torchrun (2 gloo processes on the CPU, as two "machines": two launches
+with ``--nnodes 2`` on this host) against one process.
 
 One torchrun job does the distributed work (a PatchCore fit over slices that cut images in half, ``inspect fit``
 and ``inspect predict`` through the CLI); the test process computes the one-process answers and compares.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -67,14 +69,34 @@ def predict_job(run: str, images: str, out: str) -> None:
     assert main(["inspect", "predict", "--run", run, images, "--out", out, "--no-progress", "--top-k", "1"]) == 0
 
 
-def torchrun(tmp: Path, job: str, *args: str) -> subprocess.CompletedProcess:
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+def torchrun(tmp: Path, job: str, *args: str) -> list[subprocess.CompletedProcess]:
+    """``job`` as a two-machine torchrun job: two launches on this host with ``--nnodes 2``, one process each."""
     script = tmp / f"{job}.py"
     script.write_text(SCRIPT.format(root=str(ROOT), job=job))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     env.pop("POTPOURRI_KILL_AT_STEP", None)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    return subprocess.run([*launcher, str(script), *args], env=env, capture_output=True, text=True, timeout=150)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                "--rdzv_backend=c10d", f"--rdzv_endpoint=localhost:{free_port()}", f"--rdzv_id={tmp.name}"]  # fmt: skip
+    nodes = [subprocess.Popen([*launcher, str(script), *args], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    done = []
+    try:
+        for node in nodes:
+            out, err = node.communicate(timeout=150)
+            done.append(subprocess.CompletedProcess(node.args, node.returncode, out, err))
+    finally:
+        for node in nodes:
+            if node.poll() is None:  # a hung job: leave no process behind
+                node.kill()
+                node.wait()
+    return done
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +108,8 @@ def two(tmp_path_factory: pytest.TempPathFactory, mvtec_folder: Path) -> Path:
     sources = sorted(mvtec_folder.glob("test/*/*.png"))
     for i in range(11):  # 11 images, batches of 4: blocks of 6 and 5 images, short last batches
         Image.open(sources[i % len(sources)]).rotate(90 * (i // len(sources))).save(images / f"{i:02d}.png")
-    done = torchrun(tmp, "fit_job", str(tmp), str(mvtec_folder), str(images))
-    assert done.returncode == 0, done.stderr[-3000:]
+    for node in torchrun(tmp, "fit_job", str(tmp), str(mvtec_folder), str(images)):
+        assert node.returncode == 0, node.stderr[-3000:]
     return tmp
 
 
