@@ -429,8 +429,8 @@ class PatchCore(InspectionMethod):
     def fit(self, images: Sequence[ImageInput]) -> PatchCore:
         """Embed normal images into one preallocated bank, then keep a greedy coreset of it.
 
-        Under torchrun (a joined process group) each process embeds and selects only its share of the coreset
-        slices; the gathered bank equals one process's row for row."""
+        Under torchrun (a joined process group) every process calls it with the same images, embeds and selects
+        only its share of the coreset slices, and receives the gathered bank: one process's, row for row."""
         images = list(images)
         if not images:
             raise PotpourriError("PatchCore.fit got no training images")
