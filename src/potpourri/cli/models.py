@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from potpourri.cli import flags
 from potpourri.core.errors import PotpourriError
@@ -73,6 +74,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         device=args.device,
         precision=args.precision,
     )
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 wrote the run and prints it
+        return 0
     for row in run.read_summary()["predictions"]:
         top = ", ".join(f"{p['label']} ({p['prob']:.3f})" for p in row["top"])
         print(f"{row['image']}: {top}")

@@ -20,18 +20,21 @@ import math
 import os
 import random
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from potpourri.core.distributed import ProcessGroup, join
 from potpourri.core.errors import PotpourriError
 from potpourri.core.io import atomic_write_bytes, save_state_dict_atomic
+
+T = TypeVar("T")
 
 
 def lr_at(step: int, *, base: float, total: int, warmup: int = 0, min_ratio: float = 0.0) -> float:
@@ -193,6 +196,7 @@ class TrainOptions:
     progress: bool = True
     patience: int | None = None  # early stop after this many ``report`` calls without improvement
     mode: str = "max"  # whether a larger or smaller reported metric is better
+    sync_bn: bool = False  # under torchrun: batch-norm statistics over every process's batch (CUDA only)
 
 
 def _generator_state(gen: torch.Generator | np.random.Generator) -> Any:
@@ -203,7 +207,11 @@ class Trainer:
     """The repeated parts of a training loop: device, autocast, backward with clipping (and a GradScaler for fp16),
     NaN stop, EMA, progress bar, atomic checkpoints with every RNG the loop registered, resume, best checkpoint and
     early stopping. ``modules``, ``optimizers``, ``schedulers`` and ``generators`` beyond the first model and
-    optimizer are checkpointed too, so a resumed loop ends bitwise where an uninterrupted one does (on CPU)."""
+    optimizer are checkpointed too, so a resumed loop ends bitwise where an uninterrupted one does (on CPU).
+
+    Under torchrun it is data-parallel without changing the loop: rank 0's weights go to every process, gradients
+    are averaged over processes before clipping (each process's loss is the mean of its own batch: equal batches
+    make that the global mean), a non-finite loss on any process stops all, and only rank 0 writes checkpoints."""
 
     def __init__(
         self,
@@ -224,6 +232,13 @@ class Trainer:
         self.options = options or TrainOptions()
         self.device = resolve_device(self.options.device)
         check_precision(self.options.precision, self.device)
+        self.group: ProcessGroup = join(self.device)  # rank 0 of 1 outside torchrun
+        if self.options.sync_bn and self.group.distributed:
+            if self.device.type != "cuda":
+                raise PotpourriError(
+                    "sync_bn needs CUDA (torch's SyncBatchNorm runs on GPUs only); set sync_bn=False on the CPU"
+                )
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the same parameters, synchronised statistics
         self.model = model.to(self.device)
         self.optimizer = optimizer
         self.total_steps = total_steps
@@ -244,7 +259,9 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.scaler = torch.amp.GradScaler("cuda") if self.options.precision == "fp16" else None
         self._bar: Any = None
+        self._broadcast_from_main()
         if self.options.resume:
+            self.group.barrier()  # every process is up before any reads rank 0's checkpoint
             self.restore()
 
     # -- the loop's side ------------------------------------------------------------------------------------------
@@ -274,7 +291,9 @@ class Trainer:
 
         The checkpoint is written inside this call, so record the step's own state (``trainer.state``: running
         sums, logs) before calling it; what a loop changes afterwards belongs to the next step."""
-        value = loss.detach().float().item()
+        # the mean over processes: a NaN anywhere reaches every process, so all stop together and none waits in a
+        # collective for a stopped one
+        value = self.mean_over_processes(loss.detach().float().item())
         if not math.isfinite(value):
             kept = (
                 f"last good checkpoint kept: {self.last_checkpoint}"
@@ -289,10 +308,12 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
+            self._average_gradients()  # before unscaling: every process then sees the same inf/NaN check
             for opt in self.optimizers.values():
                 self.scaler.unscale_(opt)
         else:
             loss.backward()
+            self._average_gradients()
         if self.options.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.options.grad_clip)
         for opt in self.optimizers.values():
@@ -316,12 +337,78 @@ class Trainer:
         kill_point(self.step)
         return value
 
+    # -- processes (torchrun) -------------------------------------------------------------------------------------
+
+    def shard(self, batch: Sequence[T]) -> tuple[Sequence[T], float]:
+        """This process's slice ``batch[rank::world]`` of a global batch, and the factor that turns the mean loss of
+        the slice into its share of the global batch's mean: ``trainer.update(loss * factor)`` (1.0 in one process).
+
+        Example:
+            local, share = trainer.shard(batch); trainer.update(loss_fn(model(x[local]), y[local]) * share)
+        """
+        if not self.group.distributed:
+            return batch, 1.0
+        if len(batch) < self.group.world:
+            raise PotpourriError(
+                f"a batch of {len(batch)} cannot feed {self.group.world} processes; raise --batch-size to at least "
+                f"{self.group.world}"
+            )
+        local = batch[self.group.rank :: self.group.world]
+        return local, len(local) * self.group.world / len(batch)
+
+    def mean_over_processes(self, value: float) -> float:
+        """The mean of a number over processes (itself in one process): a loss to log or compare."""
+        if not self.group.distributed:
+            return value
+        total = torch.tensor([value], dtype=torch.float64, device=self._comm_device())
+        torch.distributed.all_reduce(total)
+        return total.item() / self.group.world
+
+    def _comm_device(self) -> torch.device:
+        """Where collectives run: nccl moves CUDA tensors only."""
+        return self.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+
+    @torch.no_grad()
+    def _broadcast_from_main(self) -> None:
+        """Start every process from rank 0's parameters and buffers (as DistributedDataParallel does)."""
+        if not self.group.distributed:
+            return
+        for module in [self.model, *self.modules.values()]:
+            for tensor in [*module.parameters(), *module.buffers()]:
+                shared = tensor.detach().to(self._comm_device())
+                torch.distributed.broadcast(shared, src=0)
+                tensor.copy_(shared)
+
+    @torch.no_grad()
+    def _average_gradients(self) -> None:
+        """Average the gradients of ``params`` over processes in one flat buffer; a gradient one process lacks
+        counts as zeros there (so every process steps the same parameters)."""
+        if not self.group.distributed:
+            return
+        device = self._comm_device()
+        present = torch.tensor([float(p.grad is not None) for p in self.params], device=device)
+        torch.distributed.all_reduce(present, op=torch.distributed.ReduceOp.MAX)
+        params = [p for p, has in zip(self.params, present.tolist(), strict=True) if has]
+        if not params:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1).to(device, torch.float32) for p in params])
+        torch.distributed.all_reduce(flat)
+        flat /= self.group.world
+        offset = 0
+        for p in params:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+            offset += n
+
     def report(self, metric: float) -> bool:
         """Record a validation metric: keep ``best.safetensors`` when it improves; True when early stopping says so."""
         better = self.best is None or (metric > self.best if self.options.mode == "max" else metric < self.best)
         if better:
             self.best, self.stale = float(metric), 0
-            if self.folder is not None:
+            if self.folder is not None and self.group.is_main:
                 save_state_dict_atomic(self.model.state_dict(), self.folder / "best.safetensors")
                 best = {"step": self.step, "metric": metric}
                 atomic_write_bytes(self.folder / "best.json", json.dumps(best).encode())
@@ -339,8 +426,8 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------------------------------
 
     def checkpoint(self) -> Path | None:
-        """Write every registered state atomically; ``last.json`` last, then older files go."""
-        if self.folder is None:
+        """Write every registered state atomically; ``last.json`` last, then older files go (rank 0 only)."""
+        if self.folder is None or not self.group.is_main:
             return None
         self.folder.mkdir(parents=True, exist_ok=True)
         tag = f"step{self.step:08d}"

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from potpourri.core.distributed import ProcessGroup, current_group, shard_bounds
 from potpourri.core.errors import PotpourriError
 from potpourri.core.imaging import ImageInput, as_rgb
 from potpourri.inspect.base import InspectionMethod
@@ -32,11 +33,13 @@ __all__ = [
     "PatchCoreConfig",
     "PatchFeatures",
     "bank_dtype",
+    "coreset_slices",
     "default_layers",
     "greedy_coreset",
     "memory_budget",
     "nearest_neighbors",
     "partitioned_coreset",
+    "slice_coreset",
     "tile_grid",
 ]
 
@@ -200,6 +203,25 @@ def greedy_coreset(
     return selected
 
 
+def coreset_slices(n_rows: int, max_rows: int) -> list[tuple[int, int]]:
+    """The contiguous ``[lo, hi)`` row slices of a partitioned coreset: as equal as can be, at most ``max_rows`` each.
+
+    The one slice definition, shared by ``partitioned_coreset`` and the distributed fit, so both keep the same rows.
+    """
+    parts = max(1, math.ceil(n_rows / max_rows))
+    bounds = [round(i * n_rows / parts) for i in range(parts + 1)]
+    return list(itertools.pairwise(bounds))
+
+
+def slice_coreset(
+    rows: torch.Tensor, ratio: float, part: int, *, projection_dim: int | None = None, seed: int = 0,
+    threads: int | None = 1,
+) -> torch.Tensor:  # fmt: skip
+    """Indices into ``rows`` that greedy k-center keeps of slice ``part``: ``ratio`` of it, seeded ``seed + part``."""
+    n_select = max(1, math.ceil(ratio * rows.shape[0]))
+    return greedy_coreset(rows, n_select, projection_dim=projection_dim, seed=seed + part, threads=threads)
+
+
 def partitioned_coreset(
     features: torch.Tensor,
     ratio: float,
@@ -215,17 +237,11 @@ def partitioned_coreset(
     cost falls from ``ratio·N²`` to ``ratio·N·max_rows`` distance evaluations, so 1,000 training images take minutes,
     not most of an hour. With one slice it is exactly ``greedy_coreset``.
     """
-    n_rows = features.shape[0]
     if not 0 < ratio <= 1:
         raise PotpourriError(f"coreset ratio {ratio} must be in (0, 1]")
-    parts = max(1, math.ceil(n_rows / max_rows))
-    bounds = [round(i * n_rows / parts) for i in range(parts + 1)]
     chosen = []
-    for part, (lo, hi) in enumerate(itertools.pairwise(bounds)):
-        n_select = max(1, math.ceil(ratio * (hi - lo)))
-        picked = greedy_coreset(
-            features[lo:hi], n_select, projection_dim=projection_dim, seed=seed + part, threads=threads
-        )
+    for part, (lo, hi) in enumerate(coreset_slices(features.shape[0], max_rows)):
+        picked = slice_coreset(features[lo:hi], ratio, part, projection_dim=projection_dim, seed=seed, threads=threads)
         chosen.append(picked + lo)
     return torch.cat(chosen)
 
@@ -351,6 +367,7 @@ class PatchCore(InspectionMethod):
         self._features: PatchFeatures | None = None
         self.memory_bank: torch.Tensor | None = None
         self.n_train_images = 0
+        self.world_size = 1  # processes the fit ran in (torchrun)
         self.timings: dict[str, float] = {}
 
     @property
@@ -410,7 +427,10 @@ class PatchCore(InspectionMethod):
 
     @torch.inference_mode()
     def fit(self, images: Sequence[ImageInput]) -> PatchCore:
-        """Embed normal images into one preallocated bank, then keep a greedy coreset of it."""
+        """Embed normal images into one preallocated bank, then keep a greedy coreset of it.
+
+        Under torchrun (a joined process group) every process calls it with the same images, embeds and selects
+        only its share of the coreset slices, and receives the gathered bank: one process's, row for row."""
         images = list(images)
         if not images:
             raise PotpourriError("PatchCore.fit got no training images")
@@ -423,34 +443,74 @@ class PatchCore(InspectionMethod):
         if self.config.tile:
             images = [t for image in images for t in tile_grid(as_rgb(image), self.config.image_size,
                                                                self.config.tile_overlap)[0]]  # fmt: skip
-        start = time.perf_counter()
-        h, w = self.grid()
-        bank = torch.empty(len(images) * h * w, self.config.embed_dim)  # preallocated: no list + cat copy
+        group = current_group()
+        if group.distributed:
+            bank = self._distributed_bank(images, group)
+        else:
+            start = time.perf_counter()
+            bank = self._embed_rows(images)
+            self.timings["embed_s"] = time.perf_counter() - start
+            start = time.perf_counter()
+            n_select = max(1, math.ceil(self.config.coreset_ratio * bank.shape[0]))
+            if n_select < bank.shape[0]:
+                chosen = partitioned_coreset(
+                    bank,
+                    self.config.coreset_ratio,
+                    self.config.coreset_max_patches or bank.shape[0],
+                    projection_dim=self.config.projection_dim,
+                    seed=self.config.seed,
+                    threads=self.config.coreset_threads,
+                )
+                bank = bank[chosen]
+            self.timings["coreset_s"] = time.perf_counter() - start
+        # rounded to the storage dtype now, so a fitted model and its saved run score alike; searched in float32
+        self.memory_bank = bank.to(bank_dtype(self.config)).float()
+        self.n_train_images = n_images
+        self.world_size = group.world
+        return self
+
+    def _embed_rows(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """Patch rows (N*h*w, D) of ``images`` in batches of ``batch_size`` from the first, into one preallocated
+        bank (no list + cat copy)."""
         from tqdm.auto import tqdm
 
+        h, w = self.grid()
+        bank = torch.empty(len(images) * h * w, self.config.embed_dim)
         batches = range(0, len(images), self.config.batch_size)
         for first in tqdm(batches, desc="PatchCore fit", unit="batch", leave=False, disable=None):  # None: a TTY only
             features = self.embed(images[first : first + self.config.batch_size])  # (B, D, h, w)
             rows = features.permute(0, 2, 3, 1).reshape(-1, self.config.embed_dim)  # (B*h*w, D)
             bank[first * h * w : first * h * w + rows.shape[0]] = rows
-        self.timings["embed_s"] = time.perf_counter() - start
+        return bank
+
+    def _distributed_bank(self, images: list, group: ProcessGroup) -> torch.Tensor:
+        """The coreset of ``images`` from every process: each embeds the images of its contiguous block of
+        ``coreset_slices`` (in the single process's batches, so features match bit for bit), selects per slice,
+        and the kept rows are gathered in slice order."""
+        h, w = self.grid()
+        per_image, size = h * w, self.config.batch_size
+        total = len(images) * per_image
+        keep_all = max(1, math.ceil(self.config.coreset_ratio * total)) >= total  # one process keeps the whole bank
+        slices = coreset_slices(total, self.config.coreset_max_patches or total)
+        first_part, stop_part = shard_bounds(len(slices), group.rank, group.world)
+        kept = [torch.empty(0, self.config.embed_dim)]
         start = time.perf_counter()
-        n_select = max(1, math.ceil(self.config.coreset_ratio * bank.shape[0]))
-        if n_select < bank.shape[0]:
-            chosen = partitioned_coreset(
-                bank,
-                self.config.coreset_ratio,
-                self.config.coreset_max_patches or bank.shape[0],
-                projection_dim=self.config.projection_dim,
-                seed=self.config.seed,
-                threads=self.config.coreset_threads,
-            )
-            bank = bank[chosen]
-        # rounded to the storage dtype now, so a fitted model and its saved run score alike; searched in float32
-        self.memory_bank = bank.to(bank_dtype(self.config)).float()
+        if first_part < stop_part:
+            lo, hi = slices[first_part][0], slices[stop_part - 1][1]
+            first = lo // per_image // size * size  # the start of the single-process batch that holds row lo
+            stop = min(len(images), -(-math.ceil(hi / per_image) // size) * size)
+            rows = self._embed_rows(images[first:stop])
+            self.timings["embed_s"] = time.perf_counter() - start
+            start = time.perf_counter()
+            for part in range(first_part, stop_part):
+                chunk = rows[slices[part][0] - first * per_image : slices[part][1] - first * per_image]
+                if not keep_all:
+                    chunk = chunk[slice_coreset(chunk, self.config.coreset_ratio, part,
+                                                projection_dim=self.config.projection_dim, seed=self.config.seed,
+                                                threads=self.config.coreset_threads)]  # fmt: skip
+                kept.append(chunk)
         self.timings["coreset_s"] = time.perf_counter() - start
-        self.n_train_images = n_images
-        return self
+        return torch.cat(group.all_gather(torch.cat(kept)))  # rank order is slice order: blocks are contiguous
 
     def _require_fit(self) -> torch.Tensor:
         if self.memory_bank is None:

@@ -3,7 +3,6 @@ a method, score, calibrate, write the run folder."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,6 @@ from PIL import Image
 
 from potpourri.core.errors import PotpourriError
 from potpourri.core.imaging import find_images, load_rgb
-from potpourri.core.io import write_csv
 from potpourri.core.runs import Run
 
 
@@ -41,6 +39,7 @@ def fit_folder(
     held out of the fit."""
     import torch
 
+    from potpourri.core.distributed import join
     from potpourri.core.metrics import evaluate, roc_curve
     from potpourri.core.runs import new_run, seed_everything
     from potpourri.data.folders import read_folder, truth_masks
@@ -52,29 +51,34 @@ def fit_folder(
     if threads:
         torch.set_num_threads(threads)
     seed_everything(seed)
-    data = read_folder(data_spec)
     module = method_module(method_name)
     method = module.METHOD(config).to(device, precision)  # an unsupported device fails before the run folder
     if method_name == "patchcore":
         method.features  # noqa: B018  (builds the backbone: a bad name or layer fails before the run folder too)
-    run = new_run(
-        "inspect",
-        out,
-        config={"verb": "inspect fit", "method": method_name, "data": data_spec, **vars(config)},
-        seed=seed,
-    )
-    notes = [n for n in (_size_note(data.train, config.image_size, "training"),) if n]
-    train, normal_held = list(data.train), []
-    labelled = bool(data.test) and bool(np.asarray(data.labels).any())
-    if not labelled and threshold is None and normal_holdout > 0 and len(train) >= 4:
-        order = np.random.default_rng(seed).permutation(len(train))
-        n_held = max(2, round(normal_holdout * len(train)))
-        normal_held = [train[i] for i in sorted(order[:n_held])]
-        train = [train[i] for i in sorted(order[n_held:])]
+    group = join(method.device)  # torchrun: every process fits its share, rank 0 writes the run
+    try:
+        data = group.main_first(lambda: read_folder(data_spec))  # a ds-synth set is generated once, by rank 0
+        run = group.main_first(lambda: new_run(
+            "inspect", out, config={"verb": "inspect fit", "method": method_name, "data": data_spec, **vars(config)},
+            seed=seed,
+        ))  # fmt: skip
+        notes = [n for n in (_size_note(data.train, config.image_size, "training"),) if n]
+        train, normal_held = list(data.train), []
+        labelled = bool(data.test) and bool(np.asarray(data.labels).any())
+        if not labelled and threshold is None and normal_holdout > 0 and len(train) >= 4:
+            order = np.random.default_rng(seed).permutation(len(train))
+            n_held = max(2, round(normal_holdout * len(train)))
+            normal_held = [train[i] for i in sorted(order[:n_held])]
+            train = [train[i] for i in sorted(order[n_held:])]
 
-    start = time.perf_counter()
-    method.fit(train)
-    fit_s = time.perf_counter() - start
+        start = time.perf_counter()
+        method.fit(train)
+        fit_s = time.perf_counter() - start
+    finally:
+        group.destroy()
+    if not group.is_main:  # rank 0 calibrates, evaluates and writes alone
+        group.after_main_writes()
+        return run
     if normal_held:
         from potpourri.inspect.base import calibrate_on_normal
 
@@ -87,6 +91,7 @@ def fit_folder(
         "layout": data.layout,
         "train_images": method.n_train_images,
         "normal_holdout_images": len(normal_held),
+        "world_size": group.world,  # processes the fit ran in (torchrun)
         **(
             {
                 "memory_bank_rows": int(method.memory_bank.shape[0]),
@@ -177,33 +182,13 @@ def fit_folder(
     for note in method.notes:
         print(f"note: {note}")
     print(f"run: {run.path}")
+    group.after_main_writes()
     return run
 
 
 PREDICTION_FIELDS = [
     "image", "score", "normalised", "label", "image_threshold", "defect_fraction", "width", "height", "mask",
 ]  # fmt: skip
-
-
-def _resume_rows(run_path: Path, paths: list[Path], batch_size: int) -> list[dict[str, str]]:
-    """Rows of ``predictions.csv`` from whole batches already scored (a torn or partial batch is dropped and
-    re-scored, so a resumed run sees the same batches as an uninterrupted one); rewrites the file atomically."""
-    import csv
-
-    from potpourri.core.io import write_csv
-
-    csv_path = run_path / "predictions.csv"
-    text = csv_path.read_text() if csv_path.is_file() else ""
-    if not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]  # a line cut by the kill
-    rows = list(csv.DictReader(text.splitlines()))
-    keep = len(rows) if len(rows) == len(paths) else len(rows) - len(rows) % batch_size
-    rows = rows[:keep]
-    for row, path in zip(rows, paths, strict=False):
-        if row["image"] != str(path):
-            raise PotpourriError(f"'{csv_path}' was written for other images; start a new --out")
-    write_csv(csv_path, rows, fieldnames=PREDICTION_FIELDS)
-    return rows
 
 
 def predict_images(
@@ -223,15 +208,13 @@ def predict_images(
     memory, a progress bar): ``predictions.csv`` grows batch by batch (``resume`` continues a killed run in ``out``
     with the same CSV), masks are written per image, overlays only for the ``top_k`` scores and up to
     ``max_overlays`` flagged images; report.html. Returns the run (default RUN/predict/vN)."""
-    import csv
     import heapq
 
     import torch
     import yaml
-    from tqdm.auto import tqdm
 
+    from potpourri.core.distributed import join, rows_in_parts
     from potpourri.core.runs import Run, new_run
-    from potpourri.core.training import kill_point
     from potpourri.inspect.base import load_method
     from potpourri.report.html import Report
     from potpourri.report.inspect_plots import inspection_panel_png
@@ -242,35 +225,38 @@ def predict_images(
     paths = find_images(images)
     size = method.config.image_size
     batch = int(getattr(method.config, "batch_size", 8))
-    config = {"verb": "inspect predict", "run": str(run_dir), "images": [str(p) for p in paths], "batch_size": batch}
-    if resume:
+    group = join(method.device)
+    config = {"verb": "inspect predict", "run": str(run_dir), "images": [str(p) for p in paths], "batch_size": batch,
+              "world_size": group.world}  # fmt: skip
+
+    def open_run() -> Run:
+        if not resume:
+            return new_run("predict", out, root=run_dir, config=config)
         if out is None or not (Path(out) / "config.yaml").is_file():
             raise PotpourriError("--resume needs --out DIR of an earlier `inspect predict`")
         before = yaml.safe_load((Path(out) / "config.yaml").read_text())
-        if {k: before.get(k) for k in config} != config:
-            raise PotpourriError(f"'{out}' predicted other images, another run or batch size; start a new --out")
-        run = Run(Path(out))
-        rows = _resume_rows(run.path, paths, batch)
-    else:
-        run = new_run("predict", out, root=run_dir, config=config)
-        rows = []
-        write_csv(run.path / "predictions.csv", [], fieldnames=PREDICTION_FIELDS)
-    notes = [n for n in (_size_note(paths, size, "input"),) if n]
-    if not method.thresholds.calibrated:
-        notes.append("the run has no calibrated threshold: no labels or masks (refit with --threshold)")
-    masks_dir = run.path / "masks"
-    masks_dir.mkdir(exist_ok=True)
-    threshold = "" if method.thresholds.image is None else method.thresholds.image
+        if {k: before.get(k, 1 if k == "world_size" else None) for k in config} != config:
+            raise PotpourriError(
+                f"'{out}' predicted other images, another run, batch size or number of processes; start a new --out"
+            )
+        return Run(Path(out))
 
-    start, scored = time.perf_counter(), 0
-    bar = tqdm(total=len(paths), initial=len(rows), desc="inspect predict", unit="img", disable=not progress)
-    with bar, open(run.path / "predictions.csv", "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=PREDICTION_FIELDS)
-        for first in range(len(rows), len(paths), batch):
-            chunk = paths[first : first + batch]
-            results = method.predict(chunk)
-            new_rows = []
-            for index, (path, result) in enumerate(zip(chunk, results, strict=True), first):
+    try:
+        run = group.main_first(open_run)
+        notes = [n for n in (_size_note(paths, size, "input"),) if n]
+        if not method.thresholds.calibrated:
+            notes.append("the run has no calibrated threshold: no labels or masks (refit with --threshold)")
+        masks_dir = run.path / "masks"
+        masks_dir.mkdir(exist_ok=True)
+        threshold = "" if method.thresholds.image is None else method.thresholds.image
+
+        counted = [0]  # images this process scored (a resumed run skips some)
+
+        def score(first: int, stop: int) -> list[dict]:
+            counted[0] += stop - first
+            rows = []
+            for index, path, result in zip(range(first, stop), paths[first:stop], method.predict(paths[first:stop]),
+                                           strict=True):  # fmt: skip
                 with Image.open(path) as img:
                     width, height = img.size
                 mask_png = ""
@@ -278,20 +264,24 @@ def predict_images(
                     mask = Image.fromarray(result.mask.astype(np.uint8) * 255)
                     mask_png = f"masks/{index:05d}_{path.stem}_mask.png"
                     mask.resize((width, height), Image.Resampling.NEAREST).save(run.path / mask_png)
-                new_rows.append({
+                rows.append({
                     "image": str(path), "score": result.score, "width": width, "height": height, "mask": mask_png,
                     "normalised": "" if result.normalised is None else result.normalised,
                     "label": "" if result.label is None else ("defect" if result.label else "good"),
                     "image_threshold": threshold,
                     "defect_fraction": "" if result.mask is None else float(result.mask.mean()),
                 })  # fmt: skip
-            writer.writerows(new_rows)  # one batch per write, flushed: a kill loses at most this batch
-            fh.flush()
-            os.fsync(fh.fileno())
-            rows += [{k: str(v) for k, v in r.items()} for r in new_rows]
-            scored += len(chunk)
-            bar.update(len(chunk))
-            kill_point(first // batch + 1)
+            return rows
+
+        start = time.perf_counter()
+        rows = rows_in_parts(group, run.path / "predictions.csv", [str(p) for p in paths], score, batch_size=batch,
+                             fieldnames=PREDICTION_FIELDS, progress=progress)  # fmt: skip
+        scored = counted[0] * group.world  # rank 0's block is about 1/world of the job
+    finally:
+        group.destroy()
+    if not group.is_main:  # rank 0 writes the summary, overlays and report
+        group.after_main_writes()
+        return run
     seconds = time.perf_counter() - start
 
     # overlays for the highest scores and the flagged images only: re-scored, so no map was kept in memory
@@ -346,6 +336,7 @@ def predict_images(
     for note in notes:
         print(f"note: {note}")
     print(f"report: {run.path / 'report.html'}")
+    group.after_main_writes()
     return run
 
 

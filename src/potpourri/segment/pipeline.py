@@ -158,8 +158,10 @@ def predict_segmenter_run(
     ``image_paths`` from a trained segmenter run, computed on ``device`` in ``precision``."""
     import torch
 
+    from potpourri.core.distributed import join, rows_in_parts
     from potpourri.core.imaging import find_images, read_rgb
     from potpourri.core.runs import new_run
+    from potpourri.core.training import resolve_device
     from potpourri.report.html import Report
     from potpourri.segment.segmenter import Segmenter, colour_mask, segmentation_panels_png
 
@@ -167,42 +169,53 @@ def predict_segmenter_run(
         torch.set_num_threads(threads)
     segmenter = Segmenter.load(run_dir)
     paths = find_images(image_paths)
-    run = new_run(
-        "predict",
-        out,
-        root=run_dir,
-        config={"verb": "inspect segment-predict", "run": run_dir, "images": [str(p) for p in paths]},
-    )
-    masks_dir = run.path / "masks"
-    masks_dir.mkdir(exist_ok=True)
     names = segmenter.config.class_names
-    rows, images, predictions = [], [], []
-    start = time.perf_counter()
-    for index, path in enumerate(paths):
-        image = read_rgb(path)
-        pred = segmenter.predict(image[None], device=device, precision=precision)[0]  # at the image's own size
-        stem = f"{index:03d}_{path.stem}"
-        Image.fromarray(pred.astype(np.uint8)).save(masks_dir / f"{stem}_mask.png")
-        Image.fromarray(colour_mask(pred)).save(masks_dir / f"{stem}_rgb_mask.png")
-        counts = np.bincount(pred.ravel(), minlength=len(names))
-        rows.append(
-            {
-                "image": str(path),
-                "width": image.shape[1],
-                "height": image.shape[0],
-                "defect_fraction": float((pred > 0).mean()),
-                "classes": ";".join(f"{names[k]}:{int(counts[k])}" for k in range(1, len(names)) if counts[k]),
-                "mask": f"masks/{stem}_mask.png",
-            }
-        )
-        if len(images) < 12:
-            small = segmenter.config.image_size
-            images.append(np.asarray(Image.fromarray(image).resize((small, small), Image.Resampling.BICUBIC)))
-            shrunk = Image.fromarray(pred.astype(np.uint8)).resize((small, small), Image.Resampling.NEAREST)
-            predictions.append(np.asarray(shrunk).astype(np.int64))
-    seconds = time.perf_counter() - start
-    write_csv(run.path / "predictions.csv", rows)
+    group = join(resolve_device(device))  # torchrun: each process predicts its block of files, rank 0 merges
+    try:
+        run = group.main_first(lambda: new_run(
+            "predict", out, root=run_dir,
+            config={"verb": "inspect segment-predict", "run": run_dir, "images": [str(p) for p in paths]},
+        ))  # fmt: skip
+        (run.path / "masks").mkdir(exist_ok=True)
+
+        def score(first: int, stop: int) -> list[dict]:
+            rows = []
+            for index, path in zip(range(first, stop), paths[first:stop], strict=True):
+                image = read_rgb(path)
+                pred = segmenter.predict(image[None], device=device, precision=precision)[0]  # at the image's size
+                stem = f"{index:03d}_{path.stem}"
+                Image.fromarray(pred.astype(np.uint8)).save(run.path / "masks" / f"{stem}_mask.png")
+                Image.fromarray(colour_mask(pred)).save(run.path / "masks" / f"{stem}_rgb_mask.png")
+                counts = np.bincount(pred.ravel(), minlength=len(names))
+                rows.append({
+                    "image": str(path), "width": image.shape[1], "height": image.shape[0],
+                    "defect_fraction": float((pred > 0).mean()),
+                    "classes": ";".join(f"{names[k]}:{int(counts[k])}" for k in range(1, len(names)) if counts[k]),
+                    "mask": f"masks/{stem}_mask.png",
+                })  # fmt: skip
+            return rows
+
+        start = time.perf_counter()
+        fields = ["image", "width", "height", "defect_fraction", "classes", "mask"]
+        table = rows_in_parts(group, run.path / "predictions.csv", [str(p) for p in paths], score, batch_size=1,
+                              fieldnames=fields)  # fmt: skip
+        seconds = time.perf_counter() - start
+    finally:
+        group.destroy()
+    if not group.is_main:  # rank 0 writes the summary and report
+        group.after_main_writes()
+        return run
+    rows = [{**r, "width": int(r["width"]), "height": int(r["height"]), "defect_fraction": float(r["defect_fraction"])}
+            for r in table]  # fmt: skip
     run.write_summary({"images": len(paths), "images_per_s": len(paths) / seconds, "rows": rows})
+    images, predictions = [], []
+    small = segmenter.config.image_size
+    for row in rows[:12]:  # the panels: from the written masks, whichever process predicted them
+        image = Image.fromarray(read_rgb(row["image"])).resize((small, small), Image.Resampling.BICUBIC)
+        with Image.open(run.path / row["mask"]) as mask:
+            shrunk = mask.resize((small, small), Image.Resampling.NEAREST)
+        images.append(np.asarray(image))
+        predictions.append(np.asarray(shrunk).astype(np.int64))
     report = Report(f"potpourri inspect segment-predict: {len(paths)} images")
     report.section("Model", f"run {run_dir}; classes {', '.join(names)}")
     report.table([{k: r[k] for k in ("image", "defect_fraction", "classes")} for r in rows])
@@ -212,6 +225,7 @@ def predict_segmenter_run(
     for row in rows:
         print(f"{row['image']}: defect fraction {row['defect_fraction']:.4f} {row['classes']}")
     print(f"report: {run.path / 'report.html'}")
+    group.after_main_writes()
     return run
 
 

@@ -179,13 +179,14 @@ def learn_prompt(
     losses = trainer.state.setdefault("losses", [])
     for _ in trainer.steps():
         _clamp_clicks(prompt, size)  # before the forward pass (not after the step), so checkpoints need no clamp
-        chosen = torch.randint(len(target), (cfg.batch_size,), generator=generator)
+        # every process draws the global batch (one generator state), then keeps its slice (torchrun)
+        chosen, share = trainer.shard(torch.randint(len(target), (cfg.batch_size,), generator=generator))
         with trainer.autocast():
             sparse, dense = prompt(sam.prompt_encoder, len(chosen))
             logits, _ = decode_embeddings(sam, embeddings[chosen], sparse, dense)  # (B, 1, S/4, S/4)
         logits = _upsample(logits.float(), size)
-        loss = prompt_mask_loss(logits, target[chosen], focal_weight=cfg.focal_weight).mean()
-        losses.append(float(loss.detach()))  # before update: its checkpoint holds this step's loss
+        loss = prompt_mask_loss(logits, target[chosen], focal_weight=cfg.focal_weight).mean() * share
+        losses.append(trainer.mean_over_processes(float(loss.detach())))  # before update: its checkpoint holds it
         trainer.update(loss)
     trainer.finish()
     _clamp_clicks(prompt, size)

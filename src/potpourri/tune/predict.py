@@ -262,6 +262,7 @@ def predict_images(
     Example:
         run = predict_images("efficientnet_lite0", ["cat.jpg"], topk=3)
     """
+    from potpourri.core.distributed import join
     from potpourri.core.training import check_precision, resolve_device
 
     if topk < 1:
@@ -282,8 +283,19 @@ def predict_images(
     name = model_name or f"run {run}"
     topk = min(topk, len(classifier.classes))
     config = {"model": model_name, "run": None if run is None else str(run), "images": [str(p) for p in paths]}
-    out_run = new_run("predict", out, config={**config, "topk": topk, "weights": weights, "device": device})
-    predictions = classifier.predict(pictures, topk=topk, batch_size=batch_size)
+    group = join(classifier.device)  # torchrun: each process classifies its block of batches, rank 0 writes
+    try:
+        out_run = group.main_first(
+            lambda: new_run("predict", out, config={**config, "topk": topk, "weights": weights, "device": device})
+        )
+        first, stop = group.batch_block(len(pictures), batch_size)
+        parts = group.all_gather_object(classifier.predict(pictures[first:stop], topk=topk, batch_size=batch_size))
+    finally:
+        group.destroy()
+    if not group.is_main:
+        group.after_main_writes()
+        return out_run
+    predictions = [prediction for part in parts for prediction in part]
     rows = []
     for path, pred in zip(paths, predictions, strict=True):
         rows.append({"image": str(path), "top": pred["top"]})
@@ -302,4 +314,5 @@ def predict_images(
         caption = "; ".join(f"{t['label'].split(',')[0]} {t['prob']:.2f}" for t in row["top"][:3])
         report.image(thumb, caption, width=200)
     report.write(out_run.path / "report.html")
+    group.after_main_writes()
     return out_run

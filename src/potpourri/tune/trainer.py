@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
+from potpourri.core.distributed import join
 from potpourri.core.errors import PotpourriError
 from potpourri.core.io import save_state_dict_atomic
 from potpourri.core.runs import Run, new_run
@@ -144,31 +145,6 @@ def evaluate(
     return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1)}
 
 
-@dataclass
-class _Dist:
-    """Where this process sits in a ``torchrun`` job (a single process is rank 0 of 1)."""
-
-    rank: int = 0
-    world: int = 1
-    owns_group: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _dist_setup(device: torch.device) -> _Dist:
-    """Join the torchrun process group when ``WORLD_SIZE`` > 1: gloo on CPU, nccl on GPU."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return _Dist()
-    import torch.distributed as dist
-
-    owns = not dist.is_initialized()
-    if owns:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return _Dist(dist.get_rank(), dist.get_world_size(), owns)
-
-
 def train(
     model: nn.Module,
     train_data: Dataset,
@@ -189,9 +165,9 @@ def train(
         plan = get_strategy("linear").prepare(model, lr=1e-2); result = train(model, train, val, plan, TuneConfig())
     """
     device = resolve_device(cfg.device)
-    dist = _dist_setup(device)
+    dist = join(device)
     run_path = None if run is None else run.path if isinstance(run, Run) else Path(run)
-    if run_path is None or not dist.main:
+    if run_path is None or not dist.is_main:
         run = None  # only rank 0 writes run files
     elif not isinstance(run, Run):
         run = new_run("tune", run_path)
@@ -220,19 +196,10 @@ def train(
         resume=resume,
         progress=False,  # one bar per epoch below
     )
-    ckpt_dir = run_path / "checkpoints" if run_path is not None and dist.main else None
-    if resume and not dist.main:  # every rank restores from rank 0's folder, only rank 0 writes
-        ckpt_dir = run_path / "checkpoints"
+    ckpt_dir = run_path / "checkpoints" if run_path is not None else None  # rank 0 writes, every rank resumes
     augment_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 17)  # checkpointed with the trainer
     trainer = Trainer(model, optimizer, total_steps=total_steps, options=options, folder=ckpt_dir, ema=ema,
                       generators={"augment": augment_gen}, desc="tune")  # fmt: skip
-    if not dist.main:
-        trainer.folder = None
-    net = model
-    if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     state: dict[str, Any] = trainer.state
     if resume:
@@ -266,7 +233,7 @@ def train(
             model.train()
             apply_bn_policy(model, cfg.bn)
             desc = f"epoch {epoch + 1}/{cfg.epochs}"
-            bar = tqdm(total=len(batches), initial=done, desc=desc, disable=not (cfg.progress and dist.main))
+            bar = tqdm(total=len(batches), initial=done, desc=desc, disable=not (cfg.progress and dist.is_main))
             epoch_start = time.perf_counter()
             for index, (images, labels) in enumerate(iter_batches(train_data, shards, cfg.num_workers), done):
                 if cfg.augment:
@@ -276,7 +243,7 @@ def train(
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
                 with trainer.autocast():
-                    logits = net(images)  # (B, K)
+                    logits = model(images)  # (B, K)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
                 # global sums of loss, correct, seen: the same on every process, so all stop together on NaN
                 stats = torch.tensor(
@@ -295,7 +262,7 @@ def train(
                         f"stopped, {kept}; lower --lr or set --grad-clip"
                     )
                 state["sums"] = [a + b for a, b in zip(state["sums"], stats.tolist(), strict=True)]
-                # DDP averages gradients over processes; weighting by slice size makes that the global-batch mean
+                # the trainer averages gradients over processes; weighting by slice size makes that the global mean
                 trainer.update(loss * (labels.numel() * dist.world / len(batches[index])))
                 step = trainer.step
                 bar.update(1)
@@ -317,7 +284,7 @@ def train(
                 "train_loss": loss_sum / max(seen, 1),
                 "train_acc": correct / max(seen, 1),
             }
-            if val_data is not None and dist.main:
+            if val_data is not None and dist.is_main:
                 if ema is not None:
                     ema.swap(model)
                 metrics = evaluate(
@@ -333,8 +300,7 @@ def train(
             if run is not None:
                 run.log_metrics(row)
     finally:
-        if dist.owns_group:
-            torch.distributed.destroy_process_group()
+        dist.destroy()
 
     if ema is not None:  # the result carries the EMA weights, as evaluated
         ema.swap(model)
