@@ -92,6 +92,7 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                 "trainable_params": rows[0]["trainable_params"],
                 "train_s_mean": statistics.fmean(r["train_s"] for r in rows),
+                "select_s": rows[0]["select_s"],  # the greedy search, once per size (best-single and greedy arms)
             }
         )
     return table
@@ -118,10 +119,12 @@ def _verdicts(table: list[dict[str, Any]]) -> list[str]:
 
 
 def _markdown(table: list[dict[str, Any]]) -> str:
-    header = ["px", "images/class", "arm", "blocks", "test acc (mean ± std)", "trainable params", "train s"]
+    header = ["px", "images/class", "arm", "blocks", "test acc (mean ± std)", "trainable params", "train s",
+              "block search s"]  # fmt: skip
     rows = [
         [r["image_size"], r["images_per_class"], r["arm"], r["blocks"] or "–",
-         f"{r['acc_mean']:.3f} ± {r['acc_std']:.3f}", f"{r['trainable_params']:,}", f"{r['train_s_mean']:.1f}"]
+         f"{r['acc_mean']:.3f} ± {r['acc_std']:.3f}", f"{r['trainable_params']:,}", f"{r['train_s_mean']:.1f}",
+         f"{r['select_s']:.0f}" if r["select_s"] else "–"]
         for r in table
     ]  # fmt: skip
     return markdown_table(header, rows)
