@@ -59,10 +59,11 @@ class FreezeEmbedConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     lrs: dict[str, tuple[float, ...]] = field(
         default_factory=lambda: {
-            "sgd": (3e-3, 1e-2),
-            "adamw": (5e-5, 2e-4),
-            "sgd-freeze-embed": (3e-3, 1e-2),
-            "sgd-freeze-embed-no-momentum": (3e-2, 1e-1),  # without momentum the effective step is ~10x smaller
+            # on DS-Synth v2 a (3e-3, 1e-2) / (5e-5, 2e-4) / (3e-2, 1e-1) sweep picked the top of every range
+            "sgd": (1e-2, 3e-2, 1e-1),
+            "adamw": (2e-4, 5e-4, 1e-3),
+            "sgd-freeze-embed": (1e-2, 3e-2, 1e-1),
+            "sgd-freeze-embed-no-momentum": (1e-1, 3e-1, 1.0),  # without momentum the effective step is ~10x smaller
         }
     )
     corruptions: tuple[str, ...] | None = None  # None: all of potpourri.data.corruptions
