@@ -44,7 +44,10 @@ def test_demo_passes_device_and_precision_to_run_demo(tmp_path, monkeypatch) -> 
 
     def fake_demo(out=None, *, seed=0, threads=None, options=None):
         seen.append(options)
-        return new_run("demo", out)
+        run = new_run("demo", out)
+        run.write_summary({"probe_accuracy": 0.5, "histogram_accuracy": 0.2, "class_names": ["a", "b"], "tuning": [],
+                           "inspection": {}, "segmentation": {}, "seconds": 1.0})  # fmt: skip
+        return run
 
     monkeypatch.setattr(importlib.import_module("potpourri.papers.demo"), "run_demo", fake_demo)
     assert main(["demo", "--out", str(tmp_path / "d"), "--device", "cpu", "--precision", "bf16"]) == 0
