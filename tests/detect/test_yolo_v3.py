@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -132,3 +133,38 @@ def test_onnx_export_with_all_options_has_no_anchor_branch(tmp_path: Path) -> No
     assert branch_numel > 0 and exported <= fused_numel  # equal up to identical tensors the exporter shares
     assert not any("_ab" in t.name for t in graph.initializer)
     assert model.head.has_anchor_branch  # export worked on a copy; the training model keeps its branch
+
+
+# ----------------------------------------------------------------------------------------------- training
+def test_assigner_at_switches_after_the_warmup_epochs() -> None:
+    from potpourri.detect.yolo_v3 import assigner_at
+
+    assert [assigner_at(e, "tal", 2) for e in range(4)] == ["atss", "atss", "tal", "tal"]
+    assert [assigner_at(e, "tal", 0) for e in range(2)] == ["tal", "tal"]  # default: no warm-up
+    with pytest.raises(PotpourriError, match="atss_warmup_epochs must be 0 or more, got -1"):
+        assigner_at(0, "tal", -1)
+
+
+def test_training_switches_assigner_at_the_right_epoch_for_both_branches(monkeypatch: pytest.MonkeyPatch) -> None:
+    from potpourri.detect import train as train_module
+    from potpourri.detect.train import DetectTrainConfig, train_detector
+    from tests.detect.test_yolo import _planted
+
+    calls: list[str] = []
+    for cls, name in ((train_module.ATSSAssigner, "atss"), (train_module.TaskAlignedAssigner, "tal")):
+        original = cls.__call__
+
+        def spy(self, *args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__call__", spy)
+    torch.set_num_threads(1)
+    cfg = DetectTrainConfig(class_names=("red", "blue"), image_size=64, epochs=3, batch_size=4, lr=5e-3,
+                            warmup_steps=1, atss_warmup_epochs=2, progress=False)  # fmt: skip
+    result = train_detector(_planted(4), None, cfg, model=_tiny_v3(OPTIONS["aat"]))  # one step per epoch
+    assert calls == ["atss", "atss", "atss", "atss", "tal", "tal"]  # per step: anchor-free, then anchor branch
+    assert [row["assigner"] for row in result.history] == ["atss", "atss", "tal"]
+    for row in result.history:
+        assert all(np.isfinite(row[k]) for k in ("loss", "loss_ab_cls", "loss_ab_giou")) and row["positives_ab"] > 0
+    assert not result.model.training and torch.is_tensor(result.model(_x()))
