@@ -168,3 +168,36 @@ def test_training_switches_assigner_at_the_right_epoch_for_both_branches(monkeyp
     for row in result.history:
         assert all(np.isfinite(row[k]) for k in ("loss", "loss_ab_cls", "loss_ab_giou")) and row["positives_ab"] > 0
     assert not result.model.training and torch.is_tensor(result.model(_x()))
+
+
+# ----------------------------------------------------------------------------------------------- CLI and saving
+def test_cli_passes_the_v3_options_and_refuses_bad_ones(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from potpourri.cli import main
+    from potpourri.detect import pipeline
+
+    seen: dict = {}
+    monkeypatch.setattr(pipeline, "train_run", lambda **kwargs: seen.update(kwargs))
+    argv = ["detect", "train", "--data", "ds-synth:brick", "--neck", "bic", "--sppf", "simcspsppf", "--aat",
+            "--atss-warmup-epochs", "3"]  # fmt: skip
+    assert main(argv) == 0
+    assert seen["detector_options"] == {"neck": "bic", "sppf": "simcspsppf", "aat": True}
+    assert seen["atss_warmup_epochs"] == 3
+    for bad in (["--neck", "bifpn"], ["--atss-warmup-epochs", "-1"]):
+        assert main(["detect", "train", "--data", "ds-synth:brick", *bad]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and "invalid choice: 'bifpn'" in errors[0]  # one line per bad option
+
+
+def test_save_load_rebuilds_a_detector_with_its_options(tmp_path: Path) -> None:
+    from potpourri.detect.train import DetectTrainConfig, load_detector, model_options, save_detector
+
+    cfg = DetectTrainConfig(class_names=("a", "b"), neck="bic", sppf="simcspsppf", aat=True)
+    model = create_model("yolo_rep_n", num_classes=2, **model_options(cfg)).eval()
+    save_detector(tmp_path, model, {"model": "yolo_rep_n", "class_names": ["a", "b"], "image_size": 64,
+                                    "model_options": model_options(cfg)})  # fmt: skip
+    loaded, _ = load_detector(tmp_path)
+    assert loaded.head.has_anchor_branch and loaded.neck.bic3 is not None
+    x = _x(1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    assert model_options(DetectTrainConfig(class_names=("a",))) == {}  # defaults add nothing to the metadata

@@ -73,7 +73,8 @@ def _check_choice(kind: str, value: str, choices: Sequence[str]) -> None:
 
 
 class EfficientRep(nn.Module):
-    """RepVGG backbone: stem (stride 2) and four stages (stride 2 each); returns C2, C3, C4, C5 (strides 4–32).
+    """RepVGG backbone: stem (stride 2) and four stages (stride 2 each); returns C3, C4, C5 (strides 8, 16, 32),
+    ``forward_pyramid`` C2 (stride 4, for BiC) too.
 
     ``sppf`` picks the last stage's pooling block: ``simsppf`` (v1/v2) or ``simcspsppf`` (v3, CSP-split)."""
 
@@ -99,9 +100,13 @@ class EfficientRep(nn.Module):
                 blocks.append((SimSPPF if sppf == "simsppf" else SimCSPSPPF)(widths[-1], widths[-1]))
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.ModuleList(stages)
-        self.out_channels = tuple(widths[1:])  # C2 (only BiC uses it), C3, C4, C5
+        self.out_channels, self.fine_channels = tuple(widths[2:]), widths[1]  # C3, C4, C5 and C2
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.forward_pyramid(x)[1:]  # C3 (H/8), C4 (H/16), C5 (H/32)
+
+    def forward_pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """C2, C3, C4, C5 (strides 4, 8, 16, 32)."""
         x = self.stem(x)  # (B, C0, H/2, W/2)
         outs = []
         for stage in self.stages:
@@ -111,7 +116,8 @@ class EfficientRep(nn.Module):
 
 
 class Lite0Backbone(nn.Module):
-    """EfficientNet-Lite0 stem and stages up to ``blocks.6``; returns blocks 1, 2, 4, 6 (24, 40, 112, 320 channels)."""
+    """EfficientNet-Lite0 stem and stages up to ``blocks.6``; returns blocks 2, 4, 6 (40, 112, 320 channels),
+    ``forward_pyramid`` blocks.1 (24 channels, stride 4) too."""
 
     TAPS = (1, 2, 4, 6)
 
@@ -121,9 +127,14 @@ class Lite0Backbone(nn.Module):
 
         net = create_model("efficientnet_lite0", pretrained=pretrained, weights=weights)
         self.conv_stem, self.bn1, self.blocks = net.conv_stem, net.bn1, net.blocks
-        self.out_channels = tuple(net.feature_info[i]["num_chs"] for i in (1, 2, 3, 4))  # blocks.1, .2, .4, .6
+        self.out_channels = tuple(net.feature_info[i]["num_chs"] for i in (2, 3, 4))  # blocks.2, .4, .6
+        self.fine_channels = net.feature_info[1]["num_chs"]  # blocks.1
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.forward_pyramid(x)[1:]  # blocks 2, 4, 6
+
+    def forward_pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Blocks 1, 2, 4, 6 (strides 4, 8, 16, 32)."""
         x = self.bn1(self.conv_stem(x))  # (B, 32, H/2, W/2)
         outs = []
         for index, stage in enumerate(self.blocks):
@@ -282,7 +293,8 @@ class YoloDetector(nn.Module):
         _check_choice("neck", neck, NECKS)
         self.num_classes, self.reg_max, self.strides = num_classes, reg_max, STRIDES
         self.backbone = backbone
-        self.neck = RepPAN(backbone.out_channels, neck_widths, neck_depth, bic=neck == "bic")
+        pyramid = (backbone.fine_channels, *backbone.out_channels)  # C2 (BiC only), C3, C4, C5
+        self.neck = RepPAN(pyramid, neck_widths, neck_depth, bic=neck == "bic")
         self.head = EffiDeHead(self.neck.out_channels, num_classes, reg_max, anchor_aided=bool(aat))
         self.feature_info = [
             {"num_chs": c, "reduction": s, "module": f"neck.p{i + 3}"}
@@ -303,7 +315,7 @@ class YoloDetector(nn.Module):
         if x.shape[-1] % 32 or x.shape[-2] % 32:
             raise PotpourriError(f"detector input {tuple(x.shape[-2:])} must have sides that are multiples of 32")
         # channels-last input: torch 2.14's CPU backward of a stride-2 1×1 conv (RepConv's branch) corrupts memory
-        return self.neck(self.backbone(x.contiguous()))  # [P3 (B, n3, H/8, W/8), P4, P5]
+        return self.neck(self.backbone.forward_pyramid(x.contiguous()))  # [P3 (B, n3, H/8, W/8), P4, P5]
 
     def forward_head(self, features: list[torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         return self.head(features)  # (B, A, 4·(R+1)+K); in training with AAT also (B, A·na, 4+K)
