@@ -75,3 +75,19 @@ def test_anomalyclip_quick_keeps_the_global_path_and_the_towers_untouched(tmp_pa
                                                       "WinCLIP-style (hand-written prompts)"}  # fmt: skip
     assert all(0.0 <= r["image_auroc"] <= 1.0 and 0.0 <= r["pixel_auroc"] <= 1.0 for r in summary["rows"])
     assert set(summary["verdict"]) >= {"learned_beats_handwritten_image_auroc", "dpam_beats_plain_pixel_auroc"}
+
+
+def test_yolov6_v3_quick_reports_every_arm_and_deploys_aat_as_the_baseline(tmp_path) -> None:
+    from potpourri.papers.yolov6_v3 import ARMS
+
+    results, summary = _quick("yolov6-v3", tmp_path)
+    assert "| arm | test mAP@0.5 | test mAP@0.5:0.95 | train s |" in results
+    assert set(summary["arms"]) == set(ARMS) and set(summary["verdict"]) == set(ARMS) - {"baseline"}
+    for row in summary["arms"].values():
+        assert {"map50", "map", "train_seconds", "deployed_params", "latency_ms"} <= set(row)
+        assert all(0.0 <= v <= 1.0 for v in row["map50"] + row["map"]) and max(row["reparam_max_abs_diff"]) <= 1e-3
+    backends = {r["backend"] for r in summary["latency_rows"]}
+    assert {r["model"] for r in summary["latency_rows"]} == set(ARMS)
+    assert "eager" in backends and ("onnxruntime" in backends or summary["latency_conditions"]["not_installed"])
+    assert summary["aat_deploys_the_baseline_graph"] is True  # the anchor branch is gone after re-parameterisation
+    assert summary["arms"]["+AAT"]["train_params"] > summary["arms"]["+AAT"]["deployed_params"]

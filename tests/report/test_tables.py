@@ -15,3 +15,13 @@ def test_markdown_table_layout() -> None:
 def test_markdown_table_refuses_a_ragged_row() -> None:
     with pytest.raises(ValueError, match="3 cells for 2 columns"):
         markdown_table(["a", "b"], [[1, 2, 3]])
+
+
+def test_mean_std_matches_statistics_and_shows_one_seed_alone() -> None:
+    import statistics
+
+    from potpourri.report.tables import mean_std
+
+    values = [0.31, 0.42, 0.35]
+    assert mean_std(values) == f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+    assert mean_std([0.5], digits=2) == "0.50"

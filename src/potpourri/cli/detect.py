@@ -7,6 +7,7 @@ images with a seed (``--test-fraction``). See ``potpourri.data.boxes`` for the f
 Example:
     potpourri detect train --data ds-synth:brick --epochs 20
     potpourri detect train --data ds-synth:brick --epochs 20 --assigner atss   # static ATSS instead of TAL
+    potpourri detect train --data ds-synth:brick --neck bic --sppf simcspsppf --aat --atss-warmup-epochs 4   # v3 parts
     potpourri detect predict runs/detect/v0 photo.png --conf 0.3
     potpourri detect eval runs/detect/v0 --data ds-synth:brick --reparam
     potpourri detect mask-train runs/detect/v0 --data ds-synth:brick --seconds 150   # frozen detector + mask head
@@ -30,6 +31,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     train_run(
         assigner=args.assigner,
+        atss_warmup_epochs=args.atss_warmup_epochs,
+        detector_options={"neck": args.neck, "sppf": args.sppf, "aat": args.aat},
         backbone_pretrained=args.backbone_pretrained,
         batch_size=args.batch_size,
         cls_loss=args.cls_loss,
@@ -131,6 +134,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--assigner", choices=("tal", "atss"), default="tal", help="label assignment: task-aligned (TAL) or ATSS"
     )
+    train.add_argument(
+        "--atss-warmup-epochs", type=flags.non_negative_int, default=0, help="YOLOv6 v3: ATSS for these first epochs"
+    )
+    train.add_argument("--neck", choices=("reppan", "bic"), default="reppan", help="bic: YOLOv6 v3 BiC top-down fusion")
+    train.add_argument("--sppf", choices=("simsppf", "simcspsppf"), default="simsppf", help="yolo_rep_*: SPPF block")
+    train.add_argument("--aat", action="store_true", help="anchor-aided training branch (removed at inference)")
     train.add_argument(
         "--eval-every", type=flags.non_negative_int, default=0, help="epochs between test mAP evaluations (0: at end)"
     )

@@ -39,15 +39,23 @@ def train_run(
     seed: int,
     test_fraction: float,
     threads: int | None,
+    atss_warmup_epochs: int = 0,
+    detector_options: dict[str, Any] | None = None,
 ) -> Run:
     """``potpourri detect train``: train a registered detector on ``data_spec`` (resumable with ``resume`` and
-    ``out``) on ``device`` in ``precision``; test mAP and report."""
+    ``out``) on ``device`` in ``precision``; test mAP and report. ``detector_options``: ``neck``, ``sppf``, ``aat``."""
     import torch
 
     from potpourri.core.runs import new_run
     from potpourri.core.training import TrainOptions
     from potpourri.data.boxes import read_detection_data
-    from potpourri.detect.train import DetectTrainConfig, evaluate_detector, save_detector, train_detector
+    from potpourri.detect.train import (
+        DetectTrainConfig,
+        evaluate_detector,
+        model_options,
+        save_detector,
+        train_detector,
+    )
     from potpourri.report.html import Report
 
     if threads:
@@ -69,6 +77,8 @@ def train_run(
         optimizer=optimizer,
         cls_loss=cls_loss,
         assigner=assigner,
+        atss_warmup_epochs=atss_warmup_epochs,
+        **(detector_options or {}),
         backbone_pretrained=backbone_pretrained,
         eval_every=eval_every,
         seed=seed,
@@ -82,7 +92,7 @@ def train_run(
         run.log_metrics({k: row.get(k, "") for k in columns})
     model = result.model
     meta = {"model": model_name, "class_names": list(data.class_names), "image_size": image_size,
-            "data": data_spec, "layout": data.layout}  # fmt: skip
+            "data": data_spec, "layout": data.layout, "model_options": model_options(config)}  # fmt: skip
     save_detector(run.path, model, meta)
     from potpourri.core.runs import write_run_metadata
 

@@ -75,6 +75,7 @@ __all__ = [
     "load_detector",
     "make_assigner",
     "model_device",
+    "model_options",
     "save_detector",
     "train_detector",
     "varifocal_loss",
@@ -108,10 +109,11 @@ class TaskAlignedAssigner:
         gt_boxes: torch.Tensor,
         gt_mask: torch.Tensor,
         strides: torch.Tensor | None = None,
+        anchor_boxes: torch.Tensor | None = None,
     ) -> AssignResult:
         """``pd_scores`` (B, A, K) probabilities, ``pd_boxes`` (B, A, 4), ``anchors`` (A, 2) as (x, y);
         ``gt_labels`` (B, M), ``gt_boxes`` (B, M, 4), ``gt_mask`` (B, M) marks real (not padding) boxes;
-        ``strides`` (A,) is accepted for a common signature with ``ATSSAssigner`` and not used."""
+        ``strides`` (A,) and ``anchor_boxes`` are accepted for a common signature with ``ATSSAssigner``, not used."""
         batch, num_anchors, num_classes = pd_scores.shape
         num_gt = gt_boxes.shape[1]
         device = pd_scores.device
@@ -191,9 +193,11 @@ class ATSSAssigner:
         gt_boxes: torch.Tensor,
         gt_mask: torch.Tensor,
         strides: torch.Tensor | None = None,
+        anchor_boxes: torch.Tensor | None = None,
     ) -> AssignResult:
         """As ``TaskAlignedAssigner``; ``strides`` (A,) gives each anchor's stride (levels are runs of equal stride,
-        as ``make_anchors`` lays them out). ``pd_scores`` only sets the shape: the assignment ignores predictions."""
+        as ``make_anchors`` lays them out); ``anchor_boxes`` (A, 4) replaces the square ``anchor_scale·stride`` boxes
+        (the AAT branch's anchors). ``pd_scores`` only sets the shape: the assignment ignores predictions."""
         batch, num_anchors, num_classes = pd_scores.shape
         device = pd_scores.device
         if gt_boxes.shape[1] == 0 or not gt_mask.any():
@@ -203,8 +207,9 @@ class ATSSAssigner:
         num_gt = gt_boxes.shape[1]
         gt_labels = gt_labels.long().clamp(0, num_classes - 1)
         valid = gt_mask.bool()[..., None]  # (B, M, 1)
-        half = strides[:, None] * self.anchor_scale / 2
-        anchor_boxes = torch.cat([anchors - half, anchors + half], -1)  # (A, 4)
+        if anchor_boxes is None:
+            half = strides[:, None] * self.anchor_scale / 2
+            anchor_boxes = torch.cat([anchors - half, anchors + half], -1)  # (A, 4)
         ious = box_iou_elementwise(gt_boxes[:, :, None], anchor_boxes[None, None])  # (B, M, A)
         centres = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2  # (B, M, 2)
         distances = (anchors[None, None] - centres[:, :, None]).square().sum(-1)  # (B, M, A)
@@ -532,7 +537,8 @@ def load_detector(folder: str | os.PathLike) -> tuple[YoloDetector, dict[str, An
             f"'{folder}' holds no detector.json; pass a run folder written by `potpourri detect train`"
         )
     meta = json.loads(meta_path.read_text())
-    model = create_model(meta["model"], num_classes=meta["num_classes"], reg_max=meta["reg_max"])
+    model = create_model(meta["model"], num_classes=meta["num_classes"], reg_max=meta["reg_max"],
+                         **meta.get("model_options", {}))  # fmt: skip
     state = load_state_dict_file(folder / "detector.safetensors", fix="re-run `potpourri detect train`")
     model.load_state_dict(state)
     return model.eval(), meta
@@ -557,6 +563,10 @@ class DetectTrainConfig:
     cls_loss: str = "vfl"  # vfl | bce
     loss_weights: tuple[float, float, float] = (1.0, 2.5, 0.5)  # class, GIoU, DFL (YOLOv6)
     assigner: str = "tal"  # tal | atss
+    atss_warmup_epochs: int = 0  # YOLOv6 v3: ATSS for these first epochs, then `assigner`
+    neck: str = "reppan"  # reppan | bic (YOLOv6 v3 BiC top-down fusion)
+    sppf: str = "simsppf"  # simsppf | simcspsppf (yolo_rep_* only)
+    aat: bool = False  # anchor-aided training branch (dropped at inference)
     topk: int | None = None  # candidates per box (tal: 13) or per box and level (atss: 9)
     augment: bool = True
     backbone_pretrained: bool = False  # yolo_lite0_pan: ImageNet EfficientNet-Lite0 backbone
@@ -585,7 +595,14 @@ def build_detector(cfg: DetectTrainConfig) -> YoloDetector:
     extra = {"backbone_pretrained": True} if cfg.backbone_pretrained else {}
     if cfg.backbone_pretrained and cfg.model != "yolo_lite0_pan":
         raise PotpourriError(f"--backbone-pretrained needs --model yolo_lite0_pan (got '{cfg.model}')")
-    return create_model(cfg.model, num_classes=len(cfg.class_names), **extra)
+    return create_model(cfg.model, num_classes=len(cfg.class_names), **model_options(cfg), **extra)
+
+
+def model_options(cfg: DetectTrainConfig) -> dict[str, Any]:
+    """The detector options of ``cfg`` that differ from the defaults (``neck``, ``sppf``, ``aat``)."""
+    chosen = {"neck": cfg.neck, "sppf": cfg.sppf, "aat": cfg.aat}
+    defaults = {"neck": "reppan", "sppf": "simsppf", "aat": False}
+    return {k: v for k, v in chosen.items() if v != defaults[k]}
 
 
 def _optimizer(model: nn.Module, cfg: DetectTrainConfig) -> torch.optim.Optimizer:
@@ -619,18 +636,26 @@ def train_detector(
     """
     from potpourri.core.runs import seed_everything
     from potpourri.core.training import Trainer, epoch_batches, lr_at
+    from potpourri.detect.yolo_v3 import AnchorAidedLoss, assigner_at
 
     if not train:
         raise PotpourriError("no training images")
     if any(s.image.shape[:2] != (cfg.image_size, cfg.image_size) for s in train):
         raise PotpourriError(f"training images must be {cfg.image_size}x{cfg.image_size}; resize them first")
+    assigner_at(0, cfg.assigner, cfg.atss_warmup_epochs)  # a negative warm-up fails before anything is built
     seed_everything(cfg.seed)
     model = model if model is not None else build_detector(cfg)
     model.train()
+    assigners = {name: make_assigner(name, model.num_classes, topk=cfg.topk) for name in {cfg.assigner, "atss"}}
     loss_fn = DetectionLoss(
         model.num_classes, model.reg_max, model.strides, cls_loss=cfg.cls_loss, weights=cfg.loss_weights,
-        assigner=make_assigner(cfg.assigner, model.num_classes, topk=cfg.topk),
+        assigner=assigners[cfg.assigner],
     )  # fmt: skip
+    aided_loss = (
+        AnchorAidedLoss(model.num_classes, model.strides, model.head.anchor_shapes)
+        if model.head.has_anchor_branch
+        else None
+    )
     optimizer = _optimizer(model, cfg)
     batch_size = min(cfg.batch_size, len(train))
     drop_last = len(train) % batch_size == 1  # a batch of one image breaks BatchNorm
@@ -663,7 +688,8 @@ def train_detector(
     def close_epoch() -> bool:
         """The history row of the epoch whose steps all ran (and its test mAP when due); True: stop early."""
         epoch, sums = state["open"], state["sums"]
-        row: dict[str, Any] = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "lr": state["lr"]}
+        row: dict[str, Any] = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "lr": state["lr"],
+                               "assigner": assigner_at(epoch, cfg.assigner, cfg.atss_warmup_epochs)}  # fmt: skip
         row.update({k: v / steps_per_epoch for k, v in sums.items()})
         row["seconds"] = time.perf_counter() - started
         state.update(open=None, sums={})
@@ -691,9 +717,14 @@ def train_detector(
         lr = lr_at(step, base=cfg.lr, total=total, warmup=cfg.warmup_steps, min_ratio=cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        loss_fn.assigner = assigners[assigner_at(epoch, cfg.assigner, cfg.atss_warmup_epochs)]
         with trainer.autocast():
-            raw = model(images)  # (B, A, 4·(R+1)+K)
+            out = model(images)  # (B, A, 4·(R+1)+K), and with AAT (B, A·na, 4+K)
+        raw, raw_anchor = out if isinstance(out, tuple) else (out, None)
         loss, parts = loss_fn(raw.float(), gt_labels, gt_boxes, gt_mask, size)
+        if aided_loss is not None and raw_anchor is not None:
+            loss_ab, parts_ab = aided_loss(raw_anchor.float(), gt_labels, gt_boxes, gt_mask, size, loss_fn.assigner)
+            loss, parts = loss + loss_ab, {**parts, **parts_ab}
         sums = state["sums"]
         for key, value in {"loss": loss.detach().float().item(), **parts}.items():
             sums[key] = sums.get(key, 0.0) + value

@@ -3,19 +3,21 @@
 Design (after ``meituan/YOLOv6`` v3: ``efficientrep.py``, ``reppan.py``, ``effidehead_distill_ns.py``; our own code):
 
 * **Backbone** ``EfficientRep``: a stride-2 ``RepConv`` stem, four stages of (stride-2 ``RepConv`` + ``RepBlock``),
-  a ``SimSPPF`` on the last stage; taps C3, C4, C5 at strides 8, 16, 32. Variant ``yolo_lite0_pan`` uses
-  ImageNet EfficientNet-Lite0 stages (``blocks.2``, ``blocks.4``, ``blocks.6``) instead.
-* **Neck** ``RepPAN``: top-down 1×1 reduce → upsample → concat → ``RepBlock``, then bottom-up 3×3 stride-2 conv →
-  concat → ``RepBlock``; outputs P3, P4, P5.
+  a ``SimSPPF`` (or v3's ``SimCSPSPPF``, ``sppf="simcspsppf"``) on the last stage; taps C2…C5 at strides 4–32.
+  Variant ``yolo_lite0_pan`` uses ImageNet EfficientNet-Lite0 stages (``blocks.1``, ``.2``, ``.4``, ``.6``) instead.
+* **Neck** ``RepPAN``: top-down 1×1 reduce → upsample → concat → ``RepBlock`` (or v3's ``BiC`` fusion of three levels,
+  ``neck="bic"``), then bottom-up 3×3 stride-2 conv → concat → ``RepBlock``; outputs P3, P4, P5.
 * **Head** ``EffiDeHead``: per level a 1×1 stem, then separate 3×3 class and box branches; the box branch predicts
   a distribution over ``reg_max + 1`` bins for each of the four distances (left, top, right, bottom, in strides)
-  from an anchor point at the cell centre (distribution focal loss, GFL).
+  from an anchor point at the cell centre (distribution focal loss, GFL). ``aat=True`` adds v3's anchor-aided
+  training branch, which exists only for training: ``reparameterize()`` deletes it.
 
 ``forward`` returns one raw tensor ``(B, A, 4·(reg_max+1) + num_classes)`` (box-bin logits, then class logits) in
-train and eval alike, so ONNX export and re-parameterisation parity compare the same thing. ``decode`` turns it into
+eval mode, and in training mode too unless the anchor-aided branch exists (then ``(raw, raw_anchor)``), so ONNX
+export and re-parameterisation parity compare the same thing. ``decode`` turns it into
 boxes and scores, ``postprocess`` adds torchvision NMS. Inputs are normalised RGB (``(x/255 − 0.5)/0.5``); their
 sides must be multiples of 32. ``reparameterize()`` folds every ``RepConv`` (and every conv-BN) into one conv.
-Losses, assigner and the training loop: ``potpourri.detect.train``.
+Blocks: ``potpourri.models.yolo_blocks``. Losses, assigner and the training loop: ``potpourri.detect.train``.
 """
 
 from __future__ import annotations
@@ -30,15 +32,21 @@ import torch.nn.functional as F
 
 from potpourri.core.errors import PotpourriError
 from potpourri.core.registry import register_model
-from potpourri.models.rep import RepConv, fold_bn
+from potpourri.models.rep import RepConv
+from potpourri.models.yolo_blocks import BiC, ConvBNAct, RepBlock, SimCSPSPPF, SimSPPF
 
 __all__ = [
+    "ANCHOR_SHAPES",
+    "NECKS",
+    "SPPFS",
+    "BiC",
     "ConvBNAct",
     "EffiDeHead",
     "EfficientRep",
     "Lite0Backbone",
     "RepBlock",
     "RepPAN",
+    "SimCSPSPPF",
     "SimSPPF",
     "YoloDetector",
     "decode",
@@ -54,70 +62,33 @@ MEAN = (0.5, 0.5, 0.5)  # the same normalisation as EfficientNet-Lite0, for ever
 STD = (0.5, 0.5, 0.5)
 
 
-# ----------------------------------------------------------------------------------------------- blocks
-class ConvBNAct(nn.Module):
-    """Conv (no bias) + BatchNorm + activation; ``reparameterize()`` folds the BN into the conv."""
-
-    def __init__(self, in_chs: int, out_chs: int, kernel: int = 1, stride: int = 1, *, act: type[nn.Module] = nn.ReLU):
-        super().__init__()
-        self.conv = nn.Conv2d(in_chs, out_chs, kernel, stride, kernel // 2, bias=False)
-        self.bn: nn.Module = nn.BatchNorm2d(out_chs)
-        self.act = act()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))  # (B, C_out, H/s, W/s)
-
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        """Fold the eval-mode BN into the conv's weight and bias; calling it again does nothing."""
-        if not isinstance(self.bn, nn.BatchNorm2d):
-            return
-        weight, bias = fold_bn(self.conv.weight, self.conv.bias, self.bn)
-        old = self.conv
-        conv = nn.Conv2d(old.in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=True)
-        conv.weight.copy_(weight)
-        conv.bias.copy_(bias)
-        self.conv, self.bn = conv.to(weight.device), nn.Identity()
-
-    switch_to_deploy = reparameterize
-
-
-class RepBlock(nn.Module):
-    """``n`` RepVGG blocks in a row; the first maps ``in_chs`` to ``out_chs`` (YOLOv6 ``RepBlock``)."""
-
-    def __init__(self, in_chs: int, out_chs: int, n: int = 1):
-        super().__init__()
-        self.blocks = nn.Sequential(*[RepConv(in_chs if i == 0 else out_chs, out_chs) for i in range(max(1, n))])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(x)  # (B, C_out, H, W)
-
-
-class SimSPPF(nn.Module):
-    """Spatial pyramid pooling, fast: 1×1 reduce, three chained 5×5 max-pools, concat, 1×1 (ReLU variant)."""
-
-    def __init__(self, in_chs: int, out_chs: int, pool: int = 5):
-        super().__init__()
-        hidden = in_chs // 2
-        self.reduce = ConvBNAct(in_chs, hidden, 1)
-        self.pool = nn.MaxPool2d(pool, 1, pool // 2)
-        self.expand = ConvBNAct(hidden * 4, out_chs, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.reduce(x)  # (B, C/2, H, W)
-        y1 = self.pool(x)
-        y2 = self.pool(y1)
-        return self.expand(torch.cat([x, y1, y2, self.pool(y2)], 1))  # (B, C_out, H, W)
-
-
 # ----------------------------------------------------------------------------------------------- backbones
-class EfficientRep(nn.Module):
-    """RepVGG backbone: stem (stride 2) and four stages (stride 2 each); returns C3, C4, C5 (strides 8, 16, 32)."""
+SPPFS = ("simsppf", "simcspsppf")
+NECKS = ("reppan", "bic")
 
-    def __init__(self, widths: Sequence[int] = (16, 32, 64, 128, 256), depths: Sequence[int] = (1, 2, 3, 1)):
+
+def _check_choice(kind: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise PotpourriError(f"unknown {kind} '{value}'; choose one of {', '.join(choices)}")
+
+
+class EfficientRep(nn.Module):
+    """RepVGG backbone: stem (stride 2) and four stages (stride 2 each); returns C3, C4, C5 (strides 8, 16, 32),
+    ``forward_pyramid`` C2 (stride 4, for BiC) too.
+
+    ``sppf`` picks the last stage's pooling block: ``simsppf`` (v1/v2) or ``simcspsppf`` (v3, CSP-split)."""
+
+    def __init__(
+        self,
+        widths: Sequence[int] = (16, 32, 64, 128, 256),
+        depths: Sequence[int] = (1, 2, 3, 1),
+        *,
+        sppf: str = "simsppf",
+    ):
         super().__init__()
         if len(widths) != 5 or len(depths) != 4:
             raise PotpourriError(f"EfficientRep needs 5 widths and 4 depths, got {list(widths)} and {list(depths)}")
+        _check_choice("sppf", sppf, SPPFS)
         self.stem = RepConv(3, widths[0], stride=2)
         stages = []
         for i, depth in enumerate(depths):
@@ -126,25 +97,29 @@ class EfficientRep(nn.Module):
                 RepBlock(widths[i + 1], widths[i + 1], depth),
             ]
             if i == len(depths) - 1:
-                blocks.append(SimSPPF(widths[-1], widths[-1]))
+                blocks.append((SimSPPF if sppf == "simsppf" else SimCSPSPPF)(widths[-1], widths[-1]))
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.ModuleList(stages)
-        self.out_channels = tuple(widths[2:])
+        self.out_channels, self.fine_channels = tuple(widths[2:]), widths[1]  # C3, C4, C5 and C2
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.forward_pyramid(x)[1:]  # C3 (H/8), C4 (H/16), C5 (H/32)
+
+    def forward_pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """C2, C3, C4, C5 (strides 4, 8, 16, 32)."""
         x = self.stem(x)  # (B, C0, H/2, W/2)
         outs = []
-        for i, stage in enumerate(self.stages):
+        for stage in self.stages:
             x = stage(x)  # (B, C_{i+1}, H/2^{i+2}, W/2^{i+2})
-            if i >= 1:
-                outs.append(x)
-        return outs  # C3 (H/8), C4 (H/16), C5 (H/32)
+            outs.append(x)
+        return outs  # C2 (H/4), C3 (H/8), C4 (H/16), C5 (H/32)
 
 
 class Lite0Backbone(nn.Module):
-    """EfficientNet-Lite0 stem and stages up to ``blocks.6``; returns blocks 2, 4, 6 (40, 112, 320 channels)."""
+    """EfficientNet-Lite0 stem and stages up to ``blocks.6``; returns blocks 2, 4, 6 (40, 112, 320 channels),
+    ``forward_pyramid`` blocks.1 (24 channels, stride 4) too."""
 
-    TAPS = (2, 4, 6)
+    TAPS = (1, 2, 4, 6)
 
     def __init__(self, pretrained: bool = False, weights: str | None = None):
         super().__init__()
@@ -153,8 +128,13 @@ class Lite0Backbone(nn.Module):
         net = create_model("efficientnet_lite0", pretrained=pretrained, weights=weights)
         self.conv_stem, self.bn1, self.blocks = net.conv_stem, net.bn1, net.blocks
         self.out_channels = tuple(net.feature_info[i]["num_chs"] for i in (2, 3, 4))  # blocks.2, .4, .6
+        self.fine_channels = net.feature_info[1]["num_chs"]  # blocks.1
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.forward_pyramid(x)[1:]  # blocks 2, 4, 6
+
+    def forward_pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Blocks 1, 2, 4, 6 (strides 4, 8, 16, 32)."""
         x = self.bn1(self.conv_stem(x))  # (B, 32, H/2, W/2)
         outs = []
         for index, stage in enumerate(self.blocks):
@@ -166,16 +146,22 @@ class Lite0Backbone(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- neck
 class RepPAN(nn.Module):
-    """Rep-PAN neck: top-down then bottom-up fusion of C3, C4, C5 with ``RepBlock``s; returns P3, P4, P5."""
+    """Rep-PAN neck: top-down then bottom-up fusion of C3, C4, C5 with ``RepBlock``s; returns P3, P4, P5.
 
-    def __init__(self, in_channels: Sequence[int], widths: Sequence[int], depth: int = 1):
+    ``bic=True`` is YOLOv6 v3's Rep-BiPAN: each top-down step fuses the upsampled deeper map, the current level and
+    the downsampled shallower level (C4 with C3, C3 with C2) in a ``BiC`` block instead of upsample + concat."""
+
+    def __init__(self, in_channels: Sequence[int], widths: Sequence[int], depth: int = 1, *, bic: bool = False):
         super().__init__()
-        c3, c4, c5 = in_channels
+        c2, c3, c4, c5 = in_channels  # C2 (stride 4) feeds BiC only
         n3, n4, n5 = widths
+        # construction order kept as before BiC existed: a seeded default neck starts from the same weights
         self.reduce5 = ConvBNAct(c5, n4, 1)
-        self.top_down4 = RepBlock(n4 + c4, n4, depth)
+        self.bic4 = BiC(n4, (c4, c3), n4) if bic else None
+        self.top_down4 = RepBlock(n4 if bic else n4 + c4, n4, depth)
         self.reduce4 = ConvBNAct(n4, n3, 1)
-        self.top_down3 = RepBlock(n3 + c3, n3, depth)
+        self.bic3 = BiC(n3, (c3, c2), n3) if bic else None
+        self.top_down3 = RepBlock(n3 if bic else n3 + c3, n3, depth)
         self.down3 = ConvBNAct(n3, n3, 3, 2)
         self.bottom_up4 = RepBlock(n3 + n3, n4, depth)
         self.down4 = ConvBNAct(n4, n4, 3, 2)
@@ -183,21 +169,43 @@ class RepPAN(nn.Module):
         self.out_channels = (n3, n4, n5)
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        c3, c4, c5 = features
+        c2, c3, c4, c5 = features
         r5 = self.reduce5(c5)  # (B, n4, H/32, W/32)
-        f4 = self.top_down4(torch.cat([F.interpolate(r5, scale_factor=2.0, mode="nearest"), c4], 1))  # (B, n4, H/16)
-        r4 = self.reduce4(f4)  # (B, n3, H/16, W/16)
-        p3 = self.top_down3(torch.cat([F.interpolate(r4, scale_factor=2.0, mode="nearest"), c3], 1))  # (B, n3, H/8)
+        if self.bic4 is not None and self.bic3 is not None:
+            f4 = self.top_down4(self.bic4(r5, c4, c3))  # (B, n4, H/16, W/16)
+            r4 = self.reduce4(f4)  # (B, n3, H/16, W/16)
+            p3 = self.top_down3(self.bic3(r4, c3, c2))  # (B, n3, H/8, W/8)
+        else:
+            up5 = F.interpolate(r5, scale_factor=2.0, mode="nearest")
+            f4 = self.top_down4(torch.cat([up5, c4], 1))  # (B, n4, H/16, W/16)
+            r4 = self.reduce4(f4)  # (B, n3, H/16, W/16)
+            p3 = self.top_down3(torch.cat([F.interpolate(r4, scale_factor=2.0, mode="nearest"), c3], 1))  # (B, n3, H/8)
         p4 = self.bottom_up4(torch.cat([self.down3(p3), r4], 1))  # (B, n4, H/16, W/16)
         p5 = self.bottom_up5(torch.cat([self.down4(p4), r5], 1))  # (B, n5, H/32, W/32)
         return [p3, p4, p5]
 
 
 # ----------------------------------------------------------------------------------------------- head
-class EffiDeHead(nn.Module):
-    """Decoupled head per level: 1×1 stem, then 3×3 class branch → logits and 3×3 box branch → DFL bin logits."""
+ANCHOR_SHAPES = ((4.0, 4.0), (7.0, 3.0), (3.0, 7.0))  # AAT anchors per point, (w, h) in strides of their level
 
-    def __init__(self, in_channels: Sequence[int], num_classes: int, reg_max: int = 16, prior_prob: float = 0.01):
+
+class EffiDeHead(nn.Module):
+    """Decoupled head per level: 1×1 stem, then 3×3 class branch → logits and 3×3 box branch → DFL bin logits.
+
+    ``anchor_aided=True`` adds YOLOv6 v3's anchor-aided training branch: 1×1 convs on the same class and box
+    features predicting, per point and anchor of ``ANCHOR_SHAPES``, class logits and YOLOv5-style box offsets. It
+    runs only in training mode (``forward`` then returns ``(raw, raw_anchor)``) and ``drop_anchor_branch()`` deletes it.
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        num_classes: int,
+        reg_max: int = 16,
+        prior_prob: float = 0.01,
+        *,
+        anchor_aided: bool = False,
+    ):
         super().__init__()
         self.num_classes, self.reg_max, self.prior_prob = num_classes, reg_max, prior_prob
         self.stems = nn.ModuleList(ConvBNAct(c, c, 1, act=nn.SiLU) for c in in_channels)
@@ -205,31 +213,63 @@ class EffiDeHead(nn.Module):
         self.reg_convs = nn.ModuleList(ConvBNAct(c, c, 3, act=nn.SiLU) for c in in_channels)
         self.reg_preds = nn.ModuleList(nn.Conv2d(c, 4 * (reg_max + 1), 1) for c in in_channels)
         self.cls_preds = nn.ModuleList(nn.Conv2d(c, num_classes, 1) for c in in_channels)
+        self.anchor_shapes = ANCHOR_SHAPES if anchor_aided else ()
+        na = len(self.anchor_shapes)
+        self.cls_preds_ab = nn.ModuleList(nn.Conv2d(c, na * num_classes, 1) for c in in_channels) if na else None
+        self.reg_preds_ab = nn.ModuleList(nn.Conv2d(c, na * 4, 1) for c in in_channels) if na else None
         self.init_biases()
+
+    @property
+    def has_anchor_branch(self) -> bool:
+        """True while the anchor-aided training branch exists (until ``drop_anchor_branch``)."""
+        return self.cls_preds_ab is not None
 
     @torch.no_grad()
     def init_biases(self) -> None:
-        """Class logits start at the prior (focal-loss init); box bins start flat."""
-        for conv in self.cls_preds:
+        """Class logits start at the prior (focal-loss init); box bins start flat; anchor boxes start at the anchor."""
+        prior = -math.log((1 - self.prior_prob) / self.prior_prob)
+        for conv in [*self.cls_preds, *(self.cls_preds_ab or [])]:
             nn.init.zeros_(conv.weight)
-            nn.init.constant_(conv.bias, -math.log((1 - self.prior_prob) / self.prior_prob))
+            nn.init.constant_(conv.bias, prior)
         for conv in self.reg_preds:
             nn.init.zeros_(conv.weight)
             nn.init.constant_(conv.bias, 1.0)
+        for conv in self.reg_preds_ab or []:
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)  # offsets 2σ(0) − 1 = 0, sizes (2σ(0))² = 1 anchor
 
-    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        outs = []
+    def drop_anchor_branch(self) -> None:
+        """Delete the anchor-aided branch: the inference graph and state dict are then the anchor-free head's."""
+        self.cls_preds_ab = self.reg_preds_ab = None
+        self.anchor_shapes = ()
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        outs, outs_ab = [], []
+        aided = self.training and self.cls_preds_ab is not None and self.reg_preds_ab is not None
         for i, x in enumerate(features):
             x = self.stems[i](x)  # (B, C, h, w)
-            reg = self.reg_preds[i](self.reg_convs[i](x))  # (B, 4·(R+1), h, w)
-            cls = self.cls_preds[i](self.cls_convs[i](x))  # (B, K, h, w)
+            reg_feat, cls_feat = self.reg_convs[i](x), self.cls_convs[i](x)
+            reg = self.reg_preds[i](reg_feat)  # (B, 4·(R+1), h, w)
+            cls = self.cls_preds[i](cls_feat)  # (B, K, h, w)
             outs.append(torch.cat([reg, cls], 1).flatten(2))  # (B, 4·(R+1)+K, h·w)
-        return torch.cat(outs, 2).transpose(1, 2)  # (B, A, 4·(R+1)+K)
+            if aided:
+                b, _, h, w = x.shape
+                reg_ab = self.reg_preds_ab[i](reg_feat).reshape(b, -1, 4, h, w)  # (B, na, 4, h, w)
+                cls_ab = self.cls_preds_ab[i](cls_feat).reshape(b, -1, self.num_classes, h, w)  # (B, na, K, h, w)
+                outs_ab.append(
+                    torch.cat([reg_ab, cls_ab], 2).permute(0, 3, 4, 1, 2).reshape(b, h * w * reg_ab.shape[1], -1)
+                )
+        raw = torch.cat(outs, 2).transpose(1, 2)  # (B, A, 4·(R+1)+K)
+        if aided:
+            return raw, torch.cat(outs_ab, 1)  # and (B, A·na, 4+K): per level, point-major, anchor-minor
+        return raw
 
 
 # ----------------------------------------------------------------------------------------------- model
 class YoloDetector(nn.Module):
     """Backbone + Rep-PAN + decoupled head; ``forward`` returns raw ``(B, A, 4·(reg_max+1) + num_classes)``.
+
+    Options (defaults: YOLOv6 v2 parts): ``neck="bic"``, the backbone's ``sppf="simcspsppf"`` and ``aat=True``.
 
     Example:
         model = create_model("yolo_rep_n", num_classes=6); raw = model(x)  # x: (B, 3, 256, 256) normalised
@@ -244,14 +284,18 @@ class YoloDetector(nn.Module):
         neck_widths: Sequence[int] = (32, 64, 128),
         neck_depth: int = 1,
         reg_max: int = 16,
+        neck: str = "reppan",
+        aat: bool = False,
     ):
         super().__init__()
         if num_classes < 1:
             raise PotpourriError(f"num_classes must be at least 1, got {num_classes}")
+        _check_choice("neck", neck, NECKS)
         self.num_classes, self.reg_max, self.strides = num_classes, reg_max, STRIDES
         self.backbone = backbone
-        self.neck = RepPAN(backbone.out_channels, neck_widths, neck_depth)
-        self.head = EffiDeHead(self.neck.out_channels, num_classes, reg_max)
+        pyramid = (backbone.fine_channels, *backbone.out_channels)  # C2 (BiC only), C3, C4, C5
+        self.neck = RepPAN(pyramid, neck_widths, neck_depth, bic=neck == "bic")
+        self.head = EffiDeHead(self.neck.out_channels, num_classes, reg_max, anchor_aided=bool(aat))
         self.feature_info = [
             {"num_chs": c, "reduction": s, "module": f"neck.p{i + 3}"}
             for i, (c, s) in enumerate(zip(self.neck.out_channels, STRIDES, strict=True))
@@ -271,12 +315,13 @@ class YoloDetector(nn.Module):
         if x.shape[-1] % 32 or x.shape[-2] % 32:
             raise PotpourriError(f"detector input {tuple(x.shape[-2:])} must have sides that are multiples of 32")
         # channels-last input: torch 2.14's CPU backward of a stride-2 1×1 conv (RepConv's branch) corrupts memory
-        return self.neck(self.backbone(x.contiguous()))  # [P3 (B, n3, H/8, W/8), P4, P5]
+        return self.neck(self.backbone.forward_pyramid(x.contiguous()))  # [P3 (B, n3, H/8, W/8), P4, P5]
 
-    def forward_head(self, features: list[torch.Tensor]) -> torch.Tensor:
-        return self.head(features)  # (B, A, 4·(R+1)+K)
+    def forward_head(self, features: list[torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return self.head(features)  # (B, A, 4·(R+1)+K); in training with AAT also (B, A·na, 4+K)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Raw ``(B, A, 4·(R+1)+K)``; in training mode with the anchor-aided branch, ``(raw, raw_anchor)``."""
         return self.forward_head(self.forward_features(x))
 
     def get_classifier(self) -> nn.Module:
@@ -286,12 +331,17 @@ class YoloDetector(nn.Module):
         """New class-logit convs for ``num_classes`` classes (box branch and features are kept)."""
         self.num_classes = self.head.num_classes = num_classes
         self.head.cls_preds = nn.ModuleList(nn.Conv2d(c, num_classes, 1) for c in self.neck.out_channels)
+        if self.head.cls_preds_ab is not None:
+            na = len(self.head.anchor_shapes)
+            self.head.cls_preds_ab = nn.ModuleList(nn.Conv2d(c, na * num_classes, 1) for c in self.neck.out_channels)
         self.head.init_biases()
 
     @torch.no_grad()
     def reparameterize(self) -> YoloDetector:
-        """Fold every ``RepConv`` and conv-BN into single convs (in place, eval mode, idempotent); returns self."""
+        """Fold every ``RepConv`` and conv-BN into single convs and drop the anchor-aided training branch (in
+        place, eval mode, idempotent); returns self."""
         self.eval()
+        self.head.drop_anchor_branch()
         for module in self.modules():
             if isinstance(module, RepConv | ConvBNAct):
                 module.reparameterize()
@@ -375,7 +425,8 @@ def postprocess(
 # ----------------------------------------------------------------------------------------------- variants
 def _rep_detector(widths, depths, neck_widths, neck_depth, kwargs: dict[str, Any]) -> YoloDetector:
     kwargs = {k: v for k, v in kwargs.items() if k not in ("in_chans", "global_pool")}
-    return YoloDetector(EfficientRep(widths, depths), neck_widths=neck_widths, neck_depth=neck_depth, **kwargs)
+    backbone = EfficientRep(widths, depths, sppf=kwargs.pop("sppf", "simsppf"))
+    return YoloDetector(backbone, neck_widths=neck_widths, neck_depth=neck_depth, **kwargs)
 
 
 @register_model(modality="detection", tags=("detector", "reparam", "yolo"))
@@ -400,5 +451,7 @@ def yolo_lite0_pan(
     head always start from random initialisation.
     """
     kwargs = {k: v for k, v in kwargs.items() if k not in ("in_chans", "global_pool")}
+    if kwargs.pop("sppf", "simsppf") != "simsppf":
+        raise PotpourriError("sppf applies to the yolo_rep_* backbones; yolo_lite0_pan has no SPPF block")
     backbone = Lite0Backbone(pretrained=backbone_pretrained, weights=backbone_weights)
     return YoloDetector(backbone, neck_widths=(48, 96, 192), neck_depth=1, **kwargs)

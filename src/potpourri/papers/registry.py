@@ -71,6 +71,11 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
         "potpourri.papers.simdetr:run",
         "SimDETR-style (withdrawn): feature-clustering proposals, pseudo-classes, self-training, low-label detection",
     ),
+    "yolov6-v3": (
+        "potpourri.papers.yolov6_v3:run",
+        "YOLOv6 v3 parts one at a time (BiC, SimCSPSPPF, anchor-aided training, ATSS→TAL) on DS-Synth detection: "
+        "mAP, train time, re-parameterised latency (eager, ONNX Runtime)",
+    ),
     "subtuning": ("potpourri.papers.subtuning:run", "linear / full / SubTuning / LoRA against training-set size"),
 }
 

@@ -17,7 +17,6 @@ help most in low-data regimes) are what we test, with ``potpourri.detect.simdetr
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -28,6 +27,7 @@ import torch
 from potpourri.core.runs import Run, new_run, seed_everything
 from potpourri.core.training import TrainOptions, resolve_device
 from potpourri.papers.registry import compute_options
+from potpourri.report.tables import mean_std
 
 __all__ = ["SimDETRConfig", "reproduce_simdetr", "run"]
 
@@ -64,12 +64,6 @@ COLUMNS = ("stage", "arm", "k", "seed", "recall@1", "recall@3", "recall@10", "re
 def _log(run: Run, row: dict[str, Any]) -> None:
     """One metrics.csv row with every column (``Run.log_metrics`` keeps the first row's header)."""
     run.log_metrics({column: row.get(column, "") for column in COLUMNS})
-
-
-def _mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def _detections_as_boxes(
@@ -243,7 +237,7 @@ def reproduce_simdetr(cfg: SimDETRConfig, *, out: str | None = None, options: Tr
               "|---|---|---|"]  # fmt: skip
     for arm, rows in finetune_rows.items():
         map50, map_ = [r["map50"] for r in rows], [r["map"] for r in rows]
-        lines.append(f"| {arm} | {_mean_std(map50)} | {_mean_std(map_)} |")
+        lines.append(f"| {arm} | {mean_std(map50)} | {mean_std(map_)} |")
         summary[f"finetune_{arm}"] = {"map50": map50, "map": map_}
     total = time.perf_counter() - started
     summary["seconds"] = total
