@@ -5,7 +5,7 @@ SimCSPSPPF block, anchor-aided training (AAT: an anchor-based branch trained alo
 removed at inference) and ATSS for the warm-up epochs before TAL. We train ``yolo_rep_n`` from scratch with each
 part alone and with all four, over seeds, and report test mAP@0.5 and mAP@0.5:0.95 (pycocotools), training time and
 latency after re-parameterisation in eager PyTorch and ONNX Runtime (one thread, batch 1). Verdict per part: its
-mean mAP@0.5 gain over the baseline against the seed spread (a gain inside the spread is "within noise").
+mean mAP@0.5 against the baseline by the 2-std rule (closer than 2 std of either arm is "within noise").
 Reading order: ``ARMS`` → ``reproduce_yolov6_v3`` (train, evaluate, fuse, time) → ``_verdicts``.
 """
 
@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from potpourri.core.metrics import two_std_apart
 from potpourri.core.runs import Run, new_run
 from potpourri.core.training import TrainOptions, resolve_device
 from potpourri.papers.registry import compute_options
@@ -68,16 +69,21 @@ def _arm_config(arm: str, cfg: YoloV6V3Config, seed: int, class_names: tuple[str
 
 
 def _verdicts(arms: dict[str, dict[str, Any]]) -> dict[str, str]:
-    """Per part: ``better``/``worse`` when the mean mAP@0.5 gain over the baseline exceeds the seed spread of both
-    arms (max − min; with one seed, any gain counts), else ``within noise``."""
+    """Per part: ``better``/``worse`` when the mean mAP@0.5 differs from the baseline's by more than 2 standard
+    deviations of either arm (``core.metrics.two_std_apart``; one seed: std 0, any gain counts), else
+    ``within noise``."""
+
+    def std(values: list[float]) -> float:
+        return statistics.stdev(values) if len(values) > 1 else 0.0
+
     base = arms["baseline"]["map50"]
     verdicts = {}
     for arm, row in arms.items():
         if arm == "baseline":
             continue
-        gain = statistics.mean(row["map50"]) - statistics.mean(base)
-        spread = max(max(row["map50"]) - min(row["map50"]), max(base) - min(base))
-        verdicts[arm] = "within noise" if abs(gain) <= spread else ("better" if gain > 0 else "worse")
+        mean, base_mean = statistics.mean(row["map50"]), statistics.mean(base)
+        apart = two_std_apart(mean, std(row["map50"]), base_mean, std(base))
+        verdicts[arm] = ("better" if mean > base_mean else "worse") if apart else "within noise"
     return verdicts
 
 
