@@ -85,6 +85,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--k-shot", type=flags.positive_int, default=None, help="few-shot: use only K seeded normal images"
     )
     fit.add_argument("--nn-backend", choices=("torch", "faiss"), default="torch", help="faiss needs faiss-cpu")
+    from potpourri.inspect.patchcore import PatchCoreConfig
+
+    cfg = PatchCoreConfig()  # its defaults are the flags' defaults
+    fit.add_argument("--embed-dim", type=flags.positive_int, default=cfg.embed_dim,
+                     help=f"patchcore: channels after pooling the tapped layers (default {cfg.embed_dim})")  # fmt: skip
+    fit.add_argument("--projection-dim", type=flags.non_negative_int, default=cfg.projection_dim,
+                     help=f"patchcore: random projection for coreset distances, 0 = exact (default "
+                          f"{cfg.projection_dim})")  # fmt: skip
+    fit.add_argument("--num-neighbors", type=flags.positive_int, default=cfg.num_neighbors,
+                     help=f"patchcore: image-score reweighting neighbours, 1 = max patch distance (default "
+                          f"{cfg.num_neighbors})")  # fmt: skip
+    fit.add_argument("--sigma", type=flags.non_negative_float, default=cfg.sigma,
+                     help=f"patchcore: map smoothing, input pixels (default {cfg.sigma:g})")  # fmt: skip
+    fit.add_argument("--map-upsample", choices=("bilinear", "nearest"), default=cfg.map_upsample,
+                     help="patchcore: patch grid to input size (anomalib: nearest)")  # fmt: skip
+    fit.add_argument("--bank-dtype", choices=("float16", "float32"), default=cfg.bank_dtype,
+                     help="patchcore: stored coreset precision")  # fmt: skip
+    fit.add_argument("--coreset-max-patches", type=flags.non_negative_int, default=cfg.coreset_max_patches,
+                     help=f"patchcore: greedy selection per slice of this many patches, 0 = one pass (default "
+                          f"{cfg.coreset_max_patches:,})")  # fmt: skip
     fit.add_argument("--threshold", type=float, default=None, help="image threshold (default: F1-max on validation)")
     fit.add_argument("--pixel-threshold", type=float, default=None)
     fit.add_argument(

@@ -624,6 +624,13 @@ def config_from_args(args: Any) -> PatchCoreConfig:
         k_shot=args.k_shot,
         tile=getattr(args, "tile", False),
         nn_backend=args.nn_backend,
+        embed_dim=getattr(args, "embed_dim", PatchCoreConfig.embed_dim),
+        projection_dim=getattr(args, "projection_dim", PatchCoreConfig.projection_dim) or None,  # 0: exact
+        num_neighbors=getattr(args, "num_neighbors", PatchCoreConfig.num_neighbors),
+        sigma=getattr(args, "sigma", PatchCoreConfig.sigma),
+        map_upsample=getattr(args, "map_upsample", PatchCoreConfig.map_upsample),
+        bank_dtype=getattr(args, "bank_dtype", PatchCoreConfig.bank_dtype),
+        coreset_max_patches=getattr(args, "coreset_max_patches", PatchCoreConfig.coreset_max_patches) or None,
         seed=args.seed,
     )
 
