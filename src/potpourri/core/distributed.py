@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import torch
 
 from potpourri.core.errors import PotpourriError
-from potpourri.core.io import atomic_write_bytes, write_csv
+from potpourri.core.io import atomic_write_bytes, kill_point, write_csv
 
 __all__ = ["ProcessGroup", "current_group", "join", "process_group", "rows_in_parts", "shard_bounds"]
 
@@ -203,8 +203,6 @@ def rows_in_parts(
         rows = rows_in_parts(group, run.path / "predictions.csv", paths, score, batch_size=8, fieldnames=FIELDS)
     """
     from tqdm.auto import tqdm
-
-    from potpourri.core.training import kill_point
 
     csv_path = Path(csv_path)
     part = csv_path if not group.distributed else csv_path.with_name(

@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -126,3 +127,10 @@ def write_csv(path: str | os.PathLike, rows: list[dict[str, Any]], fieldnames: l
     writer.writerows(rows)
     atomic_write_bytes(path, buffer.getvalue().encode())
     return Path(path)
+
+
+def kill_point(step: int) -> None:
+    """Fault injection for the resume tests: SIGKILL this process (no cleanup, no ``finally``) when ``step`` equals
+    ``$POTPOURRI_KILL_AT_STEP``; a no-op otherwise."""
+    if step and str(step) == os.environ.get("POTPOURRI_KILL_AT_STEP"):
+        os.kill(os.getpid(), signal.SIGKILL)

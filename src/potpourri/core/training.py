@@ -19,7 +19,6 @@ import json
 import math
 import os
 import random
-import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from potpourri.core.distributed import ProcessGroup, join
 from potpourri.core.errors import PotpourriError
-from potpourri.core.io import atomic_write_bytes, save_state_dict_atomic
+from potpourri.core.io import atomic_write_bytes, kill_point, save_state_dict_atomic
 
 T = TypeVar("T")
 
@@ -171,13 +170,6 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 # ----------------------------------------------------------------------------------------------------------------
 # the helper every loop steps through
-
-
-def kill_point(step: int) -> None:
-    """Fault injection for the resume tests: SIGKILL this process (no cleanup, no ``finally``) when ``step`` equals
-    ``$POTPOURRI_KILL_AT_STEP``; a no-op otherwise."""
-    if step and str(step) == os.environ.get("POTPOURRI_KILL_AT_STEP"):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class NonFiniteLoss(PotpourriError):

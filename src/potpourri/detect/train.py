@@ -49,6 +49,7 @@ from potpourri.core.errors import PotpourriError
 from potpourri.core.training import TrainOptions, autocast, resolve_device
 from potpourri.data.boxes import DetectionSample
 from potpourri.data.transforms import images_to_tensor
+from potpourri.models.layers import varifocal_loss
 from potpourri.models.yolo import (
     YoloDetector,
     dfl_expectation,
@@ -280,20 +281,6 @@ def distribution_focal_loss(bin_logits: torch.Tensor, target: torch.Tensor) -> t
         F.cross_entropy(bin_logits, left, reduction="none") * (1 - weight_right)
         + F.cross_entropy(bin_logits, left + 1, reduction="none") * weight_right
     )
-
-
-def varifocal_loss(
-    logits: torch.Tensor,
-    target_scores: torch.Tensor,
-    positive: torch.Tensor,
-    *,
-    alpha: float = 0.75,
-    gamma: float = 2.0,
-) -> torch.Tensor:
-    """Varifocal loss (VarifocalNet; YOLOv6 ``VarifocalLoss``), summed: negatives weighted ``alpha · p^gamma``,
-    positives by their target score."""
-    weight = alpha * logits.sigmoid().pow(gamma) * (1 - positive) + target_scores * positive
-    return (F.binary_cross_entropy_with_logits(logits, target_scores, reduction="none") * weight).sum()
 
 
 class DetectionLoss:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from potpourri.core.errors import PotpourriError
+from potpourri.models.layers import varifocal_loss
 from potpourri.models.yolo import make_anchors
 
 __all__ = ["AnchorAidedLoss", "anchor_boxes", "assigner_at", "decode_anchor_boxes"]
@@ -80,8 +81,6 @@ class AnchorAidedLoss:
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Total AAT loss and its parts, assigned by ``assigner`` (``ATSSAssigner`` or ``TaskAlignedAssigner``)."""
         from torchvision.ops import generalized_box_iou_loss
-
-        from potpourri.detect.train import varifocal_loss
 
         points, stride_of, boxes = anchor_boxes(image_size, self.strides, self.shapes, raw_anchor.device)
         if raw_anchor.shape[1] != len(points) or raw_anchor.shape[-1] != 4 + self.num_classes:

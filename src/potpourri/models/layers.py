@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["binary_focal_loss", "dice_loss", "gaussian_blur", "multiclass_focal_loss", "soft_dice"]
+__all__ = ["binary_focal_loss", "dice_loss", "gaussian_blur", "multiclass_focal_loss", "soft_dice", "varifocal_loss"]
 
 
 def soft_dice(probs: torch.Tensor, target: torch.Tensor, dims: int | tuple[int, ...], eps: float = 1.0) -> torch.Tensor:
@@ -55,3 +55,17 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
     x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
     return x.squeeze(1)  # (B, H, W)
+
+
+def varifocal_loss(
+    logits: torch.Tensor,
+    target_scores: torch.Tensor,
+    positive: torch.Tensor,
+    *,
+    alpha: float = 0.75,
+    gamma: float = 2.0,
+) -> torch.Tensor:
+    """Varifocal loss (VarifocalNet; YOLOv6 ``VarifocalLoss``), summed: negatives weighted ``alpha · p^gamma``,
+    positives by their target score."""
+    weight = alpha * logits.sigmoid().pow(gamma) * (1 - positive) + target_scores * positive
+    return (F.binary_cross_entropy_with_logits(logits, target_scores, reduction="none") * weight).sum()
