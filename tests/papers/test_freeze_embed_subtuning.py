@@ -92,6 +92,8 @@ def test_quick_subtuning_reproduction_and_its_resume(tmp_path: Path) -> None:
     (run.path / "runs.jsonl").write_text("\n".join(lines[:-3]) + "\n" + lines[-3][:20])
     again = reproduce_subtuning(cfg, out=tmp_path / "run").read_summary()
     assert [r["test_acc"] for r in again["runs"]] == [r["test_acc"] for r in summary["runs"]]
+    with open(run.path / "metrics.csv") as fh:  # the resumed runs and the redone ones
+        assert len(list(csv.DictReader(fh))) == len(summary["runs"])
     timeless = [{k: v for k, v in r.items() if k != "train_s_mean"} for r in summary["table"]]
     assert [{k: v for k, v in r.items() if k != "train_s_mean"} for r in again["table"]] == timeless
 

@@ -205,9 +205,11 @@ def rows_in_parts(
     from tqdm.auto import tqdm
 
     csv_path = Path(csv_path)
-    part = csv_path if not group.distributed else csv_path.with_name(
-        f"{csv_path.stem}.part{group.rank}-of-{group.world}{csv_path.suffix}"
-    )  # fmt: skip
+
+    def part_of(rank: int) -> Path:
+        return csv_path.with_name(f"{csv_path.stem}.part{rank}-of-{group.world}{csv_path.suffix}")
+
+    part = part_of(group.rank) if group.distributed else csv_path
     start, stop = group.batch_block(len(keys), batch_size)
     mine = set(keys[start:stop])
     done = {}
@@ -240,8 +242,7 @@ def rows_in_parts(
         return scored
     merged = {**done}
     for rank in range(group.world):
-        name = f"{csv_path.stem}.part{rank}-of-{group.world}{csv_path.suffix}"
-        merged.update({row[key]: row for row in _complete_rows(csv_path.with_name(name), key)})
+        merged.update({row[key]: row for row in _complete_rows(part_of(rank), key)})
     merged.update({row[key]: row for row in scored})
     missing = [k for k in keys if k not in merged]
     if missing:
@@ -250,5 +251,5 @@ def rows_in_parts(
     write_csv(csv_path, rows, fieldnames=fieldnames)
     if group.distributed:  # the merged file now holds every row: the parts can go
         for rank in range(group.world):
-            csv_path.with_name(f"{csv_path.stem}.part{rank}-of-{group.world}{csv_path.suffix}").unlink(missing_ok=True)
+            part_of(rank).unlink(missing_ok=True)
     return rows

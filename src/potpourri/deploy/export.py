@@ -45,13 +45,15 @@ def require_onnxruntime() -> Any:
     return onnxruntime
 
 
-def ort_session(path: Path, threads: int | None = None) -> Any:
+def ort_session(path: Path | bytes, threads: int | None = None) -> Any:
+    """A CPU ONNX Runtime session on an ONNX file (or serialised model bytes), at ``threads`` intra-op threads."""
     ort = require_onnxruntime()
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    source = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 @torch.no_grad()

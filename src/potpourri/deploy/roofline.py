@@ -34,6 +34,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from potpourri.core.errors import PotpourriError
 from potpourri.core.timing import interleaved_timings
 from potpourri.report.tables import markdown_table
 
@@ -121,18 +122,19 @@ def _stream_bandwidth(n_floats: int, reps: int, min_time_s: float) -> float:
 def _onnxruntime_matmul(n: int, threads: int) -> Callable[[], Any] | None:
     """An (n, n) @ (n, n) fp32 MatMul through ONNX Runtime at ``threads`` threads; None without onnxruntime / onnx."""
     try:
-        import onnxruntime as ort
         from onnx import TensorProto, helper
-    except ImportError:
+
+        from potpourri.deploy.export import ort_session, require_onnxruntime
+
+        require_onnxruntime()
+    except (ImportError, PotpourriError):
         return None
     inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n]) for name in ("a", "b")]
     output = helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])
     graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul", inputs, [output])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = min(model.ir_version, 9)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort_session(model.SerializeToString(), threads)
     rng = np.random.default_rng(0)
     feed = {"a": rng.random((n, n), dtype=np.float32), "b": rng.random((n, n), dtype=np.float32)}
     return lambda: session.run(None, feed)

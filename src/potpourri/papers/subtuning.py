@@ -24,6 +24,7 @@ import numpy as np
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
+from potpourri.core.io import write_csv
 from potpourri.core.metrics import two_std_apart
 from potpourri.core.runs import Run, new_run, seed_everything
 from potpourri.core.training import TrainOptions, resolve_device
@@ -246,10 +247,10 @@ def reproduce_subtuning(
                 "test_acc": evaluate(result.model, test, device=device)["acc"],
             }
             _append_row(log, row)
-            run.log_metrics(row)
             results.append(row)
     order = {arm: i for i, arm in enumerate(cfg.arms)}
     results.sort(key=lambda r: (r["image_size"], r["images_per_class"], order[r["arm"]], r["seed"]))
+    write_csv(run.path / "metrics.csv", results)  # every run, resumed ones included (runs.jsonl is the live log)
     table = summarise(results)
     verdicts = _verdicts(table)
     markdown = _markdown(table)

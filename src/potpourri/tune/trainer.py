@@ -374,32 +374,33 @@ def fit(
     if strategy not in ("linear", "subtuning"):
         raise PotpourriError(f"cache_features only applies to strategies 'linear' and 'subtuning', not '{strategy}'")
     device = resolve_device(cfg.device)
+    batch = max(cfg.batch_size, 64)
     if strategy == "subtuning":
-        return _fit_on_cached_prefix(model, train_data, val_data, plan, cfg, out=out, resume=resume, device=device)
-    head = head_module(model, plan.block_map["head"])
-    cached_train = extract_features(model, train_data, head, batch_size=max(cfg.batch_size, 64), device=device)
-    cached_val = None
-    if val_data is not None:
-        cached_val = extract_features(model, val_data, head, batch_size=max(cfg.batch_size, 64), device=device)
-    result = train(head, cached_train, cached_val, plan, cfg, run=out, resume=resume)
+        trained, cached_train, cached_val = _cached_prefix(model, train_data, val_data, plan, cfg, batch, device)
+    else:
+        trained = head_module(model, plan.block_map["head"])
+        cached_train, cached_val = (
+            None if data is None else extract_features(model, data, trained, batch_size=batch, device=device)
+            for data in (train_data, val_data)
+        )
+    result = train(trained, cached_train, cached_val, plan, cfg, run=out, resume=resume)
     result.model = model
-    if result.run_path is not None and int(os.environ.get("RANK", "0")) == 0:  # the whole model, not just its head
+    if result.run_path is not None and int(os.environ.get("RANK", "0")) == 0:  # the whole model, not the part trained
         save_state_dict_atomic(model.state_dict(), result.run_path / "model.safetensors", {"step": str(result.steps)})
     return result
 
 
-def _fit_on_cached_prefix(
+def _cached_prefix(
     model: nn.Module,
     train_data: Dataset,
     val_data: Dataset | None,
     plan: Plan,
     cfg: TuneConfig,
-    *,
-    out: str | Path | None,
-    resume: bool,
+    batch_size: int,
     device: torch.device,
-) -> TuneResult:
-    """SubTuning on cached frozen-prefix activations: the prefix before the first tuned block runs once per image.
+) -> tuple[nn.Module, TensorDataset, TensorDataset | None]:
+    """SubTuning on cached frozen-prefix activations: the suffix from the first tuned block, and the activations
+    crossing into it for the train (and val) images; the prefix runs once per image.
 
     Exact when BN is in eval mode (the prefix is then a fixed function); the same updates as training the model.
     """
@@ -412,16 +413,13 @@ def _fit_on_cached_prefix(
         raise PotpourriError("cache_features for subtuning needs TensorDataset inputs (images, labels)")
     program = BlockProgram(model, plan.block_map)
     start = program.branch_point(plan.trainable_entries or ["head"])
-    batch = max(cfg.batch_size, 64)
-    train_in = cached_inputs(model, program, train_data.tensors[0], [start], batch_size=batch, device=device)[start]
-    cached_val = None
-    if val_data is not None:
-        val_in = cached_inputs(model, program, val_data.tensors[0], [start], batch_size=batch, device=device)[start]
-        cached_val = TensorDataset(val_in, val_data.tensors[1])
-    suffix = SuffixModel(model, program, start)
-    cached_train = TensorDataset(train_in, train_data.tensors[1])
-    result = train(suffix, cached_train, cached_val, plan, cfg, run=out, resume=resume)
-    result.model = model
-    if result.run_path is not None and int(os.environ.get("RANK", "0")) == 0:  # the whole model, not the wrapper
-        save_state_dict_atomic(model.state_dict(), result.run_path / "model.safetensors", {"step": str(result.steps)})
-    return result
+    cached = [
+        None
+        if data is None
+        else TensorDataset(
+            cached_inputs(model, program, data.tensors[0], [start], batch_size=batch_size, device=device)[start],
+            data.tensors[1],
+        )
+        for data in (train_data, val_data)
+    ]
+    return SuffixModel(model, program, start), cached[0], cached[1]
