@@ -28,14 +28,14 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/potpourri demo
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n auto --maxprocesses 4
 
 test-fast: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n auto --maxprocesses 4 -m "not slow"
 
 # the fast tests against the oldest versions pyproject.toml claims (its lower bounds equal constraints-lower.txt)
 test-lower: $(STAMP_LOWER)
-	HF_HUB_OFFLINE=1 $(PY_LOWER) -m pytest -q -m "not slow"
+	HF_HUB_OFFLINE=1 $(PY_LOWER) -m pytest -q -n auto --maxprocesses 4 -m "not slow"
 
 bench: $(STAMP)
 	@set -e; for script in $(wildcard benchmarks/*.py); do echo "== $$script"; $(PY) $$script; done

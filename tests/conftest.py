@@ -11,6 +11,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` (make test) runs one worker per core: each worker keeps to one torch thread so they do not fight
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,4 +1,9 @@
-"""The ``potpourri`` command through a subprocess: verbs, help, and one-line errors on bad input."""
+"""The ``potpourri`` command: verbs, help, and one-line errors on bad input.
+
+Most cases call the CLI's ``main(argv)`` in this process (``potpourri`` below: the same code the console script runs,
+without paying torch's import per case); ``console`` runs the installed console script in a subprocess for the cases
+that are about the process itself (exit status without a verb, ``--debug`` tracebacks).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 from skimage import data
+
+from tests.inprocess import run_main
 
 
 def _verbs() -> list[str]:
@@ -26,8 +33,11 @@ VERBS = _verbs()  # every verb, including those added by area modules
 POTPOURRI = str(Path(sys.executable).with_name("potpourri"))  # the console script of the environment under test
 
 
-def potpourri(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def console(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([POTPOURRI, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+potpourri = run_main  # in-process
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
@@ -57,7 +67,7 @@ def test_every_verb_has_help(verb: str, capsys: pytest.CaptureFixture) -> None:
 
 
 def test_no_verb_prints_help() -> None:
-    result = potpourri()
+    result = console()
     assert result.returncode == 2 and "usage: potpourri" in result.stdout
 
 
@@ -130,7 +140,7 @@ def test_text_model_cannot_predict_images(cat_jpg: Path) -> None:
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
-    result = potpourri("--debug", "predict", "efficientnet_lite0", str(tmp_path / "nope.jpg"))
+    result = console("--debug", "predict", "efficientnet_lite0", str(tmp_path / "nope.jpg"))
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ from potpourri import PotpourriError, create_model, list_models
 from potpourri.core.registry import REGISTRY
 from potpourri.deploy.export import export_onnx
 from potpourri.deploy.latency import LatencyRow, bench_models, latency_table
+from tests.inprocess import run_main
 
 # only the tests that run an ONNX graph need the [onnx] extra (part of the dev install); the others always run
 needs_onnxruntime = pytest.mark.skipif(
@@ -22,7 +21,6 @@ needs_onnxruntime = pytest.mark.skipif(
     reason="needs the [onnx] extra (onnx, onnxruntime)",
 )
 IMAGE_MODELS = [n for n in list_models() if REGISTRY[n].modality == "image"]
-POTPOURRI = str(Path(sys.executable).with_name("potpourri"))
 # ViTs resample their position embedding (bicubic, antialiased: no ONNX op) unless built at the export size
 BUILD_AT_64 = {
     "vit_tiny_frozenlm": {"img_size": 64},
@@ -99,23 +97,13 @@ def test_bench_rejects_bad_settings() -> None:
 @needs_onnxruntime
 def test_export_and_bench_verbs(tmp_path: Path) -> None:
     out = tmp_path / "export"
-    result = subprocess.run(
-        [POTPOURRI, "export", "efficientnet_lite0", "--pretrained", "--size", "96", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_main("export", "efficientnet_lite0", "--pretrained", "--size", "96", "--out", str(out))
     assert result.returncode == 0, result.stderr
     metadata = json.loads((out / "metadata.json").read_text())
     assert metadata["normalisation"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
     assert len(metadata["class_names"]) == 1000 and metadata["parity_max_abs_diff"] <= 1e-4
     bench = tmp_path / "bench"
-    result = subprocess.run(
-        [POTPOURRI, "bench", "repconvnet_s", "--reparam", "--size", "32", "--rounds", "2", "--out", str(bench)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_main("bench", "repconvnet_s", "--reparam", "--size", "32", "--rounds", "2", "--out", str(bench))
     assert result.returncode == 0, result.stderr
     summary = json.loads((bench / "summary.json").read_text())
     assert {r["model"] for r in summary["rows"]} == {"repconvnet_s", "repconvnet_s+reparam"}

@@ -15,12 +15,9 @@ from PIL import Image
 
 from potpourri.cli import main
 from potpourri.inspect.patchcore import PatchCoreConfig
+from tests.inprocess import run_main
 
-POTPOURRI = str(Path(sys.executable).with_name("potpourri"))
-
-
-def potpourri(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([POTPOURRI, *args], capture_output=True, text=True, timeout=300)
+potpourri = run_main  # the CLI in-process; the kill and peak-memory cases below start their own processes
 
 
 def one_line_error(capsys: pytest.CaptureFixture, argv: list[str], *needles: str) -> None:
@@ -133,7 +130,7 @@ def test_predict_killed_after_a_batch_resumes_to_the_same_csv(mvtec_folder: Path
         Image.open(sources[i % len(sources)]).rotate(90 * (i // len(sources))).save(images / f"{i:02d}.png")
     monkeypatch.setenv("PREDICT_FIXTURE", str(tmp_path))
     job = "tests.inspect.test_inspect_cli:predict_job"
-    assert run_job(job, tmp_path / "straight", "fresh").returncode == 0
+    assert run_job(job, tmp_path / "straight", "fresh", in_process=True).returncode == 0
     killed = run_job(job, tmp_path / "killed", "fresh", kill_at=2)  # after the second batch is on disk
     assert killed.returncode == -9, killed.stderr[-2000:]
     with open(tmp_path / "killed" / "predictions.csv", "a") as fh:

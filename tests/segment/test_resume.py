@@ -121,7 +121,7 @@ def test_defectgen_killed_in_each_phase_then_resumed_ends_bitwise(tmp_path):
     """Killed after global step 5 (checkpoint 4), resumed and killed after local step 3 (checkpoint 2; the global
     phase, resumed from 4, never meets step 3 again), resumed: the same weights and log as one straight run."""
     job = "tests.segment.test_resume:defectgen_job"
-    straight = run_job(job, tmp_path / "straight", "fresh")
+    straight = run_job(job, tmp_path / "straight", "fresh", in_process=True)
     assert straight.returncode == 0, straight.stderr[-3000:]
     run = tmp_path / "killed"
     first = run_job(job, run, "fresh", kill_at=5)  # global phase: checkpoints at 2 and 4, killed after 5
