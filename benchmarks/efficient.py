@@ -3,7 +3,7 @@
 Ours: EfficientMod-xxs/xs/s, FasterViT-0, the RepConv net (multi-branch and fused). Peers: the `fastervit`
 package's FasterViT-0 (same weights), DeiT-Tiny, MobileNetV2, EfficientNet-Lite0, timm FastViT-T8 and
 EfficientFormerV2-S0 (both re-parameterised). Prints a Markdown table with speed-ups against DeiT-Tiny.
-Run: `.venv/bin/python benchmarks/efficient.py [--batch 1 8] [--size 224] [--rounds 7]`
+Run: `.venv/bin/python benchmarks/efficient.py [--batch 1 8] [--size 224] [--rounds 7] [--allocator default]`
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import timm
 import torch
 
 from potpourri import create_model, reparameterize
-from potpourri.deploy.latency import bench_models, latency_table
+from potpourri.deploy.latency import ALLOCATORS, bench_models, latency_table
 
 
 def build() -> dict[str, torch.nn.Module]:
@@ -49,11 +49,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--allocator", choices=ALLOCATORS, default="retain", help="glibc malloc setting (bench_models)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     models = build()
     rows, conditions = bench_models(
-        list(models), models=models, batches=args.batch, threads=1, image_size=args.size, rounds=args.rounds
+        list(models),
+        models=models,
+        batches=args.batch,
+        threads=1,
+        image_size=args.size,
+        rounds=args.rounds,
+        allocator=args.allocator,
     )
     print(latency_table(rows, reference="deit_tiny_patch16_224"))
     print(f"conditions: {conditions}")

@@ -54,6 +54,7 @@ CASES = [
     (["bench", "efficientnet_lite0", "--rounds", "0"], "--rounds"),
     (["bench", "efficientnet_lite0", "--batch", "0"], "--batch"),
     (["bench", "efficentmod_xxs", "--roofline"], "did you mean 'efficientmod_xxs'"),
+    (["bench", "efficientmod_xxs", "--allocator", "tcmalloc"], "invalid choice"),
     (["bench", "efficientmod_xxs", "--backend", "tensorrt"], "invalid choice"),
     (["bench", "efficientmod_xxs", "--roofline", "--per-layer", "0"], "--per-layer"),
     (["bench", "efficientmod_xxs", "--threads", "0"], "--threads"),

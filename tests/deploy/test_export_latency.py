@@ -81,10 +81,11 @@ def test_unexportable_model_fails_in_one_line(tmp_path: Path) -> None:
 def test_markdown_table_speedups_are_against_the_reference() -> None:
     rows = [
         LatencyRow("ref", "eager", 1, 1, 10.0, 9.0, 11.0, 100.0, 5),
-        LatencyRow("fast", "eager", 1, 1, 4.0, 3.9, 4.1, 250.0, 5),
+        LatencyRow("fast", "eager", 1, 1, 4.0, 3.9, 4.1, 250.0, 5, 12.0),
     ]
     table = latency_table(rows, reference="ref")
-    assert "| fast | eager | 1 | 4.00 |" in table and "2.50x" in table
+    assert "| fast | eager | 1 | 4.00 | 3.90–4.10 | 250.0 | 12 | 2.50x |" in table
+    assert "| ref | eager | 1 | 10.00 | 9.00–11.00 | 100.0 | – | 1.00x |" in table
 
 
 def test_bench_rejects_bad_settings() -> None:
@@ -108,3 +109,8 @@ def test_export_and_bench_verbs(tmp_path: Path) -> None:
     summary = json.loads((bench / "summary.json").read_text())
     assert {r["model"] for r in summary["rows"]} == {"repconvnet_s", "repconvnet_s+reparam"}
     assert (bench / "results.md").read_text().startswith("| model |")
+
+
+def test_bench_rejects_an_unknown_allocator() -> None:
+    with pytest.raises(PotpourriError, match="unknown allocator 'jemalloc'"):
+        bench_models(["repconvnet_s"], allocator="jemalloc")

@@ -6,7 +6,7 @@ import argparse
 
 from potpourri.cli import flags
 from potpourri.core.errors import PotpourriError
-from potpourri.deploy.latency import BACKENDS
+from potpourri.deploy.latency import ALLOCATORS, BACKENDS
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -43,6 +43,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         run_config=vars(args) | {"func": None},
         roofline=args.roofline or bool(args.per_layer),
         per_layer=args.per_layer,
+        allocator=args.allocator,
     )
     return 0
 
@@ -106,6 +107,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     flags.add_image_size(p, default=224, help="input size (default 224)", old="--size")
     p.add_argument("--rounds", type=flags.positive_int, default=10)
     p.add_argument("--reparam", action="store_true", help="also time each model re-parameterised")
+    p.add_argument(
+        "--allocator",
+        choices=ALLOCATORS,
+        default="retain",
+        help="retain (default): glibc keeps freed memory, so megabyte activations are not page-faulted in again on "
+        "every call (the faults/call column shows it); default: malloc as it is",
+    )
     p.add_argument("--out", help="run folder (default runs/bench/vN)")
     p.set_defaults(func=_cmd_bench)
 

@@ -1,7 +1,10 @@
-"""Benchmark timing: interleaved rounds across candidates, median and quartiles."""
+"""Benchmark timing: interleaved rounds across candidates, median and quartiles; page faults and the allocator."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -37,3 +40,37 @@ def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
         return values[0], values[0], values[0]
     q1, _, q3 = statistics.quantiles(values, n=4)
     return q1, statistics.median(values), q3
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def retain_freed_memory(*, mmap_threshold_mb: int = 256, trim_threshold_mb: int = 1024) -> bool:
+    """Make glibc keep freed blocks for reuse instead of returning them to the OS (process-wide, for benchmarks).
+
+    By default glibc serves blocks over 128 KiB (a threshold that adapts upwards) by ``mmap`` and unmaps them when
+    freed, so a model whose activations are megabytes (EfficientMod's stride-4 stage) page-faults every one of them
+    in again on each forward; PyTorch's CPU allocator does not cache. Returns False (nothing changed) where libc is
+    not glibc.
+    """
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    mmap_set = mallopt(_M_MMAP_THRESHOLD, mmap_threshold_mb << 20)
+    return bool(mmap_set and mallopt(_M_TRIM_THRESHOLD, trim_threshold_mb << 20))
+
+
+def page_faults_per_call(call: Callable[[], Any], *, calls: int = 3) -> float:
+    """Minor page faults of this process per call of ``call`` (after one warm-up call): memory the OS had to map."""
+    call()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        call()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls

@@ -16,10 +16,11 @@ from typing import Any
 import torch
 
 from potpourri.core.errors import PotpourriError
-from potpourri.core.timing import interleaved_timings, quartiles
+from potpourri.core.timing import interleaved_timings, page_faults_per_call, quartiles, retain_freed_memory
 from potpourri.report.tables import markdown_table
 
 __all__ = [
+    "ALLOCATORS",
     "BACKENDS",
     "LatencyRow",
     "bench_models",
@@ -30,6 +31,7 @@ __all__ = [
 ]
 
 BACKENDS = ("eager", "onnxruntime", "openvino", "openvino-bf16")
+ALLOCATORS = ("retain", "default")  # retain: glibc keeps freed blocks (core.timing.retain_freed_memory)
 # what each backend imports (the OpenVINO ones read the ONNX graph, exported with an ONNX Runtime parity check)
 _NEEDS = {
     "onnxruntime": ("onnx", "onnxruntime"),
@@ -51,6 +53,7 @@ class LatencyRow:
     q3_ms: float
     images_per_s: float
     rounds: int
+    faults_per_call: float = float("nan")  # minor page faults per call, after the timed rounds
 
 
 def _eager_call(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
@@ -137,10 +140,13 @@ def bench_models(
     rounds: int = 10,
     reparam: bool = False,
     models: dict[str, torch.nn.Module] | None = None,
+    allocator: str = "retain",
 ) -> tuple[list[LatencyRow], dict[str, Any]]:
     """Time every model × backend × batch in one interleaved protocol; returns rows and the run's conditions.
 
     ``reparam`` adds a ``<name>+reparam`` candidate for each model. ``models`` may pass pre-built modules by name.
+    ``allocator="retain"`` (the default) makes glibc keep freed memory for the whole process first, so eager models
+    with megabyte activations are not timed re-faulting their pages (``"default"`` leaves malloc as it is).
     Backends whose packages are missing are left out and listed in ``conditions["not_installed"]``.
     Example:
         rows, conditions = bench_models(["efficientmod_xxs", "repconvnet_s"], batches=[1, 8], reparam=True)
@@ -150,6 +156,9 @@ def bench_models(
         raise PotpourriError(f"unknown backend '{unknown[0]}'; choose from {', '.join(BACKENDS)}")
     if threads < 1 or threads > (os.cpu_count() or 1):
         raise PotpourriError(f"--threads {threads} is outside 1..{os.cpu_count()} (cores on this machine)")
+    if allocator not in ALLOCATORS:
+        raise PotpourriError(f"unknown allocator '{allocator}'; choose from {', '.join(ALLOCATORS)}")
+    retained = retain_freed_memory() if allocator == "retain" else False
     not_installed = missing_backends(backends)
     backends = [b for b in backends if b not in not_installed]
     torch.set_num_threads(threads)
@@ -181,8 +190,11 @@ def bench_models(
             for key, values in timings.items():
                 name, backend = key.split("|")
                 q1, median, q3 = quartiles(values)
+                faults = page_faults_per_call(candidates[key], calls=2)
                 rows.append(
-                    LatencyRow(name, backend, batch, threads, median * 1e3, q1 * 1e3, q3 * 1e3, batch / median, rounds)
+                    LatencyRow(
+                        name, backend, batch, threads, median * 1e3, q1 * 1e3, q3 * 1e3, batch / median, rounds, faults
+                    )
                 )
     conditions = {
         "threads": threads,
@@ -192,6 +204,7 @@ def bench_models(
         "loadavg_after": os.getloadavg(),
         "cpu_count": os.cpu_count(),
         "not_installed": not_installed,
+        "allocator": allocator if allocator == "default" or retained else "default (mallopt unavailable)",
     }
     if any(b.startswith("openvino") for b in backends):
         conditions["openvino_native_bf16"] = openvino_has_bf16()
@@ -201,7 +214,8 @@ def bench_models(
 def latency_table(rows: Sequence[LatencyRow], *, reference: str | None = None) -> str:
     """A Markdown table of the rows; with ``reference``, a column of speed-ups against it (same backend, batch)."""
     ref = {(r.backend, r.batch): r.median_ms for r in rows if r.model == reference}
-    header = ["model", "backend", "batch", "median ms", "IQR ms", "images/s"] + (["speed-up"] if reference else [])
+    header = ["model", "backend", "batch", "median ms", "IQR ms", "images/s", "faults/call"]
+    header += ["speed-up"] if reference else []
     cells = []
     for r in rows:
         row = [
@@ -211,6 +225,7 @@ def latency_table(rows: Sequence[LatencyRow], *, reference: str | None = None) -
             f"{r.median_ms:.2f}",
             f"{r.q1_ms:.2f}–{r.q3_ms:.2f}",
             f"{r.images_per_s:.1f}",
+            "–" if r.faults_per_call != r.faults_per_call else f"{r.faults_per_call:.0f}",
         ]
         if reference:
             base = ref.get((r.backend, r.batch))

@@ -97,6 +97,7 @@ def bench_run(
     run_config: dict[str, Any],
     roofline: bool = False,
     per_layer: int = 0,
+    allocator: str = "retain",
 ) -> Run:
     """``potpourri bench``: interleaved latency of ``models`` per backend and batch; a Markdown table. With
     ``roofline``, this machine's peaks and each model's FLOPs, bytes and achieved fraction of its roofline bound;
@@ -114,6 +115,7 @@ def bench_run(
         backends=backend,
         image_size=image_size,
         rounds=rounds,
+        allocator=allocator,
     )
     peaks = None
     if roofline:

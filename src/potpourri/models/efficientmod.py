@@ -2,9 +2,10 @@
 
 The modulation block replaces query-key attention with ``out = fc2(v ⊙ ctx)``: a value branch ``v = fc1(x)``
 (``C → rC``, GELU when ``r > 1``) multiplied by a context branch ``ctx = g(GELU(DWConv7x7(f(x))))`` (``C → C``,
-tiled ``r`` times), with one pre-norm residual and layer scale per block. Blocks alternate ``r = 1`` (pure
-modulation) and ``r = 6`` (or 4: modulation fused with an MLP). Stages 3–4 end with a few plain attention blocks.
-Tensors are channels-last ``(B, H, W, C)`` inside the stages, as in the paper's code.
+tiled ``r`` times: broadcast over an ``(r, C)`` view of the value, no copy), with one pre-norm residual and layer
+scale per block. Blocks alternate ``r = 1`` (pure modulation) and ``r = 6`` (or 4: modulation fused with an MLP).
+Stages 3–4 end with a few plain attention blocks. Tensors are channels-last ``(B, H, W, C)`` inside the stages,
+as in the paper's code.
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ class ContextModulation(nn.Module):
         context = self.context_act(self.context_conv(context)).permute(0, 2, 3, 1)  # (B, H, W, C)
         context = self.context_out(context)  # (B, H, W, C)
         value = self.value_act(self.value_proj(x))  # (B, H, W, rC)
-        if self.ratio > 1:
-            context = context.repeat(1, 1, 1, self.ratio)  # (B, H, W, rC): channel j uses context[j mod C]
+        if self.ratio > 1:  # channel j of the value uses context[j mod C]: broadcast, not a tiled copy of the context
+            B, H, W, C = context.shape
+            mixed = (value.view(B, H, W, self.ratio, C) * context.unsqueeze(3)).view(B, H, W, self.ratio * C)
+            return self.out_proj(mixed)  # (B, H, W, C)
         return self.out_proj(value * context)  # (B, H, W, C)
 
 
