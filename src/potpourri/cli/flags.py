@@ -173,6 +173,16 @@ def add_compute(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_sync_bn(parser: argparse.ArgumentParser) -> None:
+    """``--sync-bn``: under torchrun, BatchNorm layers that train use the statistics of every process's batch."""
+    parser.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="under torchrun: BatchNorm layers that train use the statistics of every process's slice of the batch "
+        "(core.syncbn, CPU or CUDA); no effect in one process",
+    )
+
+
 def check_compute(args: argparse.Namespace) -> None:
     """Refuse a ``--precision`` the chosen ``--device`` cannot run, before any work starts."""
     if not hasattr(args, "precision") or not hasattr(args, "device"):

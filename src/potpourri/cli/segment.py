@@ -45,6 +45,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         precision=args.precision,
         resume=args.resume,
         checkpoint_every=args.checkpoint_every,
+        sync_bn=args.sync_bn,
     )
     return 0
 
@@ -92,6 +93,7 @@ def _register_segmenter(verbs: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--checkpoint-every", type=flags.non_negative_int, default=100, help="steps between checkpoints (0: at the end)"
     )
+    flags.add_sync_bn(train)
     train.set_defaults(func=_cmd_train)
 
     predict = verbs.add_parser("segment-predict", help="segment images with a trained run: class-id masks, report")

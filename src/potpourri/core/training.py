@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from potpourri.core.distributed import ProcessGroup, join
 from potpourri.core.errors import PotpourriError
 from potpourri.core.io import atomic_write_bytes, kill_point, save_state_dict_atomic
+from potpourri.core.syncbn import synchronise_batchnorm
 
 T = TypeVar("T")
 
@@ -188,7 +189,7 @@ class TrainOptions:
     progress: bool = True
     patience: int | None = None  # early stop after this many ``report`` calls without improvement
     mode: str = "max"  # whether a larger or smaller reported metric is better
-    sync_bn: bool = False  # under torchrun: batch-norm statistics over every process's batch (CUDA only)
+    sync_bn: bool = False  # under torchrun: batch-norm statistics over every process's batch (core.syncbn)
 
 
 def _generator_state(gen: torch.Generator | np.random.Generator) -> Any:
@@ -225,12 +226,8 @@ class Trainer:
         self.device = resolve_device(self.options.device)
         check_precision(self.options.precision, self.device)
         self.group: ProcessGroup = join(self.device)  # rank 0 of 1 outside torchrun
-        if self.options.sync_bn and self.group.distributed:
-            if self.device.type != "cuda":
-                raise PotpourriError(
-                    "sync_bn needs CUDA (torch's SyncBatchNorm runs on GPUs only); set sync_bn=False on the CPU"
-                )
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the same parameters, synchronised statistics
+        if self.options.sync_bn and self.group.distributed:  # the same parameters, statistics of the global batch
+            model = synchronise_batchnorm(model)
         self.model = model.to(self.device)
         self.optimizer = optimizer
         self.total_steps = total_steps

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,12 +42,16 @@ def train_segmenter_run(
     resume: bool = False,
     checkpoint_every: int = 0,
     progress: bool = True,
-) -> Run:
+    sync_bn: bool = False,
+) -> Run | None:
     """``potpourri inspect segment-train``: train the multi-class defect segmenter on ``data_spec``; test mIoU,
     latency and report.html in the returned run. Checkpoints go to ``RUN/checkpoints`` (every ``checkpoint_every``
-    steps and at the end); ``resume`` continues the run in ``out`` from the last one."""
+    steps and at the end); ``resume`` continues the run in ``out`` from the last one. Under torchrun every process
+    trains on its slice of each batch (``sync_bn``: BatchNorm statistics of the global batch); rank 0 makes the run,
+    writes the checkpoints, evaluates, reports and returns the run (the other processes return None)."""
     import torch
 
+    from potpourri.core.distributed import process_group
     from potpourri.core.runs import new_run, seed_everything
     from potpourri.core.training import TrainOptions
     from potpourri.report.html import Report
@@ -74,15 +79,24 @@ def train_segmenter_run(
         dice_weight=dice_weight,
         seed=seed,
     )
-    run = new_run(
-        "segment", out, config={"verb": "inspect segment-train", "data": data_spec, **vars(config)}, seed=seed
-    )
-    options = TrainOptions(
-        device=device, precision=precision, resume=resume, progress=progress, checkpoint_every=checkpoint_every
-    )
-    segmenter = train_segmenter(
-        data.train_images, data.train_masks, config, options=options, checkpoints=run.path / "checkpoints"
-    )
+    made: dict[str, Run] = {}
+
+    def make_run() -> str:
+        made["run"] = new_run(
+            "segment", out, config={"verb": "inspect segment-train", "data": data_spec, **vars(config)}, seed=seed
+        )
+        return str(made["run"].path)
+
+    with process_group(device) as group:  # rank 0 of 1 outside torchrun
+        path = Path(group.main_first(make_run))
+        options = TrainOptions(device=device, precision=precision, resume=resume, progress=progress and group.is_main,
+                               checkpoint_every=checkpoint_every, sync_bn=sync_bn)  # fmt: skip
+        segmenter = train_segmenter(
+            data.train_images, data.train_masks, config, options=options, checkpoints=path / "checkpoints"
+        )
+    if "run" not in made:
+        return None
+    run = made["run"]
     for row in segmenter.history:
         run.log_metrics(row)
     metrics = segmenter.evaluate(data.test_images, data.test_masks, device=device, precision=precision)

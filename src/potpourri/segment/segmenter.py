@@ -5,6 +5,9 @@ Reading order: input checks → encoder (stem and the first stages of a timm Eff
 save/load, latency) → ``train_segmenter``. The encoder is ``frozen`` (ImageNet weights untouched), ``partial`` (the
 block-map entries of ``tune_blocks`` train, as in the tuning engine's SubTuning) or ``full``; its BatchNorm layers
 always use their running statistics, since batches of a few images are too small for batch statistics.
+Under torchrun each process trains on its slice of every batch (``Trainer.shard``; ``TrainOptions.sync_bn`` gives the
+decoder's BatchNorm the global batch's statistics); the split is exact for an unweighted cross-entropy without dice
+(``class_weight_power=0, dice_weight=0``), whereas class weights and dice are ratios taken over each slice.
 
 Example:
     seg = train_segmenter(images, masks, SegmenterConfig(image_size=96, encoder="full"))  # (N,H,W,3), (N,H,W)
@@ -425,15 +428,18 @@ class Segmenter:
                 order += torch.randperm(len(x), generator=generator).tolist()
             batch, state["order"] = order[: cfg.batch_size], order[cfg.batch_size :]
             xb, yb = x[batch], y[batch]
-            if cfg.augment:
+            if cfg.augment:  # the global batch on every process (one generator state), then this process's slice
                 xb, yb = _augment(xb, yb, generator)
-            xb, yb = xb.to(trainer.device), yb.to(trainer.device)
+            local, share = trainer.shard(list(range(len(batch))))  # under torchrun: batch[rank::world]
+            xb, yb = xb[local].to(trainer.device), yb[local].to(trainer.device)
             with trainer.autocast():
                 logits = net(xb)  # (B, K, S, S)
                 loss = F.cross_entropy(logits, yb, weight=weights)
                 if cfg.dice_weight:
                     loss = loss + cfg.dice_weight * _soft_dice_loss(logits.float(), yb)
-            state["running"] += loss.detach().float().item()  # the loop's state first: update() may checkpoint
+                loss = loss * share
+            # the loop's state first (update() may checkpoint); the global batch's loss under torchrun
+            state["running"] += trainer.mean_over_processes(loss.detach().float().item())
             if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
                 count = (step % log_every) + 1
                 mean = state["running"] / count
