@@ -6,6 +6,7 @@ import json
 import re
 
 import numpy as np
+import pytest
 
 from potpourri.app.requests import MIN_PIXELS, REFUSAL, run_call
 from potpourri.data.describe import describe_mask
@@ -82,3 +83,44 @@ def test_chat_router_flag_is_validated_at_parse_time(tiny_run, capsys) -> None:
     assert main(["chat", str(tiny_run.box_image), "--run", str(tiny_run.path), "--router", "gpt9"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "invalid choice: 'gpt9'" in err
+
+
+class _PlantedSegmenter:
+    """What RequestRunner reads from a segmenter: its class names and a class map per image (a planted one)."""
+
+    class config:
+        class_names = NAMES
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        maps = np.zeros(images.shape[:3], np.int64)
+        maps[:, 4:12, 4:12] = 4  # one 64 px hole
+        return maps
+
+
+def test_web_request_field_routes_runs_and_draws() -> None:
+    from potpourri.app.requests import RequestRunner
+    from potpourri.app.serve import answer_request
+    from potpourri.vlm.router import KeywordRouter
+
+    runner = RequestRunner(KeywordRouter().route, _PlantedSegmenter())
+    image = np.full((20, 20, 3), 100, np.uint8)
+    assert answer_request(runner, image, "how many holes are in this part?")[:2] == (
+        "count(kind=hole)", "1 hole region(s) in upload")  # fmt: skip
+    call, text, drawn = answer_request(runner, image, "outline the holes")
+    assert call == "segment(kind=hole)" and text == "hole: 64 px (16.0%) in upload"
+    assert (drawn[4:12, 4:12] != image[4:12, 4:12]).all() and (drawn[15:, 15:] == image[15:, 15:]).all()
+    assert answer_request(runner, image, "tell me a joke")[0] == "refuse()"
+
+
+def test_web_page_has_the_request_field_only_with_a_runner(tiny_run) -> None:
+    pytest.importorskip("gradio")
+    from potpourri.app.assistant import Assistant
+    from potpourri.app.requests import RequestRunner
+    from potpourri.app.serve import build_app
+    from potpourri.vlm.router import KeywordRouter
+
+    assistant = Assistant(tiny_run.path)
+    ids = lambda app: {c.get("props", {}).get("elem_id") for c in app.config["components"]}  # noqa: E731
+    assert "request" not in ids(build_app(assistant))
+    runner = RequestRunner(KeywordRouter().route, _PlantedSegmenter())
+    assert {"request", "call", "request-answer"} <= ids(build_app(assistant, runner))
