@@ -73,7 +73,7 @@ def reproduce_words(cfg: WordsConfig, out: str | None = None, options: TrainOpti
     sam.cpu().eval()
     sam_s = time.perf_counter() - started
     segmenter = Segmenter(SegmenterConfig(image_size=cfg.image_size, steps=cfg.segmenter_steps, seed=cfg.seed))
-    segmenter.fit(train_images, train_masks, progress=False)
+    segmenter.fit(train_images, train_masks, progress=False, options=options)
     seg_s = time.perf_counter() - started - sam_s
     probs = segmenter.predict_proba(test_images, device="cpu")
     items = kind_regions(test_masks, CLASSES)

@@ -134,7 +134,9 @@ def describe_prediction(class_map: np.ndarray, class_names: tuple[str, ...]) -> 
     return describe_mask(class_map == class_names.index(kind), kind), kind
 
 
-def description_accuracy(truths: list[tuple[np.ndarray, str]], class_maps: np.ndarray, class_names) -> dict:
+def description_accuracy(
+    truths: list[tuple[np.ndarray, str]], class_maps: np.ndarray, class_names: tuple[str, ...]
+) -> dict[str, float]:
     """Share of single-defect images whose predicted-mask sentence names the true kind / grid cell / shape / extent
     (the truth's words come from the true mask); images with no predicted defect count as wrong."""
     hits = {"kind": 0, "cell": 0, "shape": 0, "extent": 0, "size": 0}
