@@ -1,7 +1,12 @@
 """``potpourri chat IMAGE --run RUN``: ask a trained VLM about an image in the terminal.
 
 With ``--question`` it answers once and exits; otherwise it reads questions until end of input or ``quit``
-(``:image PATH`` switches the image). Each answer is printed; when it contains boxes or masks (MiniGPT-v2 text,
+(``:image PATH`` switches the image). With ``--inspect SEGMENTER_RUN``, a line starting with ``/`` is a request in
+plain language, routed to a toolkit call (``app/requests.py``; ``--router keywords|smollm2``) over every image of the
+session: ``/how many holes are in this part?``, ``/check for scratches and show me the worst three``;
+``/describe [KIND]`` describes the largest defect of the current image in one sentence.
+
+Each answer is printed; when it contains boxes or masks (MiniGPT-v2 text,
 parsed by ``potpourri.core.textgeo``) the image with them drawn is saved under ``RUN/chat/v<N>/images/`` and its path
 printed. ``--inspect`` adds the verdict of a PatchCore / segmenter run and saves its overlay. Every turn is appended
 to ``transcript.jsonl``.
@@ -9,6 +14,7 @@ to ``transcript.jsonl``.
 Example:
     potpourri chat part.png --run runs/vlm/v0 --question "[refer] where is the scratch?"
     potpourri chat part.png --run runs/vlm/v0 --inspect runs/inspect/v0        # a REPL
+    potpourri chat part.png --run runs/vlm/v0 --inspect runs/segmenter/v0 -q "/describe scratch"
 """
 
 from __future__ import annotations
@@ -28,12 +34,14 @@ _QUIT = {"quit", "exit", ":q"}
 class ChatSession:
     """One image, one assistant, one output folder: ``turn(question)`` answers, saves drawings, logs the turn."""
 
-    def __init__(self, assistant, image_path: str | Path, out: str | Path | None = None) -> None:
+    def __init__(self, assistant, image_path: str | Path, out: str | Path | None = None, requests=None) -> None:
         from potpourri.core.runs import new_run
 
         self.assistant = assistant
+        self.requests = requests  # a RequestRunner for '/' lines, or None
         self.run = new_run("chat", out, root=assistant.run_dir)
         self.turns = 0
+        self.images: dict[str, object] = {}  # every image of the session, by path: what '/' requests look at
         self.set_image(image_path)
 
     def set_image(self, image_path: str | Path) -> None:
@@ -42,6 +50,39 @@ class ChatSession:
 
         self.image = read_rgb(image_path)
         self.image_path = Path(image_path)
+        self.images[str(self.image_path)] = self.image
+
+    def request(self, line: str, stream: TextIO | None = None) -> dict:
+        """A '/' line: ``/describe [KIND]`` or a plain-language request; print the call and its answer, save a mask
+        the call draws, append the turn to ``transcript.jsonl``."""
+        from potpourri.app.assistant import draw_answer
+        from potpourri.vlm.router import KINDS, Call
+
+        stream = stream or sys.stdout
+        if self.requests is None:
+            raise PotpourriError("'/' requests need a segmenter run: pass --inspect SEGMENTER_RUN")
+        text = line.removeprefix("/").strip()
+        current = str(self.image_path)
+        if text.split(" ")[0].lower() == "describe":
+            kind = text[len("describe") :].strip().lower() or "any"
+            if kind not in KINDS:
+                raise PotpourriError(f"unknown kind '{kind}' for /describe; choose from {', '.join(KINDS)}")
+            result = self.requests.run(Call("describe", kind), self.images, current)
+        else:
+            result = self.requests.answer(text, self.images, current)
+        self.turns += 1
+        record = {"image": current, "request": text, "call": result.call.text(), "answer": result.text}
+        print(f"call: {result.call.text()}\nanswer: {result.text}", file=stream)
+        if result.mask is not None and result.mask.any():
+            from PIL import Image
+
+            path = self.run.images / f"{self.turns:03d}_{self.image_path.stem}_request.png"
+            Image.fromarray(draw_answer(self.image, [], result.mask)).save(path)
+            record["annotated"] = str(path)
+            print(f"mask drawn on {path}", file=stream)
+        with open(self.run.path / "transcript.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        return record
 
     def turn(self, question: str, stream: TextIO | None = None) -> dict:
         """Answer one question, print the answer (and saved image paths), append it to ``transcript.jsonl``."""
@@ -90,6 +131,8 @@ def repl(session: ChatSession, stdin: TextIO, stdout: TextIO) -> None:
             if question.startswith(":image"):
                 session.set_image(question.removeprefix(":image").strip())
                 print(f"image: {session.image_path}", file=stdout)
+            elif question.startswith("/"):
+                session.request(question, stdout)
             else:
                 session.turn(question, stdout)
         except PotpourriError as exc:  # a bad image or question ends the turn, not the session

@@ -1,7 +1,9 @@
 """``potpourri serve --run RUN``: the inspection assistant as a Gradio web app (extra ``[app]``).
 
 Upload an image, ask a question; the page shows the answer, the image with the boxes / masks the answer locates, and
-with ``--inspect`` the PatchCore anomaly map or the segmenter's classes. Gradio is imported only here, when serving.
+with ``--inspect`` the PatchCore anomaly map or the segmenter's classes; with a segmenter run, a "request" field takes
+plain language ("how many holes are in this part?"), routes it to a toolkit call (``app/requests.py``) and shows the
+call, its answer and any mask it draws. Gradio is imported only here, when serving.
 
 Example:
     potpourri serve --run runs/vlm/v0 --inspect runs/inspect/v0 --port 7860      # then open http://127.0.0.1:7860
@@ -16,7 +18,7 @@ import numpy as np
 
 from potpourri.core.errors import PotpourriError
 
-__all__ = ["build_app", "require_gradio"]
+__all__ = ["answer_request", "build_app", "require_gradio"]
 
 TITLE = "potpourri inspection assistant"
 
@@ -31,8 +33,22 @@ def require_gradio() -> Any:
     return gradio
 
 
-def build_app(assistant: Any) -> Any:
-    """The Gradio ``Blocks`` page of an ``Assistant``: image + question in, answer + drawings (+ inspection) out."""
+def answer_request(requests: Any, image: np.ndarray | None, text: str) -> tuple[str, str, np.ndarray | None]:
+    """One plain-language request on one uploaded image: (the call, its answer, the image with its mask or None)."""
+    from potpourri.app.assistant import draw_answer
+    from potpourri.core.imaging import as_rgb
+
+    if image is None:
+        raise PotpourriError("no image; upload one")
+    pixels = np.asarray(as_rgb(image))
+    result = requests.answer(text, {"upload": pixels}, "upload")
+    drawn = draw_answer(pixels, [], result.mask) if result.mask is not None else None
+    return result.call.text(), result.text, drawn
+
+
+def build_app(assistant: Any, requests: Any = None) -> Any:
+    """The Gradio ``Blocks`` page of an ``Assistant``: image + question in, answer + drawings (+ inspection) out;
+    with ``requests`` (a ``RequestRunner``) also a plain-language request field."""
     gr = require_gradio()
 
     def answer(image: np.ndarray | None, question: str) -> tuple:
@@ -64,4 +80,24 @@ def build_app(assistant: Any) -> Any:
             outputs += [overlay, verdict]
         ask.click(answer, inputs=[image, question], outputs=outputs)
         question.submit(answer, inputs=[image, question], outputs=outputs)
+        if requests is not None:
+
+            def run_request(picture: np.ndarray | None, text: str) -> tuple:
+                try:
+                    return answer_request(requests, picture, text)
+                except PotpourriError as exc:
+                    raise gr.Error(str(exc)) from None
+
+            with gr.Row():
+                with gr.Column():
+                    request = gr.Textbox(label="request (plain language)", elem_id="request",
+                                         placeholder="how many holes are in this part?")  # fmt: skip
+                    go = gr.Button("Run request", elem_id="run-request")
+                with gr.Column():
+                    call = gr.Textbox(label="call", elem_id="call", interactive=False)
+                    reply = gr.Textbox(label="request answer", elem_id="request-answer", interactive=False)
+                    masked = gr.Image(type="numpy", label="request mask", elem_id="request-mask", interactive=False,
+                                      **shown)  # fmt: skip
+            go.click(run_request, inputs=[image, request], outputs=[call, reply, masked])
+            request.submit(run_request, inputs=[image, request], outputs=[call, reply, masked])
     return app

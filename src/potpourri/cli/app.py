@@ -22,8 +22,17 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     read_rgb(args.image)  # a missing or corrupt image fails before the model loads
     assistant = Assistant(args.run, inspect=args.inspect, max_new_tokens=args.max_new_tokens, device=args.device,
                           precision=args.precision)  # fmt: skip
-    session = ChatSession(assistant, args.image, args.out)
-    if args.question is not None:
+    requests = None
+    if assistant.inspector is not None and assistant.inspector.method == "segmenter":
+        from potpourri.app.requests import RequestRunner, load_router
+
+        requests = RequestRunner(load_router(args.router), assistant.inspector.model)
+    elif args.question is not None and args.question.startswith("/"):
+        raise PotpourriError("'/' requests need a segmenter run: pass --inspect SEGMENTER_RUN")
+    session = ChatSession(assistant, args.image, args.out, requests)
+    if args.question is not None and args.question.startswith("/"):
+        session.request(args.question)
+    elif args.question is not None:
         session.turn(args.question)
     else:
         repl(session, sys.stdin, sys.stdout)
@@ -40,6 +49,10 @@ def _register_chat(subparsers: argparse._SubParsersAction) -> None:
     chat.add_argument(
         "--inspect", default=None, help="also show a PatchCore (`inspect fit`) or segmenter run's verdict"
     )
+    chat.add_argument(
+        "--router", choices=("keywords", "smollm2"), default="keywords",
+        help="routes '/' requests in plain language to toolkit calls (needs --inspect SEGMENTER_RUN)",
+    )  # fmt: skip
     chat.add_argument("--max-new-tokens", type=flags.non_negative_int, default=64)
     chat.add_argument("--out", default=None, help="output folder (default RUN/chat/v<N>)")
     chat.add_argument("--threads", type=flags.non_negative_int, default=0, help="torch threads (0: leave as is)")
@@ -68,7 +81,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 0
     assistant = Assistant(args.run, inspect=args.inspect, max_new_tokens=args.max_new_tokens, device=args.device,
                           precision=args.precision)  # fmt: skip
-    app = build_app(assistant)
+    requests = None
+    if assistant.inspector is not None and assistant.inspector.method == "segmenter":
+        from potpourri.app.requests import RequestRunner, load_router
+
+        requests = RequestRunner(load_router(args.router), assistant.inspector.model)
+    app = build_app(assistant, requests)
     print(f"serving on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
     app.launch(server_name=args.host, server_port=args.port, quiet=True, show_error=True)
     return 0
@@ -86,6 +104,10 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
         "--max-megapixels", type=flags.positive_float, default=50.0, help="inspection app: larger uploads are refused"
     )
     serve.add_argument("--inspect", default=None, help="also show a PatchCore (`inspect fit`) or segmenter run")
+    serve.add_argument(
+        "--router", choices=("keywords", "smollm2"), default="keywords",
+        help="with a segmenter --inspect run: routes the page's plain-language requests to toolkit calls",
+    )  # fmt: skip
     serve.add_argument("--port", type=flags.positive_int, default=7860)
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
     serve.add_argument("--max-new-tokens", type=flags.non_negative_int, default=64)

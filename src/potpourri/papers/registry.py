@@ -76,6 +76,16 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
         "YOLOv6 v3 parts one at a time (BiC, SimCSPSPPF, anchor-aided training, ATSS→TAL) on DS-Synth detection: "
         "mAP, train time, re-parameterised latency (eager, ONNX Runtime)",
     ),
+    "words-annotation": (
+        "potpourri.papers.words_annotation:run",
+        "annotations in words (not a paper): a defect sentence parsed into a prior prompting our small SAM / "
+        "segmenter vs box vs click on DS-Synth v2, and description accuracy from predicted masks",
+    ),
+    "request-routing": (
+        "potpourri.papers.request_routing:run",
+        "plain-language requests -> toolkit calls (not a paper): grammar-constrained SmolLM2-135M vs keywords on "
+        "105 held-out phrasings",
+    ),
     "subtuning": ("potpourri.papers.subtuning:run", "linear / full / SubTuning / LoRA against training-set size"),
 }
 

@@ -133,17 +133,18 @@ def sam_loss(
 # ----------------------------------------------------------------------------------------------- data
 def synth_regions(
     split: str, per_category: int, *, size: int, seed: int = 0, multi_share: float = 0.5,
-    categories=("brick", "grass", "gravel"),
+    categories=("brick", "grass", "gravel"), version: str = "1",
 ):  # fmt: skip
     """DS-Synth defect images → images (N, S, S, 3) and (image index, region) pairs; ``multi_share`` of the images
-    hold 2–3 defects, so that the prompt, not the image alone, says which region is meant."""
+    hold 2–3 defects, so that the prompt, not the image alone, says which region is meant (``version``: DS-Synth)."""
     from potpourri.data.synth import DEFECTS, MULTI, make_samples
 
     n_multi = round(per_category * multi_share)
     images, items = [], []
     for category in categories:
-        samples = make_samples(category, split, per_category - n_multi, seed=seed, size=size, kinds=DEFECTS)
-        samples += make_samples(category, split, n_multi, seed=seed, size=size, kinds=(MULTI,))
+        samples = make_samples(category, split, per_category - n_multi, seed=seed, size=size, kinds=DEFECTS,
+                               version=version)  # fmt: skip
+        samples += make_samples(category, split, n_multi, seed=seed, size=size, kinds=(MULTI,), version=version)
         for sample in samples:
             for region in regions(sample.mask):
                 items.append((len(images), region))
