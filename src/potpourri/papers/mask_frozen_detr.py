@@ -6,9 +6,10 @@ the ``FrozenDetector`` contract (``potpourri.detect.frozen``), so the two arms r
 
 - **DETR arm**: our small DETR on frozen ImageNet EfficientNet-Lite0 features (``potpourri.detect.detr``: 16 queries,
   3 decoder layers, d 128, Hungarian matching, focal + L1 + GIoU), trained here for ``detr_steps`` steps, at most
-  ``detr_minutes`` per invocation; its checkpoints (``detr_checkpoints``) make the training resumable in pieces: a
-  re-run with the same folder continues it. Then the head, for ``head_seconds``, on the frozen DETR (query = the
-  Hungarian-matched query's last-decoder-layer state).
+  ``detr_minutes`` per invocation; its checkpoints (``<out>/detr_checkpoints``) make the training resumable in
+  pieces: ``potpourri reproduce mask-frozen-detr --out SAME`` continues it (a folder of another config is refused).
+  Then the head, for ``head_seconds``, on the frozen DETR (query = the Hungarian-matched query's last-decoder-layer
+  state).
 - **YOLO arm**: ``yolo_rep_n`` trained from scratch here for ``yolo_epochs`` (``potpourri.detect.train``), frozen,
   the same head for the same seconds (query = the winning anchor's head features).
 
@@ -44,8 +45,8 @@ class MaskFrozenDetrConfig:
     category: str = "brick"
     image_size: int = 256
     per_kind: int = 40  # training images per defect kind (+ half as many good ones); test: half as many
-    detr_steps: int = 3000
-    detr_minutes: float = 14.0  # cap of one invocation; re-run with the same detr_checkpoints to continue
+    detr_steps: int = 2000
+    detr_minutes: float = 10.0  # cap of one invocation; re-run with the same --out (or detr_checkpoints) to continue
     detr_checkpoints: str | None = None  # default: <run>/detr_checkpoints
     yolo_epochs: int = 8
     head_seconds: float = 90.0
