@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 import torch
 
+from potpourri.core.errors import PotpourriError
 from potpourri.core.registry import create_model
-from potpourri.detect.frozen import HFDetrFrozen, YoloFrozen, detr_match_cost, frozen_outputs, hungarian_match
+from potpourri.detect.frozen import (
+    HFDetrFrozen,
+    YoloFrozen,
+    detr_match_cost,
+    frozen_outputs,
+    hungarian_match,
+    load_hf_detr,
+)
 from potpourri.detect.mask_head import InstanceSample, MaskHead, MaskHeadConfig, predict_instances, train_mask_head
 
 transformers = pytest.importorskip("transformers")
@@ -84,6 +92,18 @@ def test_detr_adapter_boxes_equal_transformers_post_processing() -> None:
         assert torch.equal(labels[kept], expected[row]["labels"][order])
     assert out.embeds[0].shape == (2, 6, 32)  # the last decoder layer's state per query
     assert out.features[0].shape[-1] == SIZE // 4 and out.strides == (4.0, 32.0)
+
+
+def test_a_saved_checkpoint_loads_from_its_folder_with_its_normalisation(tmp_path) -> None:
+    model = _tiny_hf("detr")
+    model.save_pretrained(tmp_path)
+    transformers.DetrImageProcessor(image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.2, 0.2]).save_pretrained(tmp_path)
+    frozen = load_hf_detr(tmp_path)
+    x = torch.randn(1, 3, SIZE, SIZE)
+    assert torch.equal(frozen.outputs(x).boxes, HFDetrFrozen(model).outputs(x).boxes)
+    assert frozen.mean == (0.5, 0.4, 0.3) and frozen.std == (0.2, 0.2, 0.2)
+    with pytest.raises(PotpourriError, match=r"no config\.json"):
+        load_hf_detr(tmp_path / "missing")
 
 
 def test_conditional_detr_adapter_detections_are_in_transformers_top_k() -> None:

@@ -23,8 +23,11 @@ matching** (``scipy.optimize.linear_sum_assignment``) on DETR's matching cost: `
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -46,6 +49,7 @@ __all__ = [
     "fine_module",
     "frozen_outputs",
     "hungarian_match",
+    "load_hf_detr",
     "winning_anchors",
 ]
 
@@ -315,6 +319,21 @@ class HFDetrFrozen(DetrFrozen):
         boxes = _cxcywh_to_pixels(out.pred_boxes.float(), height, width)
         strides = (height / fine.shape[-2], height / last.shape[-2])
         return DetectorOutputs([fine, coarse], strides, boxes, probs, [out.last_hidden_state], (height, width))
+
+
+def load_hf_detr(folder: str | os.PathLike) -> HFDetrFrozen:
+    """A transformers DETR-family checkpoint saved in ``folder`` (``save_pretrained``; never downloaded), in eval mode
+    behind the contract, with the mean/std of its ``preprocessor_config.json`` when there is one (else ImageNet's)."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise PotpourriError(f"'{folder}' holds no config.json; pass a folder written by save_pretrained")
+    from transformers import AutoModelForObjectDetection
+
+    model = AutoModelForObjectDetection.from_pretrained(str(folder), local_files_only=True).eval()
+    processor = folder / "preprocessor_config.json"
+    norm = json.loads(processor.read_text()) if processor.is_file() else {}
+    return HFDetrFrozen(model, mean=norm.get("image_mean", (0.485, 0.456, 0.406)),
+                        std=norm.get("image_std", (0.229, 0.224, 0.225)))  # fmt: skip
 
 
 def as_frozen(detector: nn.Module | FrozenDetector) -> FrozenDetector:
