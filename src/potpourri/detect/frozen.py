@@ -18,7 +18,8 @@ feature map (stride 4) and a coarse one (the encoder memory). Three adapters:
 DETR-style detections are the queries whose best class score passes ``conf`` (no NMS: a DETR predicts a set), as
 transformers' ``post_process_object_detection``. In training, ground-truth instances get their query by **Hungarian
 matching** (``scipy.optimize.linear_sum_assignment``) on DETR's matching cost: ``5·L1`` on normalised cxcywh boxes
-``− 2·GIoU − p(class)``, exactly the assignment the detector itself was trained with.
+``− 2·GIoU − p(class)``, the assignment a DETR itself is trained with (with more instances than queries, the
+unmatched instances are left out).
 """
 
 from __future__ import annotations
