@@ -82,6 +82,10 @@ def test_a_time_capped_run_resumes_to_bitwise_identical_weights(tmp_path, monkey
     assert second["steps"] == 6 and len(second["losses"]) == 6
     after = resumed.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in straight.state_dict().items())
+    monkeypatch.setattr(detr_module, "lite0_pyramids", lambda *a, **k: pytest.fail("a finished run cached features"))
+    again, third = train_small_detr(samples, _tiny_cfg(), backbone=backbone, checkpoints=tmp_path,
+                                    options=TrainOptions(resume=True, progress=False))  # fmt: skip
+    assert third["steps"] == 6 and all(torch.equal(v, again.state_dict()[k]) for k, v in after.items())
 
 
 def test_the_adapter_reloads_and_feeds_a_mask_head(tmp_path) -> None:

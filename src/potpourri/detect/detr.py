@@ -286,9 +286,12 @@ def train_small_detr(
     losses: list[float] = trainer.state["losses"]
     backbone.to(trainer.device)
     images = [s.image for s in samples]
-    views = [lite0_pyramids(images, backbone)]
-    targets = [[(torch.as_tensor(s.boxes, dtype=torch.float32), torch.as_tensor(s.labels)) for s in samples]]
-    if cfg.flip:
+    views: list[list[torch.Tensor]] = []
+    targets: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+    if trainer.step < cfg.max_steps:  # a finished run that was restored has nothing to cache
+        views.append(lite0_pyramids(images, backbone))
+        targets.append([(torch.as_tensor(s.boxes, dtype=torch.float32), torch.as_tensor(s.labels)) for s in samples])
+    if cfg.flip and views:
         views.append(lite0_pyramids(images, backbone, flip=True))
         targets.append([(torch.as_tensor(_flipped_boxes(s.boxes, size)), torch.as_tensor(s.labels)) for s in samples])
     cache_s = time.perf_counter() - start
