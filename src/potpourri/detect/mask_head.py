@@ -2,27 +2,35 @@
 
 After Liang & Yuan, "Mask Frozen-DETR" (arXiv 2308.03747; withdrawn from ICLR 2024, no official code). The paper's
 idea: keep a trained detector entirely frozen and train only a lightweight network that predicts each instance's mask
-*inside the box the detector gives*, from the detector's features and the instance's query embedding. Our detector
-is the anchor-free YOLOv6-style ``potpourri.models.yolo`` model (no DETR queries), so the design below adapts it.
+*inside the box the detector gives*, from the detector's features and the instance's query embedding. The head sees
+the detector only through the ``potpourri.detect.frozen.FrozenDetector`` contract, so the same code runs on a
+transformers DETR / Conditional DETR / Deformable DETR, on our small DETR (``potpourri.detect.detr``) and on our
+anchor-free YOLOv6-style detector (whose "queries" are anchor points).
 
 Exact design (our own code; every number is a default of ``MaskHeadConfig``):
 
-1. **Frozen detector outputs** (``frozen_outputs``; run under ``torch.no_grad`` in eval mode, so no BN statistics
-   move). Pixel features: the backbone's stride-4 map (EfficientRep ``stages.0``, 32 channels for ``yolo_rep_n``;
-   ``blocks.1`` for the Lite0 backbone) and the neck's P3 (stride 8, the finest map the head sees). *Instance
-   embedding*: the detector has no queries, so we take the head's feature at the **winning anchor** (the anchor point
-   whose prediction became the detection): the concatenation of its class-branch and box-branch 3×3-conv features
-   (``2·C_l`` channels at level ``l``). At inference the winning anchor is the one that survived NMS; in training
-   (ground-truth boxes) it is the anchor whose decoded box overlaps the ground-truth box most (IoU), i.e. the
-   anchor that would have detected it.
-2. **Image feature encoder**: 1×1 lateral convs of the stride-4 map and of P3 to ``dim`` = 64 channels, P3
-   upsampled bilinearly to stride 4 and added, then 3×3 conv → GroupNorm(8) → ReLU → 3×3 conv: a stride-4 pixel
-   embedding map (the paper: deformable encoder layers at stride 4 + a projected stride-4 backbone feature).
+1. **Frozen detector outputs** (``FrozenDetector.outputs``; under ``torch.no_grad`` in eval mode, so no BN
+   statistics move): a fine map (stride 4) and a coarse map, and per query a box, class probabilities and an
+   embedding. For a DETR: the backbone's stride-4 map, the encoder memory and the **last decoder layer's output of
+   the query**. For our YOLO (``frozen_outputs``): the backbone's stride-4 map (EfficientRep ``stages.0``, ``blocks.1``
+   for the Lite0 backbone), the neck's P3 and, as the *instance embedding*, the head's class ⊕ box branch features
+   at the **winning anchor** (``2·C_l`` channels at level ``l``, one projection per level).
+   *Which query an instance gets*: at inference the detection's own query (a DETR's thresholded queries; our YOLO's
+   NMS survivors). In training (ground-truth boxes, ``FrozenDetector.assign``): for a DETR, **Hungarian matching**
+   of the ground truth to the frozen detector's predictions on DETR's own matching cost (5·L1 − 2·GIoU − p(class));
+   for our YOLO, the anchor whose decoded box overlaps the ground-truth box most (IoU). The RoI is always the
+   (jittered) ground-truth box and the query the matched one's embedding: a choice that trains the head on exact
+   targets while its query comes from the detector's own set, as at inference.
+2. **Image feature encoder**: 1×1 lateral convs of the fine map and of the coarse one (P3 / DETR memory) to
+   ``dim`` = 64 channels, the coarse upsampled bilinearly to the fine map's stride and added, then 3×3 conv →
+   GroupNorm(8) → ReLU → 3×3 conv: a stride-4 pixel embedding map (the paper: deformable encoder layers at stride 4
+   + a projected stride-4 backbone feature).
 3. **Box feature encoder**: ``torchvision.ops.roi_align`` of the pixel map in each box, ``roi_size`` = 28,
-   ``spatial_scale`` = 1/4, ``sampling_ratio`` = 2, ``aligned=True``; two (x, y) ∈ [−1, 1] coordinate channels are
-   concatenated (positional encoding), then two 3×3 conv → GroupNorm(8) → ReLU layers (the paper: two deformable
-   encoder layers with sine positions).
-4. **Query feature encoder**: a per-level linear map ``2·C_l → dim`` of the instance embedding, then an MLP
+   ``spatial_scale`` = 1/(the fine map's stride, 4), ``sampling_ratio`` = 2, ``aligned=True``; two (x, y) ∈ [−1, 1]
+   coordinate channels are concatenated (positional encoding), then two 3×3 conv → GroupNorm(8) → ReLU layers (the
+   paper: two deformable encoder layers with sine positions).
+4. **Query feature encoder**: a linear map per embedding group (a DETR: one, ``d_model → dim``; our YOLO: one per
+   level, ``2·C_l → dim``) of the query embedding, then an MLP
    (Linear → ReLU → Linear).
 5. **Mask prediction**: ``logits[k, y, x] = <R_k[:, y, x], q_k> / sqrt(dim) + b``: the dot product of each RoI
    pixel feature with the instance's query, 28×28 logits inside the box, pasted back into the image by
@@ -56,13 +64,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import ndimage
 
-from potpourri.core.boxes import box_iou_elementwise
 from potpourri.core.errors import PotpourriError
 from potpourri.core.training import TrainOptions, autocast
 from potpourri.data.transforms import images_to_tensor
+from potpourri.detect.frozen import (
+    DetectorOutputs,
+    FrozenDetector,
+    FrozenOutputs,
+    as_frozen,
+    clip_boxes,
+    frozen_outputs,
+    winning_anchors,
+)
 from potpourri.models.layers import dice_loss
 
 __all__ = [
+    "DetectorOutputs",
+    "FrozenDetector",
     "FrozenOutputs",
     "InstanceSample",
     "MaskHead",
@@ -83,8 +101,6 @@ __all__ = [
     "train_mask_head",
     "winning_anchors",
 ]
-
-_FINE_TAPS = {"EfficientRep": "stages.0", "Lite0Backbone": "blocks.1"}  # stride-4 maps of the two backbones
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -160,59 +176,6 @@ def read_instance_data(
     return train, test, tuple(DEFECTS)
 
 
-# ----------------------------------------------------------------------------------------------- frozen detector
-@dataclass
-class FrozenOutputs:
-    """What the frozen detector gives the mask head for a batch of images (all detached)."""
-
-    fine: torch.Tensor  # (B, C4, H/4, W/4) stride-4 backbone map
-    p3: torch.Tensor  # (B, n3, H/8, W/8)
-    embeds: list[torch.Tensor]  # per level (B, h_l·w_l, 2·C_l): class ⊕ box branch features per anchor
-    boxes: torch.Tensor  # (B, A, 4) decoded xyxy pixels
-    probs: torch.Tensor  # (B, A, K) class probabilities
-    raw: torch.Tensor  # (B, A, 4·(R+1)+K) the detector's raw output
-
-
-def _fine_module(detector: nn.Module) -> nn.Module:
-    name = _FINE_TAPS.get(type(detector.backbone).__name__)
-    if name is None:
-        raise PotpourriError(f"no stride-4 tap known for backbone {type(detector.backbone).__name__}")
-    return detector.backbone.get_submodule(name)
-
-
-@torch.no_grad()
-def frozen_outputs(detector: nn.Module, x: torch.Tensor) -> FrozenOutputs:
-    """Run the frozen detector once on normalised ``x`` (B, 3, H, W); features, per-anchor embeddings, boxes."""
-    from potpourri.models.yolo import decode
-
-    if detector.training:
-        raise PotpourriError("the frozen detector must be in eval mode (call detector.eval()) so BN stays fixed")
-    taps: list[torch.Tensor] = []
-    handle = _fine_module(detector).register_forward_hook(lambda _m, _i, out: taps.append(out))
-    try:
-        feats = detector.forward_features(x)
-    finally:
-        handle.remove()
-    head, raws, embeds = detector.head, [], []
-    for i, f in enumerate(feats):  # EffiDeHead.forward, keeping the branch features
-        f = head.stems[i](f)
-        reg, cls = head.reg_convs[i](f), head.cls_convs[i](f)
-        raws.append(torch.cat([head.reg_preds[i](reg), head.cls_preds[i](cls)], 1).flatten(2))
-        embeds.append(torch.cat([cls, reg], 1).flatten(2).transpose(1, 2).contiguous())
-    raw = torch.cat(raws, 2).transpose(1, 2).float()
-    with torch.autocast(x.device.type, enabled=False):  # boxes are decoded in fp32 under any autocast
-        boxes, probs = decode(raw, num_classes=detector.num_classes, reg_max=detector.reg_max,
-                              image_size=tuple(x.shape[-2:]), strides=detector.strides)  # fmt: skip
-    return FrozenOutputs(taps[0], feats[0], embeds, boxes, probs, raw)
-
-
-def winning_anchors(pred_boxes: torch.Tensor, gt_boxes: torch.Tensor) -> torch.Tensor:
-    """For each ground-truth box (M, 4), the anchor (index into A) whose decoded box (A, 4) overlaps it most."""
-    if len(gt_boxes) == 0:
-        return torch.zeros(0, dtype=torch.long)
-    return box_iou_elementwise(gt_boxes[:, None], pred_boxes[None]).argmax(1)  # (M, A) -> (M,)
-
-
 # ----------------------------------------------------------------------------------------------- mask head
 @dataclass
 class MaskHeadConfig:
@@ -249,20 +212,20 @@ class MaskHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(()))
 
     @classmethod
-    def for_detector(cls, detector: nn.Module, dim: int = 64, roi_size: int = 28) -> MaskHead:
-        """A head sized to ``detector``'s stride-4 map, P3 and per-level head widths."""
-        fine = _fine_module(detector)
-        fine_chs = [m for m in fine.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
-        neck = detector.neck.out_channels
-        return cls(fine_chs, neck[0], [2 * c for c in neck], dim, roi_size)
+    def for_detector(cls, detector: nn.Module | FrozenDetector, dim: int = 64, roi_size: int = 28) -> MaskHead:
+        """A head sized to ``detector``'s fine and coarse feature maps and its query-embedding widths."""
+        frozen = as_frozen(detector)
+        fine_chs, coarse_chs = frozen.feature_channels
+        return cls(fine_chs, coarse_chs, list(frozen.embed_dims), dim, roi_size)
 
     def pixel_map(self, fine: torch.Tensor, p3: torch.Tensor) -> torch.Tensor:
-        """Stride-4 pixel embeddings (B, dim, H/4, W/4)."""
+        """Pixel embeddings (B, dim, h, w) at the fine map's stride; ``p3`` is any coarser map (P3, DETR memory)."""
         up = F.interpolate(self.lateral_p3(p3), size=fine.shape[-2:], mode="bilinear", align_corners=False)
         return self.pixel(self.lateral_fine(fine) + up)
 
     def queries(self, embeds: Sequence[torch.Tensor], image_index: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-        """Query vectors (K, dim) of the instances at ``anchor`` (indices into all levels) of image ``image_index``."""
+        """Query vectors (K, dim) of the detector's queries ``anchor`` (indices into all embedding groups) of images
+        ``image_index``."""
         out = torch.zeros(len(anchor), self.dim, device=anchor.device)
         start = 0
         for level, emb in enumerate(embeds):
@@ -332,19 +295,15 @@ def mask_losses(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.
 
 
 # ----------------------------------------------------------------------------------------------- training
-def _normalise(images: Sequence[np.ndarray], detector: nn.Module) -> torch.Tensor:
-    device = next(detector.parameters()).device
-    return images_to_tensor(images, detector.mean, detector.std).contiguous().to(device)
+def _normalise(images: Sequence[np.ndarray], frozen: FrozenDetector) -> torch.Tensor:
+    device = next(frozen.module.parameters()).device
+    return images_to_tensor(images, frozen.mean, frozen.std).contiguous().to(device)
 
 
-def _cache(detector: nn.Module, samples: Sequence[InstanceSample], batch_size: int = 16) -> FrozenOutputs:
-    parts = [frozen_outputs(detector, _normalise([s.image for s in samples[i : i + batch_size]], detector))
+def _cache(frozen: FrozenDetector, samples: Sequence[InstanceSample], batch_size: int = 16) -> DetectorOutputs:
+    parts = [frozen.outputs(_normalise([s.image for s in samples[i : i + batch_size]], frozen))
              for i in range(0, len(samples), batch_size)]  # fmt: skip
-    return FrozenOutputs(
-        torch.cat([p.fine for p in parts]), torch.cat([p.p3 for p in parts]),
-        [torch.cat([p.embeds[level] for p in parts]) for level in range(len(parts[0].embeds))],
-        torch.cat([p.boxes for p in parts]), torch.cat([p.probs for p in parts]), torch.cat([p.raw for p in parts]),
-    )  # fmt: skip
+    return DetectorOutputs.cat(parts)
 
 
 def freeze(detector: nn.Module) -> nn.Module:
@@ -357,38 +316,41 @@ def freeze(detector: nn.Module) -> nn.Module:
 
 def _step_batch(
     head: MaskHead,
-    cache: FrozenOutputs,
+    frozen: FrozenDetector,
+    cache: DetectorOutputs,
     samples: Sequence[InstanceSample],
     picks: Sequence[int],
     cfg: MaskHeadConfig,
     generator: torch.Generator,
     amp: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> dict[str, torch.Tensor] | None:
-    device = cache.fine.device
+    device = cache.boxes.device
     idx = torch.as_tensor(list(picks), device=device)
     rois, anchors, image_index, targets = [], [], [], []
     for row, i in enumerate(picks):
         s = samples[i]
-        if len(s.boxes) == 0:
+        gt_index, query = frozen.assign(cache, i, torch.from_numpy(s.boxes), torch.from_numpy(s.labels))
+        if len(gt_index) == 0:
             continue
-        gt = torch.from_numpy(s.boxes)
+        gt = torch.from_numpy(s.boxes)[gt_index]
         boxes = jitter_boxes(gt, cfg.jitter, s.image.shape[:2], generator)
         rois.append(torch.cat([torch.full((len(boxes), 1), float(row)), boxes], 1))
-        anchors.append(winning_anchors(cache.boxes[i], gt.to(device)))
+        anchors.append(query.to(device))
         image_index.append(torch.full((len(boxes),), row, dtype=torch.long))
-        targets.append(mask_targets(torch.from_numpy(s.masks), boxes, head.roi_size))
+        targets.append(mask_targets(torch.from_numpy(s.masks)[gt_index], boxes, head.roi_size))
     if not rois:
         return None
+    part = cache.rows(idx)
     with amp():  # the trainer's autocast
-        pixels = head.pixel_map(cache.fine[idx], cache.p3[idx])
+        pixels = head.pixel_map(part.features[0], part.features[-1])
         rows = torch.cat(image_index).to(device)
-        queries = head.queries([e[idx] for e in cache.embeds], rows, torch.cat(anchors))
-        logits = head(pixels, torch.cat(rois).to(device), queries)
+        queries = head.queries(part.embeds, rows, torch.cat(anchors))
+        logits = head(pixels, torch.cat(rois).to(device), queries, stride=part.strides[0])
     return mask_losses(logits.float(), torch.cat(targets).to(device))
 
 
 def train_mask_head(
-    detector: nn.Module,
+    detector: nn.Module | FrozenDetector,
     samples: Sequence[InstanceSample],
     cfg: MaskHeadConfig | None = None,
     head: MaskHead | None = None,
@@ -396,7 +358,8 @@ def train_mask_head(
     options: TrainOptions | None = None,
     checkpoints: str | os.PathLike | None = None,
 ) -> tuple[MaskHead, dict[str, Any]]:
-    """Freeze ``detector``, cache its outputs on ``samples`` and train a ``MaskHead`` (AdamW, cosine); head, history.
+    """Freeze ``detector`` (our YOLO, a transformers DETR or any ``FrozenDetector``), cache its outputs on ``samples``
+    and train a ``MaskHead`` (AdamW, cosine); head, history.
 
     ``options`` sets device, precision, checkpointing and resume (from ``checkpoints``, the checkpoint folder)."""
     from potpourri.core.training import Trainer
@@ -407,7 +370,8 @@ def train_mask_head(
     options = options or TrainOptions()
     options = replace(options, progress=options.progress and cfg.progress)
     torch.manual_seed(cfg.seed)
-    freeze(detector)
+    frozen = as_frozen(detector)
+    freeze(frozen.module)
     start = time.perf_counter()
     head = head or MaskHead.for_detector(detector, cfg.dim, cfg.roi_size)
     head.train()
@@ -422,7 +386,8 @@ def train_mask_head(
     if not options.resume:
         trainer.state["losses"] = []
     losses: list[float] = trainer.state["losses"]
-    cache = _cache(detector.to(trainer.device), samples)  # the frozen detector runs once, on the training device
+    frozen.module.to(trainer.device)
+    cache = _cache(frozen, samples)  # the frozen detector runs once, on the training device
     cache_s = time.perf_counter() - start
     with_boxes = [i for i, s in enumerate(samples) if len(s.boxes)]
     for _ in trainer.steps():
@@ -431,7 +396,7 @@ def train_mask_head(
         out = None
         while out is None:  # every pick has boxes, so one draw always gives a batch
             picks = rng.choice(with_boxes, size=min(cfg.batch_size, len(with_boxes)), replace=False).tolist()
-            out = _step_batch(head, cache, samples, picks, cfg, generator, trainer.autocast)
+            out = _step_batch(head, frozen, cache, samples, picks, cfg, generator, trainer.autocast)
         losses.append(float(out["total"].detach()))  # before update(), whose checkpoint must hold it
         trainer.update(out["total"])
     trainer.finish()
@@ -473,7 +438,7 @@ def load_mask_head(folder: str | os.PathLike) -> tuple[MaskHead, dict[str, Any]]
 # ----------------------------------------------------------------------------------------------- inference
 @torch.no_grad()
 def predict_instances(
-    detector: nn.Module,
+    detector: nn.Module | FrozenDetector,
     head: MaskHead,
     images: Sequence[np.ndarray],
     *,
@@ -484,38 +449,33 @@ def predict_instances(
     device: str | torch.device | None = None,
     precision: str = "fp32",
 ) -> list[dict[str, np.ndarray]]:
-    """Per image: detector ``boxes``, ``scores``, ``labels`` (NMS) and binary ``masks`` (N, H, W) from the head, run on
-    ``device`` (None: where the head is) under ``precision`` autocast."""
-    from torchvision.ops import batched_nms
-
+    """Per image: detector ``boxes``, ``scores``, ``labels`` (its own post-processing: NMS for YOLO, none for a DETR)
+    and binary ``masks`` (N, H, W) from the head, run on ``device`` (None: where the head is) under ``precision``."""
     from potpourri.core.training import check_precision
     from potpourri.detect.train import model_device
 
     device = model_device(head, device)
     check_precision(precision, device)
     head.to(device).eval()
-    detector.to(device)
+    frozen = as_frozen(detector)
+    frozen.module.to(device)
     results = []
     for start in range(0, len(images), batch_size):
         chunk = list(images[start : start + batch_size])
         with autocast(device, precision):
-            out = frozen_outputs(detector, _normalise(chunk, detector))
-            pixels = head.pixel_map(out.fine, out.p3)
+            out = frozen.outputs(_normalise(chunk, frozen))
+            pixels = head.pixel_map(out.features[0], out.features[-1])
         height, width = chunk[0].shape[:2]
         for row in range(len(chunk)):
-            boxes = out.boxes[row].clone()
-            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+            boxes = clip_boxes(out, row)
             scores, labels = out.probs[row].max(-1)
-            anchor = (scores > conf).nonzero()[:, 0]
-            kept = anchor[batched_nms(boxes[anchor], scores[anchor], labels[anchor], iou)[:max_det]]
-            kept = kept[(boxes[kept, 2] - boxes[kept, 0] >= 1) & (boxes[kept, 3] - boxes[kept, 1] >= 1)]
+            kept = frozen.detections(out, row, conf=conf, iou=iou, max_det=max_det)
             rows = torch.full((len(kept),), row, dtype=torch.long, device=device)
             if len(kept):
                 with autocast(device, precision):
                     queries = head.queries(out.embeds, rows, kept)
                     rois = torch.cat([rows[:, None].float(), boxes[kept].float()], 1)
-                    probs = head(pixels, rois, queries).float().sigmoid()
+                    probs = head(pixels, rois, queries, stride=out.strides[0]).float().sigmoid()
                 masks = paste_masks(probs, boxes[kept].float(), (height, width)) > 0.5
             else:
                 masks = torch.zeros(0, height, width, dtype=torch.bool)

@@ -51,6 +51,11 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
         "potpourri.papers.sam_clip:run",
         "SAM-CLIP-style merging: small SAM + Lite0 teachers into one student, forgetting with vs without rehearsal",
     ),
+    "mask-frozen-detr": (
+        "potpourri.papers.mask_frozen_detr:run",
+        "Mask Frozen-DETR (withdrawn): one mask head on a frozen small DETR (trained here, resumable) vs on a frozen "
+        "YOLO; box and mask AP, CPU seconds",
+    ),
     "opro": (
         "potpourri.papers.opro:run",
         "OPRO with SmolLM2-135M vs random search, same budget: tuning a cached linear probe (lr, wd, epochs)",

@@ -1,0 +1,39 @@
+"""``reproduce mask-frozen-detr``: the quick run reports both arms with one head code path; a DETR checkpoint folder
+of another config is refused rather than resumed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from potpourri.core.errors import PotpourriError
+from potpourri.papers.mask_frozen_detr import MaskFrozenDetrConfig, reproduce_mask_frozen_detr
+from potpourri.papers.registry import run_experiment
+
+
+@pytest.mark.slow
+@pytest.mark.one_thread
+def test_quick_run_reports_both_frozen_detectors(tmp_path) -> None:
+    run = run_experiment("mask-frozen-detr", quick=True, out=str(tmp_path / "run"))
+    results = (run.path / "results.md").read_text()
+    summary = json.loads((run.path / "summary.json").read_text())
+    assert "| DETR (ours, frozen Lite0) |" in results and "| yolo_rep_n (from scratch) |" in results
+    detr, yolo = summary["rows"]["DETR (ours, frozen Lite0)"], summary["rows"]["yolo_rep_n (from scratch)"]
+    assert detr["steps"] == 3 and detr["finished"] and detr["pieces"] == 1
+    assert detr["head_steps"] == yolo["head_steps"] == 3  # the same head recipe on both detectors
+    for row in (detr, yolo):
+        assert 0.0 <= row["box_map50"] <= 1.0 and 0.0 <= row["mask_map50"] <= 1.0
+    pieces = json.loads((run.path / "detr_checkpoints" / "pieces.json").read_text())
+    assert pieces["pieces"][0]["steps_after"] == 3
+
+
+def test_a_checkpoint_folder_of_another_config_is_refused(tmp_path) -> None:
+    folder = tmp_path / "detr"
+    folder.mkdir()
+    (folder / "last.json").write_text("{}")
+    (folder / "pieces.json").write_text(json.dumps({"identity": {"detr": {}, "data": []}, "pieces": []}))
+    cfg = MaskFrozenDetrConfig(image_size=64, per_kind=1, detr_steps=3, detr_checkpoints=str(folder),
+                               pretrained_backbone=False, progress=False)  # fmt: skip
+    with pytest.raises(PotpourriError, match="another config"):
+        reproduce_mask_frozen_detr(cfg, out=str(tmp_path / "run"))
