@@ -1,9 +1,11 @@
 """A loop other than tune's under torchrun: SSPrompt's ``learn_prompt`` steps through ``core.training.Trainer``,
 which makes it data-parallel (rank 0's weights, gradients averaged, rank-0 checkpoints); 2 gloo processes, each on
-half of every batch, reach the prompt of 1 process on the whole batch."""
+half of every batch, reach the prompt of 1 process on the whole batch — even when the job is killed mid-run (torchrun
+ends the whole group) and launched again with resume: every rank restarts from rank 0's last checkpoint."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -24,15 +26,15 @@ import torch
 torch.set_num_threads(1)
 sys.path.insert(0, {root!r})
 from tests.segment.test_ddp_prompt import prompt_job
-prompt_job(sys.argv[1])
+prompt_job(sys.argv[1], resume=sys.argv[2] == "resume")
 """
 
 
-def prompt_job(out: str) -> None:
+def prompt_job(out: str, resume: bool = False) -> None:
     """6 steps of prompt learning on batches of 4 (2 per process under torchrun), a checkpoint every 3 steps."""
     sam = tiny_sam()
     images, masks = planted(6)
-    options = TrainOptions(device="cpu", checkpoint_every=3, progress=False)
+    options = TrainOptions(device="cpu", checkpoint_every=3, progress=False, resume=resume)
     prompt, losses = learn_prompt(sam, image_embeddings(sam, images), masks, PromptConfig(steps=6, batch_size=4),
                                   options=options, checkpoints=Path(out) / "checkpoints")  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
@@ -41,14 +43,22 @@ def prompt_job(out: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
-def test_two_processes_learn_the_prompt_of_one(tmp_path: Path) -> None:
+def test_two_processes_killed_and_relaunched_learn_the_prompt_of_one(tmp_path: Path) -> None:
     script = tmp_path / "job.py"
     script.write_text(SCRIPT.format(root=str(ROOT)))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    two = subprocess.run([*launcher, str(script), str(tmp_path / "two")], env=env, capture_output=True, timeout=150)
-    assert two.returncode == 0, two.stderr.decode()[-3000:]
+    two = str(tmp_path / "two")
+    killed = subprocess.run([*launcher, str(script), two, "fresh"], env={**env, "POTPOURRI_KILL_AT_STEP": "5"},
+                            capture_output=True, timeout=150)  # fmt: skip
+    assert killed.returncode != 0  # both processes SIGKILL themselves after step 5: torchrun ends the job
+    last = json.loads((tmp_path / "two" / "checkpoints" / "last.json").read_text())
+    assert last["step"] == 3 and not (tmp_path / "two" / "final.safetensors").exists()  # steps 4-5 are lost
+    # a relaunch that started over would die at step 2; one that resumes from step 3 never reaches it
+    resumed = subprocess.run([*launcher, str(script), two, "resume"], env={**env, "POTPOURRI_KILL_AT_STEP": "2"},
+                             capture_output=True, timeout=150)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
     prompt_job(str(tmp_path / "one"))
 
     one = load_file(str(tmp_path / "one" / "final.safetensors"))
