@@ -239,13 +239,18 @@ def train_sam(
             ]
         else:
             prompts = [sample_prompt(items[j][1], rng, kind) for j in chosen]
+        # every process samples the global batch's prompts (one generator state), then keeps its slice (torchrun);
+        # the loss is a mean over regions, so the slices' shares add up to the global batch's loss
+        local, share = trainer.shard(list(range(len(chosen))))
+        chosen, prompts = [chosen[i] for i in local], [prompts[i] for i in local]
         target = torch.from_numpy(np.stack([items[j][1] for j in chosen])).float()[:, None].to(device)  # (B,1,S,S)
         inputs = features[[items[j][0] for j in chosen]]
         with trainer.autocast():
             logits, iou_pred = sam.decode(inputs, **_batch_prompts(prompts, device), multimask_output=kind == "point")
         loss, parts = sam_loss(_upsample(logits.float(), cfg.image_size), iou_pred.float(), target,
                                focal_weight=cfg.focal_weight)  # fmt: skip
-        losses.append(float(loss.detach()))  # before update: its checkpoint holds this step's loss
+        loss = loss * share
+        losses.append(trainer.mean_over_processes(float(loss.detach())))  # before update: its checkpoint holds it
         trainer.update(loss)
         if log is not None and (step % 100 == 0 or step == cfg.steps - 1):
             log({"step": step, "loss": losses[-1], **parts})

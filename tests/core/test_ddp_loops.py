@@ -1,5 +1,6 @@
-"""BatchNorm over the global batch of a torchrun job on the CPU (``core.syncbn``), and a BN-training loop sharded
-across processes: two gloo processes, each on half of every batch, compute what one process does on the whole.
+"""Training loops sharded across processes: BatchNorm over the global batch of a torchrun job on the CPU
+(``core.syncbn``), the segmenter (BatchNorm trains) and the small SAM (NumPy prompt sampling): two gloo processes,
+each on half of every batch, compute what one process does on the whole.
 
 One ``torchrun --nproc_per_node 2`` launch runs both jobs; the one-process references run in the test's process.
 """
@@ -26,10 +27,11 @@ import torch
 torch.set_num_threads(1)
 sys.path.insert(0, {root!r})
 from potpourri.core.distributed import process_group
-from tests.core.test_syncbn_ddp import batchnorm_job, segmenter_job
+from tests.core.test_ddp_loops import batchnorm_job, sam_job, segmenter_job
 with process_group("cpu"):
     batchnorm_job(sys.argv[1])
     segmenter_job(sys.argv[1])
+    sam_job(sys.argv[1])
 """
 
 
@@ -88,6 +90,20 @@ def segmenter_job(out: str) -> None:
         save_file({**state, "history": history}, f"{out}/segmenter.safetensors")
 
 
+def sam_job(out: str) -> None:
+    """6 steps of ``train_sam`` (point, points and box prompts) on batches of 4, a checkpoint every 3."""
+    from potpourri.segment.sam import train_sam
+    from tests.segment.test_sam_resume import planted, tiny_sam
+
+    sam = tiny_sam(steps=6, batch_size=4, lr=1e-2)
+    images, masks = planted(3)
+    options = TrainOptions(device="cpu", checkpoint_every=3, progress=False)
+    losses = train_sam(sam, images, [(i, m) for i, m in enumerate(masks)], options=options,
+                       checkpoints=Path(out) / "sam_checkpoints")  # fmt: skip
+    if int(os.environ.get("RANK", "0")) == 0:
+        save_file({**sam.state_dict(), "losses": torch.tensor(losses)}, f"{out}/sam.safetensors")
+
+
 def test_process_batchnorm_outside_a_group_is_batchnorm() -> None:
     x, _ = planted_batch()
     reference, synced = nn.BatchNorm2d(3), synchronise_batchnorm(nn.BatchNorm2d(3))
@@ -133,6 +149,7 @@ def test_two_processes_normalise_and_train_as_one(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     try:
         segmenter_job(str(one))
+        sam_job(str(one))
     finally:
         torch.set_num_threads(threads)
     a, b = load_file(str(one / "segmenter.safetensors")), load_file(str(two / "segmenter.safetensors"))
@@ -152,3 +169,14 @@ def test_two_processes_normalise_and_train_as_one(tmp_path: Path) -> None:
     # weights and statistics are compared at 1e-3; 5 steps of lr 2e-3 move them by ~1e-2.
     for key, value in a.items():
         torch.testing.assert_close(b[key], value, rtol=0, atol=1e-3, msg=lambda m, key=key: f"{key}: {m}")
+
+    # the small SAM: a mean over regions, no BatchNorm that trains
+    sam_one = load_file(str(one / "sam.safetensors"))
+    sam_two = load_file(str(two / "sam.safetensors"))
+    assert abs(sam_one["losses"][-1] - sam_one["losses"][0]) > 1e-3  # it learned
+    torch.testing.assert_close(sam_two.pop("losses"), sam_one.pop("losses"), rtol=1e-5, atol=0)
+    # a key projection's bias has a zero gradient (softmax ignores a shift shared by all keys): AdamW turns its
+    # rounding noise into steps of ±lr, so those biases are left out; every other weight within 1e-3 (see above)
+    for key, value in sam_one.items():
+        if not key.endswith("k_proj.bias"):
+            torch.testing.assert_close(sam_two[key], value, rtol=0, atol=1e-3, msg=lambda m, key=key: f"{key}: {m}")
