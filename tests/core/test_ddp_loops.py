@@ -1,6 +1,7 @@
 """Training loops sharded across processes: BatchNorm over the global batch of a torchrun job on the CPU
-(``core.syncbn``), the segmenter (BatchNorm trains) and the small SAM (NumPy prompt sampling): two gloo processes,
-each on half of every batch, compute what one process does on the whole.
+(``core.syncbn``), the segmenter (BatchNorm trains), the small SAM (NumPy prompt sampling) and the detector (a loss
+normalised by the global batch's assigned scores): two gloo processes, each on half of every batch, compute what one
+process does on the whole.
 
 One ``torchrun --nproc_per_node 2`` launch runs both jobs; the one-process references run in the test's process.
 """
@@ -27,11 +28,12 @@ import torch
 torch.set_num_threads(1)
 sys.path.insert(0, {root!r})
 from potpourri.core.distributed import process_group
-from tests.core.test_ddp_loops import batchnorm_job, sam_job, segmenter_job
+from tests.core.test_ddp_loops import batchnorm_job, detector_job, sam_job, segmenter_job
 with process_group("cpu"):
     batchnorm_job(sys.argv[1])
     segmenter_job(sys.argv[1])
     sam_job(sys.argv[1])
+    detector_job(sys.argv[1])
 """
 
 
@@ -104,6 +106,25 @@ def sam_job(out: str) -> None:
         save_file({**sam.state_dict(), "losses": torch.tensor(losses)}, f"{out}/sam.safetensors")
 
 
+def detector_job(out: str) -> None:
+    """2 epochs of the tiny YOLO-style detector on 8 planted images, batches of 4, flips and turns, sync BN."""
+    from dataclasses import replace
+
+    from potpourri.detect.train import train_detector
+    from tests.detect.test_resume import _detect_cfg
+    from tests.detect.test_yolo import _planted, _tiny
+
+    train = _planted(8)
+    options = TrainOptions(device="cpu", checkpoint_every=3, progress=False, sync_bn=True)
+    # SGD: its steps are proportional to the gradients, so float rounding stays rounding (AdamW's normalised steps
+    # turn the rounding of a near-zero gradient into ±lr: 1 vs 2 threads of one process differ by 5.8e-3 with it)
+    cfg = replace(_detect_cfg(epochs=2), eval_every=0, augment=True, optimizer="sgd", lr=0.05)
+    result = train_detector(train, train[:4], cfg, model=_tiny(), run_path=f"{out}/detect", options=options)
+    if int(os.environ.get("RANK", "0")) == 0:
+        history = torch.tensor([[row["loss"], row["loss_cls"], row["loss_giou"]] for row in result.history])
+        save_file({**result.model.state_dict(), "history": history.double()}, f"{out}/detector.safetensors")
+
+
 def test_process_batchnorm_outside_a_group_is_batchnorm() -> None:
     x, _ = planted_batch()
     reference, synced = nn.BatchNorm2d(3), synchronise_batchnorm(nn.BatchNorm2d(3))
@@ -150,6 +171,7 @@ def test_two_processes_normalise_and_train_as_one(tmp_path: Path) -> None:
     try:
         segmenter_job(str(one))
         sam_job(str(one))
+        detector_job(str(one))
     finally:
         torch.set_num_threads(threads)
     a, b = load_file(str(one / "segmenter.safetensors")), load_file(str(two / "segmenter.safetensors"))
@@ -180,3 +202,14 @@ def test_two_processes_normalise_and_train_as_one(tmp_path: Path) -> None:
     for key, value in sam_one.items():
         if not key.endswith("k_proj.bias"):
             torch.testing.assert_close(sam_two[key], value, rtol=0, atol=1e-3, msg=lambda m, key=key: f"{key}: {m}")
+
+    # the detector: BatchNorm trains (sync BN), the loss is normalised by the whole batch's assigned scores
+    det_one = load_file(str(one / "detector.safetensors"))
+    det_two = load_file(str(two / "detector.safetensors"))
+    assert not torch.equal(det_one["history"][0], det_one["history"][-1])  # it learned
+    torch.testing.assert_close(det_two.pop("history"), det_one.pop("history"), rtol=1e-5, atol=0)
+    for key, value in det_one.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(det_two[key], value, rtol=0, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+        else:
+            assert torch.equal(det_two[key], value), key

@@ -52,6 +52,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         test_fraction=args.test_fraction,
         threads=args.threads,
+        sync_bn=args.sync_bn,
     )
     return 0
 
@@ -154,6 +155,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--seed", type=flags.non_negative_int, default=0)
     train.add_argument("--threads", type=flags.non_negative_int, default=None)
     flags.add_compute(train)
+    flags.add_sync_bn(train)
     train.set_defaults(func=_cmd_train)
 
     predict = verbs.add_parser("predict", help="detect boxes in images: drawn images and predictions.csv")

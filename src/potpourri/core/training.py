@@ -353,6 +353,23 @@ class Trainer:
         torch.distributed.all_reduce(total)
         return total.item() / self.group.world
 
+    def sums_over_processes(self, values: dict[str, float]) -> dict[str, float]:
+        """Each number summed over processes in one all-reduce (the numbers themselves in one process)."""
+        if not self.group.distributed or not values:
+            return dict(values)
+        packed = torch.tensor(list(values.values()), dtype=torch.float64, device=self._comm_device())
+        torch.distributed.all_reduce(packed)
+        return dict(zip(values, packed.tolist(), strict=True))
+
+    def total_over_processes(self, value: torch.Tensor) -> torch.Tensor:
+        """A tensor summed over processes, outside autograd (itself in one process): e.g. a loss's normaliser that
+        counts the whole global batch, so sharded losses add up to the one-process loss."""
+        if not self.group.distributed:
+            return value
+        total = value.detach().to(self._comm_device(), torch.float64).clone()
+        torch.distributed.all_reduce(total)
+        return total.to(value.device, value.dtype)
+
     def _comm_device(self) -> torch.device:
         """Where collectives run: nccl moves CUDA tensors only."""
         return self.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")

@@ -41,11 +41,15 @@ def train_run(
     threads: int | None,
     atss_warmup_epochs: int = 0,
     detector_options: dict[str, Any] | None = None,
-) -> Run:
+    sync_bn: bool = False,
+) -> Run | None:
     """``potpourri detect train``: train a registered detector on ``data_spec`` (resumable with ``resume`` and
-    ``out``) on ``device`` in ``precision``; test mAP and report. ``detector_options``: ``neck``, ``sppf``, ``aat``."""
+    ``out``) on ``device`` in ``precision``; test mAP and report. ``detector_options``: ``neck``, ``sppf``, ``aat``.
+    Under torchrun each process trains on its slice of every batch (``sync_bn``: BatchNorm statistics of the global
+    batch); rank 0 makes and writes the run and returns it, the other processes return None."""
     import torch
 
+    from potpourri.core.distributed import process_group
     from potpourri.core.runs import new_run
     from potpourri.core.training import TrainOptions
     from potpourri.data.boxes import read_detection_data
@@ -84,9 +88,22 @@ def train_run(
         seed=seed,
     )
     record = {"verb": "detect train", "data": data_spec, **vars(config), "device": device, "precision": precision}
-    run = new_run("detect", out, config=record, seed=seed)
-    options = TrainOptions(device=device, precision=precision, resume=resume)  # checkpoint once per epoch
-    result = train_detector(data.train, data.test, config, run_path=run.path, options=options)
+    made: dict[str, Run] = {}
+
+    def make_run() -> str:
+        made["run"] = new_run("detect", out, config=record, seed=seed)
+        return str(made["run"].path)
+
+    with process_group(device) as group:  # rank 0 of 1 outside torchrun
+        path = group.main_first(make_run)
+        # a checkpoint once per epoch (train_detector's default)
+        options = TrainOptions(
+            device=device, precision=precision, resume=resume, progress=group.is_main, sync_bn=sync_bn
+        )
+        result = train_detector(data.train, data.test, config, run_path=path, options=options)
+    if "run" not in made:
+        return None
+    run = made["run"]
     columns = list(dict.fromkeys(k for row in result.history for k in row))  # test mAP appears only on eval epochs
     for row in result.history:
         run.log_metrics({k: row.get(k, "") for k in columns})

@@ -22,7 +22,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -100,6 +100,9 @@ class DetectionLoss:
         self.num_classes, self.reg_max, self.strides = num_classes, reg_max, tuple(strides)
         self.cls_loss, self.weights = cls_loss, weights
         self.assigner = assigner or TaskAlignedAssigner(num_classes)
+        # the sum of the score normaliser over processes (``Trainer.total_over_processes`` under torchrun), so each
+        # process's loss is its share of the global batch's loss; None: this batch alone
+        self.total: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __call__(
         self,
@@ -118,7 +121,8 @@ class DetectionLoss:
         assigned = self.assigner(
             logits.detach().sigmoid(), pd_boxes.detach(), anchors, gt_labels, gt_boxes, gt_mask, strides=stride_of
         )
-        score_sum = assigned.scores.sum().clamp_min(1.0)
+        score_sum = assigned.scores.sum()
+        score_sum = (self.total(score_sum) if self.total is not None else score_sum).clamp_min(1.0)
 
         if self.cls_loss == "vfl":
             positive = F.one_hot(assigned.labels, self.num_classes).float() * assigned.fg[..., None]
@@ -464,6 +468,9 @@ def train_detector(
                              "train again without --resume")  # fmt: skip
     trainer = Trainer(model, optimizer, total_steps=total, options=options, folder=checkpoints, desc="detect train")
     device = trainer.device
+    loss_fn.total = trainer.total_over_processes  # normalisers of the global batch (identities in one process)
+    if aided_loss is not None:
+        aided_loss.total = trainer.total_over_processes
     # what changes across steps besides weights and optimizer: the open epoch's loss sums and the history rows
     state = trainer.state
     if not options.resume:
@@ -499,6 +506,7 @@ def train_detector(
         batches = epoch_batches(len(train), batch_size, seed=cfg.seed, epoch=epoch, shuffle=True, drop_last=drop_last)
         rng = np.random.default_rng([cfg.seed, epoch, batch_index])  # a function of the position: resumable
         chosen = [augment(train[i], rng) if cfg.augment else train[i] for i in batches[batch_index]]
+        chosen, _ = trainer.shard(chosen)  # under torchrun: this process's slice of the augmented global batch
         images, gt_labels, gt_boxes, gt_mask = (t.to(device) for t in collate(chosen, model.mean, model.std))
         lr = lr_at(step, base=cfg.lr, total=total, warmup=cfg.warmup_steps, min_ratio=cfg.min_lr_ratio)
         for group in optimizer.param_groups:
@@ -511,8 +519,12 @@ def train_detector(
         if aided_loss is not None and raw_anchor is not None:
             loss_ab, parts_ab = aided_loss(raw_anchor.float(), gt_labels, gt_boxes, gt_mask, size, loss_fn.assigner)
             loss, parts = loss + loss_ab, {**parts, **parts_ab}
+        # each process's loss is its slice's sums over the global normaliser: they add up to the global loss, and
+        # the trainer averages gradients over processes, hence the factor
+        loss = loss * trainer.group.world
         sums = state["sums"]
-        for key, value in {"loss": loss.detach().float().item(), **parts}.items():
+        logged = {"loss": loss.detach().float().item() / trainer.group.world, **parts}
+        for key, value in trainer.sums_over_processes(logged).items():
             sums[key] = sums.get(key, 0.0) + value
         state["lr"], state["seconds"] = lr, time.perf_counter() - started
         trainer.update(loss, lr=f"{lr:.2e}")

@@ -14,7 +14,7 @@ After ``meituan/YOLOv6`` v3 (``yolov6/models/losses/loss_fuseab.py``, ``yolov6/m
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +69,7 @@ class AnchorAidedLoss:
         if not shapes:
             raise PotpourriError("AnchorAidedLoss needs the head's anchor shapes; build the detector with aat=True")
         self.num_classes, self.strides, self.shapes, self.weights = num_classes, tuple(strides), tuple(shapes), weights
+        self.total: Callable[[torch.Tensor], torch.Tensor] | None = None  # as DetectionLoss.total
 
     def __call__(
         self,
@@ -90,7 +91,8 @@ class AnchorAidedLoss:
         pd_boxes = decode_anchor_boxes(offsets, points, stride_of, boxes)  # (B, N, 4) pixels
         assigned = assigner(logits.detach().sigmoid(), pd_boxes.detach(), points, gt_labels, gt_boxes, gt_mask,
                             strides=stride_of, anchor_boxes=boxes)  # fmt: skip
-        score_sum = assigned.scores.sum().clamp_min(1.0)
+        score_sum = assigned.scores.sum()
+        score_sum = (self.total(score_sum) if self.total is not None else score_sum).clamp_min(1.0)
         positive = F.one_hot(assigned.labels, self.num_classes).float() * assigned.fg[..., None]
         loss_cls = varifocal_loss(logits, assigned.scores, positive) / score_sum
         fg = assigned.fg
