@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import itertools
 
-import numpy as np
 import pytest
 import torch
 
 from potpourri.core.errors import PotpourriError
-from potpourri.core.registry import create_model
 from potpourri.detect.frozen import (
     HFDetrFrozen,
     YoloFrozen,
@@ -19,7 +17,8 @@ from potpourri.detect.frozen import (
     hungarian_match,
     load_hf_detr,
 )
-from potpourri.detect.mask_head import InstanceSample, MaskHead, MaskHeadConfig, predict_instances, train_mask_head
+from potpourri.detect.mask_head import MaskHead, MaskHeadConfig, predict_instances, train_mask_head
+from tests.detect.test_mask_head import _planted, _tiny_detector
 
 transformers = pytest.importorskip("transformers")
 
@@ -50,28 +49,7 @@ def _tiny_hf(kind: str = "detr", num_labels: int = 2) -> torch.nn.Module:
     return model.eval()
 
 
-def _tiny_yolo() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return create_model("yolo_rep_n", num_classes=2).eval()
-
-
-def _planted(n: int, seed: int = 0) -> list[InstanceSample]:
-    """Noise images with one or two L-shaped bright instances (class 0 or 1)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        image = rng.integers(0, 60, (SIZE, SIZE, 3), dtype=np.uint8)
-        masks, boxes, labels = [], [], []
-        for k in range(1 + i % 2):
-            h, w = (int(v) for v in rng.integers(8, 20, 2))
-            y, x = int(rng.integers(32 * k, 32 * k + 32 - h)), int(rng.integers(0, SIZE - w))
-            m = np.zeros((SIZE, SIZE), bool)
-            m[y : y + h, x : x + w] = True
-            m[y : y + h // 2, x : x + w // 2] = False
-            image[m] = (240, 200, 40)
-            masks.append(m), boxes.append((x, y, x + w, y + h)), labels.append(k)
-        out.append(InstanceSample(image, np.stack(masks), np.asarray(boxes, np.float32), np.asarray(labels)))
-    return out
+_tiny_yolo = _tiny_detector  # the mask-head tests' seeded yolo_rep_n with 2 classes
 
 
 def test_detr_adapter_boxes_equal_transformers_post_processing() -> None:
