@@ -13,6 +13,12 @@ Example:
     potpourri vlm train --out runs/vlm/v0 --resume      # after a kill: continue from the last checkpoint
     potpourri vlm train --device cuda --precision bf16 ...                       # where and in which precision
     potpourri vlm baseline --image-size 128 --n-train 140 --kinds yesno,refer --threads 1   # the non-LLM baseline
+    potpourri vlm train --arch minigpt4 --steps 100 --lora-steps 50 ...    # MiniGPT-4: captions, then descriptions
+    potpourri vlm train --curriculum --steps 100 --lora-steps 100 --stage3-steps 50   # MiniGPT-v2's three stages
+    potpourri vlm train --random-lm ...              # the same LM re-initialised: what pretraining contributes
+
+``--arch minigpt4`` and ``--curriculum`` train stage by stage through ``potpourri.vlm.minigpt.run_phased`` and
+evaluate after every stage (``summary.json`` ``stages``); ``--eval-each-stage`` does so for a plain run too.
 
 ``baseline`` trains the non-LLM baseline (``potpourri.papers.vlm_baseline``: segmenter boxes + defect-classifier
 answers) on the same training images and scores it on the same test instructions as ``train`` with the same data
@@ -27,6 +33,7 @@ from typing import Any
 import torch
 
 from potpourri.cli import flags
+from potpourri.core.errors import PotpourriError
 
 __all__ = [
     "register",
@@ -57,7 +64,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     how = ("func", "out", "threads", "vlm_command", "resume", "device", "precision")  # not the run's content
     cfg = {k: v for k, v in vars(args).items() if k not in how}
     cfg["kinds"] = ",".join(parse_kinds(cfg["kinds"]))
-    run = run_train(cfg, args.out, options=options)
+    if cfg["arch"] == "minigpt4" and cfg["curriculum"]:
+        raise PotpourriError("--curriculum is MiniGPT-v2's; MiniGPT-4 has its own two stages (drop one of them)")
+    if cfg["stage3_steps"] and not cfg["curriculum"]:
+        raise PotpourriError("--stage3-steps needs --curriculum (the third stage is MiniGPT-v2's instruction tuning)")
+    if cfg["arch"] == "minigpt4" or cfg["curriculum"] or cfg["eval_each_stage"]:
+        from potpourri.vlm.minigpt import run_phased
+
+        run = run_phased(cfg, args.out, options=options)
+        for stage in run.read_summary()["stages"]:
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in stage["model"].items() if not k.startswith("n_"))
+            print(f"after {stage['name']} ({stage['steps']} steps): {shown}")
+    else:
+        run = run_train(cfg, args.out, options=options)
     _print_summary(run.read_summary())
     print(f"run: {run.path}")
     return 0
@@ -114,6 +133,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     verbs = vlm.add_subparsers(dest="vlm_command", required=True)
     train = verbs.add_parser("train", help="train the projection (stage 1), optionally LoRA (stage 2), then evaluate")
     train.add_argument("--lm", default="smollm2_135m", help="smollm2_135m | tiny (random, tests) | a HF model folder")
+    train.add_argument(
+        "--arch",
+        default="minigpt-v2",
+        choices=("minigpt-v2", "minigpt4"),
+        help="minigpt-v2: merged tokens + linear (+ LoRA); minigpt4: Q-Former + one linear, frozen LM",
+    )
+    train.add_argument(
+        "--queries",
+        dest="num_queries",
+        type=flags.positive_int,
+        default=32,
+        help="minigpt4: Q-Former queries (image tokens per image)",
+    )
+    train.add_argument(
+        "--random-lm",
+        action="store_true",
+        help="re-initialise the LM (same config and tokenizer): what its pretraining contributes",
+    )
+    train.add_argument(
+        "--curriculum",
+        action="store_true",
+        help="MiniGPT-v2's three stages: broad captions+regions, multi-task, instruction tuning",
+    )
+    train.add_argument(
+        "--eval-each-stage",
+        action="store_true",
+        help="evaluate after every stage, with caption ROUGE-L/BLEU-1 (always on with minigpt4 / --curriculum)",
+    )
+    train.add_argument(
+        "--stage3-steps",
+        type=flags.non_negative_int,
+        default=0,
+        help="--curriculum: instruction-tuning steps after --lora-steps of multi-task",
+    )
     train.add_argument("--merge", default="1x4", choices=("none", "1x4", "2x2"))
     train.add_argument("--vision-norm", action="store_true", help="LayerNorm on image tokens before the projection")
     train.add_argument(
@@ -125,9 +178,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--position", action="store_true", help="add each image token's (x, y) centre, learned map")
     train.add_argument("--lora-targets", default="q_proj,v_proj", help="LM modules that get LoRA, comma-separated")
     _add_data_arguments(train)
-    train.add_argument("--steps", type=flags.positive_int, default=200, help="stage-1 (projection) steps")
     train.add_argument(
-        "--lora-steps", type=flags.non_negative_int, default=0, help="stage-2 (projection + LoRA) steps afterwards"
+        "--steps",
+        type=flags.positive_int,
+        default=200,
+        help="stage-1 steps (projection; minigpt4: + Q-Former on captions; curriculum: broad data)",
+    )
+    train.add_argument(
+        "--lora-steps",
+        type=flags.non_negative_int,
+        default=0,
+        help="stage-2 steps afterwards (projection + LoRA; minigpt4: the linear layer on descriptions)",
     )
     train.add_argument("--lr", type=flags.positive_float, default=1e-3)
     train.add_argument("--lora-lr", type=flags.positive_float, default=2e-4)

@@ -7,6 +7,14 @@ As in ``minigpt4/models/minigpt_v2.py``: the encoder's feature map becomes token
 when the tokenizer has none). The loss is next-token cross-entropy on the answer tokens (and the end token) only.
 Stage 1 trains the projection; stage 2 adds LoRA (peft) on the LM's ``q_proj``/``v_proj``.
 
+``arch="minigpt4"`` is MiniGPT-4 instead (``minigpt4/models/mini_gpt4.py``): the encoder's tokens go through a
+Q-Former with learned queries (the SEED tokenizer's ``CausalQFormer``), ONE ``Linear`` maps its outputs to the LM,
+and the prompt is MiniGPT-4's ``###Human: <Img><ImageHere></Img> .. ###Assistant:``; the LM gets no LoRA. In the
+paper the Q-Former is BLIP-2's, pretrained and frozen; here none is pretrained, so it trains with the projection in
+stage 1 (``train_qformer``, the default; say so when reporting) and only the projection trains in stage 2.
+``random_lm=True`` (``build_vlm``) swaps the LM for a re-initialised one of the same config: the control that shows
+what the pretrained language model contributes.
+
 Any Hugging Face causal LM works (``load_causal_lm(folder)``, ``create_model("smollm2_135m", pretrained=True)``);
 tests use a tiny random ``LlamaForCausalLM`` with ``char_tokenizer()``.
 
@@ -33,18 +41,23 @@ from potpourri.core.errors import PotpourriError
 from potpourri.core.io import load_state_dict_file, save_state_dict_atomic
 
 __all__ = [
+    "ARCHS",
     "IMAGE_SLOT",
+    "MINIGPT4_TEMPLATE",
     "VLMBatch",
     "VLMConfig",
     "VisionLanguageModel",
     "build_vlm",
     "char_tokenizer",
     "merge_tokens",
+    "reinitialised",
     "token_centres",
     "vlm_from_config",
 ]
 
 IMAGE_SLOT = "<ImageHere>"
+ARCHS = ("minigpt-v2", "minigpt4")
+MINIGPT4_TEMPLATE = "###Human: {} ###Assistant: "  # MiniGPT-4's prompt_template (train and chat)
 MERGE_BLOCKS = {"none": (1, 1), "1x4": (1, 4), "2x2": (2, 2)}  # (rows, cols) of cells per token
 MERGES = {name: rows * cols for name, (rows, cols) in MERGE_BLOCKS.items()}
 IGNORE = -100
@@ -64,6 +77,12 @@ class VLMConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     system: str = ""  # the chat template's system turn ("" keeps SmolLM2's default persona out)
     image_template: str = "<Img>" + IMAGE_SLOT + "</Img> "
+    arch: str = "minigpt-v2"  # minigpt-v2 | minigpt4
+    num_queries: int = 32  # minigpt4: Q-Former queries = image tokens per image (BLIP-2: 32)
+    qformer_dim: int = 128
+    qformer_layers: int = 2
+    qformer_heads: int = 4
+    train_qformer: bool = True  # minigpt4: the Q-Former trains in stage 1 (the paper's is pretrained and frozen)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -172,14 +191,25 @@ class VisionLanguageModel(nn.Module):
         self.tokenizer = tokenizer
         if getattr(tokenizer, "eos_token_id", None) is None:
             raise PotpourriError("the tokenizer has no end-of-sequence token; pass a Hugging Face causal-LM tokenizer")
+        if self.config.arch not in ARCHS:
+            raise PotpourriError(f"unknown VLM architecture '{self.config.arch}'; choose from {', '.join(ARCHS)}")
         feature_dim = self._feature_channels()
         self._check_lora_targets()
         hidden = self.lm.get_input_embeddings().weight.shape[1]
-        token_dim = feature_dim * MERGES[self.config.merge]
+        self.qformer: nn.Module | None = None
+        if self.config.arch == "minigpt4":
+            from potpourri.models.visual_tokenizer import CausalQFormer
+
+            cfg = self.config
+            self.qformer = CausalQFormer(feature_dim, num_queries=cfg.num_queries, dim=cfg.qformer_dim,
+                                         heads=cfg.qformer_heads, layers=cfg.qformer_layers)  # fmt: skip
+            token_dim, position_dim = cfg.qformer_dim, feature_dim  # positions join the Q-Former's memory tokens
+        else:
+            token_dim, position_dim = feature_dim * MERGES[self.config.merge], hidden
         # raw Lite0 tokens project to ~80x the norm of the LM's text embeddings; a LayerNorm brings them to scale
         self.vision_norm = nn.LayerNorm(token_dim) if self.config.vision_norm else nn.Identity()
-        self.proj = nn.Linear(token_dim, hidden)  # MiniGPT-v2's llama_proj
-        self.position = nn.Linear(4 * POSITION_FREQUENCIES, hidden) if self.config.position else None
+        self.proj = nn.Linear(token_dim, hidden)  # MiniGPT-v2's llama_proj (MiniGPT-4's single linear layer)
+        self.position = nn.Linear(4 * POSITION_FREQUENCIES, position_dim) if self.config.position else None
         self.stage = 1
         self.lora = False
         self.set_stage(1)
@@ -234,9 +264,18 @@ class VisionLanguageModel(nn.Module):
         self.lora = True
 
     def set_stage(self, stage: int) -> None:
-        """Stage 1: only the projection (and vision norm) trains; stage 2: + LoRA (q/v); everything else frozen."""
+        """Stage 1: only the projection (and vision norm) trains; stage 2: + LoRA (q/v); everything else frozen.
+        MiniGPT-4: stage 1 projection (+ Q-Former when ``train_qformer``), stage 2 the projection alone, no LoRA."""
         if stage not in (1, 2):
             raise PotpourriError(f"unknown training stage {stage}; use 1 (projection) or 2 (projection + LoRA)")
+        if self.qformer is not None:
+            self.requires_grad_(False)
+            for part in (self.proj, self.vision_norm, self.position):
+                if part is not None:
+                    part.requires_grad_(True)
+            self.qformer.requires_grad_(stage == 1 and self.config.train_qformer)
+            self.stage = stage
+            return
         if stage == 2:
             self.add_lora()
         self.requires_grad_(False)
@@ -249,9 +288,13 @@ class VisionLanguageModel(nn.Module):
                 param.requires_grad_(".lora_" in name)
         self.stage = stage
 
+    def _saved(self, name: str, param: nn.Parameter) -> bool:
+        """Trained now, or trained earlier and not rebuilt from the config (MiniGPT-4's Q-Former)."""
+        return param.requires_grad or (self.qformer is not None and name.startswith("qformer."))
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The parameters that train in the current stage (projection, LoRA factors)."""
-        return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
+        """The parameters that train in the current stage (projection, LoRA factors; MiniGPT-4: + its Q-Former)."""
+        return {n: p.detach().clone() for n, p in self.named_parameters() if self._saved(n, p)}
 
     def save_trainable(self, path: str | os.PathLike) -> Path:
         """Write the trainable parts (safetensors, atomic) with the config they need."""
@@ -272,7 +315,11 @@ class VisionLanguageModel(nn.Module):
         saved.setdefault("vision_norm", False)  # files written before the options existed
         saved.setdefault("position", False)
         saved.setdefault("feature_index", -1)
-        for key in ("merge", "feature_index", "vision_norm", "position", "lora_rank", "lora_alpha", "lora_targets"):
+        saved.setdefault("arch", "minigpt-v2")
+        keys = ("arch", "merge", "feature_index", "vision_norm", "position", "lora_rank", "lora_alpha", "lora_targets")
+        if self.config.arch == "minigpt4":
+            keys += ("num_queries", "qformer_dim", "qformer_layers", "qformer_heads")
+        for key in keys:
             value = tuple(saved[key]) if key == "lora_targets" and key in saved else saved.get(key)
             if key in saved and value != getattr(self.config, key):
                 raise PotpourriError(f"'{path}' was trained with {key}={saved[key]}, this model has "
@@ -281,9 +328,10 @@ class VisionLanguageModel(nn.Module):
 
     def load_trainable_state(self, state: dict[str, torch.Tensor], *, source: str = "the state") -> None:
         """Copy trainable parts (``trainable_state_dict``'s keys) in; switches to stage 2 when they hold LoRA."""
-        self.set_stage(2 if any(".lora_" in k for k in state) else 1)
+        if self.qformer is None:
+            self.set_stage(2 if any(".lora_" in k for k in state) else 1)
         own = dict(self.named_parameters())
-        expected = {n for n, p in own.items() if p.requires_grad}
+        expected = {n for n, p in own.items() if self._saved(n, p)}
         if set(state) != expected:
             missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
             raise PotpourriError(f"{source} does not fit this model (missing {missing[:2]}, unexpected {extra[:2]})")
@@ -306,7 +354,14 @@ class VisionLanguageModel(nn.Module):
         return _as_feature_map(maps[0], self.encoder)
 
     def image_tokens(self, features: torch.Tensor) -> torch.Tensor:
-        """Feature map ``(B, C, h, w)`` -> projected image tokens ``(B, N, D)`` (+ their position when enabled)."""
+        """Feature map ``(B, C, h, w)`` -> projected image tokens ``(B, N, D)`` (+ their position when enabled);
+        MiniGPT-4: ``(B, num_queries, D)`` from the Q-Former (positions are added to its memory tokens)."""
+        if self.qformer is not None:
+            memory = features.flatten(2).transpose(1, 2)  # (B, h*w, C)
+            if self.position is not None:
+                centres = token_centres(features.shape[2], features.shape[3], "none").to(memory.device)
+                memory = memory + self.position(fourier_features(centres).to(memory.dtype))[None]
+            return self.proj(self.vision_norm(self.qformer(memory)))  # (B, Q, D)
         tokens = self.proj(self.vision_norm(merge_tokens(features, self.config.merge)))  # (B, N, D)
         if self.position is None:
             return tokens
@@ -317,6 +372,8 @@ class VisionLanguageModel(nn.Module):
     def prompt_text(self, instruction: str) -> str:
         """The full prompt string with one ``<ImageHere>`` slot, in the LM's chat template."""
         user = self.config.image_template + instruction
+        if self.config.arch == "minigpt4":
+            return (getattr(self.tokenizer, "bos_token", None) or "") + MINIGPT4_TEMPLATE.format(user)
         template = getattr(self.tokenizer, "chat_template", None)
         if template:
             messages = [{"role": "system", "content": self.config.system}, {"role": "user", "content": user}]
@@ -471,9 +528,11 @@ def build_vlm(
     tokenizer: Any = None,
     pretrained: bool = True,
     merge: str = "1x4",
+    random_lm: bool = False,
     **config: Any,
 ) -> VisionLanguageModel:
-    """A VLM from names or modules: encoder (a registered/timm name), LM (``smollm2_135m``, ``tiny``, or a folder).
+    """A VLM from names or modules: encoder (a registered/timm name), LM (``smollm2_135m``, ``tiny``, or a folder);
+    ``random_lm``: the LM re-initialised (same config and tokenizer), the pretrained-language control.
 
     Example:
         build_vlm(pretrained=True)                                    # EfficientNet-Lite0 + SmolLM2-135M
@@ -497,14 +556,25 @@ def build_vlm(
         tokenizer = getattr(lm, "tokenizer", None)
         if tokenizer is None:
             raise PotpourriError("this language model comes without a tokenizer; pass tokenizer=...")
+    if random_lm:
+        lm = reinitialised(getattr(lm, "lm", lm))
     return VisionLanguageModel(encoder, lm, tokenizer, config=VLMConfig(merge=merge, **config))
+
+
+def reinitialised(lm: nn.Module) -> nn.Module:
+    """A fresh random Hugging Face model of ``lm``'s class and config (its own init; seeded by torch.manual_seed)."""
+    config = getattr(lm, "config", None)
+    if config is None:
+        raise PotpourriError(f"{type(lm).__name__} has no Hugging Face config to re-initialise from")
+    return type(lm)(config).eval()
 
 
 def vlm_from_config(cfg: dict[str, Any]) -> VisionLanguageModel:
     """The (untrained) model a ``potpourri vlm train`` ``config.yaml`` describes; seeded, so a ``--random`` encoder is
     rebuilt bit-identically. Options added later fall back to their defaults for older runs."""
     torch.manual_seed(cfg["seed"])
-    keys = ("lora_rank", "lora_alpha", "vision_norm", "position", "feature_index")
+    keys = ("lora_rank", "lora_alpha", "vision_norm", "position", "feature_index", "arch", "num_queries",
+            "train_qformer", "random_lm")  # fmt: skip
     options = {k: cfg[k] for k in keys if k in cfg}
     if "lora_targets" in cfg:
         options["lora_targets"] = tuple(t.strip() for t in str(cfg["lora_targets"]).split(",") if t.strip())

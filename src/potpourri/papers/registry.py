@@ -56,6 +56,14 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
         "Mask Frozen-DETR (withdrawn): one mask head on a frozen small DETR (trained here, resumable) vs on a frozen "
         "YOLO; box and mask AP, CPU seconds",
     ),
+    "minigpt4": (
+        "potpourri.papers.minigpt:run_minigpt4",
+        "MiniGPT-4 (Q-Former + one linear, frozen SmolLM2) vs MiniGPT-v2, same data and steps, real vs random LM",
+    ),
+    "minigpt-v2": (
+        "potpourri.papers.minigpt:run_minigpt_v2",
+        "MiniGPT-v2's three-stage curriculum vs two stages, same steps, eval after each stage; random-LM control",
+    ),
     "opro": (
         "potpourri.papers.opro:run",
         "OPRO with SmolLM2-135M vs random search, same budget: tuning a cached linear probe (lr, wd, epochs)",
