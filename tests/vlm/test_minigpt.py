@@ -162,3 +162,13 @@ def test_reproduce_minigpt_v2_quick_gives_every_arm_the_same_step_budget_and_an_
     budgets = {name: sum(s["steps"] for s in arm["stages"]) for name, arm in arms.items()}
     assert len(set(budgets.values())) == 1, budgets
     assert arms["curriculum"]["stages"][0]["n_train"] > arms["curriculum"]["stages"][1]["n_train"]  # broad is broader
+
+
+def test_a_random_lm_run_rebuilds_the_same_random_lm_from_its_config() -> None:
+    from potpourri.models.vlm import vlm_from_config
+
+    cfg = {"seed": 4, "encoder": "test_efficientnet", "lm": "tiny", "pretrained": False, "merge": "1x4"}
+    real, first, second = (vlm_from_config({**cfg, "random_lm": r}) for r in (False, True, True))
+    same = dict(second.lm.named_parameters())
+    assert all(torch.equal(p, same[n]) for n, p in first.lm.named_parameters())  # `vlm eval` sees the trained LM
+    assert not torch.equal(first.lm.lm_head.weight, real.lm.lm_head.weight)
