@@ -172,3 +172,22 @@ def test_a_random_lm_run_rebuilds_the_same_random_lm_from_its_config() -> None:
     same = dict(second.lm.named_parameters())
     assert all(torch.equal(p, same[n]) for n, p in first.lm.named_parameters())  # `vlm eval` sees the trained LM
     assert not torch.equal(first.lm.lm_head.weight, real.lm.lm_head.weight)
+
+
+def test_a_seed_tokenizers_q_former_loads_into_minigpt4_and_stays_frozen(tmp_path) -> None:
+    from potpourri.models.visual_tokenizer import SEEDConfig, SEEDTokenizer, save_tokenizer
+
+    torch.manual_seed(5)
+    seed = SEEDTokenizer(SEEDConfig(feature_dim=256, num_queries=5, dim=32, heads=2, layers=1, codebook_size=8,
+                                    code_dim=8))  # fmt: skip
+    save_tokenizer(seed, tmp_path / "seed.safetensors")
+    vlm = _minigpt4()
+    vlm.load_qformer(tmp_path / "seed.safetensors")
+    theirs = seed.qformer.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in vlm.qformer.state_dict().items())
+    vlm.set_stage(1)
+    assert {n for n, p in vlm.named_parameters() if p.requires_grad} == {"proj.weight", "proj.bias"}
+    wider = build_vlm(encoder="test_efficientnet", lm="tiny", pretrained=False, arch="minigpt4", num_queries=6,
+                      qformer_dim=32, qformer_layers=1, qformer_heads=2)  # fmt: skip
+    with pytest.raises(Exception, match="does not fit"):
+        wider.load_qformer(tmp_path / "seed.safetensors")

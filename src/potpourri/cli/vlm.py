@@ -66,6 +66,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg["kinds"] = ",".join(parse_kinds(cfg["kinds"]))
     if cfg["arch"] == "minigpt4" and cfg["curriculum"]:
         raise PotpourriError("--curriculum is MiniGPT-v2's; MiniGPT-4 has its own two stages (drop one of them)")
+    if cfg["qformer_from"] and cfg["arch"] != "minigpt4":
+        raise PotpourriError("--qformer-from is for --arch minigpt4 (MiniGPT-v2 has no Q-Former)")
     if cfg["stage3_steps"] and not cfg["curriculum"]:
         raise PotpourriError("--stage3-steps needs --curriculum (the third stage is MiniGPT-v2's instruction tuning)")
     if cfg["arch"] == "minigpt4" or cfg["curriculum"] or cfg["eval_each_stage"]:
@@ -145,6 +147,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=flags.positive_int,
         default=32,
         help="minigpt4: Q-Former queries (image tokens per image)",
+    )
+    train.add_argument(
+        "--qformer-from",
+        type=flags.existing_path,
+        default="",
+        help="minigpt4: a SEED tokenizer file (visual_tokenizer.save_tokenizer) whose Q-Former loads and stays frozen",
     )
     train.add_argument(
         "--random-lm",

@@ -11,7 +11,8 @@ Stage 1 trains the projection; stage 2 adds LoRA (peft) on the LM's ``q_proj``/`
 Q-Former with learned queries (the SEED tokenizer's ``CausalQFormer``), ONE ``Linear`` maps its outputs to the LM,
 and the prompt is MiniGPT-4's ``###Human: <Img><ImageHere></Img> .. ###Assistant:``; the LM gets no LoRA. In the
 paper the Q-Former is BLIP-2's, pretrained and frozen; here none is pretrained, so it trains with the projection in
-stage 1 (``train_qformer``, the default; say so when reporting) and only the projection trains in stage 2.
+stage 1 (``train_qformer``, the default; say so when reporting) unless ``load_qformer`` takes a trained SEED
+tokenizer's Q-Former (then frozen throughout, as in the paper); only the projection trains in stage 2.
 ``random_lm=True`` (``build_vlm``) swaps the LM for a re-initialised one of the same config: the control that shows
 what the pretrained language model contributes.
 
@@ -213,6 +214,25 @@ class VisionLanguageModel(nn.Module):
         self.stage = 1
         self.lora = False
         self.set_stage(1)
+
+    def load_qformer(self, path: str | os.PathLike) -> None:
+        """MiniGPT-4: take the Q-Former of a SEED tokenizer saved by ``save_tokenizer`` (trained on the same encoder's
+        features) and keep it frozen, as the paper keeps BLIP-2's."""
+        from potpourri.models.visual_tokenizer import load_tokenizer
+
+        if self.qformer is None:
+            raise PotpourriError("a pretrained Q-Former is for arch='minigpt4'; MiniGPT-v2 has none")
+        source = load_tokenizer(path).qformer
+        own = self.qformer.state_dict()
+        state = source.state_dict()
+        wrong = [k for k in own if k not in state or state[k].shape != own[k].shape]
+        if wrong or len(state) != len(own):
+            first = (wrong or ["layers"])[0]
+            raise PotpourriError(f"the Q-Former in '{path}' does not fit this model ({first}); build it with"
+                                 " the tokenizer's feature_dim, num_queries, dim, heads and layers")  # fmt: skip
+        self.qformer.load_state_dict(state)
+        self.config.train_qformer = False
+        self.set_stage(self.stage)
 
     def _feature_channels(self) -> int:
         """Channels of the token map: timm's ``num_features`` / ``feature_info``, else one probe forward."""
@@ -570,15 +590,21 @@ def reinitialised(lm: nn.Module) -> nn.Module:
 
 
 def vlm_from_config(cfg: dict[str, Any]) -> VisionLanguageModel:
-    """The (untrained) model a ``potpourri vlm train`` ``config.yaml`` describes; seeded, so a ``--random`` encoder is
-    rebuilt bit-identically. Options added later fall back to their defaults for older runs."""
+    """The (untrained) model a ``potpourri vlm train`` ``config.yaml`` describes (MiniGPT-4 with ``qformer_from``: its
+    SEED Q-Former loaded and frozen); seeded, so a ``--random`` encoder is rebuilt bit-identically. Options added
+    later fall back to their defaults for older runs."""
     torch.manual_seed(cfg["seed"])
     keys = ("lora_rank", "lora_alpha", "vision_norm", "position", "feature_index", "arch", "num_queries",
             "train_qformer", "random_lm")  # fmt: skip
     options = {k: cfg[k] for k in keys if k in cfg}
+    if cfg.get("qformer_from"):
+        options["train_qformer"] = False
     if "lora_targets" in cfg:
         options["lora_targets"] = tuple(t.strip() for t in str(cfg["lora_targets"]).split(",") if t.strip())
-    return build_vlm(encoder=cfg["encoder"], lm=cfg["lm"], pretrained=cfg["pretrained"], merge=cfg["merge"], **options)
+    vlm = build_vlm(encoder=cfg["encoder"], lm=cfg["lm"], pretrained=cfg["pretrained"], merge=cfg["merge"], **options)
+    if cfg.get("qformer_from"):
+        vlm.load_qformer(cfg["qformer_from"])
+    return vlm
 
 
 def encoder_transform_stats(encoder: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
