@@ -191,3 +191,20 @@ def test_a_seed_tokenizers_q_former_loads_into_minigpt4_and_stays_frozen(tmp_pat
                       qformer_dim=32, qformer_layers=1, qformer_heads=2)  # fmt: skip
     with pytest.raises(Exception, match="does not fit"):
         wider.load_qformer(tmp_path / "seed.safetensors")
+
+
+def minigpt4_job(out: str, resume: bool) -> None:
+    """``vlm train --arch minigpt4`` on a tiny model: align (2 steps), describe (5 steps), checkpoints every 2."""
+    argv = ["vlm", "train", "--lm", "tiny", "--encoder", "test_efficientnet", "--random", "--image-size", "64",
+            "--n-train", "4", "--n-test", "2", "--kinds", "yesno", "--max-new-tokens", "2", "--batch-size", "2",
+            "--steps", "2", "--lora-steps", "5", "--checkpoint-every", "2", "--arch", "minigpt4", "--queries", "3",
+            "--device", "cpu", "--out", out, *(["--resume"] if resume else [])]  # fmt: skip
+    assert main(argv) == 0
+
+
+@pytest.mark.slow
+def test_minigpt4_run_killed_in_its_description_stage_resumes_bitwise(tmp_path) -> None:
+    from tests.resume import assert_resumes_bitwise
+
+    assert_resumes_bitwise("tests.vlm.test_minigpt:minigpt4_job", tmp_path, kill_at=3,
+                           outputs=["trainable.safetensors"], checkpoints="state/describe/stage2")  # fmt: skip
