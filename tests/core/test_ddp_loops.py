@@ -1,7 +1,8 @@
 """Training loops sharded across processes: BatchNorm over the global batch of a torchrun job on the CPU
-(``core.syncbn``), the segmenter (BatchNorm trains), the small SAM (NumPy prompt sampling) and the detector (a loss
-normalised by the global batch's assigned scores): two gloo processes, each on half of every batch, compute what one
-process does on the whole.
+(``core.syncbn``), the segmenter (BatchNorm trains), the small SAM (NumPy prompt sampling), the detector (a loss
+normalised by the global batch's assigned scores) and the Mask Frozen-DETR head (instances per image vary: a loss
+normalised by the global instance count): two gloo processes, each on half of every batch, compute what one process
+does on the whole.
 
 One ``torchrun --nproc_per_node 2`` launch runs both jobs; the one-process references run in the test's process.
 """
@@ -28,12 +29,13 @@ import torch
 torch.set_num_threads(1)
 sys.path.insert(0, {root!r})
 from potpourri.core.distributed import process_group
-from tests.core.test_ddp_loops import batchnorm_job, detector_job, sam_job, segmenter_job
+from tests.core.test_ddp_loops import batchnorm_job, detector_job, mask_head_job, sam_job, segmenter_job
 with process_group("cpu"):
     batchnorm_job(sys.argv[1])
     segmenter_job(sys.argv[1])
     sam_job(sys.argv[1])
     detector_job(sys.argv[1])
+    mask_head_job(sys.argv[1])
 """
 
 
@@ -125,6 +127,20 @@ def detector_job(out: str) -> None:
         save_file({**result.model.state_dict(), "history": history.double()}, f"{out}/detector.safetensors")
 
 
+def mask_head_job(out: str) -> None:
+    """8 steps of the mask head on a frozen tiny detector; batches of 4 images with one or two instances each."""
+    from potpourri.detect.mask_head import MaskHeadConfig, train_mask_head
+    from tests.detect.test_mask_head import _planted, _tiny_detector
+
+    cfg = MaskHeadConfig(dim=16, roi_size=14, max_steps=8, batch_size=4, lr=5e-3, progress=False)
+    options = TrainOptions(device="cpu", checkpoint_every=3, progress=False)
+    head, history = train_mask_head(_tiny_detector(), _planted(6), cfg, options=options,
+                                    checkpoints=Path(out) / "mask_checkpoints")  # fmt: skip
+    if int(os.environ.get("RANK", "0")) == 0:
+        losses = torch.tensor(history["losses"], dtype=torch.float64)
+        save_file({**head.state_dict(), "losses": losses}, f"{out}/mask_head.safetensors")
+
+
 def test_process_batchnorm_outside_a_group_is_batchnorm() -> None:
     x, _ = planted_batch()
     reference, synced = nn.BatchNorm2d(3), synchronise_batchnorm(nn.BatchNorm2d(3))
@@ -172,6 +188,7 @@ def test_two_processes_normalise_and_train_as_one(tmp_path: Path) -> None:
         segmenter_job(str(one))
         sam_job(str(one))
         detector_job(str(one))
+        mask_head_job(str(one))
     finally:
         torch.set_num_threads(threads)
     a, b = load_file(str(one / "segmenter.safetensors")), load_file(str(two / "segmenter.safetensors"))
@@ -213,3 +230,11 @@ def test_two_processes_normalise_and_train_as_one(tmp_path: Path) -> None:
             torch.testing.assert_close(det_two[key], value, rtol=0, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
         else:
             assert torch.equal(det_two[key], value), key
+
+    # the mask head: images carry one or two instances, so the slices' instance counts differ (AdamW, no BatchNorm)
+    head_one = load_file(str(one / "mask_head.safetensors"))
+    head_two = load_file(str(two / "mask_head.safetensors"))
+    assert abs(head_one["losses"][-1] - head_one["losses"][0]) > 1e-3  # it learned
+    torch.testing.assert_close(head_two.pop("losses"), head_one.pop("losses"), rtol=1e-5, atol=0)
+    for key, value in head_one.items():
+        torch.testing.assert_close(head_two[key], value, rtol=0, atol=1e-3, msg=lambda m, key=key: f"{key}: {m}")

@@ -76,7 +76,7 @@ from potpourri.detect.frozen import (
     frozen_outputs,
     winning_anchors,
 )
-from potpourri.models.layers import dice_loss
+from potpourri.models.layers import dice_loss, soft_dice
 
 __all__ = [
     "DetectorOutputs",
@@ -287,10 +287,19 @@ def paste_masks(probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int,
 
 
 # ----------------------------------------------------------------------------------------------- losses
-def mask_losses(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``bce`` (mean per pixel), ``dice`` and ``total`` = bce + dice."""
-    bce = F.binary_cross_entropy_with_logits(logits, targets)
-    dice = dice_loss(logits.sigmoid(), targets)
+def mask_losses(
+    logits: torch.Tensor, targets: torch.Tensor, *, instances: float | torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """``bce`` (mean per pixel), ``dice`` and ``total`` = bce + dice. Both are means over instances (every instance
+    has the same RoI pixels); ``instances`` divides their sums by another count instead, e.g. the global batch's
+    under torchrun, so each process's loss is its share of the global one."""
+    if instances is None:
+        bce = F.binary_cross_entropy_with_logits(logits, targets)
+        dice = dice_loss(logits.sigmoid(), targets)
+    else:
+        bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").flatten(1).mean(1).sum() / instances
+        probs = logits.sigmoid().flatten(1)
+        dice = (1 - soft_dice(probs, targets.flatten(1).to(probs.dtype), 1, 1.0)).sum() / instances
     return {"bce": bce, "dice": dice, "total": bce + dice}
 
 
@@ -323,30 +332,42 @@ def _step_batch(
     cfg: MaskHeadConfig,
     generator: torch.Generator,
     amp: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    trainer: Any = None,
 ) -> dict[str, torch.Tensor] | None:
+    """The losses of one batch of ``picks``; None when no pick has an assigned instance. With a ``trainer`` under
+    torchrun every process jitters the boxes of all picks (one generator state) and keeps its slice of the images;
+    its losses are sums over its instances divided by the global batch's instance count."""
     device = cache.boxes.device
-    idx = torch.as_tensor(list(picks), device=device)
-    rois, anchors, image_index, targets = [], [], [], []
-    for row, i in enumerate(picks):
+    items = []  # (pick row, rois' boxes, query, targets) of every pick with an instance, in order
+    for i in picks:
         s = samples[i]
         gt_index, query = frozen.assign(cache, i, torch.from_numpy(s.boxes), torch.from_numpy(s.labels))
         if len(gt_index) == 0:
             continue
         gt = torch.from_numpy(s.boxes)[gt_index]
         boxes = jitter_boxes(gt, cfg.jitter, s.image.shape[:2], generator)
+        items.append((i, boxes, query, mask_targets(torch.from_numpy(s.masks)[gt_index], boxes, head.roi_size)))
+    if not items:
+        return None
+    total = float(sum(len(boxes) for _, boxes, _, _ in items))
+    sharded = trainer is not None and trainer.group.distributed
+    if sharded:
+        items = list(trainer.shard(items)[0])
+    rois, anchors, image_index, targets = [], [], [], []
+    for row, (_, boxes, query, target) in enumerate(items):
         rois.append(torch.cat([torch.full((len(boxes), 1), float(row)), boxes], 1))
         anchors.append(query.to(device))
         image_index.append(torch.full((len(boxes),), row, dtype=torch.long))
-        targets.append(mask_targets(torch.from_numpy(s.masks)[gt_index], boxes, head.roi_size))
-    if not rois:
-        return None
-    part = cache.rows(idx)
+        targets.append(target)
+    part = cache.rows(torch.as_tensor([i for i, _, _, _ in items], device=device))
     with amp():  # the trainer's autocast
         pixels = head.pixel_map(part.features[0], part.features[-1])
         rows = torch.cat(image_index).to(device)
         queries = head.queries(part.embeds, rows, torch.cat(anchors))
         logits = head(pixels, torch.cat(rois).to(device), queries, stride=part.strides[0])
-    return mask_losses(logits.float(), torch.cat(targets).to(device))
+    # the trainer averages gradients over processes: a share of the global loss is scaled by the process count
+    instances = total / trainer.group.world if sharded else None
+    return mask_losses(logits.float(), torch.cat(targets).to(device), instances=instances)
 
 
 def train_mask_head(
@@ -391,13 +412,16 @@ def train_mask_head(
     cache_s = time.perf_counter() - start
     with_boxes = [i for i, s in enumerate(samples) if len(s.boxes)]
     for _ in trainer.steps():
-        if cfg.max_seconds is not None and time.perf_counter() - start > cfg.max_seconds:
+        over = cfg.max_seconds is not None and time.perf_counter() - start > cfg.max_seconds
+        if trainer.group.broadcast_object(over):  # rank 0's clock decides for every process
             break
         out = None
-        while out is None:  # every pick has boxes, so one draw always gives a batch
+        while out is None:  # every pick has boxes, so one draw always gives a batch (the same on every process)
             picks = rng.choice(with_boxes, size=min(cfg.batch_size, len(with_boxes)), replace=False).tolist()
-            out = _step_batch(head, frozen, cache, samples, picks, cfg, generator, trainer.autocast)
-        losses.append(float(out["total"].detach()))  # before update(), whose checkpoint must hold it
+            out = _step_batch(head, frozen, cache, samples, picks, cfg, generator, trainer.autocast, trainer)
+        # before update(), whose checkpoint must hold it; under torchrun the global batch's loss
+        losses.append(trainer.sums_over_processes({"total": float(out["total"].detach())})["total"]
+                      / trainer.group.world)  # fmt: skip
         trainer.update(out["total"])
     trainer.finish()
     history = {"steps": trainer.step, "losses": losses, "train_s": time.perf_counter() - start, "cache_s": cache_s,
