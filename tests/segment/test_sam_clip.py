@@ -218,3 +218,17 @@ def test_box_and_click_miou_match_evaluate_sam():
     embeddings = image_embeddings(sam, image[None])
     assert prompt_miou(sam, embeddings, items, "box") == pytest.approx(reference["box"])
     assert prompt_miou(sam, embeddings, items, "click") == pytest.approx(reference["1 click"])
+
+
+@pytest.mark.slow
+def test_lite0_teacher_path_is_kept_and_held_out_surfaces_must_be_unseen(tmp_path):
+    import dataclasses
+
+    from potpourri.papers.sam_clip import QUICK, run_sam_clip_experiment, run_sam_clip_language
+
+    run = run_sam_clip_experiment(dataclasses.replace(QUICK, teacher_b="lite0"), out=tmp_path / "lite0", progress=False)
+    rows = json.loads((run.path / "summary.json").read_text())["rows"]
+    assert rows[0]["arm"].startswith("teachers (A: small SAM, B: Lite0)") and "B: top-1 agreement" in rows[-1]
+    with pytest.raises(PotpourriError, match="held-out surfaces \\['brick'\\]"):
+        run_sam_clip_language(dataclasses.replace(QUICK, held_out=("brick", "moon")), out=tmp_path / "bad",
+                              progress=False, quick=True)  # fmt: skip

@@ -205,13 +205,22 @@ def _clip_teacher(cfg: SamClipConfig, quick: bool, folder: Path, options: TrainO
     from potpourri.papers.clip_small import QUICK, ClipSmallConfig, build_model, reproduce_clip_small
     from potpourri.vlm.clip import ClipTrainConfig
 
+    def check(trained_on: tuple[str, ...]) -> tuple[str, ...]:
+        overlap = set(trained_on) & set(cfg.held_out)
+        if overlap:
+            raise PotpourriError(f"held-out surfaces {sorted(overlap)} were in the clip's training data")
+        return trained_on
+
     if cfg.clip_path:
         path = Path(cfg.clip_path)
         config = path / "config.json" if path.is_dir() else path.parent / "config.json"
         trained_on = json.loads(config.read_text()).get("trained_on") if config.is_file() else None
-        return load_small_clip(path), tuple(trained_on or ("brick", "grass", "gravel")), f"loaded from `{path}`"
+        trained_on = check(tuple(trained_on or ("brick", "grass", "gravel")))  # clip-small's default surfaces
+        return load_small_clip(path), trained_on, f"loaded from `{path}`"
     if quick:
-        return build_model(QUICK, 0).eval(), QUICK.train_surfaces, "a random tiny clip (quick run: numbers meaningless)"
+        how = "a random tiny clip (quick run: numbers meaningless)"
+        return build_model(QUICK, 0).eval(), check(QUICK.train_surfaces), how
+    check(ClipSmallConfig().train_surfaces)
     steps = cfg.clip_steps
     clip_cfg = ClipSmallConfig(image_size=cfg.image_size, train_per_kind=cfg.clip_per_kind, clutter=cfg.clutter_images,
                                test_per_kind=2, text_arms=(0,), held_out=cfg.held_out, progress=False,
@@ -269,9 +278,6 @@ def run_sam_clip_language(
     device = sam.pixel_mean.device
     clip, trained_on, clip_how = _clip_teacher(cfg, quick, run.path / "clip-small", options)
     clip = clip.to(device).eval().requires_grad_(False)
-    overlap = set(trained_on) & set(cfg.held_out)
-    if overlap:
-        raise PotpourriError(f"held-out surfaces {sorted(overlap)} were in the clip's training data")
     timings["teachers_s"] = time.perf_counter() - started
     mean, std = sam.pixel_mean, sam.pixel_std  # the student reads SAM's (Lite0's) normalisation; the clip its own
     size = cfg.image_size
