@@ -9,7 +9,12 @@ once on small subsets of their data, rehearsing SAM's data so the segmenter is n
 * teacher B: the ImageNet EfficientNet-Lite0 (frozen); its task is the pooled 1280-d feature (cosine distillation,
   as SAM-CLIP does for CLIP). Metric: cosine on held-out natural-photo crops and top-1 agreement of the teacher's
   own ImageNet classifier applied to the student's feature.
-* student: a backbone to stride 16 with a SAM head (SAM's neck layout) and a new CLIP head (conv, pool, linear).
+* teacher B with language (the default of ``potpourri sam-clip``): our ``clip_vit_tiny_minilm``, its own ViT trunk;
+  its task is its patch tokens in the joint space (``teacher_b_patches``), distilled per patch by cosine into a
+  patch CLIP head. Metric: zero-shot segmentation by text (``zero_shot_segment``: patch–text cosine against one
+  prompt per class and a background prompt) on surfaces the clip never saw, and click / box mIoU (``prompt_miou``).
+* student: a backbone to stride 16 with a SAM head (SAM's neck layout) and a new CLIP head (conv, pool, linear; or
+  conv, conv1×1 per patch for the clip teacher).
   Default ``"sam"``: a copy of teacher A's encoder (Lite0 stages 0-4 + neck; BatchNorm statistics kept frozen), as
   SAM-CLIP starts from SAM's ViT. Or a randomly initialised timm model (e.g. ``mobilenetv3_small_050``).
 
