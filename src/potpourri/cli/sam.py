@@ -39,6 +39,15 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
     return min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
 
 
+def _surface(text: str) -> str:
+    """A DS-Synth surface name (argparse type)."""
+    from potpourri.data.synth import CATEGORIES
+
+    if text not in CATEGORIES:
+        raise argparse.ArgumentTypeError(f"unknown DS-Synth surface '{text}'; choose from {', '.join(CATEGORIES)}")
+    return text
+
+
 def _cmd_annotate(args: argparse.Namespace) -> int:
     from potpourri.core.imaging import read_rgb
     from potpourri.segment.annotate import annotate, write_mask
@@ -107,7 +116,10 @@ def _cmd_sam_clip(args: argparse.Namespace) -> int:
     config = SamClipConfig(image_size=args.image_size, student=args.student, stage1_steps=args.stage1_steps,
                            probe_steps=args.probe_steps, stage2_steps=args.stage2_steps, lr=args.lr,
                            backbone_lr=args.backbone_lr or None, batch_size=args.batch_size,
-                           rehearsal_shares=tuple(args.rehearsal), seed=args.seed)  # fmt: skip
+                           rehearsal_shares=tuple(args.rehearsal), seed=args.seed, teacher_b=args.teacher_b,
+                           clip_path=args.clip, clip_steps=args.clip_steps, held_out=tuple(args.held_out),
+                           b_per_kind=args.b_per_kind, zs_per_kind=args.zs_per_kind,
+                           segmenter_steps=args.segmenter_steps, margin=args.margin)  # fmt: skip
     run = run_sam_clip_experiment(config, out=args.out, sam_path=args.sam, options=_train_options(args))
     print((run.path / "results.md").read_text(), end="")
     print(f"run: {run.path}")
@@ -139,7 +151,9 @@ def _register_sam_family(subparsers: argparse._SubParsersAction) -> None:
     _add_training(s, every=100)
     s.set_defaults(func=_cmd_ssprompt)
 
-    c = subparsers.add_parser("sam-clip", help="merge a SAM and a Lite0 teacher into one student; forgetting table")
+    c = subparsers.add_parser(
+        "sam-clip", help="merge a SAM and a CLIP-style teacher into one student; forgetting and zero-shot by text"
+    )
     c.add_argument("--sam", help="SAM folder (teacher A; its image_size must match; default: pretrain one)")
     c.add_argument("--student", default="sam",
                    help="timm model (random init, cut at stride 16), or 'sam' (teacher A's encoder)")  # fmt: skip
@@ -160,6 +174,18 @@ def _register_sam_family(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--rehearsal", type=flags.probability, nargs="+", default=[0.5], help="share(s) of teacher A data in stage 2"
     )
+    help_b = "clip: our clip_vit_tiny_minilm (with language); lite0: the ImageNet Lite0 feature (no language)"
+    c.add_argument("--teacher-b", choices=("clip", "lite0"), default="clip", help=help_b)
+    help_clip = "clip_vit_tiny_minilm model folder (config.json + model.safetensors); default: train one here"
+    c.add_argument("--clip", type=flags.existing_path, help=help_clip)
+    c.add_argument("--clip-steps", type=flags.positive_int, default=300, help="steps when training the clip here")
+    c.add_argument("--held-out", type=_surface, nargs="+", default=["moon", "tissue"],
+                   help="DS-Synth surfaces every test uses (none may be in the clip's training data)")  # fmt: skip
+    c.add_argument("--b-per-kind", type=flags.positive_int, default=12, help="teacher B images per kind and surface")
+    c.add_argument("--zs-per-kind", type=flags.positive_int, default=8, help="zero-shot test images per defect kind")
+    c.add_argument("--segmenter-steps", type=flags.positive_int, default=400, help="the supervised baseline's steps")
+    c.add_argument("--margin", type=flags.non_negative_float, default=0.0,
+                   help="zero-shot: cosine a defect prompt must beat the background prompt by")  # fmt: skip
     c.add_argument("--seed", type=flags.non_negative_int, default=0)
     c.add_argument("--threads", type=flags.non_negative_int, default=1)
     c.add_argument("--out", help="run folder (default runs/sam-clip/vN)")

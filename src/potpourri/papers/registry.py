@@ -49,7 +49,8 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     ),
     "sam-clip": (
         "potpourri.papers.sam_clip:run",
-        "SAM-CLIP-style merging: small SAM + Lite0 teachers into one student, forgetting with vs without rehearsal",
+        "SAM-CLIP-style merging: small SAM + our CLIP-style model into one student; forgetting with vs without "
+        "rehearsal, zero-shot segmentation by text on held-out surfaces",
     ),
     "mask-frozen-detr": (
         "potpourri.papers.mask_frozen_detr:run",

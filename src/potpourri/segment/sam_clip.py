@@ -9,7 +9,12 @@ once on small subsets of their data, rehearsing SAM's data so the segmenter is n
 * teacher B: the ImageNet EfficientNet-Lite0 (frozen); its task is the pooled 1280-d feature (cosine distillation,
   as SAM-CLIP does for CLIP). Metric: cosine on held-out natural-photo crops and top-1 agreement of the teacher's
   own ImageNet classifier applied to the student's feature.
-* student: a backbone to stride 16 with a SAM head (SAM's neck layout) and a new CLIP head (conv, pool, linear).
+* teacher B with language (the default of ``potpourri sam-clip``): our ``clip_vit_tiny_minilm``, its own ViT trunk;
+  its task is its patch tokens in the joint space (``teacher_b_patches``), distilled per patch by cosine into a
+  patch CLIP head. Metric: zero-shot segmentation by text (``zero_shot_segment``: patch–text cosine against one
+  prompt per class and a background prompt) on surfaces the clip never saw, and click / box mIoU (``prompt_miou``).
+* student: a backbone to stride 16 with a SAM head (SAM's neck layout) and a new CLIP head (conv, pool, linear; or
+  conv, conv1×1 per patch for the clip teacher).
   Default ``"sam"``: a copy of teacher A's encoder (Lite0 stages 0-4 + neck; BatchNorm statistics kept frozen), as
   SAM-CLIP starts from SAM's ViT. Or a randomly initialised timm model (e.g. ``mobilenetv3_small_050``).
 
@@ -44,17 +49,25 @@ from potpourri.core.training import Trainer, TrainOptions
 from potpourri.models.sam import LayerNorm2d, Sam
 
 __all__ = [
+    "CLIP_HEADS",
     "HEADS",
     "RehearsalSampler",
     "SamClipStudent",
     "StageConfig",
     "build_student",
+    "distill_loss",
     "photo_crops",
+    "predict_head",
+    "prompt_miou",
+    "teacher_b_patches",
+    "text_prompts",
     "train_stage",
+    "zero_shot_segment",
 ]
 
 HEADS = ("sam", "clip")  # source name = the head it trains: "sam" (teacher A data), "clip" (teacher B data)
 PARTS = ("backbone", "sam_head", "clip_head")
+CLIP_HEADS = ("pooled", "patch")  # pooled: (B, D) (the Lite0 teacher); patch: (B, D, h, w) (a CLIP's patch tokens)
 
 
 # ----------------------------------------------------------------------------------------------- student
@@ -78,10 +91,15 @@ def _tiny_trunk() -> nn.Module:
 
 
 class SamClipStudent(nn.Module):
-    """One backbone, a SAM head (image embedding (B, C_sam, h, w)) and a CLIP head (pooled feature (B, D))."""
+    """One backbone, a SAM head (image embedding (B, C_sam, h, w)) and a CLIP head: a pooled feature (B, D), or with
+    ``clip_head="patch"`` one embedding per stride-16 patch (B, D, h, w), distilled from a CLIP's patch tokens."""
 
-    def __init__(self, backbone: nn.Module, *, sam_dim: int, clip_dim: int, head_width: int = 128) -> None:
+    def __init__(
+        self, backbone: nn.Module, *, sam_dim: int, clip_dim: int, head_width: int = 128, clip_head: str = "pooled"
+    ) -> None:
         super().__init__()
+        if clip_head not in CLIP_HEADS:
+            raise PotpourriError(f"unknown clip head '{clip_head}'; choose from {', '.join(CLIP_HEADS)}")
         self.backbone = backbone
         with torch.no_grad():
             device = next(backbone.parameters()).device  # a teacher's copy may sit on the GPU
@@ -93,21 +111,22 @@ class SamClipStudent(nn.Module):
             LayerNorm2d(sam_dim),
         )
         self.bn_eval = False  # True: BatchNorm layers keep their running statistics while training
-        self.clip_head = nn.Sequential(
-            nn.Conv2d(channels, head_width, 3, padding=1),
-            nn.GELU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(head_width, clip_dim),
+        tail = (
+            [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(head_width, clip_dim)]
+            if clip_head == "pooled"
+            else [nn.Conv2d(head_width, clip_dim, 1)]  # per patch, SAM-CLIP's CLIP head keeps the token grid
         )
+        self.clip_head = nn.Sequential(nn.Conv2d(channels, head_width, 3, padding=1), nn.GELU(), *tail)
 
     def forward(self, x: torch.Tensor, heads: Sequence[str] = HEADS) -> dict[str, torch.Tensor]:
-        """Normalised images (B, 3, S, S) → {"sam": (B, C_sam, S/16, S/16), "clip": (B, D)} for ``heads``."""
+        """Normalised images (B, 3, S, S) → {"sam": (B, C_sam, S/16, S/16), "clip": (B, D) or (B, D, S/16, S/16)}."""
         features = self.backbone(x)  # (B, C, S/16, S/16)
         return {name: getattr(self, f"{name}_head")(features) for name in heads}
 
 
-def build_student(name: str, *, sam_dim: int, clip_dim: int, seed: int = 0, sam: Sam | None = None) -> SamClipStudent:
+def build_student(
+    name: str, *, sam_dim: int, clip_dim: int, seed: int = 0, sam: Sam | None = None, clip_head: str = "pooled"
+) -> SamClipStudent:
     """``"sam"``: teacher A's image encoder (backbone + neck) copied, as SAM-CLIP starts from SAM's ViT, with a new
     random CLIP head; otherwise a randomly initialised ``"tiny"`` trunk (tests) or timm model cut at stride 16."""
     with torch.random.fork_rng(devices=[]):
@@ -115,7 +134,8 @@ def build_student(name: str, *, sam_dim: int, clip_dim: int, seed: int = 0, sam:
         if name == "sam":
             if sam is None:
                 raise PotpourriError("student 'sam' copies teacher A's encoder; pass sam=")
-            student = SamClipStudent(copy.deepcopy(sam.image_encoder.backbone), sam_dim=sam_dim, clip_dim=clip_dim)
+            student = SamClipStudent(copy.deepcopy(sam.image_encoder.backbone), sam_dim=sam_dim, clip_dim=clip_dim,
+                                     clip_head=clip_head)  # fmt: skip
             student.sam_head.load_state_dict(sam.image_encoder.neck.state_dict())
             student.requires_grad_(True)
             student.bn_eval = True  # the teacher ran with frozen BatchNorm statistics; keep them
@@ -135,7 +155,7 @@ def build_student(name: str, *, sam_dim: int, clip_dim: int, seed: int = 0, sam:
             model = timm.create_model(name, pretrained=False, features_only=True,
                                       out_indices=(reductions.index(16),))  # fmt: skip
             trunk = _FeatureTrunk(model)
-        return SamClipStudent(trunk, sam_dim=sam_dim, clip_dim=clip_dim)
+        return SamClipStudent(trunk, sam_dim=sam_dim, clip_dim=clip_dim, clip_head=clip_head)
 
 
 # ----------------------------------------------------------------------------------------------- sampler
@@ -207,10 +227,12 @@ def _set_trainable(student: SamClipStudent, trainable: Sequence[str]) -> None:
         getattr(student, part).requires_grad_(part in trainable)
 
 
-def _distill_loss(name: str, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    if name == "sam":  # the image embedding: MSE over channels and positions
+def distill_loss(name: str, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """ "sam": MSE over channels and positions; "clip": 1 - cosine over the channel dim 1 (of each pooled feature
+    (B, D) or each patch of (B, D, h, w)), averaged: SAM-CLIP's cosine distillation."""
+    if name == "sam":
         return F.mse_loss(prediction, target)
-    return (1 - F.cosine_similarity(prediction, target, dim=-1)).mean()  # SAM-CLIP's cosine distillation
+    return (1 - F.cosine_similarity(prediction, target, dim=1)).mean()
 
 
 def train_stage(
@@ -273,7 +295,7 @@ def train_stage(
                 predictions[name] = getattr(student, f"{name}_head")(features[offset : offset + count])
                 offset += count
         for name in names:
-            part = _distill_loss(name, predictions[name].float(), data[name][1][batch[name]])
+            part = distill_loss(name, predictions[name].float(), data[name][1][batch[name]])
             loss = loss + part * len(batch[name]) / stage.batch_size
             parts[name] = float(part.detach())
         losses.append(float(loss.detach()))  # before update: its checkpoint holds this step's loss
@@ -288,18 +310,28 @@ def train_stage(
 
 # ----------------------------------------------------------------------------------------------- metrics
 @torch.no_grad()
-def click_miou(sam: Sam, embeddings: torch.Tensor, items: list[tuple[int, np.ndarray]]) -> float:
-    """1-click mIoU of SAM's frozen prompt encoder + decoder on given image embeddings (best-predicted of 3)."""
-    from potpourri.segment.sam import centre_click
+def prompt_miou(
+    sam: Sam, embeddings: torch.Tensor, items: list[tuple[int, np.ndarray]], prompt: str = "click"
+) -> float:
+    """mIoU of SAM's frozen prompt encoder + decoder on given image embeddings: "click" (centre click, best-predicted
+    of 3 masks) or "box" (the region's tight box, one mask)."""
+    from potpourri.segment.sam import box_of, centre_click
     from potpourri.segment.sam_prompt import decode_embeddings
 
+    if prompt not in ("click", "box"):
+        raise PotpourriError(f"prompt '{prompt}' must be click or box")
     scores = []
     size = sam.config.image_size
     device = embeddings.device
     for index, region in items:
-        point = torch.from_numpy(centre_click(region))[None, None].to(device)
-        sparse, dense = sam.prompt_encoder(point, torch.ones(1, 1, dtype=torch.long, device=device), None, 1)
-        logits, iou = decode_embeddings(sam, embeddings[index : index + 1], sparse, dense, multimask_output=True)
+        if prompt == "click":
+            point = torch.from_numpy(centre_click(region))[None, None].to(device)
+            sparse, dense = sam.prompt_encoder(point, torch.ones(1, 1, dtype=torch.long, device=device), None, 1)
+        else:
+            box = torch.from_numpy(np.asarray(box_of(region), np.float32))[None].to(device)
+            sparse, dense = sam.prompt_encoder(None, None, box, 1)
+        logits, iou = decode_embeddings(sam, embeddings[index : index + 1], sparse, dense,
+                                        multimask_output=prompt == "click")  # fmt: skip
         best = int(iou[0].argmax())
         mask = F.interpolate(logits[:, best : best + 1].float(), size=(size, size), mode="bilinear",
                              align_corners=False)  # fmt: skip
@@ -308,8 +340,14 @@ def click_miou(sam: Sam, embeddings: torch.Tensor, items: list[tuple[int, np.nda
     return float(np.mean(scores))
 
 
+def click_miou(sam: Sam, embeddings: torch.Tensor, items: list[tuple[int, np.ndarray]]) -> float:
+    """1-click mIoU of SAM's frozen prompt encoder + decoder on given image embeddings (best-predicted of 3)."""
+    return prompt_miou(sam, embeddings, items, "click")
+
+
 @torch.no_grad()
-def _predict(student: SamClipStudent, x: torch.Tensor, head: str, batch: int = 64) -> torch.Tensor:
+def predict_head(student: SamClipStudent, x: torch.Tensor, head: str, batch: int = 64) -> torch.Tensor:
+    """One head's output for normalised images ``x``, in batches, in eval mode (float32, on the student's device)."""
     student.eval()
     device = next(student.parameters()).device
     return torch.cat([student(x[i : i + batch].to(device), heads=(head,))[head].float()
@@ -319,10 +357,10 @@ def _predict(student: SamClipStudent, x: torch.Tensor, head: str, batch: int = 6
 @torch.no_grad()
 def evaluate_student(student, sam: Sam, classifier: nn.Module, test: dict[str, Any], teacher_norm: float):
     """A: click mIoU through the frozen SAM decoder and embedding nMSE; B: cosine and ImageNet top-1 agreement."""
-    emb = _predict(student, test["sam"][0], "sam")
+    emb = predict_head(student, test["sam"][0], "sam")
     target = test["sam"][1].to(emb.device)
     nmse = float(F.mse_loss(emb, target) / target.var())
-    feats = _predict(student, test["clip"][0], "clip")
+    feats = predict_head(student, test["clip"][0], "clip")
     teacher = test["clip"][1].to(feats.device)
     cosine = float(F.cosine_similarity(feats, teacher, dim=-1).mean())
     scaled = F.normalize(feats, dim=-1) * teacher_norm  # the student matches directions; use the teacher's norm
@@ -378,3 +416,38 @@ def teacher_b(model: nn.Module, x: torch.Tensor, batch: int = 32) -> torch.Tenso
     device = next(model.parameters()).device
     return torch.cat([model.forward_head(model.forward_features(x[i : i + batch].to(device)), pre_logits=True)
                       for i in range(0, len(x), batch)])  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ language (teacher B = a CLIP)
+@torch.no_grad()
+def teacher_b_patches(clip: nn.Module, x: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    """A ``SmallClip``'s patch tokens in its joint space, (N, D, h, w), of images normalised for that clip: the ViT's
+    normed tokens without the class token, through the image projection (as ``OwnClipTowers`` maps patches)."""
+    device = next(clip.parameters()).device
+    vit = clip.visual
+    patch = vit.patch_embed.patch_size[0]
+    out = []
+    for i in range(0, len(x), batch):
+        images = x[i : i + batch].to(device)
+        tokens = clip.image_projection(clip.image_tokens(images)[:, vit.num_prefix_tokens :])  # (B, h*w, D)
+        h, w = images.shape[-2] // patch, images.shape[-1] // patch
+        out.append(tokens.transpose(1, 2).reshape(len(images), -1, h, w).float())
+    return torch.cat(out)
+
+
+def text_prompts(surface: str, classes: Sequence[str]) -> list[str]:
+    """One sentence per class on ``surface``, the clip's own training words (``data.captions.class_prompts``): class 0
+    ("a moon surface with no defect") is the background prompt."""
+    from potpourri.data.captions import class_prompts
+
+    return class_prompts(surface, classes=classes)
+
+
+def zero_shot_segment(patches: torch.Tensor, text: torch.Tensor, size: int, margin: float = 0.0) -> torch.Tensor:
+    """Labels (B, size, size) from patch embeddings (B, D, h, w) and class text embeddings (K, D), class 0 the
+    background prompt: patch–text cosine per class, bilinearly upsampled, argmax; a pixel whose best defect cosine
+    does not beat the background's by ``margin`` is background."""
+    sims = torch.einsum("bdhw,kd->bkhw", F.normalize(patches.float(), dim=1), F.normalize(text.float(), dim=1))
+    sims = F.interpolate(sims, size=(size, size), mode="bilinear", align_corners=False)  # (B, K, S, S)
+    best, label = sims[:, 1:].max(1)
+    return torch.where(best > sims[:, 0] + margin, label + 1, torch.zeros_like(label))
