@@ -97,3 +97,23 @@ def test_word_vocabulary_keeps_spaced_lower_case_words_in_id_order() -> None:
     vocab = {"Ġthe": 5, "Ġcat": 9, "ĠDog": 3, "Ġa": 1, "Ġ12ab": 7, "word": 2, "Ġcrack": 4}
     ids = word_vocabulary(SimpleNamespace(get_vocab=lambda: vocab), limit=2, min_letters=3)
     assert ids.tolist() == [4, 5]  # "crack", "the": lower-case words with >= 3 letters, lowest ids first
+
+
+def test_cached_scores_equal_one_uncached_forward_of_a_tiny_llama() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    lm = LlamaForCausalLM(config).eval()
+    prefix, query, labels = [1, 5, 6, 7], [8, 9], [[10], [11, 12], [13, 14, 15]]
+    expected = []
+    for label in labels:  # the reference: one forward of the whole sequence, no cache
+        with torch.no_grad():
+            logp = lm(input_ids=torch.tensor([prefix + query + label])).logits[0].log_softmax(-1)
+        start = len(prefix) + len(query)
+        expected.append(sum(float(logp[start - 1 + i, t]) for i, t in enumerate(label)))
+    cached = prefix_cache(lm, prefix)
+    first = label_logliks(lm, cached, query, labels)
+    assert torch.allclose(first, torch.tensor(expected), atol=1e-4)
+    assert torch.allclose(label_logliks(lm, cached, query, labels), first)  # the shared prefix cache is unchanged

@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from potpourri.core.errors import PotpourriError
+from potpourri.models.vlm import cache_kwarg
 
 __all__ = ["V2LConfig", "V2LOutput", "V2LTokenizer", "label_logliks", "nearest_rows", "prefix_cache", "word_vocabulary"]
 
@@ -134,8 +135,9 @@ def word_vocabulary(tokenizer: Any, *, limit: int = 8000, min_letters: int = 3) 
 def _extend(lm: nn.Module, ids: Sequence[int], cache: Any) -> tuple[torch.Tensor, Any]:
     """Run ``ids`` after ``cache`` (None: from scratch); (log-probs (T, vocab), the new cache)."""
     device = next(lm.parameters()).device
-    out = lm(input_ids=torch.tensor([list(ids)], device=device), past_key_values=cache, use_cache=True)
-    return out.logits[0].float().log_softmax(-1), out.past_key_values
+    out = lm(input_ids=torch.tensor([list(ids)], device=device), use_cache=True, **{cache_kwarg(lm): cache})
+    cache = getattr(out, "cache", None)  # transformers >= 5.24 names it ``cache``
+    return out.logits[0].float().log_softmax(-1), cache if cache is not None else out.past_key_values
 
 
 @torch.no_grad()
@@ -150,7 +152,7 @@ def label_logliks(
     lm: nn.Module, prefix: tuple[torch.Tensor, Any] | None, query: Sequence[int], labels: Sequence[Sequence[int]]
 ) -> torch.Tensor:
     """Summed log-likelihood (L,) of each label's tokens after ``prefix`` (from ``prefix_cache``, or None) +
-    ``query``; the LM is a Hugging Face causal LM (``input_ids``, ``past_key_values``, ``use_cache``)."""
+    ``query``; the LM is a Hugging Face causal LM (``input_ids``, ``use_cache`` and its KV-cache keyword)."""
     if not query:
         raise PotpourriError("the query is empty; it must at least hold the image's tokens and the separator")
     cache = copy.deepcopy(prefix[1]) if prefix is not None else None  # the LM extends a cache in place
