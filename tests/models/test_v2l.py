@@ -26,8 +26,10 @@ def test_quantised_ids_are_the_brute_force_nearest_rows() -> None:
     features = torch.randn(2, 8, 3, 3)
     out = tok(features)
     z = tok.projection(features).detach().permute(0, 2, 3, 1).reshape(-1, 16)
+    centre = table[ids].mean(0)  # the codebook is the subset's rows minus their mean row
     for vector, chosen in zip(z, out.ids.flatten(), strict=True):
-        cosines = [float(torch.dot(vector, table[i]) / (vector.norm() * table[i].norm())) for i in ids.tolist()]
+        rows = [table[i] - centre for i in ids.tolist()]
+        cosines = [float(torch.dot(vector, row) / (vector.norm() * row.norm())) for row in rows]
         assert int(chosen) == ids.tolist()[max(range(len(cosines)), key=cosines.__getitem__)]
     assert out.reconstruction.shape == (2, 3, 12, 12)
     assert torch.equal(tok.tokenize(features), out.ids.flatten(1))

@@ -8,8 +8,9 @@ a small conv decoder back to pixels) → ``word_vocabulary`` (which rows form th
 (in-context scoring of candidate labels by a frozen causal LM, prefix cached once).
 
 Differences from the paper, on purpose: the frozen encoder is EfficientNet-Lite0 (not CLIP-ViT), the codebook is
-the raw (unprojected) SmolLM2 input-embedding rows compared by cosine (the paper learns a projector of the
-vocabulary embeddings), the decoder is a small conv stack trained here (no VQGAN / perceptual / GAN losses).
+the SmolLM2 input-embedding rows, centred (mean row subtracted) and compared by cosine (the paper learns a
+projector of the vocabulary embeddings), the decoder is a small conv stack trained here (no VQGAN / perceptual /
+GAN losses).
 The codebook is a non-persistent buffer copied from the LLM: nothing here can change the LLM's weights.
 
 Example:
@@ -52,6 +53,8 @@ class V2LConfig:
     stride: int = 16  # image pixels per token side; the decoder upsamples by this (a power of two)
     decoder_width: int = 64
     beta: float = 0.25  # commitment weight (the codebook is frozen, so there is no codebook loss)
+    centre: bool = True  # subtract the mean row first: raw LLM embeddings share one direction, and cosine
+    # against them snaps every projected vector to a handful of hub words (4 of 8,000 in our first run)
 
 
 @dataclass
@@ -77,14 +80,18 @@ class V2LTokenizer(nn.Module):
             raise PotpourriError(f"stride {self.config.stride} must be a power of two >= 2 (16 for Lite0 blocks.4)")
         dim, width = codebook.shape[1], self.config.decoder_width
         # frozen: a buffer, never a parameter; not saved (rebuilt from the LLM + vocab_ids on load)
-        self.register_buffer("codebook", F.normalize(codebook.detach().clone().float(), dim=-1), persistent=False)
+        rows = codebook.detach().clone().float()
+        rows = rows - rows.mean(0) if self.config.centre else rows
+        self.register_buffer("codebook", F.normalize(rows, dim=-1), persistent=False)
         self.register_buffer("vocab_ids", vocab_ids.detach().clone().long())
         self.projection = nn.Sequential(
             nn.Conv2d(self.config.feature_dim, dim, 1), nn.GELU(), nn.Conv2d(dim, dim, 1)
         )  # into the token-embedding space
         layers: list[nn.Module] = [nn.Conv2d(dim, width, 3, padding=1), nn.GELU()]
-        for _ in range(stages):
-            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, width, 3, padding=1), nn.GELU()]
+        for _ in range(stages):  # the width halves as the resolution doubles (down to 16): the cost stays flat
+            narrower = max(16, width // 2)
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, narrower, 3, padding=1), nn.GELU()]
+            width = narrower
         layers.append(nn.Conv2d(width, 3, 3, padding=1))
         self.decoder = nn.Sequential(*layers)
 

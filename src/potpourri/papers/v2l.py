@@ -3,9 +3,9 @@ arXiv:2403.07874), k-shot in-context defect classification by frozen SmolLM2-135
 
 Reading order:
 1. **Local tokens** (``potpourri.models.v2l.V2LTokenizer``): frozen EfficientNet-Lite0 ``blocks.4`` map (stride 16:
-   4x4 tokens at 64 px) → a trainable 1x1 projection into SmolLM2's 576-d token-embedding space → cosine nearest
-   row among the FROZEN input embeddings of SmolLM2's most frequent lower-case words (straight-through, commitment
-   loss) → a small conv decoder trained to reconstruct the image (L1 + L2), on DS-Synth v2 training surfaces,
+   4x4 tokens at 64 px) → a trainable projection into SmolLM2's 576-d token-embedding space → cosine nearest
+   (centred) row among the FROZEN input embeddings of SmolLM2's most frequent lower-case words (straight-through,
+   commitment loss) → a small conv decoder trained to reconstruct the image (L1 + L2), on DS-Synth v2 training surfaces,
    through ``core.training.Trainer`` (time-capped, resumable with ``options.resume``).
 2. **Global tokens** — a FALLBACK, not the paper's CLIP: no trained ``clip_vit_tiny_minilm`` run is used here. A
    ridge map from the Lite0 pooled feature to the (centred) mean SmolLM2 input embedding of the image's DS-Synth
@@ -202,11 +202,11 @@ def reproduce_v2l(cfg: V2LExperimentConfig, out: str | None = None, options: Tra
                     scores = label_logliks(lm.lm, prefix, image_words(i, arm) + arrow, label_ids)
                     hits += int(scores.argmax()) == int(eval_y[i])
                 row[arm] = hits / len(queries)
+                row[f"prompt_tokens_{arm}"] = len(prompt)
                 if not prompt_example:
                     prompt_example = words.decode(prompt[: 4 * (len(image_words(support[0], arm)) + 3) + len(header)])
             row["linear_probe"] = _probe_accuracy(eval_pooled[support], eval_y[support], eval_pooled[queries],
                                                   eval_y[queries])  # fmt: skip
-            row["prompt_tokens"] = len(prompt)
             run.log_metrics(row)
             rows.append(row)
 
