@@ -100,6 +100,11 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
         "plain-language requests -> toolkit calls (not a paper): grammar-constrained SmolLM2-135M vs keywords on "
         "105 held-out phrasings",
     ),
+    "v2l": (
+        "potpourri.papers.v2l:run",
+        "V2L-style tokenizer: images as SmolLM2 vocabulary words (local: quantised against the frozen embeddings; "
+        "global: a labelled fallback map), k-shot in-context defect classification vs a linear probe, PSNR",
+    ),
     "subtuning": ("potpourri.papers.subtuning:run", "linear / full / SubTuning / LoRA against training-set size"),
 }
 
