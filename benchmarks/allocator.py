@@ -27,8 +27,10 @@ calls = {n: (lambda m=m: m(x)) for n, m in models.items()}
 with torch.inference_mode():
     faults = {n: page_faults_per_call(c, calls=3) for n, c in calls.items()}
     timings = interleaved_timings(calls, rounds=rounds, min_time_s=0.3)
-rows = {n: {"median_ms": quartiles(v)[1] * 1e3, "q1_ms": quartiles(v)[0] * 1e3, "q3_ms": quartiles(v)[2] * 1e3,
-            "faults_per_forward": faults[n]} for n, v in timings.items()}
+rows = {}
+for n, v in timings.items():
+    q1, median, q3 = quartiles(v)
+    rows[n] = {"median_ms": median * 1e3, "q1_ms": q1 * 1e3, "q3_ms": q3 * 1e3, "faults_per_forward": faults[n]}
 print(json.dumps({"setting": setting, "retained": retained, "rows": rows}))
 """
 

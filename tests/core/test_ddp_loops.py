@@ -10,8 +10,6 @@ One ``torchrun --nproc_per_node 2`` launch runs both jobs; the one-process refer
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from potpourri.core.syncbn import ProcessBatchNorm, synchronise_batchnorm
 from potpourri.core.training import TrainOptions
+from tests.torchrun import standalone
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = """
@@ -156,12 +155,9 @@ def test_process_batchnorm_outside_a_group_is_batchnorm() -> None:
 def test_two_processes_normalise_and_train_as_one(tmp_path: Path) -> None:
     script = tmp_path / "job.py"
     script.write_text(SCRIPT.format(root=str(ROOT)))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     two = tmp_path / "two"
     two.mkdir()
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    done = subprocess.run([*launcher, str(script), str(two)], env=env, capture_output=True, timeout=300)
+    done = standalone(script, two)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
 
     # BatchNorm: nn.BatchNorm2d on the whole batch in this process is the independent reference

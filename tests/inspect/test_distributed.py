@@ -8,7 +8,6 @@ and ``inspect predict`` through the CLI); the test process computes the one-proc
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from tests.planted import make_planted
+from tests.torchrun import job_env
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE = 64  # an 8 x 8 patch grid: 64 rows per image
@@ -79,9 +79,7 @@ def torchrun(tmp: Path, job: str, *args: str) -> list[subprocess.CompletedProces
     """``job`` as a two-machine torchrun job: two launches on this host with ``--nnodes 2``, one process each."""
     script = tmp / f"{job}.py"
     script.write_text(SCRIPT.format(root=str(ROOT), job=job))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    env.pop("POTPOURRI_KILL_AT_STEP", None)
+    env = job_env(HF_HUB_OFFLINE="1")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
                 "--rdzv_backend=c10d", f"--rdzv_endpoint=localhost:{free_port()}", f"--rdzv_id={tmp.name}"]  # fmt: skip
     nodes = [subprocess.Popen([*launcher, str(script), *args], env=env, stdout=subprocess.PIPE,

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from potpourri.core.training import TrainOptions
 from potpourri.segment.sam_prompt import PromptConfig, image_embeddings, learn_prompt
 from tests.segment.test_sam_resume import planted, tiny_sam
+from tests.torchrun import standalone
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = """
@@ -46,18 +45,13 @@ def prompt_job(out: str, resume: bool = False) -> None:
 def test_two_processes_killed_and_relaunched_learn_the_prompt_of_one(tmp_path: Path) -> None:
     script = tmp_path / "job.py"
     script.write_text(SCRIPT.format(root=str(ROOT)))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     two = str(tmp_path / "two")
-    killed = subprocess.run([*launcher, str(script), two, "fresh"], env={**env, "POTPOURRI_KILL_AT_STEP": "5"},
-                            capture_output=True, timeout=150)  # fmt: skip
+    killed = standalone(script, two, "fresh", timeout=150, POTPOURRI_KILL_AT_STEP="5")
     assert killed.returncode != 0  # both processes SIGKILL themselves after step 5: torchrun ends the job
     last = json.loads((tmp_path / "two" / "checkpoints" / "last.json").read_text())
     assert last["step"] == 3 and not (tmp_path / "two" / "final.safetensors").exists()  # steps 4-5 are lost
     # a relaunch that started over would die at step 2; one that resumes from step 3 never reaches it
-    resumed = subprocess.run([*launcher, str(script), two, "resume"], env={**env, "POTPOURRI_KILL_AT_STEP": "2"},
-                             capture_output=True, timeout=150)  # fmt: skip
+    resumed = standalone(script, two, "resume", timeout=150, POTPOURRI_KILL_AT_STEP="2")
     assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
     prompt_job(str(tmp_path / "one"))
 

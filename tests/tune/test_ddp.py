@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ from safetensors.torch import load_file
 
 from potpourri.tune.strategies import get_strategy
 from potpourri.tune.trainer import TuneConfig, train
+from tests.torchrun import standalone
 from tests.tune.tune_testkit import colour_data, tiny_model
 
 
@@ -42,11 +40,8 @@ ddp_job(sys.argv[1])
 def test_two_processes_reach_the_weights_of_one(tmp_path):
     script = tmp_path / "ddp_script.py"
     script.write_text(DDP_SCRIPT.format(tests_dir=str(Path(__file__).parents[2])))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     ddp_job(str(tmp_path / "one"))  # one process: this one
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    double = subprocess.run([*launcher, str(script), str(tmp_path / "two")], env=env, capture_output=True, timeout=240)
+    double = standalone(script, tmp_path / "two", timeout=240)
     assert double.returncode == 0, double.stderr.decode()[-2000:]
 
     one = load_file(str(tmp_path / "one" / "model.safetensors"))

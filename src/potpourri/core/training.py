@@ -347,11 +347,7 @@ class Trainer:
 
     def mean_over_processes(self, value: float) -> float:
         """The mean of a number over processes (itself in one process): a loss to log or compare."""
-        if not self.group.distributed:
-            return value
-        total = torch.tensor([value], dtype=torch.float64, device=self._comm_device())
-        torch.distributed.all_reduce(total)
-        return total.item() / self.group.world
+        return self.sums_over_processes({"value": value})["value"] / self.group.world
 
     def sums_over_processes(self, values: dict[str, float]) -> dict[str, float]:
         """Each number summed over processes in one all-reduce (the numbers themselves in one process)."""

@@ -420,8 +420,7 @@ def train_mask_head(
             picks = rng.choice(with_boxes, size=min(cfg.batch_size, len(with_boxes)), replace=False).tolist()
             out = _step_batch(head, frozen, cache, samples, picks, cfg, generator, trainer.autocast, trainer)
         # before update(), whose checkpoint must hold it; under torchrun the global batch's loss
-        losses.append(trainer.sums_over_processes({"total": float(out["total"].detach())})["total"]
-                      / trainer.group.world)  # fmt: skip
+        losses.append(trainer.mean_over_processes(float(out["total"].detach())))
         trainer.update(out["total"])
     trainer.finish()
     history = {"steps": trainer.step, "losses": losses, "train_s": time.perf_counter() - start, "cache_s": cache_s,

@@ -88,22 +88,15 @@ def train_run(
         seed=seed,
     )
     record = {"verb": "detect train", "data": data_spec, **vars(config), "device": device, "precision": precision}
-    made: dict[str, Run] = {}
-
-    def make_run() -> str:
-        made["run"] = new_run("detect", out, config=record, seed=seed)
-        return str(made["run"].path)
-
     with process_group(device) as group:  # rank 0 of 1 outside torchrun
-        path = group.main_first(make_run)
+        run = group.main_first(lambda: new_run("detect", out, config=record, seed=seed))
         # a checkpoint once per epoch (train_detector's default)
         options = TrainOptions(
             device=device, precision=precision, resume=resume, progress=group.is_main, sync_bn=sync_bn
         )
-        result = train_detector(data.train, data.test, config, run_path=path, options=options)
-    if "run" not in made:
+        result = train_detector(data.train, data.test, config, run_path=run.path, options=options)
+    if not group.is_main:  # rank 0 evaluates and writes the run
         return None
-    run = made["run"]
     columns = list(dict.fromkeys(k for row in result.history for k in row))  # test mAP appears only on eval epochs
     for row in result.history:
         run.log_metrics({k: row.get(k, "") for k in columns})

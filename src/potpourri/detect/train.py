@@ -519,13 +519,12 @@ def train_detector(
         if aided_loss is not None and raw_anchor is not None:
             loss_ab, parts_ab = aided_loss(raw_anchor.float(), gt_labels, gt_boxes, gt_mask, size, loss_fn.assigner)
             loss, parts = loss + loss_ab, {**parts, **parts_ab}
-        # each process's loss is its slice's sums over the global normaliser: they add up to the global loss, and
-        # the trainer averages gradients over processes, hence the factor
-        loss = loss * trainer.group.world
+        # each process's loss is its slice's sums over the global normaliser: the processes' losses add up to the
+        # global loss (logged), and the trainer averages gradients over processes, hence the factor
         sums = state["sums"]
-        logged = {"loss": loss.detach().float().item() / trainer.group.world, **parts}
-        for key, value in trainer.sums_over_processes(logged).items():
+        for key, value in trainer.sums_over_processes({"loss": loss.detach().float().item(), **parts}).items():
             sums[key] = sums.get(key, 0.0) + value
+        loss = loss * trainer.group.world
         state["lr"], state["seconds"] = lr, time.perf_counter() - started
         trainer.update(loss, lr=f"{lr:.2e}")
     if state["open"] is not None:

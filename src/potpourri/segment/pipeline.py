@@ -79,24 +79,17 @@ def train_segmenter_run(
         dice_weight=dice_weight,
         seed=seed,
     )
-    made: dict[str, Run] = {}
-
-    def make_run() -> str:
-        made["run"] = new_run(
-            "segment", out, config={"verb": "inspect segment-train", "data": data_spec, **vars(config)}, seed=seed
-        )
-        return str(made["run"].path)
-
     with process_group(device) as group:  # rank 0 of 1 outside torchrun
-        path = Path(group.main_first(make_run))
+        run = group.main_first(lambda: new_run(
+            "segment", out, config={"verb": "inspect segment-train", "data": data_spec, **vars(config)}, seed=seed
+        ))  # fmt: skip
         options = TrainOptions(device=device, precision=precision, resume=resume, progress=progress and group.is_main,
                                checkpoint_every=checkpoint_every, sync_bn=sync_bn)  # fmt: skip
         segmenter = train_segmenter(
-            data.train_images, data.train_masks, config, options=options, checkpoints=path / "checkpoints"
+            data.train_images, data.train_masks, config, options=options, checkpoints=run.path / "checkpoints"
         )
-    if "run" not in made:
+    if not group.is_main:  # rank 0 evaluates and writes the run
         return None
-    run = made["run"]
     for row in segmenter.history:
         run.log_metrics(row)
     metrics = segmenter.evaluate(data.test_images, data.test_masks, device=device, precision=precision)
@@ -266,7 +259,6 @@ def oneshot_run(
     """``potpourri inspect oneshot``: fit a one-shot segmenter on support images (or load one) and segment
     ``images`` on ``device`` in ``precision``; masks, panels, ``predictions.csv`` and, with ``truth_masks``, IoU.
     With ``out`` the fit checkpoints to ``OUT/checkpoints`` and ``resume`` continues it from there."""
-    from pathlib import Path
 
     from potpourri.core.imaging import find_images, load_rgb, read_mask
     from potpourri.core.metrics import iou_per_class
