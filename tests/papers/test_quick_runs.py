@@ -91,3 +91,21 @@ def test_yolov6_v3_quick_reports_every_arm_and_deploys_aat_as_the_baseline(tmp_p
     assert "eager" in backends and ("onnxruntime" in backends or summary["latency_conditions"]["not_installed"])
     assert summary["aat_deploys_the_baseline_graph"] is True  # the anchor branch is gone after re-parameterisation
     assert summary["arms"]["+AAT"]["train_params"] > summary["arms"]["+AAT"]["deployed_params"]
+
+
+def test_reproduce_seed_reaches_the_experiment_and_is_refused_where_seeds_are_fixed(tmp_path) -> None:
+    from potpourri.papers.registry import takes_seed
+    from tests.inprocess import run_main
+
+    refused = run_main("reproduce", "freeze-embed", "--quick", "--seed", "1", "--out", str(tmp_path / "fe"))
+    assert refused.returncode == 2 and "fixes its own seeds" in refused.stderr
+    assert not (tmp_path / "fe").exists()  # nothing written
+    assert takes_seed("clip-small") and takes_seed("anomalyclip") and not takes_seed("freeze-embed")
+    runs = {s: run_experiment("clip-small", quick=True, out=str(tmp_path / f"clip{s}"), seed=s) for s in (0, 3)}
+    configs = {s: json.loads((r.path / "summary.json").read_text())["config"] for s, r in runs.items()}
+    assert configs[0]["train"]["seed"] == 0 and configs[3]["train"]["seed"] == 3
+    rest = [{k: v for k, v in c.items() if k != "train"} for c in configs.values()]
+    assert rest[0] == rest[1]
+    missing = run_main("reproduce", "anomalyclip", "--seed", "7", "--out", str(tmp_path / "ac"), cwd=tmp_path)
+    assert missing.returncode == 2 and "clip-small --seed 7 --out runs/clip-small-seed7" in missing.stderr
+    assert not (tmp_path / "ac").exists()

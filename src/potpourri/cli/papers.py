@@ -7,6 +7,7 @@ import argparse
 import torch
 
 from potpourri.cli import flags
+from potpourri.core.errors import PotpourriError
 
 
 def _options(args: argparse.Namespace):
@@ -16,11 +17,14 @@ def _options(args: argparse.Namespace):
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from potpourri.papers.registry import run_experiment
+    from potpourri.papers.registry import run_experiment, takes_seed
 
+    if args.seed is not None and not takes_seed(args.experiment):  # before any thread setting or output
+        parser_error = f"reproduce {args.experiment} fixes its own seeds (see its config); --seed is not accepted"
+        raise PotpourriError(parser_error)
     if args.threads:
         torch.set_num_threads(args.threads)
-    run = run_experiment(args.experiment, quick=args.quick, out=args.out, options=_options(args))
+    run = run_experiment(args.experiment, quick=args.quick, out=args.out, options=_options(args), seed=args.seed)
     print((run.path / "results.md").read_text(), end="")
     print(f"run: {run.path}")
     return 0
@@ -39,6 +43,9 @@ def _register_reproduce(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run of the same code path")
     p.add_argument("--threads", type=flags.non_negative_int, default=None)
     p.add_argument("--out", help="run folder (default runs/reproduce-<experiment>/vN)")
+    p.add_argument("--seed", type=flags.non_negative_int, default=None,
+                   help="the experiment's seed (default: its own; only experiments that take one, e.g. clip-small, "
+                   "anomalyclip)")  # fmt: skip
     flags.add_compute(p)
     p.set_defaults(func=_cmd_reproduce)
 

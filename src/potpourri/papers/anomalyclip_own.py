@@ -110,13 +110,15 @@ def reproduce_anomalyclip_own(
         run = reproduce_anomalyclip_own(AnomalyClipOwnConfig(clip_run="runs/clip-small"))
     """
     started = time.perf_counter()
+    clip_folder = Path(cfg.clip_run) if cfg.clip_run else None
+    if clip_folder is not None:  # checked before the run folder is made: a missing model writes nothing
+        if (clip_folder / "summary.json").is_file() and not (clip_folder / "config.json").is_file():
+            clip_folder = Path(json.loads((clip_folder / "summary.json").read_text())["model_folder"])
+        if not (clip_folder / "config.json").is_file():
+            raise PotpourriError(f"no trained clip in '{clip_folder}'; run `potpourri reproduce clip-small --seed "
+                                 f"{cfg.seed} --out {clip_folder}` first")  # fmt: skip
     run = new_run("reproduce-anomalyclip", out, config=asdict(cfg), seed=cfg.seed)
-    clip_folder = Path(cfg.clip_run) if cfg.clip_run else _tiny_clip(run.path / "tiny-clip")
-    if (clip_folder / "summary.json").is_file() and not (clip_folder / "config.json").is_file():
-        clip_folder = Path(json.loads((clip_folder / "summary.json").read_text())["model_folder"])
-    if not (clip_folder / "config.json").is_file():
-        raise PotpourriError(f"no trained clip in '{clip_folder}'; run `potpourri reproduce clip-small --out "
-                             f"{clip_folder}` first")  # fmt: skip
+    clip_folder = clip_folder or _tiny_clip(run.path / "tiny-clip")
     trained_on = json.loads((clip_folder / "config.json").read_text()).get("trained_on") or _run_surfaces(clip_folder)
     if trained_on and set(trained_on) & set(cfg.held_out):
         raise PotpourriError(f"the clip was trained on {trained_on}: not zero-shot for {list(cfg.held_out)}")
@@ -219,10 +221,17 @@ def reproduce_anomalyclip_own(
     return run
 
 
-def run(quick: bool, out: str | None, options: TrainOptions | None = None) -> Run:
-    """``potpourri reproduce anomalyclip``: the full study (needs a `reproduce clip-small` model), or a quick run."""
-    cfg = AnomalyClipOwnConfig()
+def clip_run_for_seed(seed: int) -> str:
+    """Where ``reproduce anomalyclip --seed S`` looks for its towers: the ``reproduce clip-small --seed S`` run,
+    ``runs/clip-small`` for seed 0 and ``runs/clip-small-seedS`` otherwise."""
+    return "runs/clip-small" if seed == 0 else f"runs/clip-small-seed{seed}"
+
+
+def run(quick: bool, out: str | None, options: TrainOptions | None = None, seed: int = 0) -> Run:
+    """``potpourri reproduce anomalyclip``: the full study (needs a `reproduce clip-small` model, see
+    ``clip_run_for_seed``), or a quick run; ``seed`` seeds the prompts, the data and the PatchCore shots."""
+    cfg = AnomalyClipOwnConfig(clip_run=clip_run_for_seed(seed), seed=seed)
     if quick:  # a random tiny clip, two images per kind: the same code path, numbers not meaningful
         cfg = AnomalyClipOwnConfig(clip_run=None, aux_surfaces=("brick",), held_out=("moon",), aux_per_kind=1,
-                                   test_per_kind=1, epochs=1, shots=(1,), patchcore_size=64)  # fmt: skip
+                                   test_per_kind=1, epochs=1, shots=(1,), patchcore_size=64, seed=seed)  # fmt: skip
     return reproduce_anomalyclip_own(cfg, out=out, options=options)

@@ -220,6 +220,8 @@ QUICK = ClipSmallConfig(
 )  # fmt: skip
 
 
-def run(quick: bool, out: str | None, options: TrainOptions | None = None) -> Run:
-    """``potpourri reproduce clip-small``: the full study, or a seconds-long smoke run of the same code path."""
-    return reproduce_clip_small(QUICK if quick else ClipSmallConfig(), out=out, options=options)
+def run(quick: bool, out: str | None, options: TrainOptions | None = None, seed: int = 0) -> Run:
+    """``potpourri reproduce clip-small``: the full study, or a seconds-long smoke run of the same code path;
+    ``seed`` seeds the data, the initialisation and the batches."""
+    cfg = QUICK if quick else ClipSmallConfig()
+    return reproduce_clip_small(replace(cfg, train=replace(cfg.train, seed=seed)), out=out, options=options)

@@ -2,22 +2,28 @@
 
 An experiment is a function ``run(quick: bool, out: str | None, options: TrainOptions | None = None) -> Run`` that
 writes ``results.md`` into its run folder; ``quick`` is a seconds-long smoke run of the same code path (numbers not
-meaningful); ``options`` carries ``--device`` and ``--precision`` to every model the experiment trains or runs.
+meaningful); ``options`` carries ``--device`` and ``--precision`` to every model the experiment trains or runs. An
+experiment whose seed the user may choose (``reproduce X --seed N``) also takes ``seed: int = 0``.
 Register a new one by adding a line to ``EXPERIMENTS``; modules are imported only when their experiment runs.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
+from potpourri.core.errors import PotpourriError
 from potpourri.core.training import TrainOptions
 
 __all__ = [
     "EXPERIMENTS",
     "compute_options",
+    "experiment_function",
     "run_experiment",
+    "takes_seed",
 ]
 
 # name -> ("module:function", one-line help)
@@ -109,11 +115,35 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
 }
 
 
-def run_experiment(name: str, *, quick: bool = False, out: str | None = None, options: TrainOptions | None = None):
-    """Run one registered experiment on ``options``' device and precision; return its ``Run`` (``results.md``)."""
-    target, _ = EXPERIMENTS[name]
-    module, function = target.split(":")
-    return getattr(importlib.import_module(module), function)(quick, out, options or TrainOptions(progress=False))
+def experiment_function(name: str) -> Callable[..., Any]:
+    """The ``run`` function registered under ``name`` (its module imported now)."""
+    module, function = EXPERIMENTS[name][0].split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def takes_seed(name: str) -> bool:
+    """Whether an experiment's seed can be chosen (its ``run`` takes ``seed=``); the others fix their seeds."""
+    return "seed" in inspect.signature(experiment_function(name)).parameters
+
+
+def run_experiment(
+    name: str,
+    *,
+    quick: bool = False,
+    out: str | None = None,
+    options: TrainOptions | None = None,
+    seed: int | None = None,
+):
+    """Run one registered experiment on ``options``' device and precision; return its ``Run`` (``results.md``).
+    ``seed`` (None: the experiment's default) is refused by experiments that fix their own seeds."""
+    fn = experiment_function(name)
+    extra = {}
+    if seed is not None:
+        if not takes_seed(name):
+            raise PotpourriError(f"reproduce {name} fixes its own seeds; --seed applies to: "
+                                 f"{', '.join(n for n in sorted(EXPERIMENTS) if takes_seed(n))}")  # fmt: skip
+        extra["seed"] = seed
+    return fn(quick, out, options or TrainOptions(progress=False), **extra)
 
 
 def compute_options(config_type: type, options: TrainOptions | None) -> dict[str, Any]:
