@@ -199,3 +199,39 @@ def test_the_page_in_headless_chromium(server, planted_run, tmp_path):
         assert lines[0].startswith("image,verdict,score") and len(lines) == 3
     finally:
         browser.quit()
+
+
+def test_plain_language_requests_answer_from_patchcore_masks_and_refuse_kinds(planted_run, tmp_path):
+    """The request field of the inspection app: every answer equals the same call run on the method's own pixel
+    masks (resized to each image); a call about one defect kind is answered with the KINDLESS sentence."""
+    from potpourri.app.inspect_app import InspectionService, answer_files, build_inspection_page
+    from potpourri.app.requests import KINDLESS, AnomalyClasses, RequestRunner, run_call
+    from potpourri.vlm.router import Call, KeywordRouter
+
+    folder, planted = planted_run
+    service = InspectionService(folder)
+    runner = RequestRunner(KeywordRouter().route, AnomalyClasses(service.method))
+    paths = []
+    for i in np.argsort(-np.asarray(planted.labels))[:3]:  # defective images first
+        paths.append(tmp_path / f"part{i}.png")
+        paths[-1].write_bytes(png(planted.test[i]))
+    results = service.method.predict([planted.test[int(p.stem[4:])] for p in paths])
+    maps = {}
+    for path, image, result in zip(paths, [planted.test[int(p.stem[4:])] for p in paths], results, strict=True):
+        resized = Image.fromarray(result.mask.astype(np.uint8)).resize(image.shape[1::-1], Image.Resampling.NEAREST)
+        maps[path.name] = np.asarray(resized).astype(np.int64)
+    files = [str(p) for p in paths]
+    for request, call in (("how many defects are in this part?", Call("count", "any")),
+                          ("check these images for defects", Call("find", "any")),
+                          ("show me the worst two images with defects", Call("worst", "any", 2))):  # fmt: skip
+        routed, text, _ = answer_files(service, runner, files, request)
+        expected = run_call(call, maps, ("good", "anomaly"), paths[0].name)
+        assert routed == call.text() and text == expected.text
+    routed, text, drawn = answer_files(service, runner, files, "outline the defects")
+    assert routed == "segment(kind=any)" and maps[paths[0].name].any()
+    assert (drawn != planted.test[int(paths[0].stem[4:])]).any(axis=-1).sum() > 0
+    routed, text, drawn = answer_files(service, runner, files, "how many scratches are in this part?")
+    assert routed == "count(kind=scratch)" and text == KINDLESS.format(kind="scratch") and drawn is None
+    ids = lambda page: {c.get("props", {}).get("elem_id") for c in page.config["components"]}  # noqa: E731
+    assert "request" not in ids(build_inspection_page(service))
+    assert {"request", "call", "request-answer", "request-mask"} <= ids(build_inspection_page(service, runner))

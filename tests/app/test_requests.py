@@ -75,6 +75,14 @@ def test_chat_routes_slash_requests_to_the_segmenter(tiny_run, tmp_path, capsys)
     assert re.match(r"(an? .* in the .* of the image|no defect)", record["answer"]), record["answer"]
     no_seg = main(["chat", str(tiny_run.box_image), "--run", str(tiny_run.path), "-q", "/count holes"])
     assert no_seg == 2 and "need a segmenter run" in capsys.readouterr().err
+    # no VLM run: '/' requests alone, the same answer; a plain question or no run at all is a one-line error
+    alone = ["chat", str(tiny_run.box_image), "--inspect", str(tmp_path / "segmenter")]
+    assert main([*alone, "-q", "/how many holes are in this part?", "--out", str(tmp_path / "c5")]) == 0
+    assert f"answer: {expected.text}" in capsys.readouterr().out
+    assert main([*alone, "-q", "what is this?", "--out", str(tmp_path / "c6")]) == 2
+    assert "questions need a VLM run" in capsys.readouterr().err and not (tmp_path / "c6").exists()
+    assert main(["chat", str(tiny_run.box_image), "-q", "/count holes"]) == 2
+    assert "chat needs a VLM run (--run)" in capsys.readouterr().err
 
 
 def test_chat_router_flag_is_validated_at_parse_time(tiny_run, capsys) -> None:

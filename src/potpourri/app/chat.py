@@ -1,10 +1,12 @@
 """``potpourri chat IMAGE --run RUN``: ask a trained VLM about an image in the terminal.
 
 With ``--question`` it answers once and exits; otherwise it reads questions until end of input or ``quit``
-(``:image PATH`` switches the image). With ``--inspect SEGMENTER_RUN``, a line starting with ``/`` is a request in
-plain language, routed to a toolkit call (``app/requests.py``; ``--router keywords|smollm2``) over every image of the
-session: ``/how many holes are in this part?``, ``/check for scratches and show me the worst three``;
-``/describe [KIND]`` describes the largest defect of the current image in one sentence.
+(``:image PATH`` switches the image). With ``--inspect RUN`` (a segmenter or a PatchCore run), a line starting with
+``/`` is a request in plain language, routed to a toolkit call (``app/requests.py``; ``--router keywords|smollm2``)
+over every image of the session: ``/how many holes are in this part?``, ``/check for scratches and show me the worst
+three``; ``/describe [KIND]`` describes the largest defect of the current image in one sentence. A PatchCore run
+answers about anomalies of any kind and says so when asked about one kind. Without ``--run`` the session takes only
+``/`` requests (no VLM needed).
 
 Each answer is printed; when it contains boxes or masks (MiniGPT-v2 text,
 parsed by ``potpourri.core.textgeo``) the image with them drawn is saved under ``RUN/chat/v<N>/images/`` and its path
@@ -15,6 +17,7 @@ Example:
     potpourri chat part.png --run runs/vlm/v0 --question "[refer] where is the scratch?"
     potpourri chat part.png --run runs/vlm/v0 --inspect runs/inspect/v0        # a REPL
     potpourri chat part.png --run runs/vlm/v0 --inspect runs/segmenter/v0 -q "/describe scratch"
+    potpourri chat part.png --inspect runs/segmenter/v0 -q "/how many holes are in this part?"   # no VLM
 """
 
 from __future__ import annotations
@@ -34,12 +37,19 @@ _QUIT = {"quit", "exit", ":q"}
 class ChatSession:
     """One image, one assistant, one output folder: ``turn(question)`` answers, saves drawings, logs the turn."""
 
-    def __init__(self, assistant, image_path: str | Path, out: str | Path | None = None, requests=None) -> None:
+    def __init__(self, assistant, image_path: str | Path, out: str | Path | None = None, requests=None,
+                 root: str | Path | None = None) -> None:  # fmt: skip
+        """``assistant`` None: a session of '/' requests only (``requests`` required); output under ``out`` or
+        ``root``/chat/v<N> (default: the assistant's run)."""
         from potpourri.core.runs import new_run
 
+        if assistant is None and requests is None:
+            raise PotpourriError(
+                "chat needs a VLM run (--run), an inspection run for '/' requests (--inspect), or both"
+            )
         self.assistant = assistant
         self.requests = requests  # a RequestRunner for '/' lines, or None
-        self.run = new_run("chat", out, root=assistant.run_dir)
+        self.run = new_run("chat", out, root=root or assistant.run_dir)
         self.turns = 0
         self.images: dict[str, object] = {}  # every image of the session, by path: what '/' requests look at
         self.set_image(image_path)
@@ -60,7 +70,8 @@ class ChatSession:
 
         stream = stream or sys.stdout
         if self.requests is None:
-            raise PotpourriError("'/' requests need a segmenter run: pass --inspect SEGMENTER_RUN")
+            raise PotpourriError("'/' requests need a segmenter run or a PatchCore run with a pixel threshold: pass "
+                                 "--inspect RUN")  # fmt: skip
         text = line.removeprefix("/").strip()
         current = str(self.image_path)
         if text.split(" ")[0].lower() == "describe":
@@ -89,6 +100,8 @@ class ChatSession:
         from PIL import Image
 
         stream = stream or sys.stdout
+        if self.assistant is None:
+            raise PotpourriError("questions need a VLM run (--run VLM_RUN); without one, ask '/' requests")
         reply = self.assistant.ask(self.image, question)
         self.turns += 1
         stem = f"{self.turns:03d}_{self.image_path.stem}"

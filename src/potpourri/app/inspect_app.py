@@ -130,23 +130,30 @@ class InspectionService:
         return out
 
 
-def build_inspection_app(service: InspectionService) -> Any:
-    """The FastAPI app: the Gradio page at ``/`` and ``POST /api/inspect`` (raw image bytes in, JSON out)."""
-    from fastapi import FastAPI
+def answer_files(service: InspectionService, requests: Any, files: list | None, text: str) -> tuple:
+    """A plain-language request over the uploaded files (the first one is "this part"): (the call, its answer, the
+    first image with the mask the call draws or None). Unreadable uploads are named in a ``PotpourriError``."""
+    from potpourri.app.assistant import draw_answer
 
+    images = {}
+    for file in files or []:
+        path = Path(file if isinstance(file, str) else file.name)
+        images[path.name] = service.decode(path.read_bytes(), path.name)
+    if not images:
+        raise PotpourriError("no images; upload some, then ask")
+    current = next(iter(images))
+    with service.lock:
+        result = requests.answer(text, images, current)
+    drawn = draw_answer(images[current], [], result.mask) if result.mask is not None else None
+    return result.call.text(), result.text, drawn
+
+
+def build_inspection_page(service: InspectionService, requests: Any = None) -> Any:
+    """The Gradio ``Blocks`` page: upload, verdicts, heat maps, CSV; with ``requests`` (a ``RequestRunner`` over the
+    same method) a plain-language request field over the uploads."""
     from potpourri.app.serve import require_gradio
 
     gr = require_gradio()
-    api = FastAPI(title=TITLE)
-
-    @api.post("/api/inspect")
-    async def inspect_endpoint(request: Request) -> JSONResponse:
-        data = await request.body()
-        try:
-            verdict = await _in_thread(service.inspect, data, request.query_params.get("name", "upload"))
-        except UploadError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=422)
-        return JSONResponse(service.as_json(verdict))
 
     def run_files(files: list | None) -> tuple:
         rows, gallery, messages = [], [], []
@@ -183,7 +190,45 @@ def build_inspection_app(service: InspectionService) -> Any:
         gallery = gr.Gallery(label="heat maps (white: predicted mask outline)", elem_id="maps", format="png")
         download = gr.File(label="predictions.csv", elem_id="csv", interactive=False)
         go.click(run_files, inputs=[files], outputs=[table, gallery, download, note])
-    return gr.mount_gradio_app(api, page, path="/")
+        if requests is not None:
+
+            def run_request(uploaded: list | None, text: str) -> tuple:
+                try:
+                    return answer_files(service, requests, uploaded, text)
+                except PotpourriError as exc:
+                    raise gr.Error(str(exc)) from None
+
+            with gr.Row():
+                request = gr.Textbox(label="request (plain language; anomalies of any kind, first file is this part)",
+                                     elem_id="request", placeholder="how many defects are in this part?")  # fmt: skip
+                ask = gr.Button("Run request", elem_id="run-request")
+            call = gr.Textbox(label="call", elem_id="call", interactive=False)
+            reply = gr.Textbox(label="request answer", elem_id="request-answer", interactive=False)
+            masked = gr.Image(type="numpy", label="request mask", elem_id="request-mask", interactive=False)
+            ask.click(run_request, inputs=[files, request], outputs=[call, reply, masked])
+            request.submit(run_request, inputs=[files, request], outputs=[call, reply, masked])
+    return page
+
+
+def build_inspection_app(service: InspectionService, requests: Any = None) -> Any:
+    """The FastAPI app: ``build_inspection_page`` at ``/`` and ``POST /api/inspect`` (raw image bytes in, JSON out)."""
+    from fastapi import FastAPI
+
+    from potpourri.app.serve import require_gradio
+
+    gr = require_gradio()
+    api = FastAPI(title=TITLE)
+
+    @api.post("/api/inspect")
+    async def inspect_endpoint(request: Request) -> JSONResponse:
+        data = await request.body()
+        try:
+            verdict = await _in_thread(service.inspect, data, request.query_params.get("name", "upload"))
+        except UploadError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=422)
+        return JSONResponse(service.as_json(verdict))
+
+    return gr.mount_gradio_app(api, build_inspection_page(service, requests), path="/")
 
 
 async def _in_thread(function: Any, *args: Any) -> Any:
@@ -192,9 +237,9 @@ async def _in_thread(function: Any, *args: Any) -> Any:
     return await asyncio.to_thread(function, *args)
 
 
-def serve_inspection(service: InspectionService, *, host: str, port: int) -> None:
-    """Serve the app with uvicorn until interrupted."""
+def serve_inspection(service: InspectionService, *, host: str, port: int, requests: Any = None) -> None:
+    """Serve the app with uvicorn until interrupted (``requests``: see ``build_inspection_app``)."""
     import uvicorn
 
     print(f"serving {service.run_dir} on http://{host}:{port} (POST /api/inspect for JSON; Ctrl-C stops)", flush=True)
-    uvicorn.run(build_inspection_app(service), host=host, port=port, log_level="warning")
+    uvicorn.run(build_inspection_app(service, requests), host=host, port=port, log_level="warning")

@@ -10,6 +10,10 @@ Calls and what they answer (``kind`` "any" means every defect class):
 * ``describe(kind)``: one sentence for the largest region of the kind (``data/describe.py``);
 * ``refuse()``: a clear refusal listing what can be asked.
 
+An anomaly-detection run (PatchCore) answers too, through ``AnomalyClasses``: its calibrated pixel mask is the class
+map ("anomaly" vs "good"). It cannot tell kinds apart, so a call about one kind gets a clear answer saying so
+instead of an answer about every anomaly.
+
 Example:
     runner = RequestRunner.from_run("runs/segmenter/v0", router="keywords")
     runner.answer("how many holes are in this part?", {"part.png": pixels}, "part.png").text
@@ -20,6 +24,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -28,7 +34,8 @@ from potpourri.core.errors import PotpourriError
 from potpourri.data.describe import describe_mask
 from potpourri.vlm.router import KINDS, Call, KeywordRouter
 
-__all__ = ["MIN_PIXELS", "ROUTERS", "CallResult", "RequestRunner", "load_router", "run_call"]
+__all__ = ["KINDLESS", "MIN_PIXELS", "ROUTERS", "AnomalyClasses", "CallResult", "RequestRunner", "load_router",
+           "run_call"]  # fmt: skip
 
 MIN_PIXELS = 16  # fewer predicted pixels of a kind than this is no finding
 ROUTERS = ("keywords", "smollm2")
@@ -36,6 +43,10 @@ REFUSAL = (
     "Sorry, I can't do that. I can find, rank (worst k), count, segment or describe defects of these kinds: "
     + ", ".join(KINDS[:-1])
     + ' (or any), e.g. "how many holes are in this part?".'
+)
+KINDLESS = (
+    "This run detects anomalies but cannot tell defect kinds apart, so it cannot answer about {kind} defects. Ask "
+    'about any defect ("how many defects are in this part?") or use a segmenter run (`inspect segment-train`).'
 )
 
 
@@ -106,29 +117,70 @@ def load_router(name: str, *, lm: str = "smollm2_135m") -> Callable[[str], Call]
     raise PotpourriError(f"unknown router '{name}'; choose from {', '.join(ROUTERS)}")
 
 
-class RequestRunner:
-    """A router and a segmenter: ``answer(request, images, current)`` routes, runs and answers."""
+class AnomalyClasses:
+    """An anomaly-detection method (PatchCore, an ``inspect fit`` run) seen as a two-class segmenter: its calibrated
+    pixel mask at the image's own size is class 1, "anomaly"; ``tells_kinds`` is False."""
 
-    def __init__(self, router: Callable[[str], Call], segmenter: object) -> None:
+    tells_kinds = False
+
+    def __init__(self, method: Any) -> None:
+        if method.thresholds.pixel is None:
+            raise PotpourriError(
+                f"'{method.name}' run has no pixel threshold, so it draws no mask to answer "
+                "requests from; calibrate it with masks (`inspect fit` on a test split with masks)"
+            )
+        self.method = method
+        self.config = SimpleNamespace(class_names=("good", "anomaly"))
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """(N, H, W) class ids: 1 where the method's pixel mask, resized to each image (nearest), is set."""
+        from PIL import Image
+
+        maps = []
+        for image, result in zip(images, self.method.predict(list(images)), strict=True):
+            mask = Image.fromarray(result.mask.astype(np.uint8))
+            maps.append(np.asarray(mask.resize(image.shape[1::-1], Image.Resampling.NEAREST)).astype(np.int64))
+        return np.stack(maps)
+
+
+class RequestRunner:
+    """A router and a segmenter: ``answer(request, images, current)`` routes, runs and answers. The segmenter is
+    anything with ``config.class_names`` and ``predict((N, H, W, 3) uint8) -> (N, H, W) class ids`` (class 0 is the
+    background), e.g. a trained ``Segmenter`` or ``AnomalyClasses(patchcore)``."""
+
+    def __init__(self, router: Callable[[str], Call], segmenter: Any) -> None:
         self.router, self.segmenter = router, segmenter
         self.class_names = tuple(segmenter.config.class_names)
-        self._maps: dict[int, np.ndarray] = {}
+        self.tells_kinds = getattr(segmenter, "tells_kinds", True)
+        self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, *, router: str = "keywords") -> RequestRunner:
-        """A runner over a saved segmenter run (``inspect segment-train``)."""
+        """A runner over a saved run: a segmenter (``inspect segment-train``) or an anomaly detector (``inspect
+        fit``, through ``AnomalyClasses``)."""
+        from potpourri.deploy.runs import run_kind
+
+        if run_kind(run_dir) == "inspection":
+            from potpourri.inspect.base import load_method
+
+            return cls(load_router(router), AnomalyClasses(load_method(run_dir)))
         from potpourri.segment.segmenter import Segmenter
 
         return cls(load_router(router), Segmenter.load(run_dir))
 
     def class_map(self, image: np.ndarray) -> np.ndarray:
-        key = id(image)  # the session keeps its arrays; predict each once
-        if key not in self._maps:
-            self._maps[key] = self.segmenter.predict(image[None])[0]
-        return self._maps[key]
+        """The segmenter's class map of ``image``, predicted once per array (the cache keeps the array itself, so a
+        new array that reuses a freed one's id is predicted afresh)."""
+        cached = self._maps.get(id(image))
+        if cached is None or cached[0] is not image:
+            cached = self._maps[id(image)] = (image, self.segmenter.predict(image[None])[0])
+        return cached[1]
 
     def run(self, call: Call, images: dict[str, np.ndarray], current: str) -> CallResult:
-        """Run an already-routed call (``/describe`` comes here directly)."""
+        """Run an already-routed call (``/describe`` comes here directly); a call about one kind on a run that cannot
+        tell kinds apart is answered with ``KINDLESS``."""
+        if not self.tells_kinds and call.verb != "refuse" and call.kind not in (None, "any"):
+            return CallResult(call, KINDLESS.format(kind=call.kind))
         return run_call(call, {name: self.class_map(img) for name, img in images.items()}, self.class_names, current)
 
     def answer(self, request: str, images: dict[str, np.ndarray], current: str) -> CallResult:

@@ -32,7 +32,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 def _register_reproduce(subparsers: argparse._SubParsersAction) -> None:
     """Add ``potpourri reproduce``."""
-    from potpourri.papers.registry import EXPERIMENTS
+    from potpourri.papers.registry import EXPERIMENTS, SEEDED
 
     p = subparsers.add_parser("reproduce", help="re-run a paper's experiment at CPU scale (tables in docs/results.md)")
     p.add_argument(
@@ -44,8 +44,7 @@ def _register_reproduce(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=flags.non_negative_int, default=None)
     p.add_argument("--out", help="run folder (default runs/reproduce-<experiment>/vN)")
     p.add_argument("--seed", type=flags.non_negative_int, default=None,
-                   help="the experiment's seed (default: its own; only experiments that take one, e.g. clip-small, "
-                   "anomalyclip)")  # fmt: skip
+                   help=f"the experiment's seed (default: its own); only for {', '.join(SEEDED)}")  # fmt: skip
     flags.add_compute(p)
     p.set_defaults(func=_cmd_reproduce)
 

@@ -119,10 +119,11 @@ def reproduce_words(cfg: WordsConfig, out: str | None = None, options: TrainOpti
     return run
 
 
-def run(quick: bool, out: str | None, options: TrainOptions | None = None):
-    """``potpourri reproduce words-annotation`` (or its smoke run: 64 px, a few images and steps)."""
-    cfg = WordsConfig()
+def run(quick: bool, out: str | None, options: TrainOptions | None = None, seed: int = 0):
+    """``potpourri reproduce words-annotation`` (or its smoke run: 64 px, a few images and steps); ``seed`` seeds the
+    images, both models' training and the scoring."""
+    cfg = WordsConfig(seed=seed)
     if quick:
         cfg = WordsConfig(categories=("brick",), image_size=64, train_per_category=4, test_per_category=4,
-                          sam_steps=3, segmenter_steps=3)  # fmt: skip
+                          sam_steps=3, segmenter_steps=3, seed=seed)  # fmt: skip
     return reproduce_words(cfg, out=out, options=options, quick=quick)
