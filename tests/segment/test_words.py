@@ -65,8 +65,11 @@ def test_evaluate_words_scores_the_filled_box_by_hand() -> None:
     masks[1][(xx - 32) ** 2 + (yy - 32) ** 2 <= 36] = 2
     names = ("good", "scratch", "hole")
     items = kind_regions(masks, names)
-    probs = np.stack([(masks == k) for k in range(3)], 1).astype(np.float32)  # a perfect segmenter
+    predicted = masks.copy()
+    predicted[1, 58:62, 2:6] = 2  # a perfect segmenter but for a false 16-px hole in a far corner of image 1
+    probs = np.stack([(predicted == k) for k in range(3)], 1).astype(np.float32)
     result = evaluate_words(sam.eval(), images, items, probs=probs, class_names=names)
     assert result["regions"] == 2 and result["box filled (baseline)"] == 1.0 * 0.5 + (113 / 169) * 0.5
     assert result["words + segmenter mask"] == 1.0  # regions at their cells' centres: the prior keeps them whole
+    assert result["kind word + segmenter mask (no place)"] == (1.0 + 113 / (113 + 16)) / 2  # the false hole counts
     assert all(0.0 <= v <= 1.0 for k, v in result.items() if isinstance(v, float))

@@ -83,7 +83,8 @@ def evaluate_words(
 ) -> dict[str, Any]:
     """Mean mask IoU per prompt over ``items`` (from ``kind_regions``): tight box, centre click, and the sentence of
     the true region as box / click / click + segmenter evidence / segmenter in the prior (``probs``: the
-    segmenter's (N, K, H, W) probabilities), plus the filled boxes as baselines. Also per kind."""
+    segmenter's (N, K, H, W) probabilities), the segmenter's pixels of the kind anywhere (the kind word without the
+    place words), plus the filled boxes as baselines. Also per kind."""
     features = sam.backbone_features(images)
     size = images.shape[1]
     rows: list[dict[str, Any]] = []
@@ -110,6 +111,7 @@ def evaluate_words(
             row["words + segmenter -> click"] = _iou(predict_mask(sam, feats, prior_click(prior, evidence)), region)
             class_map = probs[index].argmax(0)
             row["words + segmenter mask"] = _iou(prior_segmenter_mask(prior, class_map, class_id), region)
+            row["kind word + segmenter mask (no place)"] = _iou(class_map == class_id, region)  # what place adds
         rows.append(row)
     methods = [k for k in rows[0] if k != "kind"] if rows else []
     summary: dict[str, Any] = {m: float(np.mean([r[m] for r in rows])) for m in methods}
