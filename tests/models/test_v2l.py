@@ -8,9 +8,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from potpourri.core.errors import PotpourriError
-from potpourri.models.v2l import V2LConfig, V2LTokenizer, label_logliks, nearest_rows, prefix_cache, word_vocabulary
+from potpourri.models.v2l import (
+    V2LConfig,
+    V2LTokenizer,
+    global_words,
+    label_logliks,
+    nearest_rows,
+    prefix_cache,
+    word_vocabulary,
+)
 
 
 def _tokenizer(seed: int = 0) -> tuple[V2LTokenizer, torch.Tensor, torch.Tensor]:
@@ -65,6 +74,39 @@ def test_decode_ids_matches_decode_index_and_rejects_foreign_ids() -> None:
     assert torch.allclose(tok.decode_ids(out.ids), tok.decode_index(out.index))
     with pytest.raises(PotpourriError, match="not in this tokenizer"):
         tok.decode_ids(torch.zeros(1, 2, 2, dtype=torch.long))
+
+
+def test_vocab_projector_starts_as_the_frozen_quantiser_and_only_the_codebook_loss_moves_it() -> None:
+    tok, table, ids = _tokenizer()
+    torch.manual_seed(0)
+    projected = V2LTokenizer(table[ids], ids, V2LConfig(feature_dim=8, stride=4, decoder_width=8, vocab_projector=True))
+    projected.projection.load_state_dict(tok.projection.state_dict())
+    features = torch.randn(2, 8, 3, 3)
+    assert torch.equal(projected(features).ids, tok(features).ids)  # identity at the start: the same words
+    frozen, rows = table.clone(), projected.rows.clone()
+    out = projected(features)
+    z = F.normalize(projected.projection(features), dim=1).permute(0, 2, 3, 1).reshape(-1, 16).detach()
+    chosen = projected.codebook[out.index.flatten()]
+    expected = 0.25 * F.mse_loss(z, chosen.detach()) + F.mse_loss(chosen, z)  # beta·commitment + codebook loss
+    torch.testing.assert_close(out.vq_loss, expected)
+    out.vq_loss.backward()
+    assert projected.vocab_projector.weight.grad.abs().sum() > 0  # the codebook loss trains the projector
+    opt = torch.optim.SGD(projected.vocab_projector.parameters(), lr=1.0)
+    opt.step()
+    assert not torch.equal(projected.codebook, rows)  # the codebook moved ...
+    assert torch.equal(projected.rows, rows) and torch.equal(table, frozen)  # ... the vocabulary rows did not
+    assert {"vocab_projector.weight", "vocab_projector.bias"} <= set(projected.state_dict())
+    assert "rows" not in projected.state_dict()
+    assert set(projected(features).ids.unique().tolist()) <= set(ids.tolist())  # still the LLM's words
+
+
+def test_global_words_are_the_most_similar_vocabulary_words_in_order() -> None:
+    words = torch.eye(4)  # four orthogonal word embeddings, ids 100..103
+    ids = torch.tensor([100, 101, 102, 103])
+    image = torch.tensor([[0.1, 0.9, 0.0, 0.5], [2.0, 0.0, 1.0, 0.0]])  # scale does not matter: cosine
+    assert global_words(image, words, ids, 2).tolist() == [[101, 103], [100, 102]]
+    with pytest.raises(PotpourriError, match="3 word embeddings for 4"):
+        global_words(image, words[:3], ids, 2)
 
 
 class BigramLM(nn.Module):

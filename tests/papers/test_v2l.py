@@ -18,7 +18,8 @@ def test_v2l_quick_keeps_the_llm_frozen_and_reports_fractions(tmp_path) -> None:
     results = (run.path / "results.md").read_text()
     summary = json.loads((run.path / "summary.json").read_text())
     assert "| k per class | in-context (global+local) | linear probe (Lite0) | chance |" in results
-    assert "not CLIP" in results  # the global words' fallback is named
+    assert "our clip_vit_tiny_minilm" in results and "not OpenAI's CLIP" in results  # the towers are named
+    assert summary["distinct_global_words_used"] >= 3 and summary["distinct_global_word_sets"] >= 1  # top-3: distinct
     assert summary["llm_embeddings_bit_identical"] is True
     assert summary["chance"] == pytest.approx(1 / len(CLASSES))
     for row in summary["episodes"]:

@@ -7,11 +7,12 @@ against the frozen input-embedding rows of a vocabulary subset, straight-through
 a small conv decoder back to pixels) → ``word_vocabulary`` (which rows form the codebook) → ``label_logliks``
 (in-context scoring of candidate labels by a frozen causal LM, prefix cached once).
 
-Differences from the paper, on purpose: the frozen encoder is EfficientNet-Lite0 (not CLIP-ViT), the codebook is
-the SmolLM2 input-embedding rows, centred (mean row subtracted) and compared by cosine (the paper learns a
-projector of the vocabulary embeddings), the decoder is a small conv stack trained here (no VQGAN / perceptual /
-GAN losses).
-The codebook is a non-persistent buffer copied from the LLM: nothing here can change the LLM's weights.
+Differences from the paper, on purpose: the frozen encoder is EfficientNet-Lite0 (not CLIP-ViT); the codebook is
+the SmolLM2 input-embedding rows, centred (mean row subtracted) and compared by cosine, optionally through a
+trainable linear projector of the vocabulary rows as in the paper (``vocab_projector``: identity at the start,
+trained by the VQ codebook loss; the ids stay the LLM's words); the decoder is a small conv stack trained here (no
+VQGAN / perceptual / GAN losses).
+The vocabulary rows are a non-persistent buffer copied from the LLM: nothing here can change the LLM's weights.
 
 Example:
     table = lm.lm.get_input_embeddings().weight                     # (49152, 576), frozen
@@ -35,7 +36,8 @@ import torch.nn.functional as F
 from potpourri.core.errors import PotpourriError
 from potpourri.models.vlm import cache_kwarg
 
-__all__ = ["V2LConfig", "V2LOutput", "V2LTokenizer", "label_logliks", "nearest_rows", "prefix_cache", "word_vocabulary"]
+__all__ = ["V2LConfig", "V2LOutput", "V2LTokenizer", "global_words", "label_logliks", "nearest_rows", "prefix_cache",
+           "word_vocabulary"]  # fmt: skip
 
 
 def nearest_rows(z: torch.Tensor, codebook: torch.Tensor, *, chunk: int = 4096) -> torch.Tensor:
@@ -52,7 +54,9 @@ class V2LConfig:
     feature_dim: int = 112  # channels of the frozen map (Lite0 blocks.4: 112 at stride 16)
     stride: int = 16  # image pixels per token side; the decoder upsamples by this (a power of two)
     decoder_width: int = 64
-    beta: float = 0.25  # commitment weight (the codebook is frozen, so there is no codebook loss)
+    beta: float = 0.25  # commitment weight
+    vocab_projector: bool = False  # the paper's trainable projector of the frozen rows (then a codebook loss trains it)
+    codebook_weight: float = 1.0  # weight of the codebook loss ||sg(z) - P(e)||² (with the projector only)
     centre: bool = True  # subtract the mean row first: raw LLM embeddings share one direction, and cosine
     # against them snaps every projected vector to a handful of hub words (4 of 8,000 in our first run)
 
@@ -64,7 +68,7 @@ class V2LOutput:
     ids: torch.Tensor  # (B, h, w) LLM vocabulary ids
     index: torch.Tensor  # (B, h, w) rows of the codebook subset
     reconstruction: torch.Tensor  # (B, 3, H, W) in the encoder's normalised pixel space
-    commitment: torch.Tensor  # () scalar
+    vq_loss: torch.Tensor  # () commitment (+ the projector's codebook loss)
 
 
 class V2LTokenizer(nn.Module):
@@ -82,7 +86,13 @@ class V2LTokenizer(nn.Module):
         # frozen: a buffer, never a parameter; not saved (rebuilt from the LLM + vocab_ids on load)
         rows = codebook.detach().clone().float()
         rows = rows - rows.mean(0) if self.config.centre else rows
-        self.register_buffer("codebook", F.normalize(rows, dim=-1), persistent=False)
+        self.register_buffer("rows", F.normalize(rows, dim=-1), persistent=False)
+        self.vocab_projector = None
+        if self.config.vocab_projector:  # starts as the identity: the first quantisation is the frozen one
+            self.vocab_projector = nn.Linear(dim, dim)
+            with torch.no_grad():
+                self.vocab_projector.weight.copy_(torch.eye(dim))
+                self.vocab_projector.bias.zero_()
         self.register_buffer("vocab_ids", vocab_ids.detach().clone().long())
         self.projection = nn.Sequential(
             nn.Conv2d(self.config.feature_dim, dim, 1), nn.GELU(), nn.Conv2d(dim, dim, 1)
@@ -95,16 +105,28 @@ class V2LTokenizer(nn.Module):
         layers.append(nn.Conv2d(width, 3, 3, padding=1))
         self.decoder = nn.Sequential(*layers)
 
+    @property
+    def codebook(self) -> torch.Tensor:
+        """The unit rows (V, D) that tokens are quantised against: the frozen vocabulary rows, through the projector
+        when there is one (then differentiable in the projector only)."""
+        if self.vocab_projector is None:
+            return self.rows
+        return F.normalize(self.vocab_projector(self.rows), dim=-1)
+
     def quantise(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(straight-through quantised (B, D, h, w), codebook index (B, h, w), commitment loss)."""
+        """(straight-through quantised (B, D, h, w), codebook index (B, h, w), VQ loss: β·commitment, plus the
+        codebook loss that trains the projector when there is one)."""
         z = F.normalize(self.projection(features), dim=1)  # (B, D, h, w), unit length like the codebook rows
         b, d, h, w = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, d)  # (B*h*w, D)
-        index = nearest_rows(flat.detach(), self.codebook)  # (B*h*w,)
-        chosen = self.codebook[index]  # (B*h*w, D), no gradient: the LLM's rows stay as they are
-        commitment = self.config.beta * F.mse_loss(flat, chosen)
+        book = self.codebook
+        index = nearest_rows(flat.detach(), book.detach())  # (B*h*w,)
+        chosen = book[index]  # (B*h*w, D); the LLM's rows stay as they are either way
+        vq_loss = self.config.beta * F.mse_loss(flat, chosen.detach())
+        if self.vocab_projector is not None:
+            vq_loss = vq_loss + self.config.codebook_weight * F.mse_loss(chosen, flat.detach())
         straight = flat + (chosen - flat).detach()  # forward: the word's row; backward: identity to the projection
-        return straight.view(b, h, w, d).permute(0, 3, 1, 2), index.view(b, h, w), commitment
+        return straight.view(b, h, w, d).permute(0, 3, 1, 2), index.view(b, h, w), vq_loss
 
     def decode_index(self, index: torch.Tensor) -> torch.Tensor:
         """Pixels (B, 3, H, W) from codebook indices (B, h, w)."""
@@ -118,8 +140,8 @@ class V2LTokenizer(nn.Module):
         return self.decode_index(match.float().argmax(-1))
 
     def forward(self, features: torch.Tensor) -> V2LOutput:
-        quantised, index, commitment = self.quantise(features)  # (B, D, h, w)
-        return V2LOutput(self.vocab_ids[index], index, self.decoder(quantised), commitment)
+        quantised, index, vq_loss = self.quantise(features)  # (B, D, h, w)
+        return V2LOutput(self.vocab_ids[index], index, self.decoder(quantised), vq_loss)
 
     @torch.no_grad()
     def tokenize(self, features: torch.Tensor) -> torch.Tensor:
@@ -137,6 +159,15 @@ def word_vocabulary(tokenizer: Any, *, limit: int = 8000, min_letters: int = 3) 
     if not words:
         raise PotpourriError("the tokenizer has no 'Ġword' entries; pass a byte-level BPE tokenizer (SmolLM2)")
     return torch.tensor(words[:limit], dtype=torch.long)
+
+
+def global_words(image_emb: torch.Tensor, word_emb: torch.Tensor, vocab_ids: torch.Tensor, k: int) -> torch.Tensor:
+    """The paper's global tokens: per image (N, D), the ids (N, k) of the ``k`` vocabulary words whose text
+    embedding (V, D), in the same image-text space, is most cosine-similar, most similar first."""
+    if word_emb.shape[0] != vocab_ids.shape[0]:
+        raise PotpourriError(f"{word_emb.shape[0]} word embeddings for {vocab_ids.shape[0]} vocabulary ids")
+    sims = F.normalize(image_emb, dim=-1) @ F.normalize(word_emb, dim=-1).T  # (N, V)
+    return vocab_ids[sims.topk(k, dim=-1).indices]
 
 
 def _extend(lm: nn.Module, ids: Sequence[int], cache: Any) -> tuple[torch.Tensor, Any]:

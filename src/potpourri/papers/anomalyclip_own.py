@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +29,7 @@ from potpourri.inspect.anomalyclip import AnomalyCLIP, AnomalyCLIPConfig, batche
 from potpourri.inspect.clip_towers import OwnClipTowers
 from potpourri.inspect.patchcore import PatchCore, PatchCoreConfig
 from potpourri.inspect.winclip import WinCLIP, WinCLIPConfig
+from potpourri.papers.clip_small import clip_model_folder, clip_run_for_seed, clip_surfaces, tiny_clip
 
 __all__ = ["AnomalyClipOwnConfig", "DefectWordsWinCLIP", "reproduce_anomalyclip_own", "run"]
 
@@ -78,24 +78,6 @@ def _samples(surfaces, per_kind: int, size: int, seed: int):
                                                                                         for s in samples])  # fmt: skip
 
 
-def _tiny_clip(folder: Path) -> Path:
-    """A random tiny clip written as a run folder (the quick run's towers: same loading path, meaningless numbers)."""
-    from potpourri.papers.clip_small import QUICK, build_model, model_config
-    from potpourri.vlm.clip import save_small_clip
-
-    save_small_clip(build_model(QUICK, 0), folder, {**model_config(QUICK, 0), "trained_on": list(QUICK.train_surfaces)},
-                    "# random tiny clip (quick run)\n")  # fmt: skip
-    return folder
-
-
-def _run_surfaces(clip_folder: Path) -> list[str] | None:
-    """The training surfaces from the `reproduce clip-small` run holding ``clip_folder`` (older model folders)."""
-    import yaml
-
-    config = clip_folder.parent / "config.yaml"
-    return list(yaml.safe_load(config.read_text()).get("train_surfaces") or []) or None if config.is_file() else None
-
-
 def _metrics(labels, scores, masks, maps) -> dict[str, float]:
     e = evaluate(labels, scores, masks, maps)
     return {"image_auroc": e.image_auroc, "pixel_auroc": e.pixel_auroc, "aupro": e.aupro}
@@ -110,18 +92,11 @@ def reproduce_anomalyclip_own(
         run = reproduce_anomalyclip_own(AnomalyClipOwnConfig(clip_run="runs/clip-small"))
     """
     started = time.perf_counter()
-    clip_folder = Path(cfg.clip_run) if cfg.clip_run else None
-    if clip_folder is not None:  # checked before the run folder is made: a missing model writes nothing
-        if (clip_folder / "summary.json").is_file() and not (clip_folder / "config.json").is_file():
-            clip_folder = Path(json.loads((clip_folder / "summary.json").read_text())["model_folder"])
-        if not (clip_folder / "config.json").is_file():
-            raise PotpourriError(f"no trained clip in '{clip_folder}'; run `potpourri reproduce clip-small --seed "
-                                 f"{cfg.seed} --out {clip_folder}` first")  # fmt: skip
+    # checked before the run folder is made: a missing model, or one that saw a held-out surface, writes nothing
+    clip_folder = clip_model_folder(cfg.clip_run, seed=cfg.seed, held_out=cfg.held_out) if cfg.clip_run else None
     run = new_run("reproduce-anomalyclip", out, config=asdict(cfg), seed=cfg.seed)
-    clip_folder = clip_folder or _tiny_clip(run.path / "tiny-clip")
-    trained_on = json.loads((clip_folder / "config.json").read_text()).get("trained_on") or _run_surfaces(clip_folder)
-    if trained_on and set(trained_on) & set(cfg.held_out):
-        raise PotpourriError(f"the clip was trained on {trained_on}: not zero-shot for {list(cfg.held_out)}")
+    clip_folder = clip_folder or tiny_clip(run.path / "tiny-clip")
+    trained_on = clip_surfaces(clip_folder)
     if set(cfg.aux_surfaces) & set(cfg.held_out):
         raise PotpourriError("auxiliary and held-out surfaces overlap; zero-shot needs them apart")
     seed_everything(cfg.seed)
@@ -219,12 +194,6 @@ def reproduce_anomalyclip_own(
                        "rows": rows, "means": means, "verdict": verdict, "checks": planted,
                        "seconds": total})  # fmt: skip
     return run
-
-
-def clip_run_for_seed(seed: int) -> str:
-    """Where ``reproduce anomalyclip --seed S`` looks for its towers: the ``reproduce clip-small --seed S`` run,
-    ``runs/clip-small`` for seed 0 and ``runs/clip-small-seedS`` otherwise."""
-    return "runs/clip-small" if seed == 0 else f"runs/clip-small-seed{seed}"
 
 
 def run(quick: bool, out: str | None, options: TrainOptions | None = None, seed: int = 0) -> Run:

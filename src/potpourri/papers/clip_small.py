@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from potpourri.core.errors import PotpourriError
 from potpourri.core.runs import Run, new_run, seed_everything
 from potpourri.core.training import TrainOptions
 from potpourri.data.captions import CaptionPairs, clutter_pairs, concat_pairs, synth_pairs
@@ -31,7 +32,8 @@ from potpourri.vlm.clip import (
     zero_shot_classification,
 )
 
-__all__ = ["ClipSmallConfig", "reproduce_clip_small", "run"]
+__all__ = ["ClipSmallConfig", "clip_model_folder", "clip_run_for_seed", "clip_surfaces", "reproduce_clip_small", "run",
+           "tiny_clip"]  # fmt: skip
 
 
 @dataclass
@@ -225,3 +227,46 @@ def run(quick: bool, out: str | None, options: TrainOptions | None = None, seed:
     ``seed`` seeds the data, the initialisation and the batches."""
     cfg = QUICK if quick else ClipSmallConfig()
     return reproduce_clip_small(replace(cfg, train=replace(cfg.train, seed=seed)), out=out, options=options)
+
+
+# ----------------------------------------------------------------------------------------------- for the papers that
+# use the model: find it (a run or a model folder), check it is zero-shot for their surfaces, or make a tiny one
+def clip_surfaces(model_folder: Path) -> list[str] | None:
+    """The surfaces a saved clip was trained on: its ``config.json`` or, for older folders, its run's config."""
+    import yaml
+
+    trained_on = json.loads((model_folder / "config.json").read_text()).get("trained_on")
+    if trained_on:
+        return list(trained_on)
+    config = model_folder.parent / "config.yaml"
+    return list(yaml.safe_load(config.read_text()).get("train_surfaces") or []) or None if config.is_file() else None
+
+
+def clip_run_for_seed(seed: int) -> str:
+    """Where ``reproduce anomalyclip --seed S`` looks for its towers: the ``reproduce clip-small --seed S`` run,
+    ``runs/clip-small`` for seed 0 and ``runs/clip-small-seedS`` otherwise."""
+    return "runs/clip-small" if seed == 0 else f"runs/clip-small-seed{seed}"
+
+
+def clip_model_folder(path: str | Path, *, seed: int = 0, held_out: tuple[str, ...] = ()) -> Path:
+    """The model folder of a ``reproduce clip-small`` run (its chosen arm) or a model folder itself; one clear error
+    when there is none, or when it was trained on one of the ``held_out`` surfaces (then not zero-shot for them)."""
+    folder = Path(path)
+    if (folder / "summary.json").is_file() and not (folder / "config.json").is_file():
+        folder = Path(json.loads((folder / "summary.json").read_text())["model_folder"])
+    if not (folder / "config.json").is_file():
+        raise PotpourriError(f"no trained clip in '{folder}'; run `potpourri reproduce clip-small --seed {seed} "
+                             f"--out {path}` first")  # fmt: skip
+    trained_on = clip_surfaces(folder)
+    if trained_on and set(trained_on) & set(held_out):
+        raise PotpourriError(f"the clip in '{folder}' was trained on {trained_on}: not zero-shot for {list(held_out)}")
+    return folder
+
+
+def tiny_clip(folder: Path) -> Path:
+    """A random tiny clip written as a model folder (quick runs: the same loading path, meaningless numbers)."""
+    from potpourri.vlm.clip import save_small_clip
+
+    save_small_clip(build_model(QUICK, 0), folder, {**model_config(QUICK, 0), "trained_on": list(QUICK.train_surfaces)},
+                    "# random tiny clip (quick run)\n")  # fmt: skip
+    return folder

@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 # the experiments whose run takes ``seed=`` (``reproduce NAME --seed N``); a test checks it against the functions
-SEEDED = ("anomalyclip", "clip-small", "words-annotation")
+SEEDED = ("anomalyclip", "clip-small", "v2l", "words-annotation")
 
 # name -> ("module:function", one-line help)
 EXPERIMENTS: dict[str, tuple[str, str]] = {
@@ -112,8 +112,9 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     ),
     "v2l": (
         "potpourri.papers.v2l:run",
-        "V2L-style tokenizer: images as SmolLM2 vocabulary words (local: quantised against the frozen embeddings; "
-        "global: a labelled fallback map), k-shot in-context defect classification vs a linear probe, PSNR",
+        "V2L-style tokenizer: images as SmolLM2 vocabulary words (local: quantised against the projected frozen "
+        "embeddings; global: our clip-small's image-word similarity; run clip-small first), k-shot in-context defect "
+        "classification vs a linear probe, PSNR",
     ),
     "subtuning": ("potpourri.papers.subtuning:run", "linear / full / SubTuning / LoRA against training-set size"),
 }

@@ -7,10 +7,11 @@ Reading order:
    (centred) row among the FROZEN input embeddings of SmolLM2's most frequent lower-case words (straight-through,
    commitment loss) → a small conv decoder trained to reconstruct the image (L1 + L2), on DS-Synth v2 training surfaces,
    through ``core.training.Trainer`` (time-capped, resumable with ``options.resume``).
-2. **Global tokens** — a FALLBACK, not the paper's CLIP: no trained ``clip_vit_tiny_minilm`` run is used here. A
-   ridge map from the Lite0 pooled feature to the (centred) mean SmolLM2 input embedding of the image's DS-Synth
-   caption is fitted on the training surfaces (their captions name the defect types); the K vocabulary words
-   whose (centred) embedding is most cosine-similar to the mapped image are its global words.
+2. **Global tokens**: as in the paper, the K vocabulary words whose text embedding is most similar to the image's
+   embedding in an image–text model's joint space; the model is ours, ``clip_vit_tiny_minilm`` from a ``reproduce
+   clip-small`` run (trained on brick / grass / gravel + clutter, never on the held-out surfaces; checked), not
+   OpenAI's CLIP. ``global_source="ridge"`` keeps the earlier fallback: a ridge map from the Lite0 pooled feature to
+   the (centred) mean SmolLM2 embedding of the image's caption, fitted on the training surfaces.
 3. **In-context classification**: per episode, k support images per class (7 classes: good + 6 defect types) on
    held-out surfaces, as lines ``<global words> <local words> -> <label>``, then a query ``... ->``; the class
    whose label tokens have the highest log-likelihood under frozen SmolLM2 wins (no fine-tuning). Compared on the
@@ -34,7 +35,15 @@ from potpourri.core.registry import create_model
 from potpourri.core.runs import Run, new_run, seed_everything
 from potpourri.core.training import Trainer, TrainOptions
 from potpourri.data.synth import CLASSES, make_samples
-from potpourri.models.v2l import V2LConfig, V2LTokenizer, label_logliks, prefix_cache, word_vocabulary
+from potpourri.models.v2l import (
+    V2LConfig,
+    V2LTokenizer,
+    global_words,
+    label_logliks,
+    prefix_cache,
+    word_vocabulary,
+)
+from potpourri.papers.clip_small import clip_model_folder, clip_run_for_seed, tiny_clip
 from potpourri.report.tables import markdown_table
 
 __all__ = ["ARMS", "V2LExperimentConfig", "reproduce_v2l", "run"]
@@ -55,6 +64,9 @@ class V2LExperimentConfig:
     train_per_class: int = 30  # per training surface and class: tokenizer + global map
     pool_per_class: int = 8  # per held-out surface and class: support + query pool of the episodes
     vocab_limit: int = 8000
+    vocab_projector: bool = True  # the paper's trainable projector of the frozen vocabulary rows (False: fixed rows)
+    global_source: str = "clip"  # "clip": our clip's word-image similarity; "ridge": the Lite0 -> caption fallback
+    clip_run: str | None = "runs/clip-small"  # a `reproduce clip-small` run or model folder; None: a tiny random one
     global_words: int = 3
     ridge: float = 10.0
     steps: int = 800
@@ -71,7 +83,7 @@ class V2LExperimentConfig:
         """A seconds-long smoke configuration of the same code path (numbers not meaningful)."""
         return replace(self, train_categories=("brick",), eval_categories=("moon",), train_per_class=2,
                        pool_per_class=2, vocab_limit=2000, steps=5, batch_size=8, shots=(1,), episodes=1,
-                       queries_per_class=1, arms=("global+local",))  # fmt: skip
+                       queries_per_class=1, arms=("global+local",), clip_run=None)  # fmt: skip
 
 
 def _images(cfg: V2LExperimentConfig, categories: tuple[str, ...], split: str, per_class: int):
@@ -101,7 +113,7 @@ def _train_tokenizer(tok: V2LTokenizer, maps, pixels, cfg, folder, options: Trai
         index = torch.randint(len(maps), (cfg.batch_size,), generator=generator)
         out = tok(maps[index].to(trainer.device))
         target = pixels[index].to(trainer.device)
-        loss = F.l1_loss(out.reconstruction, target) + F.mse_loss(out.reconstruction, target) + out.commitment
+        loss = F.l1_loss(out.reconstruction, target) + F.mse_loss(out.reconstruction, target) + out.vq_loss
         losses.append(trainer.update(loss))
         if time.perf_counter() - start > cfg.max_seconds:
             break  # time cap: the final checkpoint below lets --resume continue
@@ -120,6 +132,26 @@ def _ridge(x: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tensor:
     return torch.linalg.solve(x.T @ x + lam * eye, x.T @ y)  # (C, D)
 
 
+@torch.no_grad()
+def _clip_global_ids(folder, words, vocab: torch.Tensor, pixels: torch.Tensor, k: int) -> tuple[torch.Tensor, str]:
+    """Global word ids (N, k) from our clip: each vocabulary word's text embedding (the bare word) against the image
+    embedding of the [-1, 1] pixels at the clip's own input size; and a line naming the model."""
+    import json
+
+    from potpourri.models.clip_small import load_small_clip
+
+    clip = load_small_clip(folder).eval()
+    config = json.loads((folder / "config.json").read_text())
+    size = config.get("vision", {}).get("img_size", pixels.shape[-1])
+    texts = [t.removeprefix("Ġ") for t in words.convert_ids_to_tokens(vocab.tolist())]
+    word_emb = torch.cat([clip.encode_texts(texts[i : i + 256]).float() for i in range(0, len(texts), 256)])
+    image_emb = torch.cat([clip.encode_image(F.interpolate(b, size=size, mode="bilinear", antialias=True))
+                           for b in pixels.split(64)])  # fmt: skip
+    source = (f"our clip_vit_tiny_minilm (`{folder}`, trained on {config.get('trained_on')}), not OpenAI's CLIP: "
+              "image embedding vs each vocabulary word's text embedding")  # fmt: skip
+    return global_words(image_emb, word_emb, vocab, k), source
+
+
 def _probe_accuracy(train_x, train_y, test_x, test_y) -> float:
     from sklearn.linear_model import LogisticRegression
 
@@ -132,6 +164,11 @@ def reproduce_v2l(cfg: V2LExperimentConfig, out: str | None = None, options: Tra
     """Train the local-token tokenizer, fit the global-word map, run the in-context episodes; write results.md."""
     if unknown := set(cfg.arms) - set(ARMS):
         raise PotpourriError(f"unknown arm(s) {sorted(unknown)}; choose from {', '.join(ARMS)}")
+    if cfg.global_source not in ("clip", "ridge"):
+        raise PotpourriError(f"global_source '{cfg.global_source}' is not one of clip, ridge")
+    clip_folder = None
+    if cfg.global_source == "clip" and cfg.clip_run:  # before the run folder: a missing clip writes nothing
+        clip_folder = clip_model_folder(cfg.clip_run, seed=cfg.seed, held_out=cfg.eval_categories)
     options = options or TrainOptions(progress=False)
     run = new_run("reproduce-v2l", out, config=asdict(cfg), seed=cfg.seed)
     began = time.perf_counter()
@@ -149,7 +186,8 @@ def reproduce_v2l(cfg: V2LExperimentConfig, out: str | None = None, options: Tra
     eval_maps, eval_pooled = _lite0_features(encoder, eval_px)
 
     # 1. local tokens
-    tok = V2LTokenizer(table[vocab], vocab, V2LConfig(feature_dim=train_maps.shape[1], stride=16))
+    tok = V2LTokenizer(table[vocab], vocab, V2LConfig(feature_dim=train_maps.shape[1], stride=16,
+                                                      vocab_projector=cfg.vocab_projector))  # fmt: skip
     training = _train_tokenizer(tok, train_maps, train_px, cfg, run.path / "tokenizer", options)
     tok = tok.cpu().eval()
     with torch.no_grad():
@@ -160,13 +198,19 @@ def reproduce_v2l(cfg: V2LExperimentConfig, out: str | None = None, options: Tra
     psnr_floor = psnr(flat_colour, eval_px)
     used = int(local_ids.unique().numel())
 
-    # 2. global words (fallback: ridge map Lite0 pooled -> centred mean SmolLM2 embedding of the caption)
-    caption_emb = torch.stack([table[words(c, add_special_tokens=False).input_ids].mean(0) for c in captions])
-    mu_x, sd_x, mu_y = train_pooled.mean(0), train_pooled.std(0) + 1e-6, caption_emb.mean(0)
-    weight = _ridge((train_pooled - mu_x) / sd_x, caption_emb - mu_y, cfg.ridge)
-    word_rows = F.normalize(table[vocab] - table[vocab].mean(0), dim=-1)
-    mapped = F.normalize(((eval_pooled - mu_x) / sd_x) @ weight, dim=-1)
-    global_ids = vocab[(mapped @ word_rows.T).topk(cfg.global_words, dim=-1).indices]  # (N, K)
+    # 2. global words: our clip's image-word similarity, or the ridge fallback
+    if cfg.global_source == "clip":
+        clip_folder = clip_folder or tiny_clip(run.path / "tiny-clip")
+        global_ids, source = _clip_global_ids(clip_folder, words, vocab, eval_px, cfg.global_words)
+    else:
+        caption_emb = torch.stack([table[words(c, add_special_tokens=False).input_ids].mean(0) for c in captions])
+        mu_x, sd_x, mu_y = train_pooled.mean(0), train_pooled.std(0) + 1e-6, caption_emb.mean(0)
+        weight = _ridge((train_pooled - mu_x) / sd_x, caption_emb - mu_y, cfg.ridge)
+        word_rows = table[vocab] - table[vocab].mean(0)
+        mapped = ((eval_pooled - mu_x) / sd_x) @ weight
+        global_ids = global_words(mapped, word_rows, vocab, cfg.global_words)  # (N, K)
+        source = ("fallback: ridge map Lite0 pooled -> mean SmolLM2 caption embedding (training surfaces' "
+                  "captions); not CLIP")  # fmt: skip
 
     # 3. in-context episodes
     arrow = words(" ->", add_special_tokens=False).input_ids
@@ -212,6 +256,9 @@ def reproduce_v2l(cfg: V2LExperimentConfig, out: str | None = None, options: Tra
 
     table_identical = bool(torch.equal(lm.lm.get_input_embeddings().weight.detach(), table_before))
     summary = _summarise(cfg, rows, training, psnr_tokens, psnr_floor, used, vocab, table_identical)
+    summary["global_words_source"] = source
+    summary["distinct_global_words_used"] = int(global_ids.unique().numel())
+    summary["distinct_global_word_sets"] = len({tuple(sorted(r.tolist())) for r in global_ids})
     summary["seconds"] = time.perf_counter() - began
     summary["example_image_words"] = {
         "global": words.decode(global_ids[0]),
@@ -251,8 +298,6 @@ def _summarise(cfg, rows, training, psnr_tokens, psnr_floor, used, vocab, table_
         "vocabulary_subset": len(vocab),
         "distinct_local_words_used": used,
         "llm_embeddings_bit_identical": table_identical,
-        "global_words_source": "fallback: ridge map Lite0 pooled -> mean SmolLM2 caption embedding (training "
-        "surfaces' captions); not CLIP",
         "verdict": verdict,
     }
 
@@ -279,7 +324,8 @@ def _markdown(cfg: V2LExperimentConfig, s: dict[str, Any]) -> str:
         f"in {s['tokenizer']['seconds']:.0f} s. SmolLM2 input embeddings bit-identical after training: "
         f"{s['llm_embeddings_bit_identical']}.",
         "",
-        f"Global words: {s['global_words_source']}.",
+        f"Global words: {s['global_words_source']}; {s['distinct_global_words_used']} distinct words, "
+        f"{s['distinct_global_word_sets']} distinct sets over the held-out images.",
         "",
         f"One held-out image ({example['true_label']}): global `{example['global']}`, local `{example['local']}`.",
         "",
@@ -287,7 +333,8 @@ def _markdown(cfg: V2LExperimentConfig, s: dict[str, Any]) -> str:
     ])  # fmt: skip
 
 
-def run(quick: bool, out: str | None, options: TrainOptions | None = None) -> Run:
-    """``potpourri reproduce v2l`` (or its smoke run) on ``options``' device/precision."""
-    cfg = V2LExperimentConfig()
+def run(quick: bool, out: str | None, options: TrainOptions | None = None, seed: int = 0) -> Run:
+    """``potpourri reproduce v2l`` (or its smoke run) on ``options``' device/precision; ``seed`` seeds the data, the
+    tokenizer and the episodes, and picks the clip of ``reproduce clip-small --seed`` (``clip_run_for_seed``)."""
+    cfg = V2LExperimentConfig(seed=seed, clip_run=clip_run_for_seed(seed))
     return reproduce_v2l(cfg.quick() if quick else cfg, out=out, options=options)
