@@ -152,3 +152,23 @@ def test_evaluate_collects_notes_instead_of_crashing() -> None:
         result = evaluate(np.zeros(4), np.arange(4.0), np.zeros((4, 4, 4)), np.random.rand(4, 4, 4))
     assert np.isnan(result.image_auroc) and np.isnan(result.aupro) and np.isnan(result.pixel_auroc)
     assert any("no defect image" in note for note in result.notes)
+
+
+def test_frechet_distance_matches_the_closed_form() -> None:
+    from potpourri.core.metrics import frechet_distance
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(1.0, 2.0, (4000, 1)), rng.normal(-0.5, 0.5, (3000, 1))
+    sa, sb = a.std(ddof=1), b.std(ddof=1)  # 1-D: (μa − μb)² + (σa − σb)²
+    assert frechet_distance(a, b) == pytest.approx((a.mean() - b.mean()) ** 2 + (sa - sb) ** 2, rel=1e-9)
+    x = rng.normal(size=(500, 3)) @ rng.normal(size=(3, 3))  # correlated features
+    y = rng.normal(size=(400, 3)) @ rng.normal(size=(3, 3)) + [1.0, 0.0, -1.0]
+    ca, cb = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    w, v = np.linalg.eigh(ca)  # tr((Ca Cb)^½) = Σ √eig(Ca^½ Cb Ca^½): symmetric, by eigh alone
+    half = v @ np.diag(np.sqrt(w)) @ v.T
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(half @ cb @ half), 0, None)).sum()
+    expected = ((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(ca) + np.trace(cb) - 2 * cross
+    assert frechet_distance(x, y) == pytest.approx(expected, rel=1e-8)
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(PotpourriError, match="same D"):
+        frechet_distance(x, y[:, :2])

@@ -68,6 +68,7 @@ class SEEDConfig:
     recent_size: int = 4096  # ring buffer of recent encoder outputs (restart candidates)
     target: str = "pooled"  # pooled | tokens: what the decoder reconstructs
     num_feature_tokens: int = 16  # h*w of the feature grid (target="tokens" only)
+    text_dim: int = 0  # > 0: SEED's text alignment, a head from the last causal query to a caption space this wide
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -236,6 +237,7 @@ class TokenizerOutput:
     indices: torch.Tensor  # (B, Q) long
     reconstruction: torch.Tensor  # (B, C) pooled or (B, N, C) tokens
     target: torch.Tensor  # same shape as reconstruction
+    text: torch.Tensor | None = None  # (B, text_dim): the last causal query in the caption space (text_dim > 0)
 
 
 def _feature_tokens(features: torch.Tensor) -> torch.Tensor:
@@ -262,10 +264,18 @@ class SEEDTokenizer(nn.Module):
                                          ema_decay=cfg.ema_decay, recent_size=cfg.recent_size)  # fmt: skip
         outputs = 1 if cfg.target == "pooled" else cfg.num_feature_tokens
         self.decoder = FeatureDecoder(cfg.code_dim, cfg.feature_dim, dim=cfg.dim, heads=cfg.heads, outputs=outputs)
+        # SEED aligns the causal Q-Former's final embedding (it has seen every earlier query) with the caption's
+        self.text_head = nn.Linear(cfg.dim, cfg.text_dim) if cfg.text_dim > 0 else None
 
     def encode(self, features: torch.Tensor) -> torch.Tensor:
         """Continuous (pre-quantisation) query codes ``(B, Q, d)``."""
         return self.to_code(self.qformer(_feature_tokens(features)))
+
+    def text_embedding(self, features: torch.Tensor) -> torch.Tensor:
+        """The image in the caption space ``(B, text_dim)``: the text head on the last causal query."""
+        if self.text_head is None:
+            raise PotpourriError("this tokenizer has no text head; build it with text_dim > 0")
+        return self.text_head(self.qformer(_feature_tokens(features))[:, -1])
 
     def target_of(self, features: torch.Tensor) -> torch.Tensor:
         """What the decoder reconstructs: mean-pooled ``(B, C)`` or the token grid ``(B, N, C)``."""
@@ -283,14 +293,16 @@ class SEEDTokenizer(nn.Module):
         return out[:, 0] if self.config.target == "pooled" else out
 
     def forward(self, features: torch.Tensor) -> TokenizerOutput:
-        z = self.encode(features)  # (B, Q, d)
+        hidden = self.qformer(_feature_tokens(features))  # (B, Q, D)
+        z = self.to_code(hidden)  # (B, Q, d)
         quantised, indices, vq_loss = self.quantizer(z)
         reconstruction = self.decode_codes(quantised)
         target = self.target_of(features)
         recon_loss = (1 - F.cosine_similarity(reconstruction, target, dim=-1)).mean() + F.mse_loss(
             reconstruction, target
         ) / target.pow(2).mean().clamp(min=1e-8)  # scale-free MSE + cosine
-        return TokenizerOutput(recon_loss + vq_loss, recon_loss, vq_loss, indices, reconstruction, target)
+        text = self.text_head(hidden[:, -1]) if self.text_head is not None else None
+        return TokenizerOutput(recon_loss + vq_loss, recon_loss, vq_loss, indices, reconstruction, target, text)
 
     @torch.no_grad()
     def tokenize(self, features: torch.Tensor) -> torch.Tensor:
