@@ -357,7 +357,8 @@ def train_prompts(
     ``images`` (N, 3, S, S) normalised, ``masks`` (N, S, S) 0/1, ``labels`` (N,). The frozen image features are
     computed once (the image tower never changes). ``text_fn`` gives the (2, D) text (default: the learned
     prompts), ``params`` what to optimise (default: ``towers.trainable``) and ``features`` precomputed
-    ``frozen_image_features`` of ``images`` (then ``images`` only sets the count).
+    ``frozen_image_features`` of ``images`` (then ``images`` only sets the count). Under torchrun each process
+    trains on its slice of every batch (a batch shorter than the process count runs whole in each).
     """
     from tqdm.auto import tqdm
 
@@ -382,17 +383,24 @@ def train_prompts(
         sums: dict[str, float] = {}
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]
-            global_embedding, patch_maps = towers.project_image({k: v[index] for k, v in features.items()})
+            rows, share = index, 1.0
+            if trainer.group.distributed and len(index) >= trainer.group.world:  # a short last batch: all of it
+                # every term (focal per pixel, Dice per image, CE) is a mean over equal-sized images: shares add up
+                rows, share = trainer.shard(index)
+            global_embedding, patch_maps = towers.project_image({k: v[rows] for k, v in features.items()})
             text = text_fn()  # (2, D)
             probs = layer_probabilities(patch_maps, text, size, temperature)
             loss, parts = glocal_loss(
                 image_logits(global_embedding, text, temperature),
-                labels[index],
+                labels[rows],
                 probs,
-                masks[index].float(),
+                masks[rows].float(),
                 local_weight=local_weight,
             )
-            trainer.update(loss)
+            if trainer.group.distributed:  # the global batch's parts: the mean of the processes' shares
+                sums_now = trainer.sums_over_processes({k: v * share for k, v in parts.items()})
+                parts = {k: v / trainer.group.world for k, v in sums_now.items()}
+            trainer.update(loss * share)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v * len(index)
         history.append({k: v / len(labels) for k, v in sums.items()})
