@@ -158,6 +158,28 @@ def test_sharded_class_weighted_ce_adds_up_to_the_whole_batch_and_the_naive_one_
     assert abs(float(naive - whole)) > 1e-3 * float(ce)
 
 
+def test_sd_source_rows_are_the_whole_batch_sliced_and_draw_the_whole_batch_noise() -> None:
+    """SLiMe's SD source on a process's rows: the maps of those rows of the whole batch, the generator moved as for
+    the whole batch, and the noise losses of two halves average to the whole batch's."""
+    pytest.importorskip("diffusers")
+    from tests.segment.test_oneshot import tiny_sd_source
+
+    source = tiny_sd_source()
+    prepared = source.prepare(torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(3)))
+    tokens = source.init_tokens(3, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole_generator = torch.Generator().manual_seed(5)
+        whole = source.attend(prepared, tokens, train=True, generator=whole_generator)
+        halves = []
+        for rows in ([0, 2], [1, 3]):
+            generator = torch.Generator().manual_seed(5)
+            halves.append(source.attend(prepared, tokens, train=True, generator=generator, rows=rows))
+            assert torch.equal(generator.get_state(), whole_generator.get_state())
+            torch.testing.assert_close(halves[-1].cross_logits, whole.cross_logits[rows], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(halves[-1].self_attention, whole.self_attention[rows], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close((halves[0].aux_loss + halves[1].aux_loss) / 2, whole.aux_loss, rtol=1e-5, atol=0)
+
+
 # ----------------------------------------------------------------------------------------------- torchrun
 def _compare(one: dict, two: dict, logged: str, name: str, skip: tuple[str, ...] = ()) -> None:
     assert set(one) == set(two), name
