@@ -93,7 +93,8 @@ def sam_clip_job(out: str) -> None:
 
 
 def anomalyclip_job(out: str) -> None:
-    """2 epochs of prompt training on 5 planted images in batches of 4 (split) and 1 (too short: whole everywhere)."""
+    """2 epochs of prompt training on 5 planted images in batches of 4 (split) and 1 (too short: whole everywhere);
+    under torchrun each process embeds one of the 2 batches of frozen features and gets the other's."""
     from potpourri.inspect.anomalyclip import ClipTowers, build_clip_from_config, train_prompts
     from tests.inspect.test_anomalyclip import TINY, planted
 
