@@ -209,8 +209,8 @@ def test_bf16_on_the_cpu_runs_the_oneshot_loss_under_autocast():
     class Recording(DenseFeatureSource):
         dtypes: ClassVar[list] = []
 
-        def attend(self, prepared, tokens, *, train, generator):
-            maps = super().attend(prepared, tokens, train=train, generator=generator)
+        def attend(self, prepared, tokens, *, train, generator, rows=None):
+            maps = super().attend(prepared, tokens, train=train, generator=generator, rows=rows)
             self.dtypes.append(maps.cross_logits.dtype)
             return maps
 

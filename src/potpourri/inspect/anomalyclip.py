@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from potpourri.core.distributed import ProcessGroup
 from potpourri.core.errors import PotpourriError
 from potpourri.core.imaging import ImageInput, as_rgb
 from potpourri.inspect.base import InspectionMethod
@@ -327,13 +328,24 @@ def image_logits(global_embedding: torch.Tensor, text: torch.Tensor, temperature
     return F.normalize(global_embedding, dim=-1) @ F.normalize(text, dim=-1).T / temperature
 
 
-def batched_features(towers: nn.Module, tensors: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
+def batched_features(
+    towers: nn.Module, tensors: torch.Tensor, batch_size: int, *, group: ProcessGroup | None = None
+) -> dict[str, torch.Tensor]:
+    """``towers.frozen_image_features`` of ``tensors`` in batches; with a ``group`` of several processes each runs its
+    block of the batches one process would run, and every process gets all of them (gathered in order)."""
     from tqdm.auto import tqdm
 
+    first, stop = 0, len(tensors)
+    sharded = group is not None and group.distributed and -(-len(tensors) // batch_size) >= group.world
+    if sharded:
+        first, stop = group.batch_block(len(tensors), batch_size)
     parts: list[dict[str, torch.Tensor]] = []
-    for start in tqdm(range(0, len(tensors), batch_size), desc="frozen features", unit="batch", leave=False):
-        parts.append(towers.frozen_image_features(tensors[start : start + batch_size]))
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    for start in tqdm(range(first, stop, batch_size), desc="frozen features", unit="batch", leave=False):
+        parts.append(towers.frozen_image_features(tensors[start : min(start + batch_size, stop)]))
+    features = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    if sharded:  # the blocks in rank order are the whole set in order
+        features = {k: torch.cat(group.all_gather(v.contiguous())) for k, v in features.items()}
+    return features
 
 
 def train_prompts(
@@ -357,7 +369,9 @@ def train_prompts(
     ``images`` (N, 3, S, S) normalised, ``masks`` (N, S, S) 0/1, ``labels`` (N,). The frozen image features are
     computed once (the image tower never changes). ``text_fn`` gives the (2, D) text (default: the learned
     prompts), ``params`` what to optimise (default: ``towers.trainable``) and ``features`` precomputed
-    ``frozen_image_features`` of ``images`` (then ``images`` only sets the count).
+    ``frozen_image_features`` of ``images`` (then ``images`` only sets the count). Under torchrun each process
+    trains on its slice of every batch (a batch shorter than the process count runs whole in each) and embeds
+    its block of the images.
     """
     from tqdm.auto import tqdm
 
@@ -367,7 +381,6 @@ def train_prompts(
         raise PotpourriError("nothing to train: these towers have no trainable parameters")
     from potpourri.core.training import Trainer, TrainOptions
 
-    features = features if features is not None else batched_features(towers, images, batch_size)
     optimizer = torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999))
     generator = torch.Generator().manual_seed(seed)
     batches = -(-len(labels) // batch_size)
@@ -375,6 +388,8 @@ def train_prompts(
         nn.ParameterList(params), optimizer, total_steps=epochs * batches, params=list(params),
         options=TrainOptions(device="cpu", progress=False), generators={"order": generator}, desc="prompt training",
     )  # fmt: skip
+    # under torchrun each process embeds its block of the images, and all of them train on the whole set
+    features = features if features is not None else batched_features(towers, images, batch_size, group=trainer.group)
     size = masks.shape[-1]
     history = []
     for _ in tqdm(range(epochs), desc="prompt training", unit="epoch", leave=False):
@@ -382,17 +397,24 @@ def train_prompts(
         sums: dict[str, float] = {}
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]
-            global_embedding, patch_maps = towers.project_image({k: v[index] for k, v in features.items()})
+            rows, share = index, 1.0
+            if trainer.group.distributed and len(index) >= trainer.group.world:  # a short last batch: all of it
+                # every term (focal per pixel, Dice per image, CE) is a mean over equal-sized images: shares add up
+                rows, share = trainer.shard(index)
+            global_embedding, patch_maps = towers.project_image({k: v[rows] for k, v in features.items()})
             text = text_fn()  # (2, D)
             probs = layer_probabilities(patch_maps, text, size, temperature)
             loss, parts = glocal_loss(
                 image_logits(global_embedding, text, temperature),
-                labels[index],
+                labels[rows],
                 probs,
-                masks[index].float(),
+                masks[rows].float(),
                 local_weight=local_weight,
             )
-            trainer.update(loss)
+            if trainer.group.distributed:  # the global batch's parts: the mean of the processes' shares
+                sums_now = trainer.sums_over_processes({k: v * share for k, v in parts.items()})
+                parts = {k: v / trainer.group.world for k, v in sums_now.items()}
+            trainer.update(loss * share)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v * len(index)
         history.append({k: v / len(labels) for k, v in sums.items()})

@@ -47,14 +47,16 @@ Departures from the reference notes (``industrial.md`` §1.3 and §8a) and from 
 Cost (measured, one thread): fitting 15 images at 64 px takes about 4 CPU-minutes with the defaults (800 steps
 per net: 219 s; 1200 steps: 354 s); 50 samples take about 14 CPU-seconds. For a quick run
 shrink ``train_steps`` (per net), ``global_width``, ``local_width`` and ``sample_steps``;
-``DefectGenConfig.quick()`` does so (300 steps, widths 16, 10 sampling steps).
+``DefectGenConfig.quick()`` does so (300 steps, widths 16, 10 sampling steps). Under torchrun each process trains
+on its slice of every batch; images, flips, crops, timesteps and noise are drawn for the global batch.
 
 Example:
     gen = DefectGenLite(DefectGenConfig(num_classes=7)).fit(images, masks)
     images, masks = gen.sample(50, seed=0)  # (50, 64, 64, 3) uint8, (50, 64, 64) int64
     gen.save("runs/defectgen/v0"); gen = DefectGenLite.load("runs/defectgen/v0")
 
-Length: one model (the two denoisers, the diffusion schedule, fit/sample/save) that is read together.
+Length: one model (its config, fit/sample/save) that is read together; the schedule and the two denoisers are
+``defectgen_nets``.
 """
 
 from __future__ import annotations
@@ -77,6 +79,13 @@ from PIL import Image
 from potpourri.core.errors import PotpourriError
 from potpourri.core.io import load_bundle, save_bundle
 from potpourri.core.training import EMA, Trainer, TrainOptions, autocast, check_precision, resolve_device
+from potpourri.segment.defectgen_nets import (
+    GlobalUNet,
+    LocalDenoiser,
+    cosine_alpha_bar,
+    local_receptive_field,
+    q_sample,
+)
 
 __all__ = [
     "DefectGenConfig",
@@ -92,165 +101,6 @@ __all__ = [
 FORMAT_VERSION = 1
 CONFIG_FILE = "defectgen.json"
 TENSORS_FILE = "defectgen.safetensors"
-COSINE_S = 0.008
-
-
-# ----------------------------------------------------------------------------------------------- schedule
-def cosine_alpha_bar(timesteps: int, s: float = COSINE_S) -> torch.Tensor:
-    """``abar(t)`` for t = 0..T (float64, ``T + 1`` values): Nichol & Dhariwal's cosine schedule, abar(0) = 1."""
-    t = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
-    f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
-    return (f / f[0]).clamp(min=0.0, max=1.0)
-
-
-def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """Forward noising ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` for a batch of levels ``t`` (B,)."""
-    a = alpha_bar.to(x0.device, x0.dtype)[t].view(-1, *([1] * (x0.dim() - 1)))  # (B, 1, 1, 1)
-    return a.sqrt() * x0 + (1 - a).sqrt() * noise
-
-
-def _time_features(t: torch.Tensor, timesteps: int, dim: int) -> torch.Tensor:
-    """Sinusoidal features of t / T * 1000 (so the embedding does not depend on T): (B,) -> (B, dim)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    angles = (t.float() * (1000.0 / timesteps))[:, None] * freqs[None]  # (B, half)
-    return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-
-# ----------------------------------------------------------------------------------------------- blocks
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(8, channels), channels)
-
-
-class ChannelNorm(nn.Module):
-    """Layer norm over channels at each pixel: unlike GroupNorm it pools nothing across space, so a net built
-    from it keeps a strictly local receptive field (and behaves the same on crops and on whole images)."""
-
-    def __init__(self, channels: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight, self.bias = nn.Parameter(torch.ones(channels)), nn.Parameter(torch.zeros(channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean, var = x.mean(1, keepdim=True), x.var(1, keepdim=True, unbiased=False)  # (B, 1, H, W)
-        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight[:, None, None] + self.bias[:, None, None]
-
-
-class ResBlock(nn.Module):
-    """Norm-SiLU-conv3x3 twice, the time embedding added in between, 1x1 skip when widths differ."""
-
-    def __init__(self, in_ch: int, out_ch: int, time_dim: int, norm=_norm) -> None:
-        super().__init__()
-        self.norm1, self.conv1 = norm(in_ch), nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.time = nn.Linear(time_dim, out_ch)
-        self.norm2, self.conv2 = norm(out_ch), nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))  # (B, out, H, W)
-        h = h + self.time(emb)[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.skip(x) + h
-
-
-class SelfAttention(nn.Module):
-    """Multi-head self-attention over all pixels of a feature map (what makes the global net's field global)."""
-
-    def __init__(self, channels: int, heads: int = 4) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm = _norm(channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
-        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-        out = out.transpose(-1, -2).reshape(b, c, h, w)  # (B, C, H, W)
-        return x + self.proj(out)
-
-
-class _TimeMLP(nn.Module):
-    def __init__(self, dim: int, timesteps: int) -> None:
-        super().__init__()
-        self.dim, self.timesteps = dim, timesteps
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.SiLU(), nn.Linear(4 * dim, 4 * dim))
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(_time_features(t, self.timesteps, self.dim))  # (B, 4 * dim)
-
-
-class GlobalUNet(nn.Module):
-    """Large receptive field: a UNet (one ResBlock per level, self-attention at 1/4 image resolution and below)."""
-
-    def __init__(
-        self, channels: int, *, width: int, mults: tuple[int, ...], timesteps: int, image_size: int, patch: int = 1
-    ) -> None:
-        super().__init__()
-        self.time = _TimeMLP(width, timesteps)
-        self.patch = patch  # space-to-depth factor: the UNet runs at image_size / patch, 4x cheaper for patch 2
-        emb = 4 * width
-        widths = [width * m for m in mults]
-        self.stem = nn.Conv2d(channels * patch * patch, widths[0], 3, padding=1)
-        self.down_blocks, self.down_attn, self.downsample = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
-        size, previous = image_size // patch, widths[0]
-        for level, ch in enumerate(widths):
-            self.down_blocks.append(ResBlock(previous, ch, emb))
-            self.down_attn.append(SelfAttention(ch) if size <= image_size // 4 else nn.Identity())
-            last = level == len(widths) - 1
-            self.downsample.append(nn.Identity() if last else nn.Conv2d(ch, ch, 3, stride=2, padding=1))
-            size, previous = (size if last else size // 2), ch
-        self.mid1, self.mid_attn, self.mid2 = ResBlock(ch, ch, emb), SelfAttention(ch), ResBlock(ch, ch, emb)
-        self.up_blocks, self.up_attn, self.upsample = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
-        for level in reversed(range(len(widths))):
-            ch = widths[level]
-            self.up_blocks.append(ResBlock(previous + ch, ch, emb))
-            self.up_attn.append(SelfAttention(ch) if size <= image_size // 4 else nn.Identity())
-            first = level == 0
-            self.upsample.append(nn.Identity() if first else nn.Conv2d(ch, widths[level - 1], 3, padding=1))
-            size, previous = (size if first else size * 2), (ch if first else widths[level - 1])
-        out = channels * patch * patch
-        self.head = nn.Sequential(_norm(widths[0]), nn.SiLU(), nn.Conv2d(widths[0], out, 3, padding=1))
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        emb = self.time(t)  # (B, 4w)
-        h = self.stem(F.pixel_unshuffle(x, self.patch))  # (B, w, S / p, S / p)
-        skips = []
-        for block, attn, down in zip(self.down_blocks, self.down_attn, self.downsample, strict=True):
-            h = attn(block(h, emb))
-            skips.append(h)  # (B, w_l, S / (p 2^l), S / (p 2^l))
-            h = down(h)
-        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)  # (B, w_L, S / 2^L, S / 2^L)
-        for block, attn, up in zip(self.up_blocks, self.up_attn, self.upsample, strict=True):
-            h = attn(block(torch.cat([h, skips.pop()], dim=1), emb))
-            if not isinstance(up, nn.Identity):
-                h = up(F.interpolate(h, scale_factor=2.0, mode="nearest"))  # (B, w_{l-1}, 2H, 2W)
-        return F.pixel_shuffle(self.head(h), self.patch)  # (B, C, S, S): predicted x0
-
-
-class LocalDenoiser(nn.Module):
-    """Small receptive field: full-resolution ResBlocks with per-pixel norms only (no down-sampling, no attention,
-    no spatial statistics), SinDiffusion-like."""
-
-    def __init__(self, channels: int, *, width: int, blocks: int, timesteps: int) -> None:
-        super().__init__()
-        self.time = _TimeMLP(width, timesteps)
-        self.stem = nn.Conv2d(channels, width, 3, padding=1)
-        self.blocks = nn.ModuleList(ResBlock(width, width, 4 * width, norm=ChannelNorm) for _ in range(blocks))
-        self.head = nn.Sequential(ChannelNorm(width), nn.SiLU(), nn.Conv2d(width, channels, 3, padding=1))
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        emb = self.time(t)  # (B, 4w)
-        h = self.stem(x)  # (B, w, S, S)
-        for block in self.blocks:
-            h = block(h, emb)
-        return self.head(h)  # (B, C, S, S): predicted x0
-
-
-def local_receptive_field(blocks: int) -> int:
-    """Side in pixels of the local net's receptive field: stem + 2 convs per block + head, each 3x3 (+2 px)."""
-    return 1 + 2 * (2 * blocks + 2)
 
 
 class _WarmupEMA(EMA):
@@ -460,17 +310,30 @@ class DefectGenLite:
         )
         return c_skip * x_t + c_out * net(c_in * x_t, t)
 
-    def x0_loss(self, net_name: str, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def defect_weights(self, x0: torch.Tensor) -> torch.Tensor:
+        """The MSE's pixel weights (B, 1, S, S): ``1 + defect_weight`` on defect pixels, 1 elsewhere."""
+        # defects cover ~1-5 % of pixels; weight them so the mask channels do not collapse to background
+        defect = (x0[:, 3:4] < (1.0 + self.config.onehot_low) / 2).float()  # background channel is "off"
+        return 1.0 + self.config.defect_weight * defect
+
+    def x0_loss(
+        self,
+        net_name: str,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        *,
+        weight_mean: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The training objective: MSE between the net's x0 prediction from ``x_t`` and ``x0`` over all channels,
-        defect pixels weighted ``1 + defect_weight`` (normalised by the mean weight)."""
+        defect pixels weighted ``1 + defect_weight`` (normalised by the mean weight: of this batch, or
+        ``weight_mean``, e.g. the global batch's when this batch is one process's slice of it)."""
         x_t = q_sample(x0, t, noise, self.alpha_bar)
         error = (self.predict_x0(net_name, x_t, t) - x0).square()  # (B, C, S, S)
         if self.config.defect_weight == 0:
             return error.mean()
-        # defects cover ~1-5 % of pixels; weight them so the mask channels do not collapse to background
-        defect = (x0[:, 3:4] < (1.0 + self.config.onehot_low) / 2).float()  # background channel is "off"
-        weight = 1.0 + self.config.defect_weight * defect  # (B, 1, S, S)
-        return (error * weight).mean() / weight.mean()
+        weight = self.defect_weights(x0)  # (B, 1, S, S)
+        return (error * weight).mean() / (weight.mean() if weight_mean is None else weight_mean)
 
     def _augment(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         turns = torch.randint(0, 4, (len(batch),), generator=generator).tolist()
@@ -524,10 +387,18 @@ class DefectGenLite:
                 x0 = self._crop(x0, cfg.local_crop, generator)
             t = torch.randint(low, high + 1, (cfg.batch_size,), generator=generator)
             noise = torch.randn(x0.shape, generator=generator)  # drawn on the CPU: the same on every device
+            # every draw above is of the global batch (one generator state everywhere); this process takes its slice,
+            # and the defect weights are normalised by the global batch's mean weight (all of x0 is known here)
+            local, share = trainer.shard(list(range(cfg.batch_size)))
+            weight_mean = None
+            if trainer.group.distributed:
+                weight_mean = self.defect_weights(x0).mean().to(trainer.device)
+                x0, t, noise = x0[local], t[local], noise[local]
             x0, t, noise = x0.to(trainer.device), t.to(trainer.device), noise.to(trainer.device)
             with trainer.autocast():
-                loss = self.x0_loss(net_name, x0, t, noise)
-            value = loss.detach().float().item()  # the loop's state first: update() may write a checkpoint
+                loss = self.x0_loss(net_name, x0, t, noise, weight_mean=weight_mean) * share
+            # the loop's state first (update() may write a checkpoint); the global batch's loss under torchrun
+            value = trainer.mean_over_processes(loss.detach().float().item())
             running = state["running"]
             state["running"] = value if running is None else 0.95 * running + 0.05 * value
             if step % 25 == 0 or step == cfg.train_steps - 1:

@@ -4,6 +4,7 @@ self-attention for a batch) and SLiMe's accumulated self-attention.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,9 +50,16 @@ class FeatureSource(nn.Module):
         raise NotImplementedError
 
     def attend(
-        self, prepared: dict[str, torch.Tensor], tokens: torch.Tensor, *, train: bool, generator: torch.Generator
+        self,
+        prepared: dict[str, torch.Tensor],
+        tokens: torch.Tensor,
+        *,
+        train: bool,
+        generator: torch.Generator,
+        rows: Sequence[int] | None = None,
     ) -> AttentionMaps:
-        """Attention of the prepared images to the learned ``tokens`` (n_learned, D)."""
+        """Attention of the prepared images to the learned ``tokens`` (n_learned, D); with ``rows``, of those images
+        only (one process's slice under torchrun), random draws still made for all of them (one generator state)."""
         raise NotImplementedError
 
     def init_tokens(self, num_classes: int, generator: torch.Generator) -> torch.Tensor:

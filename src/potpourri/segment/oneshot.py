@@ -12,7 +12,9 @@ model's attention, then segment unseen images. Two feature sources sit behind on
 
 Both feed SLiMe's loss: class-weighted CE on the cross-attention scores, plus K · MSE between the
 weighted-accumulated self-attention (WAS) map and the one-hot mask, plus (SD only) 0.005 · the noise loss.
-A nearest-prototype baseline (mean feature per class, cosine nearest) shares the same API.
+A nearest-prototype baseline (mean feature per class, cosine nearest) shares the same API. Under torchrun each
+process takes its slice of the support images (all of them when there are fewer than processes); the CE keeps the
+whole set's normaliser.
 
 Reading order: WAS math → feature sources (Lite0; the SD attention recorder is in ``oneshot_sd``) → config →
 segmenter → CLI.
@@ -136,10 +138,19 @@ class DenseFeatureSource(FeatureSource):
         return {"features": features, "self_attention": self_attention}
 
     def attend(
-        self, prepared: dict[str, torch.Tensor], tokens: torch.Tensor, *, train: bool, generator: torch.Generator
+        self,
+        prepared: dict[str, torch.Tensor],
+        tokens: torch.Tensor,
+        *,
+        train: bool,
+        generator: torch.Generator,
+        rows: Sequence[int] | None = None,
     ) -> AttentionMaps:
-        logits = torch.einsum("bchw,kc->bkhw", prepared["features"], tokens)  # (B, K, h, w)
-        return AttentionMaps(logits, logits.softmax(1), prepared["self_attention"])
+        features, self_attention = prepared["features"], prepared["self_attention"]  # no random draws here
+        if rows is not None:
+            features, self_attention = features[rows], self_attention[rows]
+        logits = torch.einsum("bchw,kc->bkhw", features, tokens)  # (B, K, h, w)
+        return AttentionMaps(logits, logits.softmax(1), self_attention)
 
     def init_tokens(self, num_classes: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randn(num_classes, self.token_dim, generator=generator) * self.token_scale
@@ -352,21 +363,35 @@ class OneShotSegmenter:
         return weights
 
     def loss(
-        self, maps: AttentionMaps, targets: torch.Tensor, weights: torch.Tensor, one_hot: torch.Tensor | None = None
+        self,
+        maps: AttentionMaps,
+        targets: torch.Tensor,
+        weights: torch.Tensor,
+        one_hot: torch.Tensor | None = None,
+        *,
+        share: float = 1.0,
+        ce_normaliser: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """SLiMe's loss on (k, L, L) class-index targets: CE + w · K · MSE(WAS, one-hot) + w_sd · noise loss."""
+        """SLiMe's loss on (k, L, L) class-index targets: CE + w · K · MSE(WAS, one-hot) + w_sd · noise loss.
+
+        For one process's slice of a batch (torchrun): ``share`` scales the means, ``ce_normaliser`` divides the
+        weighted CE sum instead of the slice's own weight total (the global total over the process count)."""
         size, k = targets.shape[-2:], len(self.class_ids)
         logits = F.interpolate(maps.cross_logits, size=size, mode="bilinear")  # (B, K, L, L)
-        ce = F.cross_entropy(logits, targets, weight=weights)
+        if ce_normaliser is None:
+            ce = F.cross_entropy(logits, targets, weight=weights)
+        else:  # a weighted mean's normaliser counts the whole batch: Σ weights[targets], not the slice's
+            ce = F.cross_entropy(logits, targets, weight=weights, reduction="sum") / ce_normaliser
         was = F.interpolate(maps.accumulated, size=size, mode="bilinear")  # (B, K, L, L)
         if one_hot is None:
             one_hot = F.one_hot(targets, k).permute(0, 3, 1, 2).float()
-        was_loss = F.mse_loss(was, one_hot) * k
+        was_loss = F.mse_loss(was, one_hot) * k * share
         total = ce + self.config.was_loss_weight * was_loss
         parts = {"ce": ce, "was": was_loss}
         if maps.aux_loss is not None:
-            total = total + self.config.sd_loss_weight * maps.aux_loss
-            parts["sd"] = maps.aux_loss
+            aux = maps.aux_loss * share
+            total = total + self.config.sd_loss_weight * aux
+            parts["sd"] = aux
         return {"loss": total, **parts}
 
     def _fit_embeddings(
@@ -386,11 +411,20 @@ class OneShotSegmenter:
         weights = self._class_weights(targets)
         one_hot = F.one_hot(targets, len(self.class_ids)).permute(0, 3, 1, 2).float()  # (k, K, L, L)
         history = trainer.state.setdefault("history", [])  # checkpointed with the tokens
+        world = trainer.group.world
+        # under torchrun each process takes its slice of the k images (all of them in every process when k < world)
+        rows, share, ce_normaliser = None, 1.0, None
+        if trainer.group.distributed and len(targets) >= world:
+            rows, share = trainer.shard(list(range(len(targets))))
+            ce_normaliser = weights[targets].sum() / world  # the whole batch's Σ weights[targets] over the processes
+            targets, one_hot = targets[rows], one_hot[rows]
         for _ in trainer.steps():
             with trainer.autocast():
-                maps = self.source.attend(prepared, tokens.tokens, train=True, generator=generator)
-                parts = self.loss(maps, targets, weights, one_hot)
-            history.append({k: float(v.detach()) for k, v in parts.items()})  # before update() may checkpoint
+                maps = self.source.attend(prepared, tokens.tokens, train=True, generator=generator, rows=rows)
+                parts = self.loss(maps, targets, weights, one_hot, share=share, ce_normaliser=ce_normaliser)
+            # before update() may checkpoint; under torchrun each part is the global batch's (the mean of the shares)
+            values = trainer.sums_over_processes({k: float(v.detach()) for k, v in parts.items()})
+            history.append({k: v / world for k, v in values.items()})
             trainer.update(parts["loss"])
         trainer.finish()
         self.history = list(history)

@@ -282,16 +282,24 @@ class StableDiffusionSource(FeatureSource):
         return {"latents": self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor}  # (B, 4, R/8, R/8)
 
     def attend(
-        self, prepared: dict[str, torch.Tensor], tokens: torch.Tensor, *, train: bool, generator: torch.Generator
+        self,
+        prepared: dict[str, torch.Tensor],
+        tokens: torch.Tensor,
+        *,
+        train: bool,
+        generator: torch.Generator,
+        rows: Sequence[int] | None = None,
     ) -> AttentionMaps:
         latents = prepared["latents"]  # (B, 4, h, w)
+        lo, hi = self.train_timesteps
+        t = int(torch.randint(lo, hi + 1, (1,), generator=generator)) if train else self.test_timestep
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device)  # CPU draw: the same everywhere
+        if rows is not None:  # the noise of every image was drawn: the generator moves as in one process
+            latents, noise = latents[rows], noise[rows]
         b, n_classes = latents.shape[0], tokens.shape[0] + 1
         prompt, empty = (c.to(latents.device) for c in self._context(n_classes))  # the text encoder stays put
         context = torch.cat([prompt[:, :1], tokens[None], prompt[:, n_classes:]], dim=1).expand(b, -1, -1)
-        lo, hi = self.train_timesteps
-        t = int(torch.randint(lo, hi + 1, (1,), generator=generator)) if train else self.test_timestep
         timestep = torch.tensor([t], device=latents.device)
-        noise = torch.randn(latents.shape, generator=generator).to(latents.device)  # CPU draw: the same everywhere
         noisy = self.scheduler.add_noise(latents, noise, timestep)
         self.store.clear()
         guided = train and self.noise_loss

@@ -20,7 +20,8 @@ once on small subsets of their data, rehearsing SAM's data so the segmenter is n
 
 Stages: (1) A only (backbone + SAM head; 0 steps for the "sam" student, which already is teacher A); (2) probe the
 CLIP head on B with the backbone frozen; (3) from the probe, B only (no rehearsal) vs B mixed with rehearsed A data
-in a stated share of each batch. Forgetting = A's metric after minus before.
+in a stated share of each batch. Forgetting = A's metric after minus before. Under torchrun each process trains on
+its rows of every mixed batch (the sources may split unevenly); ``TrainOptions.sync_bn`` for BatchNorm that trains.
 
 Reading order: student → rehearsal sampler → ``train_stage`` → metrics → data. The experiment itself is
 ``papers/sam_clip.run_sam_clip_experiment``.
@@ -281,9 +282,15 @@ def train_stage(
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
     losses = trainer.state.setdefault("losses", [])
+    world = trainer.group.world
     for step in trainer.steps():
         batch = sampler.next_batch()
         trainer.state["sampler"] = sampler.state_dict()  # the queues move on with every batch
+        if trainer.group.distributed:  # this process's slice of the mixed batch: rows [rank::world] of it
+            mixed = trainer.shard([(n, int(i)) for n in batch for i in batch[n]])[0]
+            counts = {n: len(batch[n]) for n in batch}  # the global batch's rows per source (for the logs)
+            batch = {n: torch.tensor([i for m, i in mixed if m == n], dtype=torch.long) for n in batch}
+            batch = {n: rows for n, rows in batch.items() if len(rows)}
         names = list(batch)
         inputs = torch.cat([data[n][0][batch[n]] for n in names])
         loss, offset, parts = torch.zeros((), device=device), 0, {}
@@ -296,9 +303,17 @@ def train_stage(
                 offset += count
         for name in names:
             part = distill_loss(name, predictions[name].float(), data[name][1][batch[name]])
-            loss = loss + part * len(batch[name]) / stage.batch_size
+            # a mean over the global batch's rows: each process adds its rows' share (the trainer averages)
+            loss = loss + part * (len(batch[name]) * world) / stage.batch_size
             parts[name] = float(part.detach())
-        losses.append(float(loss.detach()))  # before update: its checkpoint holds this step's loss
+        if trainer.group.distributed:  # the global batch's loss and per-source means, in one all-reduce
+            sums = trainer.sums_over_processes(
+                {"loss": float(loss.detach()), **{n: parts.get(n, 0.0) * len(batch.get(n, ())) for n in counts}}
+            )
+            losses.append(sums.pop("loss") / world)
+            parts = {n: sums[n] / counts[n] for n in counts}
+        else:
+            losses.append(float(loss.detach()))  # before update: its checkpoint holds this step's loss
         trainer.update(loss)
         if log is not None and (step % 50 == 0 or step == stage.steps - 1):
             log({"stage": stage.name, "step": step, "loss": losses[-1],
