@@ -12,7 +12,8 @@ import torch
 
 from potpourri import PotpourriError, create_model
 from potpourri.inspect.anomalyclip import AnomalyCLIP, AnomalyCLIPConfig, build_towers, train_prompts
-from potpourri.inspect.clip_towers import OwnClipTowers, vit_dual_path, vit_vv_attention
+from potpourri.inspect.clip_towers import OwnClipTowers
+from potpourri.models.dpam import vit_dual_path, vit_vv_attention
 from potpourri.vlm.clip import save_small_clip
 
 pytestmark = pytest.mark.one_thread

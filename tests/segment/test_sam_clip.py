@@ -234,3 +234,33 @@ def test_lite0_teacher_path_is_kept_and_held_out_surfaces_must_be_unseen(tmp_pat
     with pytest.raises(PotpourriError, match="held-out surfaces \\['brick'\\]"):
         run_sam_clip_language(dataclasses.replace(QUICK, held_out=("brick", "moon")), out=tmp_path / "bad",
                               progress=False, quick=True)  # fmt: skip
+
+
+def test_teacher_b_dpam_patches_equal_the_anomalyclip_towers_v_v_maps():
+    from potpourri.core.registry import create_model
+    from potpourri.inspect.clip_towers import OwnClipTowers
+
+    torch.manual_seed(0)
+    clip = create_model("clip_vit_tiny_minilm", vision={"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3,
+                        "num_heads": 2}, text={"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2,
+                        "intermediate_size": 64}, embed_dim=16).eval()  # fmt: skip
+    x = torch.randn(2, 3, 32, 32)
+    out = teacher_b_patches(clip, x, batch=1, dpam_from=2)  # (2, 16, 4, 4)
+    towers = OwnClipTowers(clip, dual_from=2, feature_layers=[3])  # the other path to the same V-V tokens
+    maps = towers.frozen_image_features(x)["layer0"]  # (2, 4, 4, 16)
+    torch.testing.assert_close(out, maps.permute(0, 3, 1, 2), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out, teacher_b_patches(clip, x), atol=1e-3)  # the V-V stream is not the q-k one
+    with pytest.raises(PotpourriError, match="not a block of this 3-block ViT"):
+        teacher_b_patches(clip, x, dpam_from=4)
+
+
+def test_teacher_b_dpam_flag_is_checked_before_anything_is_written(tmp_path, capsys):
+    from potpourri.cli import main
+
+    out = tmp_path / "run"
+    assert main(["sam-clip", "--teacher-b-dpam", "9", "--out", str(out)]) == 2
+    assert "the clip's ViT has blocks 1..6" in capsys.readouterr().err and not out.exists()
+    assert main(["sam-clip", "--teacher-b", "lite0", "--teacher-b-dpam", "3", "--out", str(out)]) == 2
+    assert "applies to --teacher-b clip" in capsys.readouterr().err and not out.exists()
+    assert main(["sam-clip", "--teacher-b-dpam", "0", "--out", str(out)]) == 2  # argparse: a positive int
+    assert not out.exists()

@@ -111,6 +111,8 @@ def _cmd_sam_clip(args: argparse.Namespace) -> int:
 
     from potpourri.papers.sam_clip import SamClipConfig, run_sam_clip_experiment
 
+    if args.teacher_b_dpam is not None:  # checked before anything is written
+        _check_dpam_block(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     config = SamClipConfig(image_size=args.image_size, student=args.student, stage1_steps=args.stage1_steps,
@@ -119,11 +121,28 @@ def _cmd_sam_clip(args: argparse.Namespace) -> int:
                            rehearsal_shares=tuple(args.rehearsal), seed=args.seed, teacher_b=args.teacher_b,
                            clip_path=args.clip, clip_steps=args.clip_steps, held_out=tuple(args.held_out),
                            b_per_kind=args.b_per_kind, zs_per_kind=args.zs_per_kind,
-                           segmenter_steps=args.segmenter_steps, margin=args.margin)  # fmt: skip
+                           segmenter_steps=args.segmenter_steps, margin=args.margin,
+                           dpam_from=args.teacher_b_dpam)  # fmt: skip
     run = run_sam_clip_experiment(config, out=args.out, sam_path=args.sam, options=_train_options(args))
     print((run.path / "results.md").read_text(), end="")
     print(f"run: {run.path}")
     return 0
+
+
+def _check_dpam_block(args: argparse.Namespace) -> None:
+    """--teacher-b-dpam needs teacher B = clip and a block of its ViT (the given clip's, or the default's)."""
+    import json
+    from pathlib import Path
+
+    from potpourri.core.errors import PotpourriError
+    from potpourri.models.clip_small import DEFAULT_CONFIG
+
+    if args.teacher_b != "clip":
+        raise PotpourriError("--teacher-b-dpam applies to --teacher-b clip (a ViT); lite0 has no attention to change")
+    config = json.loads((Path(args.clip) / "config.json").read_text()) if args.clip else DEFAULT_CONFIG
+    depth = config.get("vision", {}).get("depth", DEFAULT_CONFIG["vision"]["depth"])
+    if not 1 <= args.teacher_b_dpam <= depth:
+        raise PotpourriError(f"--teacher-b-dpam {args.teacher_b_dpam}: the clip's ViT has blocks 1..{depth}")
 
 
 def _add_training(parser: argparse.ArgumentParser, *, every: int) -> None:
@@ -179,6 +198,9 @@ def _register_sam_family(subparsers: argparse._SubParsersAction) -> None:
     help_clip = "clip_vit_tiny_minilm model folder (config.json + model.safetensors); default: train one here"
     c.add_argument("--clip", type=flags.existing_path, help=help_clip)
     c.add_argument("--clip-steps", type=flags.positive_int, default=300, help="steps when training the clip here")
+    c.add_argument("--teacher-b-dpam", type=flags.positive_int, default=None, metavar="BLOCK",
+                   help="teacher B's patch tokens from DPAM's V-V stream from this block on (AnomalyCLIP's attention "
+                   "surgery; e.g. 3 of the default 6); default: the ordinary q-k tokens")  # fmt: skip
     c.add_argument("--held-out", type=_surface, nargs="+", default=["moon", "tissue"],
                    help="DS-Synth surfaces every test uses (none may be in the clip's training data)")  # fmt: skip
     c.add_argument("--b-per-kind", type=flags.positive_int, default=12, help="teacher B images per kind and surface")

@@ -1,9 +1,9 @@
 """AnomalyCLIP's and WinCLIP's towers on the CLIP-style model trained here (``clip_vit_tiny_minilm``): DPAM on a timm
 ViT, learned prompts through MiniLM.
 
-Reading order: V-V attention of a timm ``Attention`` → the dual-path forward (DPAM: from block ``dual_from`` on, a
-second residual stream adds V-V attention of the *original* tokens and skips the FFN; the original stream, and so the
-global embedding, is untouched) → ``OwnClipTowers`` (the ``Towers`` contract: frozen image features, learnable
+Reading order: the dual-path forward of ``models.dpam`` (DPAM: from block ``dual_from`` on, a second residual stream
+adds V-V attention of the *original* tokens and skips the FFN; the original stream, and so the global embedding, is
+untouched) → ``OwnClipTowers`` (the ``Towers`` contract: frozen image features, learnable
 object-agnostic prompts with deep tokens through MiniLM, hand-written sentences, WinCLIP windows).
 
 Same recipe as ``anomalyclip.dual_path_image_features`` for open_clip; the towers differ: a 6-block ViT trained on
@@ -21,39 +21,9 @@ import torch.nn as nn
 
 from potpourri.core.errors import PotpourriError
 from potpourri.inspect.towers import OBJECT_PROMPTS, DeepPromptSwitch, PromptLearner, Towers
+from potpourri.models.dpam import vit_dual_path
 
-__all__ = ["OwnClipTowers", "vit_dual_path", "vit_vv_attention"]
-
-
-# ----------------------------------------------------------------------------------------------- V-V attention
-def vit_vv_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A timm ``Attention`` run with q = k = v (its value projection): (B, L, W) -> (B, L, W)."""
-    b, n, _ = x.shape
-    qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    v = qkv[2]  # (B, H, L, d)
-    weights = (v @ v.transpose(-2, -1) * attn.scale).softmax(-1)  # (B, H, L, L), symmetric logits
-    out = attn.norm((weights @ v).transpose(1, 2).reshape(b, n, -1))  # (B, L, H*d)
-    if getattr(attn, "gate", None) is not None:
-        out = out * attn.gate(x).sigmoid()
-    return attn.proj_drop(attn.proj(out))
-
-
-def vit_dual_path(
-    vit: nn.Module, images: torch.Tensor, *, dual_from: int, layers: Sequence[int]
-) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """The vanilla final tokens (B, 1+N, W), normed exactly as ``forward_features``, and the tokens (B, 1+N, W) at each
-    1-based block of ``layers``: V-V stream from block ``dual_from`` on, vanilla stream before it (not normed)."""
-    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))  # (B, 1+N, W)
-    vv: torch.Tensor | None = None
-    taps: dict[int, torch.Tensor] = {}
-    for number, block in enumerate(vit.blocks, start=1):
-        if number >= dual_from:
-            y = block.norm1(x)
-            vv = (x if vv is None else vv) + block.ls1(vit_vv_attention(block.attn, y))  # no FFN on this stream
-        x = block(x)  # the vanilla block, untouched
-        if number in layers:
-            taps[number] = x if vv is None else vv
-    return vit.norm(x), taps
+__all__ = ["OwnClipTowers"]
 
 
 # ----------------------------------------------------------------------------------------------- towers

@@ -66,6 +66,7 @@ class SamClipConfig:
     zs_per_kind: int = 8  # zero-shot test images per defect kind and held-out surface
     segmenter_steps: int = 400  # the supervised baseline (Lite0 UNet, trained on the clip's surfaces' masks)
     margin: float = 0.0  # zero-shot: a defect must beat the background prompt's cosine by this much
+    dpam_from: int | None = None  # teacher B's patch tokens from DPAM's V-V stream from this block on (None: q-k)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -300,7 +301,7 @@ def run_sam_clip_language(
     grid = size // 16  # the student's stride-16 grid; a clip with another patch size is average-pooled onto it
 
     def b_targets(images: np.ndarray) -> torch.Tensor:
-        patches = teacher_b_patches(clip, images_to_tensor(images))
+        patches = teacher_b_patches(clip, images_to_tensor(images), dpam_from=cfg.dpam_from)
         return patches if patches.shape[-1] == grid else F.adaptive_avg_pool2d(patches, grid)
 
     train = {"sam": (normalised(a_train, mean, std), image_embeddings(sam, a_train)),
@@ -323,7 +324,7 @@ def run_sam_clip_language(
                 "A: box mIoU": prompt_miou(sam, embeddings, a_items, "box"),
                 "A: embedding nMSE": float(F.mse_loss(embeddings, target) / target.var())}  # fmt: skip
 
-    native = teacher_b_patches(clip, images_to_tensor(zs_images))  # teacher B on its own grid
+    native = teacher_b_patches(clip, images_to_tensor(zs_images), dpam_from=cfg.dpam_from)  # B on its own grid
     rows: list[dict[str, Any]] = [
         {"arm": "teacher A (small SAM)", **sam_metrics(a_test_emb)},
         {"arm": "teacher B alone (clip patch–text cosine)", "B: patch cosine": 1.0, **zero_shot(native)},

@@ -435,16 +435,29 @@ def teacher_b(model: nn.Module, x: torch.Tensor, batch: int = 32) -> torch.Tenso
 
 # ------------------------------------------------------------------------------ language (teacher B = a CLIP)
 @torch.no_grad()
-def teacher_b_patches(clip: nn.Module, x: torch.Tensor, batch: int = 32) -> torch.Tensor:
+def teacher_b_patches(
+    clip: nn.Module, x: torch.Tensor, batch: int = 32, *, dpam_from: int | None = None
+) -> torch.Tensor:
     """A ``SmallClip``'s patch tokens in its joint space, (N, D, h, w), of images normalised for that clip: the ViT's
-    normed tokens without the class token, through the image projection (as ``OwnClipTowers`` maps patches)."""
+    normed tokens without the class token, through the image projection (as ``OwnClipTowers`` maps patches). With
+    ``dpam_from`` (a 1-based block) the tokens are DPAM's V-V stream from that block on (``models.dpam``), which keeps
+    each patch's own content where q-k attention mixes in the whole image."""
+    from potpourri.models.dpam import vit_dual_path
+
     device = next(clip.parameters()).device
     vit = clip.visual
     patch = vit.patch_embed.patch_size[0]
+    depth = len(vit.blocks)
+    if dpam_from is not None and not 1 <= dpam_from <= depth:
+        raise PotpourriError(f"dpam_from {dpam_from} is not a block of this {depth}-block ViT (1..{depth})")
     out = []
     for i in range(0, len(x), batch):
         images = x[i : i + batch].to(device)
-        tokens = clip.image_projection(clip.image_tokens(images)[:, vit.num_prefix_tokens :])  # (B, h*w, D)
+        if dpam_from is None:
+            tokens = clip.image_projection(clip.image_tokens(images)[:, vit.num_prefix_tokens :])  # (B, h*w, D)
+        else:
+            _, taps = vit_dual_path(vit, images, dual_from=dpam_from, layers=[depth])
+            tokens = clip.image_projection(vit.norm(taps[depth][:, vit.num_prefix_tokens :]))  # (B, h*w, D)
         h, w = images.shape[-2] // patch, images.shape[-1] // patch
         out.append(tokens.transpose(1, 2).reshape(len(images), -1, h, w).float())
     return torch.cat(out)
