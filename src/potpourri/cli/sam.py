@@ -72,7 +72,7 @@ def _train_options(args: argparse.Namespace):
     from potpourri.core.training import TrainOptions
 
     return TrainOptions(device=args.device, precision=args.precision, resume=args.resume, progress=True,
-                        checkpoint_every=args.checkpoint_every)  # fmt: skip
+                        checkpoint_every=args.checkpoint_every, sync_bn=getattr(args, "sync_bn", False))  # fmt: skip
 
 
 def _cmd_sam_train(args: argparse.Namespace) -> int:
@@ -212,6 +212,7 @@ def _register_sam_family(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--threads", type=flags.non_negative_int, default=1)
     c.add_argument("--out", help="run folder (default runs/sam-clip/vN)")
     _add_training(c, every=50)
+    flags.add_sync_bn(c)  # a random-init student's BatchNorm trains; the default copy of teacher A keeps it frozen
     c.set_defaults(func=_cmd_sam_clip)
 
 
