@@ -208,3 +208,18 @@ def test_minigpt4_run_killed_in_its_description_stage_resumes_bitwise(tmp_path) 
 
     assert_resumes_bitwise("tests.vlm.test_minigpt:minigpt4_job", tmp_path, kill_at=3,
                            outputs=["trainable.safetensors"], checkpoints="state/describe/stage2")  # fmt: skip
+
+
+def test_a_phased_run_resumes_only_with_its_own_options(tmp_path, capsys) -> None:
+    out = str(tmp_path / "run")
+    minigpt4_job(out, resume=False)
+    argv = ["vlm", "train", "--lm", "tiny", "--encoder", "test_efficientnet", "--random", "--image-size", "64",
+            "--n-train", "4", "--n-test", "2", "--kinds", "yesno", "--max-new-tokens", "2", "--batch-size", "2",
+            "--steps", "2", "--lora-steps", "5", "--checkpoint-every", "2", "--arch", "minigpt4", "--queries", "3",
+            "--device", "cpu", "--out", out, "--resume"]  # fmt: skip
+    before = (tmp_path / "run" / "trainable.safetensors").read_bytes()
+    capsys.readouterr()  # the first run's progress bars
+    assert main([*argv[:-3], "--lr", "0.5", *argv[-3:]]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume with lr=0.5" in err and err.count("\n") == 1
+    assert (tmp_path / "run" / "trainable.safetensors").read_bytes() == before  # nothing rewritten

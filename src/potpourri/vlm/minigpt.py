@@ -245,6 +245,10 @@ def run_phased(cfg: dict[str, Any], out: str | None = None, *, options: TrainOpt
     plan = stage_plan(cfg)
     if options.resume and (out is None or not (Path(out) / "config.yaml").is_file()):
         raise PotpourriError("--resume needs --out DIR, the folder of a `potpourri vlm train` run to continue")
+    if options.resume:  # the stages continue only with the options they were started with
+        from potpourri.vlm.pipeline import check_same_config
+
+        check_same_config(cfg, Path(out))
     seed_everything(cfg["seed"])
     run = new_run("vlm", out, config=cfg, seed=cfg["seed"])
     vlm = vlm_from_config(cfg)

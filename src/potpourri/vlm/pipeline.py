@@ -98,6 +98,11 @@ def _check_resumable(cfg: dict[str, Any], out: str | None) -> None:
     if stage is not None and "optimizers" not in last:  # the format before core.training.Trainer
         raise PotpourriError(f"the checkpoints in '{folder}' were written by an older potpourri and cannot be resumed; "
                              "start a new --out")  # fmt: skip
+    check_same_config(cfg, folder)
+
+
+def check_same_config(cfg: dict[str, Any], folder: Path) -> None:
+    """A resumed run's options must be those in its ``config.yaml``: one clear error naming the first that differs."""
     saved = yaml.safe_load((folder / "config.yaml").read_text()) or {}
     changed = [k for k in cfg if k in saved and saved[k] != cfg[k]]
     if changed:
