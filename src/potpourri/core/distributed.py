@@ -95,6 +95,14 @@ class ProcessGroup:
         torch.distributed.all_gather(gathered, padded)
         return [g[:n].to(tensor.device) for g, n in zip(gathered, lengths, strict=True)]
 
+    def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows of ``tensor`` concatenated in rank order, inside autograd: the gradient of the result is
+        summed over ranks and this rank's rows get theirs, so a loss over the gathered rows (e.g. a contrastive loss
+        with the global batch's negatives) backpropagates as in one process (``tensor`` itself in one process)."""
+        if not self.distributed:
+            return tensor
+        return _GatherRows.apply(tensor, self)
+
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (the other ranks' arguments are ignored)."""
         if not self.distributed:
@@ -127,6 +135,23 @@ class ProcessGroup:
         """Leave the process group if this object joined it."""
         if self.owns_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+class _GatherRows(torch.autograd.Function):
+    """``ProcessGroup.gather_rows``: all-gather forward; backward sums the gradient over ranks, keeps own rows."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        parts = group.all_gather(tensor.detach())
+        lengths = [len(part) for part in parts]
+        ctx.rows = (sum(lengths[: group.rank]), sum(lengths[: group.rank + 1]))
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        total = grad.contiguous().clone()
+        torch.distributed.all_reduce(total)
+        return total[ctx.rows[0] : ctx.rows[1]], None
 
 
 def current_group() -> ProcessGroup:
