@@ -11,7 +11,7 @@ A single process is rank 0 of 1 and every call is a cheap no-op, so loops need n
 
 Reading order: ``ProcessGroup`` (where this process sits, its collectives) → ``process_group`` (join from the
 environment) → ``current_group`` (the group someone already joined) → ``rows_in_parts`` (a prediction job's
-CSV: one part file per process, merged by rank 0, resumable after a kill).
+CSV: one part file per process, one row or any number of rows per file, merged by rank 0, resumable after a kill).
 """
 
 from __future__ import annotations
