@@ -76,6 +76,12 @@ def test_two_processes_killed_and_resumed_write_the_one_process_csv(tmp_path: Pa
     assert not list((tmp_path / "two").glob("predictions.part*"))  # merged, then the parts went
     drawn = sorted(p.name for p in (tmp_path / "two" / "images").iterdir())
     assert drawn == sorted(p.name for p in (tmp_path / "one" / "images").iterdir()) and len(drawn) == 7
+    # a resume of another predict (here: another --conf, or a number of processes) is one clear error
+    config = (tmp_path / "two" / "config.yaml").read_text()
+    assert main([*predict(run, images, tmp_path / "two", "--resume"), "--conf", "0.5"]) == 2
+    assert main(predict(run, images, tmp_path / "two", "--resume")) == 2  # 1 process, the job had 2
+    assert (tmp_path / "two" / "config.yaml").read_text() == config
+    assert (tmp_path / "two" / "predictions.csv").read_text() == one
 
 
 def test_resume_without_out_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -209,6 +209,14 @@ def _complete_rows(path: Path, key: str) -> list[dict[str, str]]:
     return [row for row in csv.DictReader(text.splitlines()) if row.get(key)]
 
 
+def _by_key(rows: list[dict[str, str]], key: str, keys: Sequence[str]) -> dict[str, list[dict[str, str]]]:
+    """Every entry of ``keys`` with its rows (in their order; none for a key without rows)."""
+    grouped: dict[str, list[dict[str, str]]] = {k: [] for k in keys}
+    for row in rows:
+        grouped[row[key]].append(row)
+    return grouped
+
+
 def _finished_keys(path: Path, key: str, batches: list[list[str]]) -> dict[str, list[dict[str, str]]]:
     """The rows of a part file with any number of rows per key, for the keys of its whole finished ``batches``
     only (a batch cut by a kill is dropped from the file, so its rerun does not add its rows twice)."""
@@ -270,8 +278,7 @@ def rows_in_parts(
     mine = set(keys[start:stop])
     done: dict[str, list[dict[str, str]]] = {}
     if many and csv_path.is_file():  # a finished merge: every key is done, with or without rows
-        merged_rows = _complete_rows(csv_path, key)
-        done = {k: [row for row in merged_rows if row[key] == k] for k in keys}
+        done = _by_key(_complete_rows(csv_path, key), key, keys)
     for row in _complete_rows(part, key):
         if row[key] not in mine:
             raise PotpourriError(f"'{part}' holds rows of other images ({row[key]}); start a new --out")
@@ -293,9 +300,9 @@ def rows_in_parts(
             raw = score(first, last)
             rows = [{k: str(v) for k, v in row.items()} for row in raw]
             if many:  # each key's rows together, counted; a key without rows leaves one marker row
-                by_key = {k: [row for row in rows if row[key] == k] for k in keys[first:last]}
-                if sum(map(len, by_key.values())) != len(rows):
+                if any(row[key] not in keys[first:last] for row in rows):
                     raise ValueError(f"score({first}, {last}) returned rows of keys outside its batch")
+                by_key = _by_key(rows, key, keys[first:last])
                 rows = [row for k, own in by_key.items() for row in own]
                 lines = [{**row, COUNT: len(own)} for own in by_key.values() for row in own]
                 writer.writerows(lines + [{key: k, COUNT: 0} for k, own in by_key.items() if not own])
@@ -312,7 +319,7 @@ def rows_in_parts(
     merged = {**done}
     for rank in range(group.world):
         merged.update(rows_of(part_of(rank), rank))
-    merged.update({k: [row for row in scored if row[key] == k] for k in keys[start:stop]})
+    merged.update(_by_key(scored, key, keys[start:stop]) if many else {row[key]: [row] for row in scored})
     missing = [k for k in keys if k not in merged]
     if missing:
         raise PotpourriError(f"no row for '{missing[0]}' in the parts of '{csv_path}'; rerun with --resume")

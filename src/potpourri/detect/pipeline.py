@@ -214,7 +214,7 @@ def predict_run(
         if out is None or not (Path(out) / "config.yaml").is_file():
             raise PotpourriError("--resume needs --out DIR of an earlier `detect predict`")
         before = yaml.safe_load((Path(out) / "config.yaml").read_text())
-        if {k: before.get(k) for k in config} != config:
+        if {k: before.get(k, 1 if k == "world_size" else None) for k in config} != config:
             raise PotpourriError(
                 f"'{out}' predicted other images, another run, --conf/--iou or number of processes; start a new --out"
             )
