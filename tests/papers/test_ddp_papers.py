@@ -44,13 +44,39 @@ def _main() -> bool:
 
 def all_jobs(out: str) -> None:
     """Every job into ``out/<job>/final.safetensors`` (rank 0 writes)."""
-    from tests.papers.test_resume import autovp_job, semisup_job, smr_job
+    from tests.papers.test_resume import autovp_job, smr_job
 
     smr_job(f"{out}/smr", False, options=_options())  # MAE: batches of 4, random masks and flips
-    for arm in ("supervised", "fixmatch", "simclr"):  # B = 4, μB = 8; SimCLR: 3 steps on 8 images, 7 fine-tuning
-        semisup_job(f"{out}/{arm}", False, arm=arm, options=_options())
+    for arm in ("supervised", "fixmatch", "simclr"):
+        semisup_job(f"{out}/{arm}", arm)
     autovp_job(f"{out}/autovp", False, options=_options())  # batches of 10: 5 per process
     distill_job(f"{out}/distill")
+
+
+def semisup_job(out: str, arm: str) -> None:
+    """5 steps of one semi-supervised loop on a tiny CNN whose BatchNorm trains, on slices of unequal size: labelled
+    batches of 3 (2 + 1 per process), FixMatch's unlabelled batches of 6 (3 + 3), SimCLR's batches of 5 (3 + 2)."""
+    from potpourri.papers.semi_supervised import SmallCNN, train_fixmatch, train_simclr, train_supervised
+
+    g = torch.Generator().manual_seed(3)
+    labels = torch.arange(12) % 3
+    images = 0.3 * torch.rand(12, 3, 16, 16, generator=g)
+    images[torch.arange(12), labels] += 0.5  # the class lights its own channel
+    unlabelled = torch.rand(16, 3, 16, 16, generator=g)
+    torch.manual_seed(0)
+    model = SmallCNN(3, width=4)
+    common = {"steps": 5, "lr": 2e-3, "seed": 0, "options": _options(), "checkpoints": Path(out) / "checkpoints"}
+    if arm == "supervised":
+        losses = train_supervised(model, images, labels, batch_size=3, **common)
+    elif arm == "fixmatch":
+        history = train_fixmatch(model, images, labels, unlabelled, batch_size=3, mu=2, threshold=0.4, **common)
+        losses = [[row[k] for k in ("loss", "loss_x", "loss_u", "mask_rate")] for row in history]
+    else:
+        losses = train_simclr(model, unlabelled, batch_size=5, temperature=0.2, **common)
+    if _main():
+        Path(out).mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file({**state, "losses": torch.tensor(losses, dtype=torch.float64)}, f"{out}/final.safetensors")
 
 
 def planted_views() -> torch.Tensor:
@@ -80,7 +106,7 @@ def nt_xent_job(out: str) -> None:
 
 
 def distill_job(out: str) -> None:
-    """auto-replace's local distillation of a token MLP (batches of 6 drawn with replacement: 3 per process)."""
+    """auto-replace's local distillation of a token MLP (batches of 5 drawn with replacement: 3 + 2 per process)."""
     from potpourri.deploy.auto_replace import TokenMlp, distill_locally
 
     torch.manual_seed(0)
@@ -88,7 +114,7 @@ def distill_job(out: str) -> None:
     inputs = torch.randn(30, 5, 8)
     with torch.no_grad():
         targets = teacher(inputs)
-    loss = distill_locally(student, inputs, targets, steps=6, lr=1e-2, batch_size=6)
+    loss = distill_locally(student, inputs, targets, steps=6, lr=1e-2, batch_size=5)
     if _main():
         Path(out).mkdir(parents=True, exist_ok=True)
         state = {k: v.contiguous() for k, v in student.state_dict().items()}
@@ -124,10 +150,10 @@ def test_two_processes_train_the_paper_loops_as_one(tmp_path: Path) -> None:
         one = load_file(str(tmp_path / "one" / job / "final.safetensors"))
         two = load_file(str(tmp_path / "two" / job / "final.safetensors"))
         assert set(one) == set(two), job
-        if job == "smr":  # it learned: not two idle runs compared
-            assert abs(float(one["losses"][-1] - one["losses"][0])) > 1e-3
+        if job not in ("autovp", "distill"):  # it learned: not two idle runs compared
+            assert (one["losses"][-1] - one["losses"][0]).abs().max() > 1e-3, job
         # the logged losses are the global batch's (the slices' shares add up to the one-process loss)
-        for key in ("losses", "final_loss", "history"):
+        for key in ("losses", "history"):
             if key in one:
                 torch.testing.assert_close(two.pop(key), one.pop(key), rtol=1e-5, atol=1e-7, msg=f"{job} {key}")
         # Adam(W) divides by sqrt(v): a gradient that is zero up to float rounding (the sum of two halves vs one
