@@ -55,7 +55,8 @@ def all_jobs(out: str) -> None:
 
 def semisup_job(out: str, arm: str) -> None:
     """5 steps of one semi-supervised loop on a tiny CNN whose BatchNorm trains, on slices of unequal size: labelled
-    batches of 3 (2 + 1 per process), FixMatch's unlabelled batches of 6 (3 + 3), SimCLR's batches of 5 (3 + 2)."""
+    batches of 3 (2 + 1 per process), FixMatch's unlabelled batches of 6 (3 + 3; its confidence mask keeps 0 to 3 of
+    them), SimCLR's batches of 5 (3 + 2)."""
     from potpourri.papers.semi_supervised import SmallCNN, train_fixmatch, train_simclr, train_supervised
 
     g = torch.Generator().manual_seed(3)
@@ -69,7 +70,7 @@ def semisup_job(out: str, arm: str) -> None:
     if arm == "supervised":
         losses = train_supervised(model, images, labels, batch_size=3, **common)
     elif arm == "fixmatch":
-        history = train_fixmatch(model, images, labels, unlabelled, batch_size=3, mu=2, threshold=0.4, **common)
+        history = train_fixmatch(model, images, labels, unlabelled, batch_size=3, mu=2, threshold=0.5, **common)
         losses = [[row[k] for k in ("loss", "loss_x", "loss_u", "mask_rate")] for row in history]
     else:
         losses = train_simclr(model, unlabelled, batch_size=5, temperature=0.2, **common)
