@@ -107,3 +107,54 @@ def test_a_part_of_other_images_is_one_clear_error(tmp_path) -> None:
     (tmp_path / "p.part1-of-2.csv").write_text("image,score\r\nelsewhere.png,1\r\n")
     with pytest.raises(PotpourriError, match="other images"):
         rows_in_parts(Rank(1, 2), tmp_path / "p.csv", KEYS, scorer([]), batch_size=4, fieldnames=FIELDS)
+
+
+def boxes_scorer(calls: list, fail_after: int | None = None):
+    """Image i has i % 3 boxes (none, one or two): rows of a detector, scored batch by batch."""
+    done = []
+
+    def score(first: int, stop: int) -> list[dict]:
+        if fail_after is not None and len(done) == fail_after:
+            raise KeyboardInterrupt
+        calls.append((first, stop))
+        done.append(first)
+        return [{"image": KEYS[i], "score": i + b / 10} for i in range(first, stop) for b in range(i % 3)]
+
+    return score
+
+
+def boxes_job(csv_path, world: int, calls: list, fail_after: dict | None = None) -> list[dict]:
+    rows = []
+    for rank in reversed(range(world)):
+        score = boxes_scorer(calls, (fail_after or {}).get(rank))
+        rows = rows_in_parts(Rank(rank, world), csv_path, KEYS, score, batch_size=4, fieldnames=FIELDS, many=True)
+    return rows
+
+
+def test_images_with_any_number_of_rows_merge_to_the_one_process_csv(tmp_path) -> None:
+    one_calls, two_calls = [], []
+    boxes_job(tmp_path / "one.csv", 1, one_calls)
+    merged = boxes_job(tmp_path / "two.csv", 2, two_calls)
+    expected = [(KEYS[i], f"{i + b / 10}") for i in range(11) for b in range(i % 3)]  # 10 rows, images 0, 3, ... none
+    assert [(r["image"], r["score"]) for r in merged] == expected
+    assert sorted(two_calls) == one_calls == [(0, 4), (4, 8), (8, 11)]
+    assert (tmp_path / "two.csv").read_text() == (tmp_path / "one.csv").read_text()
+    assert (tmp_path / "one.csv").read_text().splitlines()[0] == "image,score"  # no counting column left
+    assert not list(tmp_path.glob("*.part*"))
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_killed_job_with_rows_per_image_resumes_to_the_uninterrupted_csv(tmp_path, world: int) -> None:
+    boxes_job(tmp_path / "straight.csv", world, [])
+    with pytest.raises(KeyboardInterrupt):  # rank 0 dies after its first batch (images 0-3)
+        boxes_job(tmp_path / "killed.csv", world, [], fail_after={0: 1})
+    part = tmp_path / f"killed.part0-of-{world}.csv"
+    # the kill cut the next batch: image 4's only row is whole, image 5's second row is missing, a line is torn
+    part.write_text(part.read_text() + "img04.png,4.0,1\r\nimg05.png,5.0,2\r\nimg05.png,5.")
+    calls = []
+    boxes_job(tmp_path / "killed.csv", world, calls)
+    assert calls == [(4, 8)] if world == 2 else calls == [(4, 8), (8, 11)]  # the unfinished batches only
+    assert (tmp_path / "killed.csv").read_text() == (tmp_path / "straight.csv").read_text()
+    calls = []
+    boxes_job(tmp_path / "killed.csv", world, calls)  # a finished merge is done: nothing is scored again
+    assert calls == [] and (tmp_path / "killed.csv").read_text() == (tmp_path / "straight.csv").read_text()

@@ -9,6 +9,7 @@ Example:
     potpourri detect train --data ds-synth:brick --epochs 20 --assigner atss   # static ATSS instead of TAL
     potpourri detect train --data ds-synth:brick --neck bic --sppf simcspsppf --aat --atss-warmup-epochs 4   # v3 parts
     potpourri detect predict runs/detect/v0 photo.png --conf 0.3
+    torchrun --nproc-per-node 4 -m potpourri detect predict runs/detect/v0 folder/ --out p   # files split by rank
     potpourri detect eval runs/detect/v0 --data ds-synth:brick --reparam
     potpourri detect mask-train runs/detect/v0 --data ds-synth:brick --seconds 150   # frozen detector + mask head
     potpourri detect train --data ds-synth:brick --out runs/detect/v0 --resume   # continue a killed run
@@ -68,6 +69,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         no_reparam=args.no_reparam,
         out=args.out,
         precision=args.precision,
+        resume=args.resume,
         run_dir=args.run,
         threads=args.threads,
     )
@@ -165,6 +167,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("--iou", type=flags.probability, default=0.6, help="NMS IoU threshold")
     predict.add_argument("--no-reparam", action="store_true", help="run the multi-branch model (default: fused)")
     predict.add_argument("--out", help="output folder (default RUN/predict/vN)")
+    predict.add_argument("--resume", action="store_true", help="continue a killed predict in --out (same CSV)")
     predict.add_argument("--threads", type=flags.non_negative_int, default=None)
     flags.add_compute(predict)
     predict.set_defaults(func=_cmd_predict)

@@ -11,7 +11,7 @@ A single process is rank 0 of 1 and every call is a cheap no-op, so loops need n
 
 Reading order: ``ProcessGroup`` (where this process sits, its collectives) → ``process_group`` (join from the
 environment) → ``current_group`` (the group someone already joined) → ``rows_in_parts`` (a prediction job's
-CSV: one part file per process, merged by rank 0, resumable after a kill).
+CSV: one part file per process, one row or any number of rows per file, merged by rank 0, resumable after a kill).
 """
 
 from __future__ import annotations
@@ -95,6 +95,14 @@ class ProcessGroup:
         torch.distributed.all_gather(gathered, padded)
         return [g[:n].to(tensor.device) for g, n in zip(gathered, lengths, strict=True)]
 
+    def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows of ``tensor`` concatenated in rank order, inside autograd: the gradient of the result is
+        summed over ranks and this rank's rows get theirs, so a loss over the gathered rows (e.g. a contrastive loss
+        with the global batch's negatives) backpropagates as in one process (``tensor`` itself in one process)."""
+        if not self.distributed:
+            return tensor
+        return _GatherRows.apply(tensor, self)
+
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (the other ranks' arguments are ignored)."""
         if not self.distributed:
@@ -127,6 +135,23 @@ class ProcessGroup:
         """Leave the process group if this object joined it."""
         if self.owns_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+class _GatherRows(torch.autograd.Function):
+    """``ProcessGroup.gather_rows``: all-gather forward; backward sums the gradient over ranks, keeps own rows."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        parts = group.all_gather(tensor.detach())
+        lengths = [len(part) for part in parts]
+        ctx.rows = (sum(lengths[: group.rank]), sum(lengths[: group.rank + 1]))
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        total = grad.contiguous().clone()
+        torch.distributed.all_reduce(total)
+        return total[ctx.rows[0] : ctx.rows[1]], None
 
 
 def current_group() -> ProcessGroup:
@@ -172,6 +197,8 @@ def process_group(device: torch.device | str = "cpu") -> Iterator[ProcessGroup]:
 # ----------------------------------------------------------------------------------------------------------------
 # rows of a prediction job, one part file per process
 
+COUNT = "rows_of_key"  # a part file's extra column when a key has any number of rows: how many it has (0: a marker)
+
 
 def _complete_rows(path: Path, key: str) -> list[dict[str, str]]:
     """The rows of a part file up to its last full line (a line cut by a kill is dropped and the file rewritten)."""
@@ -180,6 +207,30 @@ def _complete_rows(path: Path, key: str) -> list[dict[str, str]]:
         text = text[: text.rfind("\n") + 1]
         atomic_write_bytes(path, text.encode())
     return [row for row in csv.DictReader(text.splitlines()) if row.get(key)]
+
+
+def _by_key(rows: list[dict[str, str]], key: str, keys: Sequence[str]) -> dict[str, list[dict[str, str]]]:
+    """Every entry of ``keys`` with its rows (in their order; none for a key without rows)."""
+    grouped: dict[str, list[dict[str, str]]] = {k: [] for k in keys}
+    for row in rows:
+        grouped[row[key]].append(row)
+    return grouped
+
+
+def _finished_keys(path: Path, key: str, batches: list[list[str]]) -> dict[str, list[dict[str, str]]]:
+    """The rows of a part file with any number of rows per key, for the keys of its whole finished ``batches``
+    only (a batch cut by a kill is dropped from the file, so its rerun does not add its rows twice)."""
+    grouped: dict[str, list[dict[str, str]]] = {}
+    for row in _complete_rows(path, key):
+        grouped.setdefault(row[key], []).append(row)
+    complete = {k for k, rows in grouped.items() if len(rows) == max(1, int(rows[0][COUNT]))}
+    finished = [k for batch in batches if all(k in complete for k in batch) for k in batch]
+    if len(finished) < len(grouped):  # rows of an unfinished batch: keep the finished ones only
+        kept = [row for k in finished for row in grouped[k]]
+        fields = next(iter(csv.reader(path.read_text().splitlines())))
+        write_csv(path, kept, fieldnames=fields)
+    return {k: [{f: v for f, v in row.items() if f != COUNT} for row in grouped[k] if row[COUNT] != "0"]
+            for k in finished}  # fmt: skip
 
 
 def rows_in_parts(
@@ -192,12 +243,16 @@ def rows_in_parts(
     fieldnames: list[str],
     key: str = "image",
     progress: bool = False,
+    many: bool = False,
 ) -> list[dict[str, str]]:
     """Rows for every entry of ``keys`` (files, in output order): this process scores its contiguous block of the
     one-process batches (``score(first, stop)`` gives the rows of ``keys[first:stop]``) into its own part file,
     appended and fsynced per batch, skipping batches a killed run already completed; rank 0 then merges every part
     into ``csv_path`` in the order of ``keys`` (one process: the part is ``csv_path`` itself). Returns the merged
     rows on rank 0, this process's rows on the others.
+
+    ``many``: a key has any number of rows (the boxes of an image, or none), kept in ``score``'s order; the part
+    files (also in one process) then count each key's rows, so a part cut by a kill tells finished images apart.
 
     Example:
         rows = rows_in_parts(group, run.path / "predictions.csv", paths, score, batch_size=8, fieldnames=FIELDS)
@@ -209,32 +264,53 @@ def rows_in_parts(
     def part_of(rank: int) -> Path:
         return csv_path.with_name(f"{csv_path.stem}.part{rank}-of-{group.world}{csv_path.suffix}")
 
-    part = part_of(group.rank) if group.distributed else csv_path
+    def batches_of(rank: int) -> list[list[str]]:
+        first, last = ProcessGroup(rank, group.world).batch_block(len(keys), batch_size)
+        return [list(keys[i : min(i + batch_size, last)]) for i in range(first, last, batch_size)]
+
+    def rows_of(path: Path, rank: int) -> dict[str, list[dict[str, str]]]:
+        if many:
+            return _finished_keys(path, key, batches_of(rank))
+        return {row[key]: [row] for row in _complete_rows(path, key)}
+
+    part = part_of(group.rank) if group.distributed or many else csv_path
     start, stop = group.batch_block(len(keys), batch_size)
     mine = set(keys[start:stop])
-    done = {}
-    for source in dict.fromkeys([csv_path, part]):  # a finished merge counts as done too
-        for row in _complete_rows(source, key):
-            if source == part and row[key] not in mine:
-                raise PotpourriError(f"'{part}' holds rows of other images ({row[key]}); start a new --out")
-            done[row[key]] = row
+    done: dict[str, list[dict[str, str]]] = {}
+    if many and csv_path.is_file():  # a finished merge: every key is done, with or without rows
+        done = _by_key(_complete_rows(csv_path, key), key, keys)
+    for row in _complete_rows(part, key):
+        if row[key] not in mine:
+            raise PotpourriError(f"'{part}' holds rows of other images ({row[key]}); start a new --out")
+    for source in dict.fromkeys([csv_path, part]) if not many else [part]:  # a finished merge counts as done too
+        done.update(rows_of(source, group.rank))
+    part_fields = [*fieldnames, COUNT] if many else fieldnames
     if not part.is_file() or not part.read_text():
-        atomic_write_bytes(part, (",".join(fieldnames) + "\r\n").encode())
+        atomic_write_bytes(part, (",".join(part_fields) + "\r\n").encode())
     scored: list[dict[str, str]] = []
     bar = tqdm(total=stop - start, desc=csv_path.stem, unit="img", disable=not (progress and group.is_main))
     with bar, open(part, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fieldnames)
+        writer = csv.DictWriter(fh, fieldnames=part_fields)
         for first in range(start, stop, batch_size):
             last = min(first + batch_size, stop)
             if all(k in done for k in keys[first:last]):  # whole batches only: a resumed run sees the same batches
-                scored += [done[k] for k in keys[first:last]]
+                scored += [row for k in keys[first:last] for row in done[k]]
                 bar.update(last - first)
                 continue
-            rows = score(first, last)
-            writer.writerows(rows)  # one batch per write, flushed: a kill loses at most this batch
+            raw = score(first, last)
+            rows = [{k: str(v) for k, v in row.items()} for row in raw]
+            if many:  # each key's rows together, counted; a key without rows leaves one marker row
+                if any(row[key] not in keys[first:last] for row in rows):
+                    raise ValueError(f"score({first}, {last}) returned rows of keys outside its batch")
+                by_key = _by_key(rows, key, keys[first:last])
+                rows = [row for k, own in by_key.items() for row in own]
+                lines = [{**row, COUNT: len(own)} for own in by_key.values() for row in own]
+                writer.writerows(lines + [{key: k, COUNT: 0} for k, own in by_key.items() if not own])
+            else:
+                writer.writerows(raw)  # one batch per write, flushed: a kill loses at most this batch
             fh.flush()
             os.fsync(fh.fileno())
-            scored += [{k: str(v) for k, v in row.items()} for row in rows]
+            scored += rows
             bar.update(last - first)
             kill_point((first - start) // batch_size + 1)
     group.barrier()  # every part is complete before rank 0 reads them
@@ -242,14 +318,14 @@ def rows_in_parts(
         return scored
     merged = {**done}
     for rank in range(group.world):
-        merged.update({row[key]: row for row in _complete_rows(part_of(rank), key)})
-    merged.update({row[key]: row for row in scored})
+        merged.update(rows_of(part_of(rank), rank))
+    merged.update(_by_key(scored, key, keys[start:stop]) if many else {row[key]: [row] for row in scored})
     missing = [k for k in keys if k not in merged]
     if missing:
         raise PotpourriError(f"no row for '{missing[0]}' in the parts of '{csv_path}'; rerun with --resume")
-    rows = [merged[k] for k in keys]
+    rows = [row for k in keys for row in merged[k]]
     write_csv(csv_path, rows, fieldnames=fieldnames)
-    if group.distributed:  # the merged file now holds every row: the parts can go
+    if group.distributed or many:  # the merged file now holds every row: the parts can go
         for rank in range(group.world):
             part_of(rank).unlink(missing_ok=True)
     return rows

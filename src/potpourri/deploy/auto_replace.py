@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from potpourri.core.distributed import current_group
 from potpourri.core.errors import PotpourriError
 from potpourri.core.timing import interleaved_timings
 from potpourri.models.efficientmod import ContextModulation
@@ -300,7 +301,8 @@ def _regress(
     )  # fmt: skip
     for _ in trainer.steps():
         index = torch.randint(len(inputs), (min(batch_size, len(inputs)),), generator=generator)
-        trainer.update(F.mse_loss(forward(inputs[index]), targets[index]))
+        local, share = trainer.shard(index)  # under torchrun: this process's slice of the batch
+        trainer.update(F.mse_loss(forward(inputs[local]), targets[local]) * share)
 
 
 def distill_locally(
@@ -462,7 +464,8 @@ def auto_replace(
         inputs, outputs = cache[site.path]
         example = inputs[:1]
         library = candidate_modules(site, original)
-        latency = _latency_ms({"original": original, **library}, example, rounds)
+        # under torchrun rank 0's timings for every process, so all choose the same candidates
+        latency = current_group().broadcast_object(_latency_ms({"original": original, **library}, example, rounds))
         site_options = [Candidate("original", None, 0.0, latency["original"])]
         for name, module in library.items():
             loss = distill_locally(module, inputs, outputs, steps=steps, batch_size=batch_size, seed=seed)

@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 
 from potpourri.core.errors import PotpourriError
-from potpourri.core.io import write_csv
 from potpourri.core.runs import Run
 
+PREDICTION_FIELDS = ("image", "class", "score", "x1", "y1", "x2", "y2")  # detect predict: one row per box
 MASK_CHECKPOINT_EVERY = 100  # mask-train steps between checkpoints (the detector trains checkpoint once per epoch)
 
 
@@ -180,42 +180,79 @@ def predict_run(
     no_reparam: bool,
     out: str | None,
     precision: str = "fp32",
+    resume: bool = False,
     run_dir: str,
     threads: int | None,
 ) -> Run:
     """``potpourri detect predict``: boxes for ``images`` from a trained run on ``device`` in ``precision``; drawn
-    images and ``predictions.csv``."""
+    images and ``predictions.csv`` (one row per box), written image by image so ``resume`` continues a killed run in
+    ``out``. Under torchrun each process predicts its block of the files and rank 0 merges the rows."""
     import torch
+    import yaml
     from PIL import Image
 
+    from potpourri.core.distributed import join, rows_in_parts
     from potpourri.core.imaging import find_images, read_rgb
     from potpourri.core.runs import new_run
+    from potpourri.core.training import resolve_device
     from potpourri.detect.train import detect_images
 
+    if resume and out is None:
+        raise PotpourriError("--resume continues the predict in --out; pass --out DIR of an earlier `detect predict`")
     if threads:
         torch.set_num_threads(threads)
     model, meta = _load(run_dir, not no_reparam)
     names = tuple(meta["class_names"])
     paths = find_images(images)
-    run = new_run("predict", out, root=run_dir)
-    run.write_config({"verb": "detect predict", "run": run_dir, "images": [str(p) for p in paths],
-                      "conf": conf, "iou": iou})  # fmt: skip
-    run.write_env()
-    rows = []
-    start = time.perf_counter()
-    for index, path in enumerate(paths):
-        image = read_rgb(path)
-        (found,) = detect_images(model, [image], image_size=meta["image_size"], conf=conf, iou=iou, device=device,
-                                 precision=precision)  # fmt: skip
-        Image.fromarray(draw_detections(image, found, names)).save(run.images / f"{index:03d}_{path.stem}.png")
-        for box, score, label in zip(found["boxes"], found["scores"], found["labels"], strict=True):
-            corners = {k: round(float(v), 1) for k, v in zip(("x1", "y1", "x2", "y2"), box, strict=True)}
-            rows.append({"image": str(path), "class": names[int(label)], "score": round(float(score), 4), **corners})
-        print(f"{path}: {len(found['scores'])} boxes " + ", ".join(f"{names[int(c)]}" for c in found["labels"]))
-    seconds = time.perf_counter() - start
-    write_csv(run.path / "predictions.csv", rows, fieldnames=["image", "class", "score", "x1", "y1", "x2", "y2"])
-    run.write_summary({"images": len(paths), "boxes": len(rows), "images_per_s": len(paths) / seconds})
+    group = join(resolve_device(device))  # torchrun: each process predicts its block of files, rank 0 merges
+    config = {"verb": "detect predict", "run": run_dir, "images": [str(p) for p in paths], "conf": conf, "iou": iou,
+              "world_size": group.world}  # fmt: skip
+
+    def open_run() -> Run:
+        if not resume:
+            return new_run("predict", out, root=run_dir, config=config)
+        if out is None or not (Path(out) / "config.yaml").is_file():
+            raise PotpourriError("--resume needs --out DIR of an earlier `detect predict`")
+        before = yaml.safe_load((Path(out) / "config.yaml").read_text())
+        if {k: before.get(k, 1 if k == "world_size" else None) for k in config} != config:
+            raise PotpourriError(
+                f"'{out}' predicted other images, another run, --conf/--iou or number of processes; start a new --out"
+            )
+        return Run(Path(out))
+
+    counted = [0]  # images this process predicted (a resumed run skips some)
+
+    def score(first: int, stop: int) -> list[dict]:
+        rows = []
+        for index, path in zip(range(first, stop), paths[first:stop], strict=True):
+            counted[0] += 1
+            image = read_rgb(path)
+            (found,) = detect_images(model, [image], image_size=meta["image_size"], conf=conf, iou=iou, device=device,
+                                     precision=precision)  # fmt: skip
+            Image.fromarray(draw_detections(image, found, names)).save(run.images / f"{index:03d}_{path.stem}.png")
+            for box, score, label in zip(found["boxes"], found["scores"], found["labels"], strict=True):
+                corners = {k: round(float(v), 1) for k, v in zip(("x1", "y1", "x2", "y2"), box, strict=True)}
+                rows.append({"image": str(path), "class": names[int(label)], "score": round(float(score), 4),
+                             **corners})  # fmt: skip
+            print(f"{path}: {len(found['scores'])} boxes " + ", ".join(f"{names[int(c)]}" for c in found["labels"]))
+        return rows
+
+    try:
+        run = group.main_first(open_run)
+        start = time.perf_counter()
+        rows = rows_in_parts(group, run.path / "predictions.csv", [str(p) for p in paths], score, batch_size=1,
+                             fieldnames=list(PREDICTION_FIELDS), many=True)  # fmt: skip
+        seconds = time.perf_counter() - start
+    finally:
+        group.destroy()
+    if not group.is_main:  # rank 0 writes the summary
+        group.after_main_writes()
+        return run
+    scored = counted[0] * group.world  # rank 0's block is about 1/world of the job
+    run.write_summary({"images": len(paths), "boxes": len(rows),
+                       "images_per_s": scored / seconds if seconds > 0 and scored else None})  # fmt: skip
     print(f"predictions: {run.path / 'predictions.csv'}; images with boxes: {run.images}")
+    group.after_main_writes()
     return run
 
 

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
+from potpourri.core.distributed import ProcessGroup
 from potpourri.core.errors import PotpourriError
 from potpourri.core.runs import Run, new_run, seed_everything
 from potpourri.core.training import Trainer, TrainOptions, resolve_device
@@ -54,6 +55,7 @@ __all__ = [
     "nt_xent",
     "reproduce_semisup",
     "run",
+    "sharded_nt_xent",
     "strong_augment",
     "train_fixmatch",
     "train_simclr",
@@ -66,8 +68,9 @@ Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
 # ----------------------------------------------------------------------------------------------- losses
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
-    """SimCLR's NT-Xent: for each of the 2N views, cross-entropy of its positive among the other 2N-1 (cosine / τ)."""
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, reduction: str = "mean") -> torch.Tensor:
+    """SimCLR's NT-Xent: for each of the 2N views, cross-entropy of its positive among the other 2N-1 (cosine / τ);
+    ``reduction="none"`` gives the 2N terms."""
     if z1.shape != z2.shape or z1.ndim != 2:
         raise PotpourriError(f"nt_xent needs two (N, D) embeddings of the same shape, got {z1.shape} and {z2.shape}")
     n = z1.shape[0]
@@ -75,7 +78,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tor
     sim = z @ z.T / temperature  # (2N, 2N)
     sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))  # no self-pairs
     positive = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)  # view i <-> view i ± N
-    return F.cross_entropy(sim, positive)
+    return F.cross_entropy(sim, positive, reduction=reduction)
 
 
 def fixmatch_targets(weak_logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,13 +96,18 @@ def fixmatch_loss(
     *,
     threshold: float = 0.95,
     lambda_u: float = 1.0,
+    shares: tuple[float, float] = (1.0, 1.0),
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """FixMatch: CE on the labelled batch + ``lambda_u`` · mean over U of mask · CE(strong, pseudo-label from weak)."""
-    supervised = F.cross_entropy(labelled_logits, labels)
+    """FixMatch: CE on the labelled batch + ``lambda_u`` · mean over U of mask · CE(strong, pseudo-label from weak).
+
+    ``shares``: the ``Trainer.shard`` factors of a process's labelled and unlabelled slices (each mean, and its
+    statistic, becomes the slice's share of the global batch's)."""
+    supervised = F.cross_entropy(labelled_logits, labels) * shares[0]
     pseudo, mask = fixmatch_targets(weak_logits, threshold)
     per_sample = F.cross_entropy(strong_logits, pseudo, reduction="none")  # (μB,)
-    unsupervised = (per_sample * mask.float()).mean()  # FixMatch divides by μB, not by the number kept
-    stats = {"loss_x": supervised.item(), "loss_u": unsupervised.item(), "mask_rate": mask.float().mean().item()}
+    unsupervised = (per_sample * mask.float()).mean() * shares[1]  # FixMatch divides by μB, not by the number kept
+    stats = {"loss_x": supervised.item(), "loss_u": unsupervised.item(),
+             "mask_rate": mask.float().mean().item() * shares[1]}  # fmt: skip
     return supervised + lambda_u * unsupervised, stats
 
 
@@ -239,10 +247,12 @@ def train_supervised(
     for step in trainer.steps():
         _set_lr(opt, step, steps, lr)
         idx = _sample(len(images), batch_size, gen)
-        x = augment(images[idx], gen).to(trainer.device)
+        x = augment(images[idx], gen)  # the global batch on every process, then this process's slice (torchrun)
+        local, share = trainer.shard(range(len(idx)))
+        x, y = x[list(local)].to(trainer.device), labels[idx][list(local)].to(trainer.device)
         with trainer.autocast():
-            loss = F.cross_entropy(model(x), labels[idx].to(trainer.device))
-        losses.append(loss.item())  # before update: a checkpoint written there includes it
+            loss = F.cross_entropy(model(x), y) * share
+        losses.append(trainer.mean_over_processes(loss.item()))  # before update: a checkpoint written there has it
         trainer.update(loss)
     trainer.finish()
     return list(losses)
@@ -285,22 +295,47 @@ def train_fixmatch(
         uidx = _sample(len(unlabelled), mu * batch_size, gen)
         x_l, u = weak(images[idx], gen), unlabelled[uidx]
         u_weak, u_strong = weak(u, gen), strong(u, gen)
+        y = labels[idx]
+        # the global batches' augmentations on every process, then this process's slice of each (torchrun); the
+        # two means (over B and over μB) each take their own share, so they add up to the global batch's loss
+        local, share_l = trainer.shard(range(len(idx)))
+        ulocal, share_u = trainer.shard(range(len(uidx)))
+        x_l, y, u_weak, u_strong = x_l[list(local)], y[list(local)], u_weak[list(ulocal)], u_strong[list(ulocal)]
         batch = torch.cat([x_l, u_weak, u_strong]).to(trainer.device)
-        n_l, n_u = len(idx), len(uidx)
+        n_l, n_u = len(x_l), len(u_weak)
         with trainer.autocast():
             logits = model(batch)  # (B + 2μB, K)
             loss, stats = fixmatch_loss(
                 logits[:n_l],
-                labels[idx].to(trainer.device),
+                y.to(trainer.device),
                 logits[n_l : n_l + n_u],
                 logits[n_l + n_u :],
                 threshold=threshold,
                 lambda_u=lambda_u,
+                shares=(share_l, share_u),
             )
-        history.append({"loss": loss.item(), **stats})  # before update: its checkpoint includes it
+        row = trainer.sums_over_processes({"loss": loss.item(), **stats})  # each a mean over the global batch
+        history.append({k: v / trainer.group.world for k, v in row.items()})  # before update: its checkpoint has it
         trainer.update(loss)
     trainer.finish()
     return list(history)
+
+
+def sharded_nt_xent(z: torch.Tensor, group: ProcessGroup, n: int, temperature: float) -> torch.Tensor:
+    """This process's part of NT-Xent over a global batch of ``n`` images sliced ``[rank::world]``: ``z`` holds its
+    images' first views, then their second views. Negatives come from every process (``gather_rows``); the rows
+    of its own views, summed over 2n and times ``world``, make gradients that average to one process's."""
+    everyone = group.gather_rows(z)  # per rank: its first views, then its second views
+    first, second, offset = [0] * n, [0] * n, 0
+    for rank in range(group.world):
+        images = range(n)[rank :: group.world]
+        for j, image in enumerate(images):
+            first[image], second[image] = offset + j, offset + len(images) + j
+        offset += 2 * len(images)
+    mine = list(range(n)[group.rank :: group.world])
+    anchors = torch.tensor(mine + [n + i for i in mine])
+    per_view = nt_xent(everyone[first], everyone[second], temperature, reduction="none")  # (2n,)
+    return per_view[anchors.to(per_view.device)].sum() / (2 * n) * group.world
 
 
 class _Projector(nn.Module):
@@ -341,11 +376,16 @@ def train_simclr(
     for step in trainer.steps():
         _set_lr(opt, step, steps, lr)
         u = unlabelled[_sample(len(unlabelled), batch_size, gen)]
-        views = torch.cat([augment(u, gen), augment(u, gen)]).to(trainer.device)
+        first, second = augment(u, gen), augment(u, gen)  # the global batch's views on every process
+        local, _ = trainer.shard(range(len(u)))  # under torchrun: this process's images, both views
+        views = torch.cat([first[list(local)], second[list(local)]]).to(trainer.device)
         with trainer.autocast():
-            z = projector(model.forward_features(views)).float()  # (2B, out)
-            loss = nt_xent(z[: len(u)], z[len(u) :], temperature)
-        losses.append(loss.item())  # before update: a checkpoint written there includes it
+            z = projector(model.forward_features(views)).float()  # (2b, out)
+            if not trainer.group.distributed:
+                loss = nt_xent(z[: len(u)], z[len(u) :], temperature)
+            else:
+                loss = sharded_nt_xent(z, trainer.group, len(u), temperature)
+        losses.append(trainer.mean_over_processes(loss.item()))  # before update: a checkpoint written there has it
         trainer.update(loss)
     trainer.finish()
     return list(losses)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
@@ -103,13 +104,19 @@ def _loss(
     r: int,
     visible: int,
     generator: torch.Generator,
+    local: Sequence[int] | None = None,
 ) -> torch.Tensor:
+    """The objective's loss on ``images[local]`` (all of them when None): MAE's masks are drawn for every image
+    first, so a process's slice of a global batch gets the masks one process would give it."""
+    local = list(range(len(images))) if local is None else list(local)
     if objective in ("smr", "distill"):
+        images, targets = images[local], targets[local]
         tokens, _, assignment = student.forward_tokens(images, r=r if objective == "smr" else 0)
         prediction = decoder(unmerge(tokens, assignment))  # (B, N, T): every patch, from the merged tokens
         return F.mse_loss(prediction.float(), targets)
     if objective == "mae":
         keep, hidden = random_masking(len(images), student.num_tokens, visible, generator)
+        images, targets, keep, hidden = images[local], targets[local], keep[local], hidden[local]
         keep, hidden = keep.to(images.device), hidden.to(images.device)
         tokens, _, _ = student.forward_tokens(images, visible=keep)  # (B, V, C)
         grid = tokens.new_zeros(len(images), student.num_tokens, tokens.shape[-1])
@@ -173,9 +180,12 @@ def pretrain(
         g = student.grid
         t_flipped = t.view(batch_size, g, g, -1).flip(2).reshape_as(t)
         t = torch.where(flip.view(-1, 1, 1), t_flipped, t)
+        # every process draws the global batch (one generator state), then keeps its slice under torchrun; every
+        # image has the same number of loss terms, so the slices' shares add up to the global batch's mean
+        local, share = trainer.shard(range(batch_size))
         with trainer.autocast():
-            loss = _loss(student, decoder, x, t, objective, r=r, visible=visible, generator=gen)
-        losses.append(loss.item())  # before update: a checkpoint written there includes it
+            loss = _loss(student, decoder, x, t, objective, r=r, visible=visible, generator=gen, local=local) * share
+        losses.append(trainer.mean_over_processes(loss.item()))  # before update: a checkpoint written there has it
         trainer.update(loss)
     trainer.finish()
     return list(losses)

@@ -258,10 +258,12 @@ def _train_until(
             order.clear()
             order[epoch] = epoch_batches(len(train), batch_size, seed=seed, epoch=epoch, shuffle=True, drop_last=False)
         batch = order[epoch][position]
-        index = torch.as_tensor(batch, device=trainer.device)
+        local, share = trainer.shard(batch)  # under torchrun: this process's slice of the batch
+        index = torch.as_tensor(local, device=trainer.device)
         with trainer.autocast():
-            loss = F.cross_entropy(model(images[index]).float(), labels[index])  # (B, K) logits
-        state["loss_sum"] += loss.item() * len(batch)  # before update: a checkpoint written there includes it
+            loss = F.cross_entropy(model(images[index]).float(), labels[index]) * share  # (b, K) logits
+        # before update: a checkpoint written there includes it (the global batch's mean under torchrun)
+        state["loss_sum"] += trainer.mean_over_processes(loss.item()) * len(batch)
         trainer.update(loss)
     close_epochs()
     trainer.finish()
