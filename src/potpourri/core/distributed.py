@@ -95,6 +95,16 @@ class ProcessGroup:
         torch.distributed.all_gather(gathered, padded)
         return [g[:n].to(tensor.device) for g, n in zip(gathered, lengths, strict=True)]
 
+    def all_gather_with_grad(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """``all_gather`` that keeps autograd for this rank's own part (the others' are detached copies), its gradient
+        multiplied by the world size: when every process computes the same loss of the gathered parts (contrastive
+        negatives), the gradients averaged over processes are one process's gradient of that loss."""
+        if not self.distributed:
+            return [tensor]
+        parts = self.all_gather(tensor.detach())
+        parts[self.rank] = _ScaledGradient.apply(tensor, float(self.world))
+        return parts
+
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (the other ranks' arguments are ignored)."""
         if not self.distributed:
@@ -127,6 +137,19 @@ class ProcessGroup:
         """Leave the process group if this object joined it."""
         if self.owns_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+class _ScaledGradient(torch.autograd.Function):
+    """The identity forward; the gradient times ``factor`` backward."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.factor, None
 
 
 def current_group() -> ProcessGroup:

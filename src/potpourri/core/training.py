@@ -345,6 +345,20 @@ class Trainer:
         local = batch[self.group.rank :: self.group.world]
         return local, len(local) * self.group.world / len(batch)
 
+    def unshard(self, local: torch.Tensor) -> torch.Tensor:
+        """The global batch, in its order, from every process's ``shard`` slice (``local`` holds the rows of
+        ``batch[rank::world]``); differentiable for this process's rows (``ProcessGroup.all_gather_with_grad``), so a
+        loss that compares items across the batch (contrastive negatives) is the one-process loss. ``local`` itself
+        in one process."""
+        if not self.group.distributed:
+            return local
+        parts = self.group.all_gather_with_grad(local)
+        total, world = sum(len(p) for p in parts), self.group.world
+        if [len(p) for p in parts] != [len(range(r, total, world)) for r in range(world)]:
+            raise PotpourriError(f"unshard: slices of {[len(p) for p in parts]} rows are not batch[rank::{world}]")
+        positions = torch.cat([torch.arange(total)[r::world] for r in range(world)])  # batch position of each row
+        return torch.cat(parts)[positions.argsort().to(local.device)]
+
     def mean_over_processes(self, value: float) -> float:
         """The mean of a number over processes (itself in one process): a loss to log or compare."""
         return self.sums_over_processes({"value": value})["value"] / self.group.world
