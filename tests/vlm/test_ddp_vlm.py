@@ -8,6 +8,7 @@ every batch, compute what one process does on the whole batch.
 * the SEED tokenizer (codebook usage, EMA sums, dead-code restarts of the global batch) and the V2L tokenizer.
 
 One ``torchrun --nproc_per_node 2`` launch runs every job; the one-process references run in the test's process.
+A fast test checks ``Trainer.unshard``'s order and gradient routing on a stand-in group (rank 1 of 3).
 Every loop here steps with AdamW (none lets the test choose): losses are compared within 1e-5, weights within 1e-3,
 since AdamW divides by sqrt(v) and turns the rounding of a near-zero gradient (two halves summed vs one whole) into a
 step of up to ±lr (tests/core/test_ddp_loops.py measures it).
@@ -24,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from potpourri.core.distributed import ProcessGroup
+from potpourri.core.errors import PotpourriError
 from potpourri.core.training import Trainer, TrainOptions
 from tests.torchrun import standalone
 
@@ -184,6 +187,29 @@ def _naive_vlm_loss() -> tuple[float, float]:
             return float(vlm(features[index], [i.prompt for i in items], [i.answer for i in items]))
 
     return loss(batch), (loss(batch[0::2]) + loss(batch[1::2])) / 2
+
+
+class _Rank1Of3(ProcessGroup):
+    """Rank 1 of 3 without a job: the other ranks' slices of ``BATCH`` stand in for a gather."""
+
+    def all_gather_with_grad(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        return [BATCH[0::3], tensor, BATCH[2::3]]
+
+
+BATCH = torch.arange(8.0)[:, None] * torch.tensor([[1.0, -1.0]])  # (8, 2): slices of 3, 3 and 2 rows
+
+
+def test_unshard_puts_every_slice_back_in_batch_order_and_is_the_identity_in_one_process() -> None:
+    trainer = Trainer(torch.nn.Linear(2, 2), None, total_steps=0, options=OPTIONS)
+    local = BATCH[1::3].clone().requires_grad_(True)
+    assert trainer.unshard(local) is local and trainer.shard(BATCH) == (BATCH, 1.0)  # one process: untouched
+    trainer.group = _Rank1Of3(rank=1, world=3)
+    whole = trainer.unshard(local)
+    assert torch.equal(whole, BATCH)
+    (whole * torch.arange(8.0)[:, None]).sum().backward()  # each row's gradient is its batch position
+    assert torch.equal(local.grad, torch.tensor([[1.0, 1.0], [4.0, 4.0], [7.0, 7.0]]))
+    with pytest.raises(PotpourriError, match="not batch"):
+        trainer.unshard(BATCH[:4])  # 4 rows where rank 1 of 3 holds 3
 
 
 @pytest.mark.slow
