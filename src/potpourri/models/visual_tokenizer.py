@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -179,18 +180,25 @@ class VectorQuantizer(nn.Module):
                 # the whole batch's outputs in its order: a restart then draws the same rows in every process
                 self._remember(flat.detach() if processes is None else processes.unshard(z.detach()).flatten(0, -2))
                 if self.ema:
-                    self.ema_update(flat.detach(), indices, total=processes and processes.total_over_processes)
+                    over = None if processes is None else processes.total_over_processes
+                    self.ema_update(flat.detach(), indices, over_processes=over)
         quantised = flat + (quantised - flat).detach()  # straight-through: forward = code, backward = identity
         return quantised.view_as(z), indices.view(z.shape[:-1]), loss
 
     @torch.no_grad()
-    def ema_update(self, z: torch.Tensor, indices: torch.Tensor, *, total: Any = None) -> None:
+    def ema_update(
+        self,
+        z: torch.Tensor,
+        indices: torch.Tensor,
+        *,
+        over_processes: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         """VQ-VAE EMA: ``N_k <- g N_k + (1-g) n_k``, ``m_k <- g m_k + (1-g) sum z``, ``e_k = m_k / smoothed N_k``;
-        ``total`` sums ``n_k`` and ``sum z`` over processes (each holding a slice of the batch)."""
+        ``over_processes`` sums ``n_k`` and ``sum z`` over processes (each holding a slice of the batch)."""
         onehot = F.one_hot(indices, self.size).to(z.dtype)  # (M, K)
         counts, sums = onehot.sum(0), onehot.T @ z  # (K,), (K, d)
-        if total is not None:
-            counts, sums = total(counts), total(sums)
+        if over_processes is not None:
+            counts, sums = over_processes(counts), over_processes(sums)
         self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         total = self.ema_count.sum()
