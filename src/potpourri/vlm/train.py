@@ -221,7 +221,7 @@ def train_vlm(
             row = {"stage": cfg.stage, "step": step + 1, "loss": state["running"] / state["seen"],
                    "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started}  # fmt: skip
             state["history"].append(row)
-            if run is not None:
+            if run is not None and trainer.group.is_main:  # one row per step, not one per process
                 run.log_metrics(row)
             state["running"], state["seen"] = 0.0, 0
         trainer.update(loss)
