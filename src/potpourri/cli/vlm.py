@@ -79,6 +79,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print(f"after {stage['name']} ({stage['steps']} steps): {shown}")
     else:
         run = run_train(cfg, args.out, options=options)
+        if run is None:  # another process of a torchrun job: rank 0 reports
+            return 0
     _print_summary(run.read_summary())
     print(f"run: {run.path}")
     return 0

@@ -345,6 +345,20 @@ class Trainer:
         local = batch[self.group.rank :: self.group.world]
         return local, len(local) * self.group.world / len(batch)
 
+    def unshard(self, local: torch.Tensor) -> torch.Tensor:
+        """The global batch, in its order, from every process's ``shard`` slice (``local`` holds the rows of
+        ``batch[rank::world]``); differentiable for this process's rows (``ProcessGroup.gather_rows``: when every
+        process computes the same loss of the whole batch, e.g. contrastive negatives, the averaged gradients are the
+        one-process gradient of that loss). ``local`` itself in one process."""
+        if not self.group.distributed:
+            return local
+        lengths, world = self.group.all_gather_object(len(local)), self.group.world
+        total = sum(lengths)
+        if lengths != [len(range(r, total, world)) for r in range(world)]:
+            raise PotpourriError(f"unshard: slices of {lengths} rows are not batch[rank::{world}]")
+        positions = torch.cat([torch.arange(total)[r::world] for r in range(world)])  # batch position of each row
+        return self.group.gather_rows(local)[positions.argsort().to(local.device)]
+
     def mean_over_processes(self, value: float) -> float:
         """The mean of a number over processes (itself in one process): a loss to log or compare."""
         return self.sums_over_processes({"value": value})["value"] / self.group.world

@@ -21,9 +21,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
@@ -35,6 +36,7 @@ from potpourri.core.io import load_bundle, save_bundle
 __all__ = [
     "CausalQFormer",
     "ImageVocab",
+    "Processes",
     "SEEDConfig",
     "SEEDTokenizer",
     "TokenizerOutput",
@@ -122,6 +124,15 @@ class CausalQFormer(nn.Module):
         return self.norm(x)
 
 
+class Processes(Protocol):
+    """What a forward pass needs from a torchrun job whose processes each hold a slice ``batch[rank::world]``
+    (``core.training.Trainer`` is one): sums over processes and the global batch gathered back in its order."""
+
+    def total_over_processes(self, value: torch.Tensor) -> torch.Tensor: ...
+
+    def unshard(self, local: torch.Tensor) -> torch.Tensor: ...
+
+
 class VectorQuantizer(nn.Module):
     """Nearest-code quantiser with straight-through gradients, commitment loss, optional EMA, dead-code restarts."""
 
@@ -143,13 +154,19 @@ class VectorQuantizer(nn.Module):
         distances = z.pow(2).sum(1, keepdim=True) - 2 * z @ codes.T + codes.pow(2).sum(1)[None]  # (M, K)
         return distances.argmin(1)
 
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, z: torch.Tensor, *, processes: Processes | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(..., d)`` -> straight-through quantised ``(..., d)``, indices ``(...)``, VQ loss (scalar); always in
-        fp32 (autocast off): the codebook, usage counts and EMA sums are fp32 buffers."""
+        fp32 (autocast off): the codebook, usage counts and EMA sums are fp32 buffers. With ``processes`` (``z``
+        of shape ``(b, ..., d)`` is this process's slice of the batch) the counts, EMA sums and remembered outputs
+        are those of the global batch, the same in every process."""
         with torch.autocast(z.device.type, enabled=False):
-            return self.quantise(z.float())
+            return self.quantise(z.float(), processes=processes)
 
-    def quantise(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def quantise(
+        self, z: torch.Tensor, *, processes: Processes | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The body of ``forward`` for fp32 ``z``."""
         flat = z.reshape(-1, self.dim)  # (M, d)
         indices = self.nearest(flat.detach())
@@ -159,19 +176,32 @@ class VectorQuantizer(nn.Module):
         loss = codebook_loss + self.beta * commitment
         if self.training:
             with torch.no_grad():
-                self.usage += torch.bincount(indices, minlength=self.size).float()
-                self._remember(flat.detach())
+                counts = torch.bincount(indices, minlength=self.size).float()
+                self.usage += counts if processes is None else processes.total_over_processes(counts)
+                # the whole batch's outputs in its order: a restart then draws the same rows in every process
+                self._remember(flat.detach() if processes is None else processes.unshard(z.detach()).flatten(0, -2))
                 if self.ema:
-                    self.ema_update(flat.detach(), indices)
+                    over = None if processes is None else processes.total_over_processes
+                    self.ema_update(flat.detach(), indices, over_processes=over)
         quantised = flat + (quantised - flat).detach()  # straight-through: forward = code, backward = identity
         return quantised.view_as(z), indices.view(z.shape[:-1]), loss
 
     @torch.no_grad()
-    def ema_update(self, z: torch.Tensor, indices: torch.Tensor) -> None:
-        """VQ-VAE EMA: ``N_k <- g N_k + (1-g) n_k``, ``m_k <- g m_k + (1-g) sum z``, ``e_k = m_k / smoothed N_k``."""
+    def ema_update(
+        self,
+        z: torch.Tensor,
+        indices: torch.Tensor,
+        *,
+        over_processes: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        """VQ-VAE EMA: ``N_k <- g N_k + (1-g) n_k``, ``m_k <- g m_k + (1-g) sum z``, ``e_k = m_k / smoothed N_k``;
+        ``over_processes`` sums ``n_k`` and ``sum z`` over processes (each holding a slice of the batch)."""
         onehot = F.one_hot(indices, self.size).to(z.dtype)  # (M, K)
-        self.ema_count.mul_(self.decay).add_(onehot.sum(0), alpha=1 - self.decay)
-        self.ema_sum.mul_(self.decay).add_(onehot.T @ z, alpha=1 - self.decay)
+        counts, sums = onehot.sum(0), onehot.T @ z  # (K,), (K, d)
+        if over_processes is not None:
+            counts, sums = over_processes(counts), over_processes(sums)
+        self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         total = self.ema_count.sum()
         smoothed = (self.ema_count + self.eps) / (total + self.size * self.eps) * total  # Laplace smoothing
         self.codebook.data.copy_(self.ema_sum / smoothed[:, None])
@@ -292,15 +322,24 @@ class SEEDTokenizer(nn.Module):
         out = self.decoder(quantised)  # (B, N, C)
         return out[:, 0] if self.config.target == "pooled" else out
 
-    def forward(self, features: torch.Tensor) -> TokenizerOutput:
+    def forward(self, features: torch.Tensor, *, processes: Processes | None = None) -> TokenizerOutput:
+        """Losses of a batch; with ``processes`` (``features`` is this process's slice of the global batch) the codebook
+        statistics and the MSE's scale are the global batch's, so each loss is a mean over the slice's items."""
         hidden = self.qformer(_feature_tokens(features))  # (B, Q, D)
         z = self.to_code(hidden)  # (B, Q, d)
-        quantised, indices, vq_loss = self.quantizer(z)
+        quantised, indices, vq_loss = self.quantizer(z, processes=processes)
         reconstruction = self.decode_codes(quantised)
         target = self.target_of(features)
+        if processes is None:
+            scale = target.pow(2).mean()
+        else:  # the mean square of the global batch's targets
+            sums = processes.total_over_processes(
+                torch.stack([target.detach().pow(2).sum(), target.new_tensor(target.numel())])
+            )
+            scale = sums[0] / sums[1]
         recon_loss = (1 - F.cosine_similarity(reconstruction, target, dim=-1)).mean() + F.mse_loss(
             reconstruction, target
-        ) / target.pow(2).mean().clamp(min=1e-8)  # scale-free MSE + cosine
+        ) / scale.clamp(min=1e-8)  # scale-free MSE + cosine
         text = self.text_head(hidden[:, -1]) if self.text_head is not None else None
         return TokenizerOutput(recon_loss + vq_loss, recon_loss, vq_loss, indices, reconstruction, target, text)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -453,8 +454,16 @@ class VisionLanguageModel(nn.Module):
     def _decoder(self) -> nn.Module:
         return getattr(self.lm, self.lm.base_model_prefix)
 
-    def forward(self, features: torch.Tensor, instructions: list[str], answers: list[str]) -> torch.Tensor:
-        """Mean next-token cross-entropy over the answer tokens of the batch."""
+    def forward(
+        self,
+        features: torch.Tensor,
+        instructions: list[str],
+        answers: list[str],
+        *,
+        normaliser: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Mean next-token cross-entropy over the answer tokens of the batch; with ``normaliser`` the sum over them
+        divided by ``normaliser(count)`` (under torchrun: a token count of the global batch, so slices add up)."""
         batch = self.build_batch(features, instructions, answers)
         position_ids = (batch.attention_mask.cumsum(1) - 1).clamp(min=0)
         hidden = self._decoder()(
@@ -463,6 +472,8 @@ class VisionLanguageModel(nn.Module):
         targets = batch.labels[:, 1:]  # position t predicts token t + 1
         keep = targets != IGNORE
         logits = self.lm.get_output_embeddings()(hidden[:, :-1][keep])  # (n_answer_tokens, vocab): only where needed
+        if normaliser is not None:
+            return F.cross_entropy(logits.float(), targets[keep], reduction="sum") / normaliser(keep.sum().float())
         return F.cross_entropy(logits.float(), targets[keep])
 
     @torch.no_grad()

@@ -46,7 +46,7 @@ from potpourri.models.v2l import (
 from potpourri.papers.clip_small import clip_model_folder, clip_run_for_seed, tiny_clip
 from potpourri.report.tables import markdown_table
 
-__all__ = ["ARMS", "V2LExperimentConfig", "reproduce_v2l", "run"]
+__all__ = ["ARMS", "V2LExperimentConfig", "reproduce_v2l", "run", "train_v2l_tokenizer"]
 
 ARMS = ("global+local", "local", "global")  # which image words go into each prompt line
 HEADER = "Each line: words describing a surface image, then its defect type.\n"
@@ -103,7 +103,12 @@ def _lite0_features(encoder: torch.nn.Module, pixels: torch.Tensor) -> tuple[tor
     return torch.cat(maps), torch.cat(pooled)
 
 
-def _train_tokenizer(tok: V2LTokenizer, maps, pixels, cfg, folder, options: TrainOptions) -> dict[str, Any]:
+def train_v2l_tokenizer(
+    tok: V2LTokenizer, maps: torch.Tensor, pixels: torch.Tensor, cfg: V2LExperimentConfig, folder: Any,
+    options: TrainOptions,
+) -> dict[str, Any]:  # fmt: skip
+    """Train the projection and decoder on (feature map, pixels) batches for ``cfg.steps`` or ``cfg.max_seconds``;
+    under torchrun each process reconstructs its slice of every batch (rank 0's clock ends all). Steps, loss, time."""
     optimizer = torch.optim.AdamW(tok.parameters(), lr=cfg.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(cfg.seed)
     trainer = Trainer(tok, optimizer, total_steps=cfg.steps, options=options, folder=folder,
@@ -111,11 +116,12 @@ def _train_tokenizer(tok: V2LTokenizer, maps, pixels, cfg, folder, options: Trai
     start, losses = time.perf_counter(), []
     for _ in trainer.steps():
         index = torch.randint(len(maps), (cfg.batch_size,), generator=generator)
-        out = tok(maps[index].to(trainer.device))
-        target = pixels[index].to(trainer.device)
+        local, share = trainer.shard(index)  # every term is a mean over equal-sized items: the share makes it exact
+        out = tok(maps[local].to(trainer.device))
+        target = pixels[local].to(trainer.device)
         loss = F.l1_loss(out.reconstruction, target) + F.mse_loss(out.reconstruction, target) + out.vq_loss
-        losses.append(trainer.update(loss))
-        if time.perf_counter() - start > cfg.max_seconds:
+        losses.append(trainer.update(loss * share))
+        if trainer.group.broadcast_object(time.perf_counter() - start > cfg.max_seconds):  # rank 0's clock decides
             break  # time cap: the final checkpoint below lets --resume continue
     trainer.finish()
     return {"steps": trainer.step, "final_loss": losses[-1] if losses else None, "seconds": time.perf_counter() - start}
@@ -188,7 +194,7 @@ def reproduce_v2l(cfg: V2LExperimentConfig, out: str | None = None, options: Tra
     # 1. local tokens
     tok = V2LTokenizer(table[vocab], vocab, V2LConfig(feature_dim=train_maps.shape[1], stride=16,
                                                       vocab_projector=cfg.vocab_projector))  # fmt: skip
-    training = _train_tokenizer(tok, train_maps, train_px, cfg, run.path / "tokenizer", options)
+    training = train_v2l_tokenizer(tok, train_maps, train_px, cfg, run.path / "tokenizer", options)
     tok = tok.cpu().eval()
     with torch.no_grad():
         local_ids = tok.tokenize(eval_maps)  # (N, h*w) vocabulary ids

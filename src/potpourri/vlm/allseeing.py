@@ -140,7 +140,8 @@ def train_head(
 ) -> list[float]:
     """Train ``head`` by InfoNCE on (pooled, box, text) triples, equal ``caption_ids`` being positives; the losses.
 
-    ``options``: device, precision, checkpoint cadence, resume from ``checkpoints`` (a folder).
+    ``options``: device, precision, checkpoint cadence, resume from ``checkpoints`` (a folder). Under torchrun each
+    process encodes its slice of every batch; the InfoNCE runs on the gathered embeddings (``Trainer.unshard``).
     """
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
@@ -157,9 +158,11 @@ def train_head(
         index = torch.randperm(len(pooled), generator=generator)[:batch_size].to(device)
         for group in optimizer.param_groups:
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        local, _ = trainer.shard(index)  # under torchrun: this process encodes index[rank::world]
         with trainer.autocast():
-            region = head.encode_regions(pooled[index], boxes01[index])
-            words = head.encode_texts(text[index])
+            # the loss runs on the gathered embeddings in every process: negatives of the whole batch
+            region = trainer.unshard(head.encode_regions(pooled[local], boxes01[local]))
+            words = trainer.unshard(head.encode_texts(text[local]))
             positives = caption_ids[index][:, None] == caption_ids[index][None, :]
             loss = info_nce(region.float(), words.float(), head.logit_scale, positives)
         losses.append(loss.item())

@@ -100,7 +100,9 @@ def train_small_clip(
     """Train ``model`` on ``pairs`` for ``cfg.steps`` steps (checkpoints in ``folder``); returns per-step losses.
 
     Batches are a function of (seed, epoch) and the checkpoint holds every tensor that trains, so a killed run
-    resumed with ``options.resume`` ends bitwise where an uninterrupted one does (on the CPU).
+    resumed with ``options.resume`` ends bitwise where an uninterrupted one does (on the CPU). Under torchrun each
+    process embeds its slice of every batch and the loss runs on the gathered embeddings (negatives of the whole
+    batch, ``Trainer.unshard``).
     """
     if len(pairs) < cfg.batch_size:
         raise PotpourriError(f"{len(pairs)} caption pairs are fewer than one batch of {cfg.batch_size}")
@@ -137,12 +139,15 @@ def train_small_clip(
         index = np.asarray(batch[position])
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, base=group["base_lr"], total=cfg.steps, warmup=cfg.warmup)
-        images = images_to_tensor(pairs.images[index]).to(device)  # (B, 3, S, S)
-        unique, inverse = ids[index].unique(return_inverse=True)
+        local, _ = trainer.shard(index)  # under torchrun: this process embeds index[rank::world]
+        images = images_to_tensor(pairs.images[local]).to(device)  # (b, 3, S, S)
+        unique, inverse = ids[local].unique(return_inverse=True)
         with trainer.autocast():
             text_emb = model.text_head(hidden[unique.to(device)], attention_mask[unique.to(device)])  # (U, D)
-            loss = contrastive_loss(model.encode_image(images), text_emb[inverse.to(device)], inverse.to(device),
-                                    model.logit_scale)  # fmt: skip
+            # every process scores the whole batch (its negatives) on the gathered embeddings: the one-process loss
+            image_emb = trainer.unshard(model.encode_image(images))  # (B, D)
+            text_emb = trainer.unshard(text_emb[inverse.to(device)])  # (B, D)
+            loss = contrastive_loss(image_emb, text_emb, ids[index].to(device), model.logit_scale)
         losses.append(round(loss.item(), 5))
         trainer.update(loss)
     trainer.finish()

@@ -52,11 +52,13 @@ def run_train(
     """Build, train (stage 1, then stage 2 if ``lora_steps``), evaluate; returns the ``Run``. ``resume=True`` (or
     ``options.resume``) continues the run in ``out`` from its last checkpoint (same options required); ``options``
     (``core.training.TrainOptions``): device, precision, progress, checkpoint cadence (default: every
-    ``cfg["checkpoint_every"]`` steps). ``trainable.safetensors`` is written once every stage is trained."""
+    ``cfg["checkpoint_every"]`` steps). ``trainable.safetensors`` is written once every stage is trained. Under
+    torchrun each process trains on its slice of every batch; rank 0 evaluates and writes (None on the others)."""
     from dataclasses import replace
 
+    from potpourri.core.distributed import process_group
     from potpourri.core.runs import new_run, seed_everything
-    from potpourri.core.training import TrainOptions
+    from potpourri.core.training import TrainOptions, resolve_device
     from potpourri.models.vlm import vlm_from_config
     from potpourri.vlm.train import VLMTrainConfig, encode_samples, instruction_data, train_vlm
 
@@ -66,18 +68,28 @@ def run_train(
     if options.resume:
         _check_resumable(cfg, out)
     seed_everything(cfg["seed"])
-    run = new_run("vlm", out, config=cfg, seed=cfg["seed"])
-    state_dir = run.path / "state"
-    if options.resume:
-        _trim_metrics(run, state_dir)
-    vlm = vlm_from_config(cfg)
-    samples, instructions = instruction_data(cfg, "train", cfg["n_train"])
-    features = encode_samples(vlm, samples, device=options.device)
-    common = dict(batch_size=cfg["batch_size"], seed=cfg["seed"], checkpoint_every=cfg["checkpoint_every"])
-    stages = [(1, cfg["steps"], cfg["lr"])] + ([(2, cfg["lora_steps"], cfg["lora_lr"])] if cfg["lora_steps"] else [])
-    for stage, steps, lr in stages:
-        train_vlm(vlm, features, instructions, VLMTrainConfig(stage=stage, steps=steps, lr=lr, **common), run=run,
-                  state_dir=state_dir, options=options)  # fmt: skip
+
+    def open_run():
+        run = new_run("vlm", out, config=cfg, seed=cfg["seed"])
+        if options.resume:
+            _trim_metrics(run, run.path / "state")
+        return run
+
+    with process_group(resolve_device(options.device)) as group:  # rank 0 of 1 outside torchrun
+        run = group.main_first(open_run)  # under torchrun: rank 0's run folder, checkpoints and rows
+        options = replace(options, progress=options.progress and group.is_main)
+        vlm = vlm_from_config(cfg)
+        samples, instructions = instruction_data(cfg, "train", cfg["n_train"])
+        features = encode_samples(vlm, samples, device=options.device)
+        common = dict(batch_size=cfg["batch_size"], seed=cfg["seed"], checkpoint_every=cfg["checkpoint_every"])
+        stages = [(1, cfg["steps"], cfg["lr"])] + (
+            [(2, cfg["lora_steps"], cfg["lora_lr"])] if cfg["lora_steps"] else []
+        )
+        for stage, steps, lr in stages:
+            train_vlm(vlm, features, instructions, VLMTrainConfig(stage=stage, steps=steps, lr=lr, **common), run=run,
+                      state_dir=run.path / "state", options=options)  # fmt: skip
+    if not group.is_main:  # rank 0 writes the weights, evaluates and writes the run
+        return None
     vlm.save_trainable(run.path / "trainable.safetensors")
     _evaluate_and_write(run, vlm, cfg, instructions, started, device=options.device, precision=options.precision)
     return run

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,8 +116,15 @@ class ImageTokenWriter(nn.Module):
                 labels[b, start + len(prompt) : start + length] = torch.tensor(answer)
         return ids, mask, labels
 
-    def forward(self, captions: Sequence[str], codes: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy over the answer (the image's codes as ``<img_k>`` tokens, then the end)."""
+    def forward(
+        self,
+        captions: Sequence[str],
+        codes: torch.Tensor,
+        *,
+        normaliser: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Mean next-token cross-entropy over the answer (the image's codes as ``<img_k>`` tokens, then the end);
+        with ``normaliser`` the sum divided by ``normaliser(count)`` (under torchrun: the global batch's count)."""
         if codes.ndim != 2 or codes.shape[0] != len(captions):
             raise PotpourriError(
                 f"give one (num_tokens,) code row per caption; got codes of shape {tuple(codes.shape)}"
@@ -129,6 +136,8 @@ class ImageTokenWriter(nn.Module):
         targets = labels[:, 1:]
         keep = targets != IGNORE
         logits = self.lm.get_output_embeddings()(hidden[:, :-1][keep])  # only where an answer token is predicted
+        if normaliser is not None:
+            return F.cross_entropy(logits.float(), targets[keep], reduction="sum") / normaliser(keep.sum().float())
         return F.cross_entropy(logits.float(), targets[keep])
 
     @torch.no_grad()
@@ -190,9 +199,10 @@ def train_image_writer(
 
     ``options``: device, precision, checkpoint cadence, resume from ``checkpoints`` (a folder; only the trained
     parameters, the optimizer, the data order and the RNGs are written, not the frozen LM). Default: the config's
-    ``grad_clip`` and ``progress``, fp32 on the writer's device.
+    ``grad_clip`` and ``progress``, fp32 on the writer's device. Under torchrun each process trains on its slice of
+    every batch.
     """
-    from potpourri.vlm.train import TrainableParts, train_options
+    from potpourri.vlm.train import TrainableParts, token_normaliser, train_options
 
     if not captions or len(captions) != len(codes):
         raise PotpourriError(f"give one code row per caption ({len(captions)} captions, {len(codes)} code rows)")
@@ -220,9 +230,11 @@ def train_image_writer(
         batch, state["order"] = state["order"][: cfg.batch_size], state["order"][cfg.batch_size :]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, base=group["base"], total=cfg.steps, warmup=cfg.warmup_steps)
+        local, _ = trainer.shard(batch)  # under torchrun: batch[rank::world]; the loss counts the global batch's tokens
         with trainer.autocast():
-            loss = writer([captions[i] for i in batch], codes[batch])
-        state["running"], state["seen"] = state["running"] + loss.item(), state["seen"] + 1  # before the checkpoint
+            loss = writer([captions[i] for i in local], codes[local], normaliser=token_normaliser(trainer))
+        logged = trainer.mean_over_processes(loss.item())
+        state["running"], state["seen"] = state["running"] + logged, state["seen"] + 1  # before the checkpoint
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             row = {"step": step + 1, "loss": state["running"] / state["seen"], "seconds": time.perf_counter() - started}
             state["history"].append(row)

@@ -49,6 +49,8 @@ def train_tokenizer(
 
     ``options``: device, precision, checkpoint cadence, resume (from ``checkpoints``, a folder; the codebook buffers,
     the batch generator and the history are checkpointed, so a resumed run ends bitwise where a straight one does).
+    Under torchrun each process trains on its slice of every batch; usage counts, EMA sums and the remembered outputs
+    of dead-code restarts are the global batch's, so every process restarts the same codes.
     """
     cfg = config or TokenizerTrainConfig()
     if features.shape[0] == 0:
@@ -77,11 +79,12 @@ def train_tokenizer(
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         index = torch.randint(features.shape[0], (min(cfg.batch_size, features.shape[0]),), generator=generator)
+        local, share = trainer.shard(index)  # under torchrun: index[rank::world]; codebook statistics stay global
         with trainer.autocast():
-            out = model(features[index].to(trainer.device))
-        history["loss"].append(float(out.loss.detach()))
-        history["recon_loss"].append(float(out.recon_loss.detach()))
-        trainer.update(out.loss)
+            out = model(features[local].to(trainer.device), processes=trainer if trainer.group.distributed else None)
+        history["loss"].append(trainer.mean_over_processes(float(out.loss.detach()) * share))
+        history["recon_loss"].append(trainer.mean_over_processes(float(out.recon_loss.detach()) * share))
+        trainer.update(out.loss * share)
     trainer.finish()
     model.eval()
     return TrainHistory(list(history["loss"]), list(history["recon_loss"]), list(history["restarted"]))

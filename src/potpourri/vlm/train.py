@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ __all__ = [
     "model_device",
     "saved_stage",
     "score",
+    "token_normaliser",
     "train_options",
     "train_vlm",
     "trivial_predictions",
@@ -147,6 +148,14 @@ def train_options(
     return replace(options, grad_clip=grad_clip or None) if options.grad_clip is None else options
 
 
+def token_normaliser(trainer: Trainer) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Under torchrun: the divisor of a slice's summed token loss, the global batch's token count over the world
+    size (the gradients' average over processes is then the one-process mean over tokens); None in one process."""
+    if not trainer.group.distributed:
+        return None
+    return lambda count: trainer.total_over_processes(count) / trainer.group.world
+
+
 def train_vlm(
     vlm: VisionLanguageModel,
     features: torch.Tensor,
@@ -164,7 +173,8 @@ def train_vlm(
     ``checkpoint``: a file for the trainable parts, written when the stage ends; ``state_dir``: a folder for the
     resumable state, one ``stage<N>/`` per stage (``resume=True`` or ``options.resume`` continues from it; a stage
     finished there is restored, not trained again). ``options``: device, precision, checkpoint cadence (default: the
-    config's ``grad_clip``, ``checkpoint_every`` and ``progress``, fp32 on the model's device).
+    config's ``grad_clip``, ``checkpoint_every`` and ``progress``, fp32 on the model's device). Under torchrun each
+    process trains on its slice of every batch (LoRA dropout then draws other masks than one process would).
 
     Example:
         history = train_vlm(vlm, encode_samples(vlm, samples), make_instructions(samples), VLMTrainConfig(steps=100))
@@ -200,16 +210,18 @@ def train_vlm(
         state["order"] = state["order"][cfg.batch_size :]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, base=cfg.lr, total=cfg.steps, warmup=cfg.warmup_steps)
-        index = torch.tensor([item.image_index for item in batch], device=trainer.device)
+        local, _ = trainer.shard(batch)  # under torchrun: batch[rank::world]; the loss counts the global batch's tokens
+        index = torch.tensor([item.image_index for item in local], device=trainer.device)
         with trainer.autocast():
-            loss = vlm(features[index], [item.prompt for item in batch], [item.answer for item in batch])
+            loss = vlm(features[index], [item.prompt for item in local], [item.answer for item in local],
+                       normaliser=token_normaliser(trainer))  # fmt: skip
         # logged before the update, whose checkpoint then holds the row: a resumed run neither loses nor repeats it
-        state["running"], state["seen"] = state["running"] + loss.item(), state["seen"] + 1
+        state["running"], state["seen"] = state["running"] + trainer.mean_over_processes(loss.item()), state["seen"] + 1
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             row = {"stage": cfg.stage, "step": step + 1, "loss": state["running"] / state["seen"],
                    "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started}  # fmt: skip
             state["history"].append(row)
-            if run is not None:
+            if run is not None and trainer.group.is_main:  # one row per step, not one per process
                 run.log_metrics(row)
             state["running"], state["seen"] = 0.0, 0
         trainer.update(loss)
