@@ -93,10 +93,14 @@ def test_yolov6_v3_quick_reports_every_arm_and_deploys_aat_as_the_baseline(tmp_p
     assert summary["arms"]["+AAT"]["train_params"] > summary["arms"]["+AAT"]["deployed_params"]
 
 
-def test_reproduce_seed_reaches_the_experiment_and_is_refused_where_seeds_are_fixed(tmp_path) -> None:
+def test_reproduce_seed_reaches_the_experiment_and_is_refused_where_seeds_are_fixed(tmp_path, monkeypatch) -> None:
     from potpourri.papers.registry import EXPERIMENTS, SEEDED, takes_seed
     from tests.inprocess import run_main
 
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: refused before anything is written
+    under_torchrun = run_main("reproduce", "v2l", "--quick", "--out", str(tmp_path / "tr"))
+    monkeypatch.delenv("WORLD_SIZE")
+    assert under_torchrun.returncode == 2 and "one process" in under_torchrun.stderr and not (tmp_path / "tr").exists()
     refused = run_main("reproduce", "freeze-embed", "--quick", "--seed", "1", "--out", str(tmp_path / "fe"))
     assert refused.returncode == 2 and "fixes its own seeds" in refused.stderr
     assert not (tmp_path / "fe").exists()  # nothing written

@@ -16,6 +16,7 @@ step of up to ±lr (tests/core/test_ddp_loops.py measures it).
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -128,6 +129,7 @@ def vlm_job(out: str) -> None:
     from potpourri.cli import main
 
     assert main([*VLM_TRAIN, "--out", f"{out}/vlm"]) == 0
+    assert main([*VLM_TRAIN, "--eval-each-stage", "--out", f"{out}/phased"]) == 0  # run_phased: the staged path
 
 
 def writer_job(out: str) -> None:
@@ -242,6 +244,13 @@ def test_two_processes_train_the_vision_language_loops_as_one(tmp_path: Path) ->
     trained = [load_file(str(folder / "vlm" / "trainable.safetensors")) for folder in (one, two)]
     for key, value in trained[0].items():
         torch.testing.assert_close(trained[1][key], value, rtol=0, atol=1e-3, msg=lambda m, key=key: f"vlm {key}: {m}")
+    # the staged path (``--eval-each-stage``): one run by rank 0, evaluated after its stage, the same losses
+    assert {p.name for p in (two / "phased").iterdir()} == {p.name for p in (one / "phased").iterdir()}
+    staged = [json.loads((folder / "phased" / "summary.json").read_text())["stages"] for folder in (one, two)]
+    assert [s["name"] for s in staged[1]] == [s["name"] for s in staged[0]] and len(staged[0]) == 1
+    rows = [(folder / "phased" / "metrics.csv").read_text().splitlines() for folder in (one, two)]
+    assert len(rows[0]) == len(rows[1])
+    assert float(rows[1][-1].split(",")[2]) == pytest.approx(float(rows[0][-1].split(",")[2]), rel=1e-5, abs=0)
 
     got = {name: (load_file(str(one / f"{name}.safetensors")), load_file(str(two / f"{name}.safetensors")))
            for name in JOBS if name != "vlm"}  # fmt: skip

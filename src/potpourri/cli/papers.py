@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -19,6 +20,10 @@ def _options(args: argparse.Namespace):
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from potpourri.papers.registry import run_experiment, takes_seed
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would write the same run: refuse, clearly
+        raise PotpourriError("reproduce runs a whole experiment in one process; under torchrun use the training "
+                             "verbs (tune, inspect fit/segment-train, detect train, vlm train, sam-clip) or the "
+                             "Python API, whose loops shard")  # fmt: skip
     if args.seed is not None and not takes_seed(args.experiment):  # before any thread setting or output
         parser_error = f"reproduce {args.experiment} fixes its own seeds (see its config); --seed is not accepted"
         raise PotpourriError(parser_error)

@@ -74,6 +74,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from potpourri.vlm.minigpt import run_phased
 
         run = run_phased(cfg, args.out, options=options)
+        if run is None:  # another process of a torchrun job: rank 0 reports
+            return 0
         for stage in run.read_summary()["stages"]:
             shown = ", ".join(f"{k} {v:.3f}" for k, v in stage["model"].items() if not k.startswith("n_"))
             print(f"after {stage['name']} ({stage['steps']} steps): {shown}")

@@ -229,12 +229,15 @@ def _evaluate(vlm, cfg, train_tasks, test_samples, test_tasks, features, options
 def run_phased(cfg: dict[str, Any], out: str | None = None, *, options: TrainOptions | None = None):
     """Build, train stage by stage (``stage_plan``), evaluate after each; returns the ``Run``. ``summary.json``:
     ``stages`` (name, steps, test metrics after it), ``model``/``question_only_baseline`` of the last stage.
-    ``options.resume`` continues from ``state/`` (a finished stage is restored, not trained again)."""
+    ``options.resume`` continues from ``state/`` (a finished stage is restored, not trained again). Under torchrun
+    each process trains on its slice of every batch; rank 0 makes the run, evaluates and writes (None elsewhere)."""
     import json
+    from dataclasses import replace
 
+    from potpourri.core.distributed import process_group
     from potpourri.core.io import atomic_write_bytes
     from potpourri.core.runs import new_run, seed_everything
-    from potpourri.core.training import TrainOptions
+    from potpourri.core.training import TrainOptions, resolve_device
     from potpourri.models.vlm import vlm_from_config
     from potpourri.vlm.train import VLMTrainConfig, encode_samples, instruction_data, train_vlm
 
@@ -250,27 +253,32 @@ def run_phased(cfg: dict[str, Any], out: str | None = None, *, options: TrainOpt
 
         check_same_config(cfg, Path(out))
     seed_everything(cfg["seed"])
-    run = new_run("vlm", out, config=cfg, seed=cfg["seed"])
-    vlm = vlm_from_config(cfg)
-    samples, tasks = instruction_data(cfg, "train", cfg["n_train"])
-    features = encode_samples(vlm, samples, device=options.device)
-    test_cfg = {**cfg, "kinds": ",".join(dict.fromkeys([*cfg["kinds"].split(","), "caption"]))}
-    test_samples, test_tasks = instruction_data(test_cfg, "test", cfg["n_test"], offset_seed=1)
-    test_features = encode_samples(vlm, test_samples, device=options.device)
-    common = dict(batch_size=cfg["batch_size"], seed=cfg["seed"], checkpoint_every=cfg["checkpoint_every"])
-    stages, result = [], None
-    for name, stage, steps, lr in plan:
-        extra, items = _stage_data(cfg, name, samples, tasks)
-        stage_features = features
-        if extra:
-            import torch
+    with process_group(resolve_device(options.device)) as group:  # rank 0 of 1 outside torchrun
+        run = group.main_first(lambda: new_run("vlm", out, config=cfg, seed=cfg["seed"]))  # rank 0's folder
+        options = replace(options, progress=options.progress and group.is_main)
+        vlm = vlm_from_config(cfg)
+        samples, tasks = instruction_data(cfg, "train", cfg["n_train"])
+        features = encode_samples(vlm, samples, device=options.device)
+        test_cfg = {**cfg, "kinds": ",".join(dict.fromkeys([*cfg["kinds"].split(","), "caption"]))}
+        test_samples, test_tasks = instruction_data(test_cfg, "test", cfg["n_test"], offset_seed=1)
+        test_features = encode_samples(vlm, test_samples, device=options.device)
+        common = dict(batch_size=cfg["batch_size"], seed=cfg["seed"], checkpoint_every=cfg["checkpoint_every"])
+        stages, result = [], None
+        for name, stage, steps, lr in plan:
+            extra, items = _stage_data(cfg, name, samples, tasks)
+            stage_features = features
+            if extra:
+                import torch
 
-            stage_features = torch.cat([features, encode_samples(vlm, extra, device=options.device)])
-        train_vlm(vlm, stage_features, items, VLMTrainConfig(stage=stage, steps=steps, lr=lr, **common), run=run,
-                  state_dir=run.path / "state" / name, options=options)  # fmt: skip
-        result = _evaluate(vlm, cfg, tasks, test_samples, test_tasks, test_features, options)
-        stages.append({"name": name, "stage": stage, "steps": steps, "n_train": len(items),
-                       "model": result["model"]})  # fmt: skip
+                stage_features = torch.cat([features, encode_samples(vlm, extra, device=options.device)])
+            train_vlm(vlm, stage_features, items, VLMTrainConfig(stage=stage, steps=steps, lr=lr, **common),
+                      run=run, state_dir=run.path / "state" / name, options=options)  # fmt: skip
+            if group.is_main:  # rank 0 evaluates; the others wait at the next stage's first collective
+                result = _evaluate(vlm, cfg, tasks, test_samples, test_tasks, test_features, options)
+                stages.append({"name": name, "stage": stage, "steps": steps, "n_train": len(items),
+                               "model": result["model"]})  # fmt: skip
+    if not group.is_main:  # rank 0 writes the weights, the predictions and the summary
+        return None
     vlm.save_trainable(run.path / "trainable.safetensors")
     lines = [json.dumps({"kind": i.kind, "prompt": i.prompt, "answer": i.answer, "prediction": p}) + "\n"
              for i, p in zip(test_tasks, result["predictions"], strict=True)]  # fmt: skip
