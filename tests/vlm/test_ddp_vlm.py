@@ -32,7 +32,7 @@ from potpourri.core.training import Trainer, TrainOptions
 from tests.torchrun import standalone
 
 ROOT = Path(__file__).resolve().parents[2]
-JOBS = ("gather", "clip", "head", "vlm", "writer", "tokenizer", "v2l")
+JOBS = ("gather", "clip", "head", "vlm", "writer", "tokenizer", "tokenizer_text", "v2l")
 SCRIPT = """
 import sys
 import torch
@@ -161,6 +161,24 @@ def tokenizer_job(out: str) -> None:
                               "restarted": torch.tensor(history.restarted)})  # fmt: skip
 
 
+def tokenizer_text_job(out: str) -> None:
+    """6 steps of the SEED tokenizer with SEED's text alignment (captions shared by pairs of images), batches of 7."""
+    from potpourri.models.visual_tokenizer import SEEDConfig, SEEDTokenizer
+    from potpourri.vlm.tokenizer import TokenizerTrainConfig, train_tokenizer
+
+    torch.manual_seed(0)
+    model = SEEDTokenizer(SEEDConfig(feature_dim=16, num_queries=4, dim=32, heads=2, layers=1, codebook_size=8,
+                                     code_dim=8, restart_dead=False, text_dim=6))  # fmt: skip
+    g = torch.Generator().manual_seed(2)
+    features, captions = torch.randn(24, 16, 2, 2, generator=g), torch.randn(12, 6, generator=g)
+    ids = torch.arange(24) // 2  # every caption describes two images: positives beyond the diagonal
+    cfg = TokenizerTrainConfig(steps=6, batch_size=7, lr=3e-3, progress=False)
+    history = train_tokenizer(model, features, cfg, options=OPTIONS, captions=captions[ids], caption_ids=ids)
+    _write(
+        out, "tokenizer_text", {**model.state_dict(), "losses": torch.tensor(history.text_loss, dtype=torch.float64)}
+    )
+
+
 def v2l_job(out: str) -> None:
     """4 steps of the V2L tokenizer (projection + decoder, frozen codebook) on batches of 5."""
     from potpourri.models.v2l import V2LConfig, V2LTokenizer
@@ -280,7 +298,7 @@ def test_two_processes_train_the_vision_language_loops_as_one(tmp_path: Path) ->
         assert set(a) == set(b), name
         for key, value in a.items():
             other = b[key]
-            if name == "tokenizer" and "in_proj" in key:
+            if name.startswith("tokenizer") and "in_proj" in key:
                 # query and key rows: the decoder's readout queries start within 0.02 of each other, so attention is
                 # near uniform and these rows' gradients near float rounding, which AdamW steps by ±lr either way;
                 # a key bias has no gradient at all (softmax ignores a shift shared by all keys). The value rows count

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from potpourri.core.errors import PotpourriError
 from potpourri.core.training import TrainOptions
@@ -96,3 +97,29 @@ def test_the_text_head_reads_the_last_causal_query_only() -> None:
     assert tok.to_code.weight.grad is None  # ... and the codes do not
     with pytest.raises(PotpourriError, match="no text head"):
         SEEDTokenizer(SEEDConfig(feature_dim=8, num_queries=3, dim=16, heads=2, layers=1)).text_embedding(features)
+
+
+def test_text_alignment_pulls_each_image_to_its_own_caption() -> None:
+    from potpourri.vlm.tokenizer import TokenizerTrainConfig, train_tokenizer
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(32) % 4  # four kinds of image, one caption each
+    prototypes = torch.randn(4, 8, 2, 2, generator=g)
+    features = prototypes[labels] + 0.3 * torch.randn(32, 8, 2, 2, generator=g)
+    captions = torch.randn(4, 6, generator=g)[labels]  # (32, 6): the caption embedding of each image's kind
+    torch.manual_seed(0)
+    tok = SEEDTokenizer(SEEDConfig(feature_dim=8, num_queries=3, dim=16, heads=2, layers=1, codebook_size=8,
+                                   code_dim=4, text_dim=6, restart_dead=False))  # fmt: skip
+
+    def retrieval() -> float:  # each image's text embedding against the four captions: the right one first?
+        with torch.no_grad():
+            sims = F.normalize(tok.text_embedding(features), dim=-1) @ F.normalize(captions[:4], dim=-1).T
+        return float((sims.argmax(1) == labels).float().mean())
+
+    before = retrieval()
+    history = train_tokenizer(tok, features, TokenizerTrainConfig(steps=60, batch_size=16, lr=5e-3, progress=False),
+                              captions=captions, caption_ids=labels)  # fmt: skip
+    assert len(history.text_loss) == 60 and history.text_loss[-1] < history.text_loss[0]
+    assert before < 0.6 and retrieval() == 1.0
+    with pytest.raises(PotpourriError, match="text_dim = 5"):
+        train_tokenizer(tok, features, TokenizerTrainConfig(steps=1, progress=False), captions=torch.zeros(32, 5))

@@ -12,6 +12,7 @@ import torch
 from potpourri.core.errors import PotpourriError
 from potpourri.core.training import Trainer, TrainOptions
 from potpourri.models.visual_tokenizer import SEEDTokenizer
+from potpourri.vlm.clip import contrastive_loss
 from potpourri.vlm.train import model_device
 
 
@@ -24,6 +25,8 @@ class TokenizerTrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01
     restart_every: int = 50  # steps between dead-code checks (when the model's config restarts them)
+    text_weight: float = 1.0  # SEED's text alignment (with ``captions``): weight of the contrastive term
+    text_temperature: float = 0.07  # its fixed softmax temperature
     seed: int = 0
     progress: bool = True
 
@@ -35,6 +38,7 @@ class TrainHistory:
     loss: list[float] = field(default_factory=list)
     recon_loss: list[float] = field(default_factory=list)
     restarted: list[int] = field(default_factory=list)
+    text_loss: list[float] = field(default_factory=list)  # the contrastive term (with ``captions``)
 
 
 def train_tokenizer(
@@ -44,8 +48,14 @@ def train_tokenizer(
     *,
     options: TrainOptions | None = None,
     checkpoints: str | os.PathLike | None = None,
+    captions: torch.Tensor | None = None,
+    caption_ids: torch.Tensor | None = None,
 ) -> TrainHistory:
     """Train the tokenizer on cached frozen features ``(N, C, h, w)`` (or ``(N, T, C)``); returns the history.
+
+    ``captions`` ``(N, text_dim)``: frozen caption embeddings of the same images (a model with ``text_dim``); adds
+    SEED's text alignment, a contrastive loss between the last causal query's text embedding and its caption in
+    which every pair sharing ``caption_ids`` (default: all distinct) is a positive.
 
     ``options``: device, precision, checkpoint cadence, resume (from ``checkpoints``, a folder; the codebook buffers,
     the batch generator and the history are checkpointed, so a resumed run ends bitwise where a straight one does).
@@ -55,6 +65,12 @@ def train_tokenizer(
     cfg = config or TokenizerTrainConfig()
     if features.shape[0] == 0:
         raise PotpourriError("no features to train on; encode some images first")
+    if captions is not None:
+        if model.text_head is None or captions.shape != (features.shape[0], model.config.text_dim):
+            raise PotpourriError(f"captions of shape {tuple(captions.shape)} need a tokenizer with text_dim = "
+                                 f"{captions.shape[-1]} and one caption per feature ({features.shape[0]})")  # fmt: skip
+        caption_ids = torch.arange(len(captions)) if caption_ids is None else caption_ids
+        log_scale = torch.tensor(math.log(1.0 / cfg.text_temperature))
     generator = torch.Generator().manual_seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -63,7 +79,7 @@ def train_tokenizer(
                       generators={"batches": generator}, desc="seed tokenizer")  # fmt: skip
     history = trainer.state
     if not history:
-        history.update(loss=[], recon_loss=[], restarted=[])
+        history.update(loss=[], recon_loss=[], restarted=[], text_loss=[])
 
     def restart_due(step: int) -> bool:  # after ``step``; none in the last stretch: codes must settle before the end
         last_stretch = step >= cfg.steps - cfg.restart_every
@@ -84,7 +100,14 @@ def train_tokenizer(
             out = model(features[local].to(trainer.device), processes=trainer if trainer.group.distributed else None)
         history["loss"].append(trainer.mean_over_processes(float(out.loss.detach()) * share))
         history["recon_loss"].append(trainer.mean_over_processes(float(out.recon_loss.detach()) * share))
-        trainer.update(out.loss * share)
+        loss = out.loss * share
+        if captions is not None:  # every process scores the whole batch (negatives of the global batch)
+            text = contrastive_loss(trainer.unshard(out.text.float()), captions[index].to(trainer.device),
+                                    caption_ids[index].to(trainer.device), log_scale)  # fmt: skip
+            history["text_loss"].append(float(text.detach()))
+            loss = loss + cfg.text_weight * text
+        trainer.update(loss)
     trainer.finish()
     model.eval()
-    return TrainHistory(list(history["loss"]), list(history["recon_loss"]), list(history["restarted"]))
+    return TrainHistory(list(history["loss"]), list(history["recon_loss"]), list(history["restarted"]),
+                        list(history.get("text_loss", [])))  # fmt: skip
