@@ -235,8 +235,10 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
         raise PotpourriError(f"two (N, D) feature sets with N >= 2 and the same D; got {a.shape} and {b.shape}")
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    root = linalg.sqrtm(cov_a @ cov_b)
-    if not np.isfinite(root).all():  # singular product: regularise as FID implementations do
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", linalg.LinAlgWarning)
+        root = linalg.sqrtm(cov_a @ cov_b)
+    if caught or not np.isfinite(root).all():  # a singular product: regularise as FID implementations do
         eps = 1e-6 * np.eye(len(cov_a))
         root = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root.real))

@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 # the experiments whose run takes ``seed=`` (``reproduce NAME --seed N``); a test checks it against the functions
-SEEDED = ("anomalyclip", "clip-small", "v2l", "words-annotation")
+SEEDED = ("anomalyclip", "clip-small", "seed-speaks", "v2l", "words-annotation")
 
 # name -> ("module:function", one-line help)
 EXPERIMENTS: dict[str, tuple[str, str]] = {
@@ -56,6 +56,11 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "ssprompt": (
         "potpourri.papers.ssprompt:run",
         "SSPrompt: learned class prompts for a frozen small SAM vs the best single click vs a supervised segmenter",
+    ),
+    "seed-speaks": (
+        "potpourri.papers.seed_speaks:run",
+        "SEED tokenizer with vs without SEED's text alignment (MiniLM captions), plus a pixel decoder trained here: "
+        "what the tokens carry (defect kind, surface, caption -> image), PSNR and a Lite0 Fréchet distance",
     ),
     "sam-clip": (
         "potpourri.papers.sam_clip:run",
