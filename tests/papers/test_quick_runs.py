@@ -85,7 +85,7 @@ def test_yolov6_v3_quick_reports_every_arm_and_deploys_aat_as_the_baseline(tmp_p
     assert set(summary["arms"]) == set(ARMS) and set(summary["verdict"]) == set(ARMS) - {"baseline"}
     for row in summary["arms"].values():
         assert {"map50", "map", "train_seconds", "train_cpu_seconds", "deployed_params", "latency_ms"} <= set(row)
-        assert all(0 < c for c in row["train_cpu_seconds"])  # the process did spend CPU on each training run
+        assert all(c > 0 for c in row["train_cpu_seconds"])  # the process did spend CPU on each training run
         assert all(0.0 <= v <= 1.0 for v in row["map50"] + row["map"]) and max(row["reparam_max_abs_diff"]) <= 1e-3
     backends = {r["backend"] for r in summary["latency_rows"]}
     assert {r["model"] for r in summary["latency_rows"]} == set(ARMS)
