@@ -183,10 +183,12 @@ def reproduce_mask_frozen_detr(
     return run
 
 
-def run(quick: bool, out: str | None, options: TrainOptions | None = None) -> Run:
-    """``potpourri reproduce mask-frozen-detr``: the comparison, or a seconds-long smoke run of the same code path."""
-    cfg = MaskFrozenDetrConfig()
+def run(quick: bool, out: str | None, options: TrainOptions | None = None, seed: int = 0) -> Run:
+    """``potpourri reproduce mask-frozen-detr``: the comparison, or a seconds-long smoke run of the same code path;
+    ``seed`` seeds both detectors, the heads and the batches (the data set stays seed 0's)."""
+    cfg = MaskFrozenDetrConfig(seed=seed)
     if quick:  # same code path, numbers not meaningful
         cfg = MaskFrozenDetrConfig(image_size=64, per_kind=1, detr_steps=3, yolo_epochs=1, head_seconds=5.0,
-                                   head_steps=3, head_dim=16, pretrained_backbone=False, progress=False)  # fmt: skip
+                                   head_steps=3, head_dim=16, pretrained_backbone=False, progress=False,
+                                   seed=seed)  # fmt: skip
     return reproduce_mask_frozen_detr(cfg, out=out, options=options)

@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 # the experiments whose run takes ``seed=`` (``reproduce NAME --seed N``); a test checks it against the functions
-SEEDED = ("anomalyclip", "clip-small", "seed-speaks", "v2l", "words-annotation")
+SEEDED = ("anomalyclip", "clip-small", "mask-frozen-detr", "seed-speaks", "v2l", "words-annotation")
 
 # name -> ("module:function", one-line help)
 EXPERIMENTS: dict[str, tuple[str, str]] = {
