@@ -18,15 +18,12 @@ def _options(args: argparse.Namespace):
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from potpourri.papers.registry import run_experiment, takes_seed
+    from potpourri.papers.registry import run_experiment
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would write the same run: refuse, clearly
         raise PotpourriError("reproduce runs a whole experiment in one process; under torchrun use the training "
                              "verbs (tune, inspect fit/segment-train, detect train, vlm train, sam-clip) or the "
                              "Python API, whose loops shard")  # fmt: skip
-    if args.seed is not None and not takes_seed(args.experiment):  # before any thread setting or output
-        parser_error = f"reproduce {args.experiment} fixes its own seeds (see its config); --seed is not accepted"
-        raise PotpourriError(parser_error)
     if args.threads:
         torch.set_num_threads(args.threads)
     run = run_experiment(args.experiment, quick=args.quick, out=args.out, options=_options(args), seed=args.seed)
