@@ -29,9 +29,10 @@ from typing import TextIO
 
 from potpourri.core.errors import PotpourriError
 
-__all__ = ["ChatSession"]
+__all__ = ["NO_RUNNER", "ChatSession"]
 
 _QUIT = {"quit", "exit", ":q"}
+NO_RUNNER = "'/' requests need a segmenter run or a PatchCore run with a pixel threshold: pass --inspect RUN"
 
 
 class ChatSession:
@@ -70,8 +71,7 @@ class ChatSession:
 
         stream = stream or sys.stdout
         if self.requests is None:
-            raise PotpourriError("'/' requests need a segmenter run or a PatchCore run with a pixel threshold: pass "
-                                 "--inspect RUN")  # fmt: skip
+            raise PotpourriError(NO_RUNNER)
         text = line.removeprefix("/").strip()
         current = str(self.image_path)
         if text.split(" ")[0].lower() == "describe":

@@ -14,7 +14,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     import torch
 
     from potpourri.app.assistant import Assistant
-    from potpourri.app.chat import ChatSession, repl
+    from potpourri.app.chat import NO_RUNNER, ChatSession, repl
     from potpourri.core.imaging import read_rgb
 
     if args.run is None and args.inspect is None:
@@ -44,10 +44,6 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         repl(session, sys.stdin, sys.stdout)
     print(f"transcript: {session.run.path / 'transcript.jsonl'}")
     return 0
-
-
-NO_RUNNER = ("'/' requests need a segmenter run or a PatchCore run with a pixel threshold: pass --inspect "
-             "SEGMENTER_RUN")  # fmt: skip
 
 
 def _request_runner(assistant, router: str):
