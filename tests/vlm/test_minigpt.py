@@ -152,11 +152,18 @@ def test_minigpt4_cli_run_evaluates_after_each_stage_and_reloads(tmp_path, capsy
 
 
 @pytest.mark.slow
-def test_reproduce_minigpt_v2_quick_gives_every_arm_the_same_step_budget_and_an_eval_per_stage(tmp_path) -> None:
+def test_reproduce_minigpt_v2_quick_gives_every_arm_the_seed_the_same_step_budget_and_an_eval_per_stage(
+    tmp_path,
+) -> None:
     import json
 
-    assert main(["reproduce", "minigpt-v2", "--quick", "--out", str(tmp_path / "r"), "--device", "cpu"]) == 0
+    assert (
+        main(["reproduce", "minigpt-v2", "--quick", "--seed", "3", "--out", str(tmp_path / "r"), "--device", "cpu"])
+        == 0
+    )
     arms = json.loads((tmp_path / "r" / "summary.json").read_text())["arms"]
+    configs = json.loads((tmp_path / "r" / "arms.json").read_text())
+    assert {cfg["seed"] for cfg in configs.values()} == {3}  # --seed reaches every arm's training
     assert [s["name"] for s in arms["curriculum"]["stages"]] == ["broad", "multitask", "instruct"]
     assert [s["name"] for s in arms["two-stage"]["stages"]] == ["projection", "lora"]
     budgets = {name: sum(s["steps"] for s in arm["stages"]) for name, arm in arms.items()}

@@ -68,9 +68,9 @@ def compare(arms: dict[str, dict[str, Any]], out: str | None, options: TrainOpti
     return run
 
 
-def run_minigpt4(quick: bool, out: str | None, options: TrainOptions | None = None) -> Run:
+def run_minigpt4(quick: bool, out: str | None, options: TrainOptions | None = None, seed: int = 0) -> Run:
     """MiniGPT-4 vs MiniGPT-v2 (same data and total steps), each with the real and a random-weight LM."""
-    cfg = base_config(quick)
+    cfg = base_config(quick, seed)
     arms = {
         "minigpt4": {**cfg, "arch": "minigpt4"},
         "minigpt4_random_lm": {**cfg, "arch": "minigpt4", "random_lm": True},
@@ -80,9 +80,9 @@ def run_minigpt4(quick: bool, out: str | None, options: TrainOptions | None = No
     return compare(arms, out, options, "MiniGPT-4 vs MiniGPT-v2 on DS-Synth (Q-Former trained here, not pretrained)")
 
 
-def run_minigpt_v2(quick: bool, out: str | None, options: TrainOptions | None = None) -> Run:
+def run_minigpt_v2(quick: bool, out: str | None, options: TrainOptions | None = None, seed: int = 0) -> Run:
     """MiniGPT-v2's three-stage curriculum vs the plain two stages with the same total steps, + a random-weight LM."""
-    cfg = base_config(quick)
+    cfg = base_config(quick, seed)
     third = cfg["steps"] // 2
     curriculum = {**cfg, "curriculum": True, "steps": cfg["steps"] - third // 2,
                   "lora_steps": cfg["lora_steps"] - (third - third // 2), "stage3_steps": third}  # fmt: skip

@@ -28,7 +28,9 @@ __all__ = [
 ]
 
 # the experiments whose run takes ``seed=`` (``reproduce NAME --seed N``); a test checks it against the functions
-SEEDED = ("anomalyclip", "clip-small", "mask-frozen-detr", "seed-speaks", "v2l", "words-annotation")
+SEEDED = (
+    "anomalyclip", "clip-small", "mask-frozen-detr", "minigpt-v2", "minigpt4", "seed-speaks", "v2l", "words-annotation",
+)  # fmt: skip
 
 # name -> ("module:function", one-line help)
 EXPERIMENTS: dict[str, tuple[str, str]] = {
