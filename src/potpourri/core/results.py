@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+
+def mean_std(values: Sequence[float], sep: str = "±", digits: int = 3) -> str:
+    """``mean±std`` over seeds (sample std, n-1); the mean alone for one value, ``—`` for none."""
+    if not values:
+        return "—"
+    mean = statistics.fmean(values)
+    return f"{mean:.{digits}f}{sep}{statistics.stdev(values):.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,13 @@ region -> caption retrieval accuracy.
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
+from potpourri.core.results import mean_std
 from potpourri.core.runs import Run, new_run, seed_everything
 from potpourri.core.training import TrainOptions, resolve_device
 from potpourri.models.allseeing import RegionTextHead
@@ -134,11 +134,7 @@ def reproduce_all_seeing(cfg: AllSeeingConfig, *, out: str | None = None, option
             run.log_metrics({"arm": arm, "seed": seed, **row})
 
     def cell(values: list[float]) -> str:
-        return (
-            f"{values[0]:.3f}"
-            if len(values) == 1
-            else f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-        )
+        return mean_std(values, sep=" ± ")
 
     n_gallery = len(gallery)
     lines = [

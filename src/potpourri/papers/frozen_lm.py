@@ -45,6 +45,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from potpourri.core.errors import PotpourriError
+from potpourri.core.results import mean_std
 from potpourri.core.runs import Run, new_run, seed_everything
 from potpourri.core.training import TrainOptions, resolve_device
 from potpourri.papers.registry import compute_options
@@ -223,13 +224,6 @@ def filtering_iou(
     return out
 
 
-def _fmt(values: list[float]) -> str:
-    if not values:
-        return "—"
-    mean = statistics.fmean(values)
-    return f"{mean:.3f}±{statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}"
-
-
 def summarise(rows: list[dict[str, Any]], arms: tuple[str, ...]) -> list[dict[str, Any]]:
     """One row per arm: mean ± std of every metric over seeds, and the paired mean delta against ``vit``."""
     base = {r["seed"]: r for r in rows if r["arm"] == "vit" and r["status"] == "ok"}
@@ -242,7 +236,7 @@ def summarise(rows: list[dict[str, Any]], arms: tuple[str, ...]) -> list[dict[st
             entry["trainable"], entry["frozen"] = runs[0]["trainable"], runs[0]["frozen"]
         for key in ("clean_acc", "corrupt_acc", "iou_final_mag", "iou_lm_mag", "iou_cls_attn", "seconds"):
             values = [r[key] for r in ok if key in r]
-            entry[key] = _fmt(values)
+            entry[key] = mean_std(values)
             entry[f"{key}_values"] = values
         for key in ("clean_acc", "corrupt_acc"):
             deltas = [r[key] - base[r["seed"]][key] for r in ok if r["seed"] in base]

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from potpourri.core.distributed import ProcessGroup
 from potpourri.core.errors import PotpourriError
+from potpourri.core.results import mean_std
 from potpourri.core.runs import Run, new_run, seed_everything
 from potpourri.core.training import Trainer, TrainOptions, resolve_device
 from potpourri.data.transforms import images_to_tensor
@@ -503,11 +504,6 @@ def run_arm(
     return model, notes
 
 
-def _fmt(values: list[float]) -> str:
-    mean = statistics.fmean(values)
-    return f"{mean:.3f}±{statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}"
-
-
 def summarise(rows: list[dict[str, Any]], arms: tuple[str, ...]) -> list[dict[str, Any]]:
     """One row per arm: mean ± std over seeds, and the mean paired delta against ``supervised``."""
     base = {r["seed"]: r for r in rows if r["arm"] == "supervised"}
@@ -518,7 +514,7 @@ def summarise(rows: list[dict[str, Any]], arms: tuple[str, ...]) -> list[dict[st
             continue
         entry: dict[str, Any] = {"arm": arm, "seeds": len(runs)}
         for key in ("clean_acc", "corrupt_acc", "seconds"):
-            entry[key] = _fmt([r[key] for r in runs])
+            entry[key] = mean_std([r[key] for r in runs])
         for key in ("clean_acc", "corrupt_acc"):
             deltas = [r[key] - base[r["seed"]][key] for r in runs if r["seed"] in base]
             entry[f"{key}_delta"] = f"{statistics.fmean(deltas):+.3f}" if deltas and arm != "supervised" else "—"

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from potpourri.core.errors import PotpourriError
+from potpourri.core.results import mean_std
 from potpourri.core.runs import Run, new_run, seed_everything
 from potpourri.core.training import Trainer, TrainOptions, autocast, lr_at, resolve_device
 from potpourri.data.transforms import images_to_tensor
@@ -243,13 +244,6 @@ class SMRConfig:
         return SMRConfig(n_pretrain=32, n_probe_train=40, n_probe_test=20, steps=3, batch_size=8, seeds=(0,))
 
 
-def _fmt(values: list[float]) -> str:
-    if not values:
-        return "—"
-    mean = statistics.fmean(values)
-    return f"{mean:.3f}±{statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}"
-
-
 def reproduce_smr(
     cfg: SMRConfig | None = None,
     *,
@@ -334,8 +328,10 @@ def reproduce_smr(
                 "arm": arm,
                 "tokens per block": "—" if arm == "random-init" else "/".join(map(str, schedules[arm])),
                 "encoder MMACs/img": f"{encoder_macs(schedules[arm], cfg.dim) / 1e6:.2f}",
-                "probe acc": _fmt([r["probe_acc"] for r in runs]),
-                "probe acc (merged at test)": _fmt([r["probe_acc_merged"] for r in runs if "probe_acc_merged" in r]),
+                "probe acc": mean_std([r["probe_acc"] for r in runs]),
+                "probe acc (merged at test)": mean_std(
+                    [r["probe_acc_merged"] for r in runs if "probe_acc_merged" in r]
+                ),
                 "loss first→last": "—" if arm == "random-init" else (
                     f"{statistics.fmean(r['loss_first'] for r in runs):.3f}→"
                     f"{statistics.fmean(r['loss_last'] for r in runs):.3f}"
