@@ -155,3 +155,22 @@ def test_ssprompt_cli_on_a_saved_tiny_sam(tmp_path):
     classes = [r["class"] for r in summary["rows"]]
     assert classes[-2:] == ["mean over classes", "mean over regions"] and len(classes) >= 4
     assert "oracle centre click (1 click)" in (tmp_path / "run" / "results.md").read_text()
+
+
+def test_a_pretrained_here_sam_depends_on_the_run_seed_not_on_the_process_random_state(tmp_path):
+    from types import SimpleNamespace
+
+    from potpourri.core.training import TrainOptions
+    from potpourri.segment.sam_prompt import load_or_pretrain_sam
+
+    def build(process_seed: int, run_seed: int) -> dict:
+        torch.manual_seed(process_seed)  # whatever ran before in this process
+        cfg = SimpleNamespace(image_size=64, sam_steps=1, sam_per_category=1, seed=run_seed)
+        sam = load_or_pretrain_sam(
+            None, cfg, tmp_path / f"sam{process_seed}{run_seed}", options=TrainOptions(progress=False)
+        )
+        return sam.state_dict()
+
+    first, second, other = build(1, 0), build(2, 0), build(1, 5)
+    assert [k for k in first if not torch.equal(first[k], second[k])] == []  # the same run seed: bit-identical SAM
+    assert not all(torch.equal(first[k], other[k]) for k in first)  # another run seed: another SAM

@@ -237,7 +237,10 @@ def load_or_pretrain_sam(
         sam.to(resolve_device(options.device))
     else:
         sam_cfg = SamConfig(image_size=cfg.image_size, steps=cfg.sam_steps, seed=cfg.seed)
-        sam = Sam(sam_cfg, backbone=create_model(sam_cfg.backbone, pretrained=True))
+        backbone = create_model(sam_cfg.backbone, pretrained=True)  # may draw random numbers (first conversion)
+        with torch.random.fork_rng():  # the new heads' initialisation follows the run's seed, not the process's state
+            torch.manual_seed(cfg.seed)
+            sam = Sam(sam_cfg, backbone=backbone)
         images, items = synth_regions("train", cfg.sam_per_category, size=cfg.image_size, seed=cfg.seed)
         train_sam(sam, images, items, options=options, checkpoints=checkpoints)
         device = sam.pixel_mean.device
