@@ -15,7 +15,13 @@ import torch.nn as nn
 
 from potpourri.core.errors import PotpourriError
 
-__all__ = ["build_clip_from_config", "load_open_clip", "open_clip_module", "open_clip_tokenizer"]
+__all__ = [
+    "build_clip_from_config",
+    "load_open_clip",
+    "open_clip_module",
+    "open_clip_tokenizer",
+    "open_clip_vision_layers",
+]
 
 _DOWNLOAD_HINT = "`huggingface-cli download timm/vit_base_patch16_clip_224.openai open_clip_model.safetensors`"
 
@@ -91,3 +97,22 @@ def open_clip_tokenizer(clip: nn.Module, model_name: str | None = None) -> Calla
         except Exception as exc:  # an HF tokenizer that is not cached, with no network
             raise PotpourriError(f"no offline tokenizer for open_clip '{model_name}' ({type(exc).__name__})") from None
     return open_clip.SimpleTokenizer(context_length=int(getattr(text, "context_length", 77)))
+
+
+def open_clip_vision_layers(model: str) -> int:
+    """The image tower's block count of an open_clip architecture name or JSON config, without building the model (a
+    one-line error for an unknown name, a missing config or a tower that is not a ViT)."""
+    open_clip = open_clip_module()
+    path = Path(model)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise PotpourriError(f"open_clip config '{model}' not found")
+        config = json.loads(path.read_text())
+    elif model in open_clip.list_models():
+        config = open_clip.get_model_config(model)
+    else:
+        raise PotpourriError(f"unknown open_clip model '{model}'; see open_clip.list_models() or pass a .json config")
+    layers = (config or {}).get("vision_cfg", {}).get("layers")
+    if not isinstance(layers, int):
+        raise PotpourriError(f"open_clip '{model}' has no ViT image tower (vision_cfg.layers = {layers!r})")
+    return layers
