@@ -253,7 +253,7 @@ def _clip_teacher(cfg: SamClipConfig, quick: bool, folder: Path, options: TrainO
 
     if cfg.clip_arch:  # web-trained: its distillation data here are clip-small's surfaces, never a held-out one
         teacher = OpenClipTeacher.load(cfg.clip_arch, cfg.clip_weights, image_size=cfg.image_size)
-        how = f"{teacher.name} loaded from `{cfg.clip_weights}` at {cfg.image_size} px (MaskCLIP-style patch tokens)"
+        how = f"loaded from `{cfg.clip_weights}` at {cfg.image_size} px, MaskCLIP-style patch tokens"
         return teacher, check(ClipSmallConfig().train_surfaces), how
     if cfg.clip_path:
         path = Path(cfg.clip_path)
