@@ -109,9 +109,10 @@ def _cmd_ssprompt(args: argparse.Namespace) -> int:
 def _cmd_sam_clip(args: argparse.Namespace) -> int:
     import torch
 
-    from potpourri.papers.sam_clip import SamClipConfig, run_sam_clip_experiment
+    from potpourri.papers.sam_clip import SamClipConfig, check_teachers, run_sam_clip_experiment
 
-    if args.teacher_b_dpam is not None:  # checked before anything is written
+    _check_teacher_flags(args)  # all checked before anything is written
+    if args.teacher_b_dpam is not None:
         _check_dpam_block(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -122,25 +123,41 @@ def _cmd_sam_clip(args: argparse.Namespace) -> int:
                            clip_path=args.clip, clip_steps=args.clip_steps, held_out=tuple(args.held_out),
                            b_per_kind=args.b_per_kind, zs_per_kind=args.zs_per_kind,
                            segmenter_steps=args.segmenter_steps, margin=args.margin,
-                           dpam_from=args.teacher_b_dpam)  # fmt: skip
+                           dpam_from=args.teacher_b_dpam, sam_weights=args.sam_weights, clip_arch=args.clip_arch,
+                           clip_weights=args.clip_weights)  # fmt: skip
+    check_teachers(config, args.sam)
     run = run_sam_clip_experiment(config, out=args.out, sam_path=args.sam, options=_train_options(args))
     print((run.path / "results.md").read_text(), end="")
     print(f"run: {run.path}")
     return 0
 
 
+def _check_teacher_flags(args: argparse.Namespace) -> None:
+    """--sam-weights / --clip-arch / --clip-weights: teacher B = clip (the language path), and a known open_clip ViT."""
+    if (args.sam_weights or args.clip_arch or args.clip_weights) and args.teacher_b != "clip":
+        raise PotpourriError("--sam-weights / --clip-arch / --clip-weights apply to --teacher-b clip (with language)")
+    if args.clip_arch:
+        from potpourri.models.open_clip_loader import open_clip_vision_layers
+
+        open_clip_vision_layers(args.clip_arch)  # an unknown name or a non-ViT tower: one line, now
+
+
 def _check_dpam_block(args: argparse.Namespace) -> None:
-    """--teacher-b-dpam needs teacher B = clip and a block of its ViT (the given clip's, or the default's)."""
+    """--teacher-b-dpam needs teacher B = clip and a block of its ViT (given clip, open_clip or the default clip)."""
     import json
     from pathlib import Path
 
-    from potpourri.core.errors import PotpourriError
     from potpourri.models.clip_small import DEFAULT_CONFIG
 
     if args.teacher_b != "clip":
         raise PotpourriError("--teacher-b-dpam applies to --teacher-b clip (a ViT); lite0 has no attention to change")
-    config = json.loads((Path(args.clip) / "config.json").read_text()) if args.clip else DEFAULT_CONFIG
-    depth = config.get("vision", {}).get("depth", DEFAULT_CONFIG["vision"]["depth"])
+    if args.clip_arch:
+        from potpourri.models.open_clip_loader import open_clip_vision_layers
+
+        depth = open_clip_vision_layers(args.clip_arch)
+    else:
+        config = json.loads((Path(args.clip) / "config.json").read_text()) if args.clip else DEFAULT_CONFIG
+        depth = config.get("vision", {}).get("depth", DEFAULT_CONFIG["vision"]["depth"])
     if not 1 <= args.teacher_b_dpam <= depth:
         raise PotpourriError(f"--teacher-b-dpam {args.teacher_b_dpam}: the clip's ViT has blocks 1..{depth}")
 
@@ -174,6 +191,10 @@ def _register_sam_family(subparsers: argparse._SubParsersAction) -> None:
         "sam-clip", help="merge a SAM and a CLIP-style teacher into one student; forgetting and zero-shot by text"
     )
     c.add_argument("--sam", help="SAM folder (teacher A; its image_size must match; default: pretrain one)")
+    c.add_argument("--sam-weights", type=flags.existing_path, metavar="PATH",
+                   help="teacher A = an official SAM checkpoint on disk (sam_vit_b_01ec64.pth, or mobile_sam.pt "
+                   "with mobilesam-mirror), run at --image-size; the student copies its encoder; never downloaded",
+                   )  # fmt: skip
     c.add_argument("--student", default="sam",
                    help="timm model (random init, cut at stride 16), or 'sam' (teacher A's encoder)")  # fmt: skip
     c.add_argument("--image-size", type=flags.image_side, default=96)
@@ -198,6 +219,12 @@ def _register_sam_family(subparsers: argparse._SubParsersAction) -> None:
     help_clip = "clip_vit_tiny_minilm model folder (config.json + model.safetensors); default: train one here"
     c.add_argument("--clip", type=flags.existing_path, help=help_clip)
     c.add_argument("--clip-steps", type=flags.positive_int, default=300, help="steps when training the clip here")
+    c.add_argument("--clip-arch", metavar="ARCH",
+                   help="teacher B = this open_clip ViT (e.g. ViT-B-16, or a .json model config) with --clip-weights, "
+                   "run at --image-size; MaskCLIP-style patch tokens (ln_post, proj); needs open_clip")  # fmt: skip
+    c.add_argument("--clip-weights", type=flags.existing_path, metavar="PATH",
+                   help="local open_clip checkpoint for --clip-arch (.safetensors / .bin; never downloaded)",
+                   )  # fmt: skip
     c.add_argument("--teacher-b-dpam", type=flags.positive_int, default=None, metavar="BLOCK",
                    help="teacher B's patch tokens from DPAM's V-V stream from this block on (AnomalyCLIP's attention "
                    "surgery; e.g. 3 of the default 6); default: the ordinary q-k tokens")  # fmt: skip

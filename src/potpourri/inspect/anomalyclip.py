@@ -1,8 +1,9 @@
 """AnomalyCLIP (Zhou et al., ICLR 2024): object-agnostic learnable prompts for zero-shot anomaly detection.
 
-Reading order: the glocal losses → V-V ("diagonally prominent") attention and the dual-path image forward on an
-open_clip ViT → learnable object-agnostic prompts with deep text tokens → the open_clip towers and their loader →
-the prompt-training loop → config and the ``AnomalyCLIP`` method (fit on auxiliary categories, score unseen ones).
+Reading order: the glocal losses → (V-V "diagonally prominent" attention and the dual-path image forward on an
+open_clip ViT: ``models.dpam``) → learnable object-agnostic prompts with deep text tokens → the open_clip towers (their
+loader: ``models.open_clip_loader``) → the prompt-training loop → config and the ``AnomalyCLIP`` method (fit on
+auxiliary categories, score unseen ones).
 
 What matches the reference repo (``zqhang/AnomalyCLIP``): ``[V1..V12] object.`` / ``[W1..W12] damaged object.``
 prompts initialised N(0, 0.02); learnable tokens replacing positions 1..4 of text layers 1..depth-1; a dual path in
@@ -21,7 +22,6 @@ stand-in are already apart (``towers``, ``anomalyclip_standin``).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,7 +39,14 @@ from potpourri.core.errors import PotpourriError
 from potpourri.core.imaging import ImageInput, as_rgb
 from potpourri.inspect.base import InspectionMethod
 from potpourri.inspect.towers import OBJECT_PROMPTS, PromptLearner, Towers, replace_prefix
+from potpourri.models.dpam import dual_path_image_features, vv_attention, vv_attention_logits  # re-exported
 from potpourri.models.layers import dice_loss, multiclass_focal_loss
+from potpourri.models.open_clip_loader import (  # the one loader; its names stay importable from here
+    build_clip_from_config,
+    load_open_clip,
+    open_clip_module,
+    open_clip_tokenizer,
+)
 
 OWN_CLIP = "clip_vit_tiny_minilm"  # --clip with this name: our own CLIP-style model (--clip-weights RUN_FOLDER)
 
@@ -48,11 +55,13 @@ __all__ = [
     "AnomalyCLIP",
     "AnomalyCLIPConfig",
     "ClipTowers",
+    "build_clip_from_config",
     "dual_path_image_features",
     "glocal_loss",
     "load_open_clip",
     "train_prompts",
     "vv_attention",
+    "vv_attention_logits",
 ]
 
 
@@ -82,73 +91,6 @@ def glocal_loss(
     return total, {"loss": total.item(), "local": local.item(), "image": image.item()}
 
 
-# ----------------------------------------------------------------------------------------------- V-V attention
-def _value_heads(attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
-    """The value projection of ``attn`` split into heads: (B, L, W) -> (B, H, L, W/H)."""
-    if not attn._qkv_same_embed_dim or attn.in_proj_weight is None:
-        raise PotpourriError("V-V attention needs an open_clip block with a packed in_proj (default block_type)")
-    width, heads = attn.embed_dim, attn.num_heads
-    bias = None if attn.in_proj_bias is None else attn.in_proj_bias[2 * width :]
-    v = F.linear(x, attn.in_proj_weight[2 * width :], bias)  # (B, L, W)
-    return v.view(x.shape[0], x.shape[1], heads, width // heads).transpose(1, 2)
-
-
-def vv_attention_logits(attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
-    """Per-head V-V attention logits v·vᵀ/√d, (B, H, L, L): symmetric by construction (q = k = v)."""
-    v = _value_heads(attn, x)
-    return v @ v.transpose(-2, -1) * v.shape[-1] ** -0.5
-
-
-def vv_attention(attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
-    """Self-attention of ``attn``'s weights with q = k = v (the "diagonally prominent" path), (B, L, W)."""
-    v = _value_heads(attn, x)  # (B, H, L, d)
-    weights = (v @ v.transpose(-2, -1) * v.shape[-1] ** -0.5).softmax(-1)  # (B, H, L, L)
-    out = (weights @ v).transpose(1, 2).reshape(x.shape)  # (B, L, W)
-    return attn.out_proj(out)
-
-
-def dual_path_image_features(
-    visual: nn.Module, images: torch.Tensor, *, dual_from: int, layers: Sequence[int]
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Global embedding (B, D) from the untouched path and V-V patch tokens (B, h, w, D) at 1-based ``layers``.
-
-    From block ``dual_from`` (1-based) on, each block also runs a V-V branch on ``ln_1`` of the *original* tokens
-    and adds it to a second residual stream without the FFN (AnomalyCLIP's DPAM). Nothing is updated in place, so
-    every tapped layer keeps its own tokens.
-    """
-    blocks = visual.transformer.resblocks
-    x = visual._embeds(images)  # (B, 1+N, W), positional embedding and ln_pre applied
-    vv: torch.Tensor | None = None
-    taps: dict[int, torch.Tensor] = {}
-    for number, block in enumerate(blocks, start=1):
-        if number < dual_from:
-            x = block(x)  # the vanilla block, untouched
-        else:
-            y = block.ln_1(x)
-            original = x + block.ls_1(block.attention(q_x=y))  # exactly the vanilla attention step
-            original = original + block.ls_2(block.mlp(block.ln_2(original)))
-            vv = (x if vv is None else vv) + block.ls_1(vv_attention(block.attn, y))  # skips the FFN
-            x = original
-        if number in layers:
-            taps[number] = x if vv is None else vv
-    pooled, _ = visual._pool(x)  # vanilla pooling: ln_post, then the class token
-    global_embedding = pooled @ visual.proj  # (B, D)
-    gh, gw = visual.grid_size
-    patch_maps = []
-    for number in layers:
-        tokens = visual.ln_post(taps[number][:, 1:]) @ visual.proj  # (B, N, D)
-        patch_maps.append(tokens.view(tokens.shape[0], gh, gw, -1))  # (B, h, w, D)
-    return global_embedding, patch_maps
-
-
-def _open_clip() -> Any:
-    try:
-        import open_clip
-    except ImportError as exc:
-        raise PotpourriError("AnomalyCLIP on CLIP needs open_clip: pip install 'potpourri[clip]'") from exc
-    return open_clip
-
-
 class ClipTowers(Towers):
     """A frozen open_clip model with the dual-path image forward and a prompt-learned text forward.
 
@@ -172,7 +114,7 @@ class ClipTowers(Towers):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        open_clip = _open_clip()
+        open_clip = open_clip_module()
         visual = getattr(clip, "visual", None)
         if not hasattr(visual, "transformer") or not hasattr(visual, "grid_size"):
             raise PotpourriError("AnomalyCLIP needs an open_clip ViT image tower (not ResNet or timm towers)")
@@ -192,10 +134,7 @@ class ClipTowers(Towers):
             raise PotpourriError(f"feature layers {self.feature_layers} must lie in 1..{n_visual}")
         width = self.text.token_embedding.weight.shape[1]
         self.prompts = PromptLearner(width, n_ctx=n_ctx, depth=min(depth, n_text), deep_length=deep_length, seed=seed)
-        context = int(getattr(self.text, "context_length", 77))
-        self.tokenizer = tokenizer or (
-            open_clip.get_tokenizer(model_name) if model_name else open_clip.SimpleTokenizer(context_length=context)
-        )
+        self.tokenizer = tokenizer or open_clip_tokenizer(clip, model_name)
         placeholder = " ".join(["X"] * n_ctx)
         ids = self.tokenizer([f"{placeholder} {name}" for name in OBJECT_PROMPTS])  # (2, T)
         self.register_buffer("prompt_ids", ids, persistent=False)
@@ -259,54 +198,6 @@ class ClipTowers(Towers):
 def _eos(text: nn.Module) -> dict[str, Any]:
     eos = getattr(text, "text_eos_id", None) or getattr(text, "eos_id", None)
     return {"eos_token_id": eos}
-
-
-def load_open_clip(model: str, weights: str | None, *, image_size: int | None = None) -> nn.Module:
-    """An open_clip model built from an architecture name (or a JSON model config) with weights from a local file.
-
-    Nothing is downloaded. Example:
-        clip = load_open_clip("ViT-L-14-336", "open_clip_pytorch_model.bin")
-    """
-    open_clip = _open_clip()
-    if weights is None:
-        raise PotpourriError(
-            f"--clip {model} needs --clip-weights PATH: an open_clip checkpoint on disk (.safetensors or .bin), e.g. "
-            f"`huggingface-cli download timm/vit_base_patch16_clip_224.openai open_clip_model.safetensors`"
-        )
-    path = Path(weights)
-    if not path.is_file():
-        raise PotpourriError(
-            f"CLIP weights '{path}' not found; download an open_clip checkpoint for '{model}' (e.g. "
-            "`huggingface-cli download timm/vit_base_patch16_clip_224.openai open_clip_model.safetensors`) "
-            "and pass its path to --clip-weights"
-        )
-    config_path = Path(model)
-    if config_path.suffix == ".json" and config_path.is_file():
-        clip = build_clip_from_config(json.loads(config_path.read_text()))
-    else:
-        if model not in open_clip.list_models():
-            raise PotpourriError(
-                f"unknown open_clip model '{model}'; see open_clip.list_models() or pass a .json config"
-            )
-        kwargs = {"force_image_size": image_size} if image_size else {}
-        clip = open_clip.create_model(model, pretrained=None, load_weights=False, **kwargs)
-    try:
-        open_clip.load_checkpoint(clip, str(path), weights_only=True)
-    except Exception as exc:  # a TorchScript OpenAI .pt, a wrong architecture, a corrupt file
-        raise PotpourriError(
-            f"could not load '{path}' into open_clip '{model}' ({type(exc).__name__}: {str(exc)[:120]}); pass an "
-            "open_clip state dict (.safetensors/.bin) of that architecture, not an OpenAI TorchScript .pt"
-        ) from exc
-    return clip.eval()
-
-
-def build_clip_from_config(config: dict[str, Any]) -> nn.Module:
-    """A randomly initialised open_clip ``CLIP`` from a config dict (``embed_dim``, ``vision_cfg``, ``text_cfg``)."""
-    open_clip = _open_clip()
-    try:
-        return open_clip.CLIP(**config).eval()
-    except TypeError as exc:
-        raise PotpourriError(f"bad open_clip model config ({exc}); give embed_dim, vision_cfg and text_cfg") from exc
 
 
 # ----------------------------------------------------------------------------------------------- training

@@ -3,7 +3,9 @@
 Teacher B is either our CLIP-style model (``teacher_b="clip"``, the default: ``clip_vit_tiny_minilm``, separate trunk,
 patch tokens distilled, zero-shot segmentation by text on surfaces the clip never saw) or, as before, the ImageNet
 Lite0's pooled feature (``teacher_b="lite0"``: no language, shares the student's trunk). Both report forgetting of the
-SAM head with vs without rehearsal.
+SAM head with vs without rehearsal. With weights on disk the language path takes an official SAM / MobileSAM as
+teacher A (``sam_weights``: ``models.sam_official``) and an open_clip ViT as teacher B (``clip_arch`` +
+``clip_weights``: ``segment.clip_teacher.OpenClipTeacher``).
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ class SamClipConfig:
     segmenter_steps: int = 400  # the supervised baseline (Lite0 UNet, trained on the clip's surfaces' masks)
     margin: float = 0.0  # zero-shot: a defect must beat the background prompt's cosine by this much
     dpam_from: int | None = None  # teacher B's patch tokens from DPAM's V-V stream from this block on (None: q-k)
+    sam_weights: str | None = None  # teacher A = an official SAM / MobileSAM checkpoint (run at image_size), not ours
+    clip_arch: str | None = None  # teacher B = this open_clip architecture (or .json config) with clip_weights
+    clip_weights: str | None = None  # ... its local checkpoint (never downloaded)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -103,6 +108,8 @@ def run_sam_clip_experiment(
         return run_sam_clip_language(cfg, out=out, sam_path=sam_path, progress=progress, options=options)
     if cfg.teacher_b != "lite0":
         raise PotpourriError(f"teacher_b '{cfg.teacher_b}' must be clip or lite0")
+    if cfg.sam_weights or cfg.clip_arch or cfg.clip_weights:
+        raise PotpourriError("official SAM / open_clip teachers apply to teacher_b clip (the language path)")
     options = options or TrainOptions(progress=progress)
     check_resumable(out, options)
     started = time.perf_counter()
@@ -199,11 +206,43 @@ def _language_markdown(rows: list[dict[str, Any]], classes: tuple[str, ...]) -> 
     return markdown_table(header, cells)
 
 
+def check_teachers(cfg: SamClipConfig, sam_path: str | os.PathLike | None = None) -> None:
+    """One-line errors, before anything is written, for teachers given twice, half or not on disk."""
+    if cfg.sam_weights is not None:
+        if sam_path is not None:
+            raise PotpourriError("teacher A is our SAM (--sam FOLDER) or an official one (--sam-weights), not both")
+        if not Path(cfg.sam_weights).is_file():
+            raise PotpourriError(f"SAM checkpoint '{cfg.sam_weights}' not found (sam_vit_b_01ec64.pth, mobile_sam.pt)")
+    if (cfg.clip_arch is None) != (cfg.clip_weights is None):
+        raise PotpourriError("an open_clip teacher B needs both --clip-arch ARCH and --clip-weights PATH")
+    if cfg.clip_arch is not None:
+        if cfg.clip_path:
+            raise PotpourriError("teacher B is either our clip (--clip FOLDER) or open_clip (--clip-arch), not both")
+        if not Path(cfg.clip_weights).is_file():
+            raise PotpourriError(f"CLIP weights '{cfg.clip_weights}' not found; pass a local open_clip checkpoint")
+
+
+def _sam_teacher(cfg: SamClipConfig, sam_path, save_to: Path, options: TrainOptions, checkpoints: Path):
+    """(teacher A, its name): an official SAM / MobileSAM from ``cfg.sam_weights`` at ``cfg.image_size`` (frozen), or
+    our small SAM, loaded from ``sam_path`` or pretrained here."""
+    from potpourri.segment.sam_prompt import load_or_pretrain_sam
+
+    if cfg.sam_weights is None:
+        return load_or_pretrain_sam(sam_path, cfg, save_to, options=options, checkpoints=checkpoints), "small SAM"
+    from potpourri.core.training import resolve_device
+    from potpourri.models.sam_official import load_official_sam
+
+    sam = load_official_sam(cfg.sam_weights, image_size=cfg.image_size).to(resolve_device(options.device))
+    return sam, f"official {sam.config.variant} SAM, `{cfg.sam_weights}`, at {cfg.image_size} px"
+
+
 def _clip_teacher(cfg: SamClipConfig, quick: bool, folder: Path, options: TrainOptions):
-    """(clip, trained-on surfaces, how it was obtained): loaded from ``cfg.clip_path``, a random tiny one (quick), or
-    trained here by a time-capped ``reproduce clip-small``."""
+    """(teacher B, its data's surfaces, how it was obtained): open_clip from ``cfg.clip_arch`` + ``cfg.clip_weights``,
+    our clip loaded from ``cfg.clip_path``, a random tiny one (quick), or trained here by a time-capped
+    ``reproduce clip-small``."""
     from potpourri.models.clip_small import load_small_clip
     from potpourri.papers.clip_small import QUICK, ClipSmallConfig, build_model, reproduce_clip_small
+    from potpourri.segment.clip_teacher import OpenClipTeacher, SmallClipTeacher
     from potpourri.vlm.clip import ClipTrainConfig
 
     def check(trained_on: tuple[str, ...]) -> tuple[str, ...]:
@@ -212,15 +251,19 @@ def _clip_teacher(cfg: SamClipConfig, quick: bool, folder: Path, options: TrainO
             raise PotpourriError(f"held-out surfaces {sorted(overlap)} were in the clip's training data")
         return trained_on
 
+    if cfg.clip_arch:  # web-trained: its distillation data here are clip-small's surfaces, never a held-out one
+        teacher = OpenClipTeacher.load(cfg.clip_arch, cfg.clip_weights, image_size=cfg.image_size)
+        how = f"loaded from `{cfg.clip_weights}` at {cfg.image_size} px, MaskCLIP-style patch tokens"
+        return teacher, check(ClipSmallConfig().train_surfaces), how
     if cfg.clip_path:
         path = Path(cfg.clip_path)
         config = path / "config.json" if path.is_dir() else path.parent / "config.json"
         trained_on = json.loads(config.read_text()).get("trained_on") if config.is_file() else None
         trained_on = check(tuple(trained_on or ("brick", "grass", "gravel")))  # clip-small's default surfaces
-        return load_small_clip(path), trained_on, f"loaded from `{path}`"
+        return SmallClipTeacher(load_small_clip(path)), trained_on, f"loaded from `{path}`"
     if quick:
         how = "a random tiny clip (quick run: numbers meaningless)"
-        return build_model(QUICK, 0).eval(), check(QUICK.train_surfaces), how
+        return SmallClipTeacher(build_model(QUICK, 0).eval()), check(QUICK.train_surfaces), how
     check(ClipSmallConfig().train_surfaces)
     steps = cfg.clip_steps
     clip_cfg = ClipSmallConfig(image_size=cfg.image_size, train_per_kind=cfg.clip_per_kind, clutter=cfg.clutter_images,
@@ -234,7 +277,7 @@ def _clip_teacher(cfg: SamClipConfig, quick: bool, folder: Path, options: TrainO
         f"trained here, time-capped: `reproduce clip-small` code, {steps} steps at batch 32, {cfg.clip_per_kind} "
         f"images per kind (the documented model has 1000 steps at batch 64, 60 per kind), `{model_folder}`"
     )
-    return load_small_clip(model_folder), clip_cfg.train_surfaces, how
+    return SmallClipTeacher(load_small_clip(model_folder)), clip_cfg.train_surfaces, how
 
 
 def run_sam_clip_language(
@@ -255,32 +298,26 @@ def run_sam_clip_language(
     from potpourri.data.captions import clutter_pairs
     from potpourri.data.synth import CLASSES, DEFECTS, make_samples
     from potpourri.segment.sam import check_resumable, continue_metrics, synth_regions
-    from potpourri.segment.sam_clip import (
-        predict_head,
-        prompt_miou,
-        teacher_b_patches,
-        text_prompts,
-        zero_shot_segment,
-    )
-    from potpourri.segment.sam_prompt import image_embeddings, load_or_pretrain_sam
+    from potpourri.segment.sam_clip import predict_head, prompt_miou, text_prompts, zero_shot_segment
+    from potpourri.segment.sam_prompt import image_embeddings
     from potpourri.segment.segmenter import SegmenterConfig, evaluate_segmentation, train_segmenter
-    from potpourri.vlm.clip import embed_texts, images_to_tensor
 
     cfg = config or SamClipConfig()
     options = options or TrainOptions(progress=progress)
     check_resumable(out, options)
+    check_teachers(cfg, sam_path)
     started = time.perf_counter()
     run = new_run("sam-clip", out, config={**asdict(cfg), "sam_path": str(sam_path) if sam_path else None},
                   seed=cfg.seed)  # fmt: skip
     timings: dict[str, float] = {}
     checkpoints = run.path / "checkpoints"
     log = continue_metrics(run, options.resume)
-    sam = load_or_pretrain_sam(sam_path, cfg, run.path / "sam", options=options, checkpoints=checkpoints / "sam")
+    sam, sam_name = _sam_teacher(cfg, sam_path, run.path / "sam", options, checkpoints / "sam")
     device = sam.pixel_mean.device
     clip, trained_on, clip_how = _clip_teacher(cfg, quick, run.path / "clip-small", options)
-    clip = clip.to(device).eval().requires_grad_(False)
+    clip.to(device)
     timings["teachers_s"] = time.perf_counter() - started
-    mean, std = sam.pixel_mean, sam.pixel_std  # the student reads SAM's (Lite0's) normalisation; the clip its own
+    mean, std = sam.pixel_mean, sam.pixel_std  # the student reads SAM's normalisation; the clip its own
     size = cfg.image_size
 
     # data: A = SAM's DS-Synth regions; B = the clip's training surfaces + clutter; every test on held-out surfaces
@@ -301,14 +338,14 @@ def run_sam_clip_language(
     grid = size // 16  # the student's stride-16 grid; a clip with another patch size is average-pooled onto it
 
     def b_targets(images: np.ndarray) -> torch.Tensor:
-        patches = teacher_b_patches(clip, images_to_tensor(images), dpam_from=cfg.dpam_from)
+        patches = clip.patch_tokens(clip.normalise(images), dpam_from=cfg.dpam_from)
         return patches if patches.shape[-1] == grid else F.adaptive_avg_pool2d(patches, grid)
 
     train = {"sam": (normalised(a_train, mean, std), image_embeddings(sam, a_train)),
              "clip": (normalised(b_images, mean, std), b_targets(b_images))}  # fmt: skip
     a_test_x, a_test_emb = normalised(a_test, mean, std), image_embeddings(sam, a_test)
     zs_x, zs_teacher = normalised(zs_images, mean, std), b_targets(zs_images)
-    texts = {surface: embed_texts(clip, text_prompts(surface, CLASSES)).to(device) for surface in cfg.held_out}
+    texts = {surface: clip.encode_texts(text_prompts(surface, CLASSES)).to(device) for surface in cfg.held_out}
     timings["data_s"] = time.perf_counter() - started - timings["teachers_s"]
 
     def zero_shot(patches: torch.Tensor) -> dict[str, Any]:
@@ -324,9 +361,10 @@ def run_sam_clip_language(
                 "A: box mIoU": prompt_miou(sam, embeddings, a_items, "box"),
                 "A: embedding nMSE": float(F.mse_loss(embeddings, target) / target.var())}  # fmt: skip
 
-    native = teacher_b_patches(clip, images_to_tensor(zs_images), dpam_from=cfg.dpam_from)  # B on its own grid
+    native = clip.patch_tokens(clip.normalise(zs_images), dpam_from=cfg.dpam_from)  # B on its own grid
+    sam_arm = "small SAM" if cfg.sam_weights is None else f"official {sam.config.variant} SAM"
     rows: list[dict[str, Any]] = [
-        {"arm": "teacher A (small SAM)", **sam_metrics(a_test_emb)},
+        {"arm": f"teacher A ({sam_arm})", **sam_metrics(a_test_emb)},
         {"arm": "teacher B alone (clip patch–text cosine)", "B: patch cosine": 1.0, **zero_shot(native)},
     ]
     t0 = time.perf_counter()
@@ -394,10 +432,13 @@ def run_sam_clip_language(
                "timings": {k: round(v, 1) for k, v in timings.items()},
                "train_sizes": {k: len(v[0]) for k, v in train.items()}, "test_regions": len(a_items),
                "zero_shot_images": len(zs_images)}  # fmt: skip
+    if cfg.sam_weights or cfg.clip_arch:  # teachers from disk: named (the default summary keeps its keys)
+        summary["teachers"] = {"A": sam_name, "B": clip.name}
     run.write_summary(summary)
     header = (
-        f"SAM-CLIP with language at {size} px: teacher A = small SAM ({len(a_train)} train images), teacher B = "
-        f"clip_vit_tiny_minilm ({clip_how}; trained on {', '.join(trained_on)}), student = "
+        f"SAM-CLIP with language at {size} px: teacher A = {sam_name} ({len(a_train)} train images), teacher B = "
+        f"{clip.name} ({clip_how}; {'distilled' if cfg.clip_arch else 'trained'} on {', '.join(trained_on)}), "
+        f"student = "
         f"{'copy of teacher A encoder' if cfg.student == 'sam' else cfg.student} + a patch CLIP head. B data: "
         f"{len(b_images)} images. Tests on held-out surfaces {', '.join(cfg.held_out)} only: {len(a_items)} SAM "
         f"regions, {len(zs_images)} zero-shot images (prompts: 'a <surface> surface with a <defect>', background "

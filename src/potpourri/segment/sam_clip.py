@@ -102,9 +102,11 @@ class SamClipStudent(nn.Module):
         if clip_head not in CLIP_HEADS:
             raise PotpourriError(f"unknown clip head '{clip_head}'; choose from {', '.join(CLIP_HEADS)}")
         self.backbone = backbone
-        with torch.no_grad():
-            device = next(backbone.parameters()).device  # a teacher's copy may sit on the GPU
-            channels = backbone.eval()(torch.zeros(1, 3, 64, 64, device=device)).shape[1]
+        channels = getattr(backbone, "out_channels", None)  # an official SAM trunk states it (fixed input size)
+        if channels is None:
+            with torch.no_grad():
+                device = next(backbone.parameters()).device  # a teacher's copy may sit on the GPU
+                channels = backbone.eval()(torch.zeros(1, 3, 64, 64, device=device)).shape[1]
         self.sam_head = nn.Sequential(  # the layout of SAM's neck
             nn.Conv2d(channels, sam_dim, 1, bias=False),
             LayerNorm2d(sam_dim),
@@ -129,7 +131,8 @@ def build_student(
     name: str, *, sam_dim: int, clip_dim: int, seed: int = 0, sam: Sam | None = None, clip_head: str = "pooled"
 ) -> SamClipStudent:
     """``"sam"``: teacher A's image encoder (backbone + neck) copied, as SAM-CLIP starts from SAM's ViT, with a new
-    random CLIP head; otherwise a randomly initialised ``"tiny"`` trunk (tests) or timm model cut at stride 16."""
+    random CLIP head (an official SAM: its trunk and neck, ``models.sam_official``); otherwise a randomly initialised
+    ``"tiny"`` trunk (tests) or timm model cut at stride 16."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if name == "sam":
