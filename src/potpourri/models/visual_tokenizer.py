@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 TARGETS = ("pooled", "tokens")
+TEXT_SOURCES = ("last", "codes")
 
 
 @dataclass
@@ -71,6 +72,7 @@ class SEEDConfig:
     target: str = "pooled"  # pooled | tokens: what the decoder reconstructs
     num_feature_tokens: int = 16  # h*w of the feature grid (target="tokens" only)
     text_dim: int = 0  # > 0: SEED's text alignment, a head from the last causal query to a caption space this wide
+    text_from: str = "last"  # last: the last causal query (continuous) | codes: the quantised codes (straight-through)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -267,7 +269,7 @@ class TokenizerOutput:
     indices: torch.Tensor  # (B, Q) long
     reconstruction: torch.Tensor  # (B, C) pooled or (B, N, C) tokens
     target: torch.Tensor  # same shape as reconstruction
-    text: torch.Tensor | None = None  # (B, text_dim): the last causal query in the caption space (text_dim > 0)
+    text: torch.Tensor | None = None  # (B, text_dim): the last query or the codes in the caption space (text_dim > 0)
 
 
 def _feature_tokens(features: torch.Tensor) -> torch.Tensor:
@@ -287,6 +289,8 @@ class SEEDTokenizer(nn.Module):
         cfg = self.config = config or SEEDConfig()
         if cfg.target not in TARGETS:
             raise PotpourriError(f"unknown reconstruction target '{cfg.target}'; choose from {', '.join(TARGETS)}")
+        if cfg.text_from not in TEXT_SOURCES:
+            raise PotpourriError(f"unknown text source '{cfg.text_from}'; choose from {', '.join(TEXT_SOURCES)}")
         self.qformer = CausalQFormer(cfg.feature_dim, num_queries=cfg.num_queries, dim=cfg.dim, heads=cfg.heads,
                                      layers=cfg.layers)  # fmt: skip
         self.to_code = nn.Linear(cfg.dim, cfg.code_dim)
@@ -294,18 +298,39 @@ class SEEDTokenizer(nn.Module):
                                          ema_decay=cfg.ema_decay, recent_size=cfg.recent_size)  # fmt: skip
         outputs = 1 if cfg.target == "pooled" else cfg.num_feature_tokens
         self.decoder = FeatureDecoder(cfg.code_dim, cfg.feature_dim, dim=cfg.dim, heads=cfg.heads, outputs=outputs)
-        # SEED aligns the causal Q-Former's final embedding (it has seen every earlier query) with the caption's
-        self.text_head = nn.Linear(cfg.dim, cfg.text_dim) if cfg.text_dim > 0 else None
+        # SEED aligns the causal Q-Former's final embedding (it has seen every earlier query) with the caption's;
+        # text_from="codes" reads the quantised codes instead (a learned query attending to them), so only what
+        # survives quantisation can match the caption, and discrete tokens alone (an LM's, a sampler's) have a text side
+        self.text_head: nn.Module | None = None
+        if cfg.text_dim > 0 and cfg.text_from == "last":
+            self.text_head = nn.Linear(cfg.dim, cfg.text_dim)
+        elif cfg.text_dim > 0:
+            self.text_head = FeatureDecoder(cfg.code_dim, cfg.text_dim, dim=cfg.dim, heads=cfg.heads, outputs=1)
 
     def encode(self, features: torch.Tensor) -> torch.Tensor:
         """Continuous (pre-quantisation) query codes ``(B, Q, d)``."""
         return self.to_code(self.qformer(_feature_tokens(features)))
 
     def text_embedding(self, features: torch.Tensor) -> torch.Tensor:
-        """The image in the caption space ``(B, text_dim)``: the text head on the last causal query."""
+        """The image in the caption space ``(B, text_dim)``: the text head on the last causal query, or on the
+        image's quantised codes (``text_from="codes"``)."""
         if self.text_head is None:
             raise PotpourriError("this tokenizer has no text head; build it with text_dim > 0")
+        if self.config.text_from == "codes":
+            return self.text_of_tokens(self.tokenize(features))
         return self.text_head(self.qformer(_feature_tokens(features))[:, -1])
+
+    def text_of_tokens(self, indices: torch.Tensor) -> torch.Tensor:
+        """Discrete tokens ``(B, Q)`` -> their caption-space embedding ``(B, text_dim)`` (``text_from="codes"``)."""
+        if self.text_head is None or self.config.text_from != "codes":
+            raise PotpourriError("only a tokenizer with text_dim > 0 and text_from='codes' reads text from tokens")
+        self._check_tokens(indices)
+        return self.text_head(self.quantizer.codebook[indices].detach())[:, 0]
+
+    def _check_tokens(self, indices: torch.Tensor) -> None:
+        if indices.numel() and (indices.min() < 0 or indices.max() >= self.config.codebook_size):
+            raise PotpourriError(f"image tokens must lie in [0, {self.config.codebook_size}); got "
+                                 f"[{int(indices.min())}, {int(indices.max())}]")  # fmt: skip
 
     def target_of(self, features: torch.Tensor) -> torch.Tensor:
         """What the decoder reconstructs: mean-pooled ``(B, C)`` or the token grid ``(B, N, C)``."""
@@ -340,7 +365,11 @@ class SEEDTokenizer(nn.Module):
         recon_loss = (1 - F.cosine_similarity(reconstruction, target, dim=-1)).mean() + F.mse_loss(
             reconstruction, target
         ) / scale.clamp(min=1e-8)  # scale-free MSE + cosine
-        text = self.text_head(hidden[:, -1]) if self.text_head is not None else None
+        text = None  # codes: the text head reads the straight-through quantised vectors (gradients reach the encoder)
+        if self.text_head is not None and self.config.text_from == "codes":
+            text = self.text_head(quantised)[:, 0]
+        elif self.text_head is not None:
+            text = self.text_head(hidden[:, -1])
         return TokenizerOutput(recon_loss + vq_loss, recon_loss, vq_loss, indices, reconstruction, target, text)
 
     @torch.no_grad()
@@ -351,9 +380,7 @@ class SEEDTokenizer(nn.Module):
     @torch.no_grad()
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
         """Discrete tokens ``(B, Q)`` -> reconstructed features (pooled ``(B, C)`` or ``(B, N, C)``)."""
-        if indices.min() < 0 or indices.max() >= self.config.codebook_size:
-            raise PotpourriError(f"image tokens must lie in [0, {self.config.codebook_size}); got "
-                                 f"[{int(indices.min())}, {int(indices.max())}]")  # fmt: skip
+        self._check_tokens(indices)
         return self.decode_codes(self.quantizer.codebook[indices])
 
 

@@ -61,8 +61,8 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     ),
     "seed-speaks": (
         "potpourri.papers.seed_speaks:run",
-        "SEED tokenizer with vs without SEED's text alignment (MiniLM captions), plus a pixel decoder trained here: "
-        "what the tokens carry (defect kind, surface, caption -> image), PSNR and a Lite0 Fréchet distance",
+        "SEED tokenizer without text, aligned on its last query, aligned on its quantised codes (MiniLM captions); "
+        "pixel decoders (codes, codes + colour tokens) and a caption-conditioned code sampler writing new images",
     ),
     "sam-clip": (
         "potpourri.papers.sam_clip:run",
