@@ -37,8 +37,9 @@ def test_seed_table_reads_dotted_paths_and_refuses_a_missing_key(tmp_path, capsy
         run.mkdir()
         (run / "summary.json").write_text(json.dumps({"stages": [{"m": {"acc": 0.0}}, {"m": {"acc": value}}]}))
         runs.append(str(run))
-    assert module.main([f"A={','.join(runs)}", "--key", "stages.-1.m.acc"]) == 0
-    row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert module.main([f"A={','.join(runs)}", "--key", "last acc=stages.-1.m.acc"]) == 0
+    header, _, row = capsys.readouterr().out.strip().splitlines()
+    assert header == "| arm | seeds | last acc |"
     assert (
         row
         == f"| A | 3 | {np.mean([0.2, 0.4, 0.9]):.3f} ± {np.std([0.2, 0.4, 0.9], ddof=1):.3f} (0.200, 0.400, 0.900) |"
