@@ -3,7 +3,8 @@
 (a) the trained ``yolo_rep_n`` brick detector (a ``potpourri detect train`` run) frozen, only the mask head of
 ``potpourri.detect.mask_head`` trained for ``--budget`` seconds (including the one-off feature cache);
 (b) torchvision's ``MaskRCNN`` class with a small backbone (ImageNet EfficientNet-Lite0 stages, or our EfficientRep
-from scratch) + FPN (64 channels) and slim heads, trained end to end for the same seconds (``--maskrcnn-budgets``).
+from scratch) + FPN (64 channels) and slim heads, trained end to end for the same seconds (``--maskrcnn-budgets``);
+builder and loop are ``potpourri.detect.maskrcnn``'s, shared with ``reproduce mask-frozen-detr``.
 Same DS-Synth brick data (one instance per connected defect region), 256 px, 1 thread, COCO mask AP (pycocotools).
 Run: `.venv/bin/python benchmarks/mask_head.py --run /tmp/yolo_work/run_brick --budget 150 --maskrcnn-budgets 150`
 Total cost (detector training + head): `... --maskrcnn-only --maskrcnn-budgets 685` (records wall and CPU seconds).

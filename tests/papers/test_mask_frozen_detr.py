@@ -1,5 +1,6 @@
-"""``reproduce mask-frozen-detr``: the quick run reports both arms with one head code path; a DETR checkpoint folder
-of another config is refused rather than resumed."""
+"""``reproduce mask-frozen-detr``: the quick run reports both frozen arms with one head code path and the two
+end-to-end arms stopped at the frozen DETR arm's CPU budget; a re-run on the same folder trains nothing again; a DETR
+checkpoint folder of another config is refused rather than resumed."""
 
 from __future__ import annotations
 
@@ -26,6 +27,22 @@ def test_quick_run_reports_both_frozen_detectors(tmp_path) -> None:
         assert 0.0 <= row["box_map50"] <= 1.0 and 0.0 <= row["mask_map50"] <= 1.0
     pieces = json.loads((run.path / "detr_checkpoints" / "pieces.json").read_text())
     assert pieces["pieces"][0]["steps_after"] == 3
+
+    # equal total CPU: budget = the DETR's training CPU + its head's, and both end-to-end arms stop there
+    budget = summary["verdict"]["budget_cpu_s"]
+    assert budget == pytest.approx(pieces["pieces"][0]["cpu_s"] + detr["head_cpu_s"])
+    for name in ("DETR + head jointly (full fine-tuning, Lite0 frozen)", "Mask R-CNN (Lite0 + FPN 64, end to end)"):
+        row = summary["rows"][name]
+        assert f"| {name} |" in results
+        assert budget <= row["cpu_s"] <= budget + row["max_step_cpu_s"] + 0.1 and row["steps"] < 100_000
+        assert 0.0 <= row["box_map50"] <= 1.0 and 0.0 <= row["mask_map50"] <= 1.0
+
+    # the same folder again: every arm is kept, nothing trains, the DETR gets no new piece
+    again = json.loads((run_experiment("mask-frozen-detr", quick=True, out=str(run.path)).path / "summary.json")
+                       .read_text())  # fmt: skip
+    assert all(row["reused"] for row in again["rows"].values())
+    assert again["rows"] == {k: {**v, "reused": True} for k, v in summary["rows"].items()}
+    assert len(json.loads((run.path / "detr_checkpoints" / "pieces.json").read_text())["pieces"]) == 1
 
 
 def test_a_checkpoint_folder_of_another_config_is_refused(tmp_path) -> None:
