@@ -24,7 +24,8 @@ training phase's CPU seconds are recorded (``time.process_time``). **Equal budge
 end-to-end arms stop once they have spent ``budget`` = the DETR arm's detector CPU s + its head's CPU s (checked
 before each step, so an arm ends at most one step over). Every arm's row is kept in ``<out>/arms/<arm>.json`` (the
 YOLO's weights in ``<out>/yolo``) with the config it was made under; a re-run with the same ``--out`` and config
-reuses the finished arms and trains only what is missing (the end-to-end arms are not resumable inside one arm:
+reuses the finished arms and trains only what is missing; a folder of the version before ``arms/`` gives its frozen
+arms' rows from its ``summary.json`` (the end-to-end arms are not resumable inside one arm:
 each is one budget, a few CPU-minutes, re-run whole if killed). Reading order: ``MaskFrozenDetrConfig`` →
 ``reproduce_mask_frozen_detr`` (data → DETR → YOLO → heads → equal-budget arms → tables) → ``run``.
 """
@@ -136,6 +137,36 @@ def _kept_arm(run_path: Path, key: str, identity: dict[str, Any], compute: Calla
     return {**row, "reused": False}
 
 
+_SPLIT_ONLY = ("detr_minutes", "detr_checkpoints", "progress")  # how the DETR's training is split and shown
+
+
+def _adopt_earlier_rows(path: Path, base: dict[str, Any]) -> list[str]:
+    """Keep the frozen arms' rows of a folder written before ``arms/`` existed (its ``summary.json``), when its
+    ``config.yaml`` equals ``base`` on every field it has; the arms adopted. The end-to-end arms are new."""
+    import yaml
+
+    from potpourri.core.io import atomic_write_bytes
+
+    config_path, summary_path = path / "config.yaml", path / "summary.json"
+    if (path / "arms").exists() or not config_path.is_file() or not summary_path.is_file():
+        return []
+    config = {k: v for k, v in (yaml.safe_load(config_path.read_text()) or {}).items() if k not in _SPLIT_ONLY}
+    rows = json.loads(summary_path.read_text()).get("rows", {})
+    if any(base.get(k, object()) != v for k, v in config.items()) or not {FROZEN_DETR, FROZEN_YOLO} <= rows.keys():
+        return []
+    detr, yolo = rows[FROZEN_DETR], rows[FROZEN_YOLO]
+    head_keys = ("head_steps", "head_cpu_s", "head_params", "mask_map50", "mask_map")
+    records = {
+        "detr_head": ({**base, "detr_steps_done": detr["steps"]}, {k: detr[k] for k in head_keys}),
+        "yolo": (base, {k: v for k, v in yolo.items() if k not in head_keys}),
+        "yolo_head": (base, {k: yolo[k] for k in head_keys}),
+    }
+    for key, (identity, row) in records.items():
+        record = {"identity": json.loads(json.dumps(identity)), "row": {**row, "adopted": True}}
+        atomic_write_bytes(path / "arms" / f"{key}.json", json.dumps(record, indent=1).encode())
+    return list(records)
+
+
 def _yolo_arm(cfg: MaskFrozenDetrConfig, train: list, test: list, names: tuple[str, ...], folder: Path, options):
     """Train ``yolo_rep_n`` from scratch, save it in ``folder``; its cost and box AP."""
     from potpourri.detect.train import DetectTrainConfig, evaluate_detector, save_detector, train_detector
@@ -222,11 +253,12 @@ def reproduce_mask_frozen_detr(
 
     started = time.perf_counter()
     options = options or TrainOptions(progress=False)
+    # what makes an arm's row: the config but for how the DETR's training is split and shown
+    base = {k: v for k, v in asdict(cfg).items() if k not in _SPLIT_ONLY}
+    adopted = _adopt_earlier_rows(Path(out), base) if out else []  # before config.yaml is rewritten
     run = new_run("reproduce-mask-frozen-detr", out, config=asdict(cfg), seed=cfg.seed)
     train, test, names = read_instance_data(f"ds-synth:{cfg.category}", image_size=cfg.image_size,
                                             per_kind=cfg.per_kind, seed=0)  # fmt: skip
-    # what makes an arm's row: the config but for how the DETR's training is split and shown
-    base = {k: v for k, v in asdict(cfg).items() if k not in ("detr_minutes", "detr_checkpoints", "progress")}
     folder = Path(cfg.detr_checkpoints) if cfg.detr_checkpoints else run.path / "detr_checkpoints"
     detr, detr_cost = _detr_arm(cfg, train, names, folder, options)
     detr_boxes = coco_map(predict_boxes(detr, [s.image for s in test]), test, len(names))
@@ -309,7 +341,11 @@ def reproduce_mask_frozen_detr(
         f"the head is {verdict['head_share_of_budget']:.0%} of that budget.",
         f"DETR loss (mean of first / last 20 steps): {detr_row['loss_first20']:.2f} / {detr_row['loss_last20']:.2f}.",
     ]
-    summary = {"rows": rows, "verdict": verdict, "seconds": time.perf_counter() - started,
+    if adopted:
+        lines.append(
+            f"Kept from this folder's earlier summary.json (written before arms/ existed): {', '.join(adopted)}."
+        )
+    summary = {"rows": rows, "verdict": verdict, "adopted": adopted, "seconds": time.perf_counter() - started,
                "threads": torch.get_num_threads()}  # fmt: skip
     (run.path / "results.md").write_text("\n".join(lines) + "\n")
     run.write_summary(summary)
