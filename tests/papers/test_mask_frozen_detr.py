@@ -54,3 +54,33 @@ def test_a_checkpoint_folder_of_another_config_is_refused(tmp_path) -> None:
                                pretrained_backbone=False, progress=False)  # fmt: skip
     with pytest.raises(PotpourriError, match="another config"):
         reproduce_mask_frozen_detr(cfg, out=str(tmp_path / "run"))
+
+
+@pytest.mark.slow
+@pytest.mark.one_thread
+def test_a_folder_of_the_earlier_version_gives_its_frozen_rows(tmp_path) -> None:
+    import dataclasses
+
+    import yaml
+
+    cfg = MaskFrozenDetrConfig(image_size=64, per_kind=1, detr_steps=3, yolo_epochs=1, head_seconds=5.0, head_steps=3,
+                               head_dim=16, pretrained_backbone=False, progress=False)  # fmt: skip
+    folder = tmp_path / "run"
+    folder.mkdir()
+    older = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("maskrcnn_backbone", "arm_max_steps")}
+    (folder / "config.yaml").write_text(yaml.safe_dump(older))
+    head = {"head_steps": 7, "head_cpu_s": 0.25, "head_params": 11, "mask_map50": 0.5, "mask_map": 0.25}
+    planted = {
+        "DETR (ours, frozen Lite0)": {"steps": 3, **head},
+        "yolo_rep_n (from scratch)": {"steps": 9, "finished": True, "pieces": 1, "cpu_s": 123.0, "wall_s": 130.0,
+                                      "box_map50": 0.75, "box_map": 0.5, **head, "mask_map50": 0.625},
+    }  # fmt: skip
+    (folder / "summary.json").write_text(json.dumps({"rows": planted}))
+    summary = json.loads((reproduce_mask_frozen_detr(cfg, out=str(folder)).path / "summary.json").read_text())
+    assert summary["adopted"] == ["detr_head", "yolo", "yolo_head"] and not (folder / "yolo").exists()  # no YOLO ran
+    yolo = summary["rows"]["yolo_rep_n (from scratch)"]
+    assert yolo["cpu_s"] == 123.0 and yolo["mask_map50"] == 0.625 and yolo["reused"]
+    detr = summary["rows"]["DETR (ours, frozen Lite0)"]
+    assert detr["head_steps"] == 7 and detr["mask_map50"] == 0.5  # the planted head; the DETR itself trained here
+    assert summary["verdict"]["budget_cpu_s"] == pytest.approx(detr["cpu_s"] + 0.25)
+    assert not summary["rows"]["Mask R-CNN (Lite0 + FPN 64, end to end)"]["reused"]  # the new arms ran
