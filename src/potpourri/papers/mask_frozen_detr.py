@@ -2,7 +2,8 @@
 
 Mask Frozen-DETR (Liang & Yuan, arXiv 2308.03747; withdrawn from ICLR 2024, no official code) trains only a light
 mask head on a frozen DETR-style detector. Here the head (``potpourri.detect.mask_head``) sees each detector through
-the ``FrozenDetector`` contract (``potpourri.detect.frozen``), so the two arms run identical head code:
+the ``FrozenDetector`` contract (``potpourri.detect.frozen``), so the two frozen arms run identical head code; two
+end-to-end arms are the comparison:
 
 - **DETR arm**: our small DETR on frozen ImageNet EfficientNet-Lite0 features (``potpourri.detect.detr``: 16 queries,
   3 decoder layers, d 128, Hungarian matching, focal + L1 + GIoU), trained here for ``detr_steps`` steps, at most
@@ -12,7 +13,6 @@ the ``FrozenDetector`` contract (``potpourri.detect.frozen``), so the two arms r
   state).
 - **YOLO arm**: ``yolo_rep_n`` trained from scratch here for ``yolo_epochs`` (``potpourri.detect.train``), frozen,
   the same head for the same seconds (query = the winning anchor's head features).
-
 - **Full fine-tuning arm**: the same small DETR and the same head trained jointly, end to end
   (``potpourri.detect.mask_joint``), from the frozen arm's initialisation, with the ImageNet Lite0 trunk frozen as
   in the DETR arm.
@@ -25,8 +25,8 @@ end-to-end arms stop once they have spent ``budget`` = the DETR arm's detector C
 before each step, so an arm ends at most one step over). Every arm's row is kept in ``<out>/arms/<arm>.json`` (the
 YOLO's weights in ``<out>/yolo``) with the config it was made under; a re-run with the same ``--out`` and config
 reuses the finished arms and trains only what is missing; a folder of the version before ``arms/`` gives its frozen
-arms' rows from its ``summary.json`` (the end-to-end arms are not resumable inside one arm:
-each is one budget, a few CPU-minutes, re-run whole if killed). Reading order: ``MaskFrozenDetrConfig`` →
+arms' rows from its ``summary.json``. The end-to-end arms are not resumable inside one arm: each is one budget, a
+few CPU-minutes, re-run whole if killed. Reading order: ``MaskFrozenDetrConfig`` →
 ``reproduce_mask_frozen_detr`` (data → DETR → YOLO → heads → equal-budget arms → tables) → ``run``.
 """
 
