@@ -3,7 +3,8 @@
 (a) the trained ``yolo_rep_n`` brick detector (a ``potpourri detect train`` run) frozen, only the mask head of
 ``potpourri.detect.mask_head`` trained for ``--budget`` seconds (including the one-off feature cache);
 (b) torchvision's ``MaskRCNN`` class with a small backbone (ImageNet EfficientNet-Lite0 stages, or our EfficientRep
-from scratch) + FPN (64 channels) and slim heads, trained end to end for the same seconds (``--maskrcnn-budgets``).
+from scratch) + FPN (64 channels) and slim heads, trained end to end for the same seconds (``--maskrcnn-budgets``);
+builder and loop are ``potpourri.detect.maskrcnn``'s, shared with ``reproduce mask-frozen-detr``.
 Same DS-Synth brick data (one instance per connected defect region), 256 px, 1 thread, COCO mask AP (pycocotools).
 Run: `.venv/bin/python benchmarks/mask_head.py --run /tmp/yolo_work/run_brick --budget 150 --maskrcnn-budgets 150`
 Total cost (detector training + head): `... --maskrcnn-only --maskrcnn-budgets 685` (records wall and CPU seconds).
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from potpourri.detect.mask_head import (
     train_mask_head,
     winning_anchors,
 )
+from potpourri.detect.maskrcnn import build_maskrcnn, predict_maskrcnn, train_maskrcnn
 from potpourri.detect.train import coco_map, evaluate_detector, load_detector
 
 
@@ -56,86 +57,6 @@ def oracle_box_masks(detector: nn.Module, head: MaskHead, samples: list[Instance
                           head.queries(frozen.embeds, rows, anchors))  # fmt: skip
             masks = (paste_masks(logits.sigmoid(), boxes, s.image.shape[:2]) > 0.5).numpy()
         out.append({"masks": masks, "scores": np.ones(len(boxes)), "labels": s.labels})
-    return out
-
-
-# ----------------------------------------------------------------------------------------------- (b) Mask R-CNN
-class _FPNBackbone(nn.Module):
-    def __init__(self, body: nn.Module, in_channels: list[int], out_channels: int = 64):
-        super().__init__()
-        from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
-
-        self.body = body
-        self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=LastLevelMaxPool())
-        self.out_channels = out_channels
-
-    def forward(self, x: torch.Tensor) -> OrderedDict:
-        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(x))))
-
-
-def build_maskrcnn(num_classes: int, backbone: str, dim: int = 64) -> nn.Module:
-    """torchvision ``MaskRCNN`` with a small backbone (strides 8/16/32 + pool), 64-channel FPN and slim heads."""
-    from torchvision.models.detection import MaskRCNN
-    from torchvision.models.detection.anchor_utils import AnchorGenerator
-    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-    from torchvision.ops import MultiScaleRoIAlign
-
-    from potpourri.models.yolo import EfficientRep, Lite0Backbone
-
-    body = Lite0Backbone(pretrained=True) if backbone == "lite0" else EfficientRep()
-    sizes = ((16,), (32,), (64,), (128,))
-    return MaskRCNN(
-        _FPNBackbone(body, list(body.out_channels), dim), num_classes=None, min_size=256, max_size=256,
-        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
-        rpn_anchor_generator=AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes)),
-        rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300, rpn_pre_nms_top_n_test=300,
-        rpn_post_nms_top_n_test=100, box_batch_size_per_image=128,
-        box_roi_pool=MultiScaleRoIAlign(["0", "1", "2"], 7, 2),
-        box_head=TwoMLPHead(dim * 49, 256), box_predictor=FastRCNNPredictor(256, num_classes + 1),
-        mask_roi_pool=MultiScaleRoIAlign(["0", "1", "2"], 14, 2),
-        mask_head=MaskRCNNHeads(dim, (dim, dim, dim, dim), 1),
-        mask_predictor=MaskRCNNPredictor(dim, dim, num_classes + 1),
-        box_detections_per_img=100,
-    )  # fmt: skip
-
-
-def _image(s: InstanceSample) -> torch.Tensor:
-    return torch.from_numpy(s.image).permute(2, 0, 1).float().div(255).contiguous()
-
-
-def train_maskrcnn(
-    model: nn.Module, samples: list[InstanceSample], seconds: float, *, batch: int = 4, lr: float = 1e-3
-):
-    """AdamW (50-step warm-up) end to end for ``seconds`` of wall clock; returns steps, wall time and CPU time of
-    this process (with 1 thread the CPU time is the compute actually spent, whatever the machine's load)."""
-    rng = np.random.default_rng(0)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
-    model.train()
-    start, cpu_start, step = time.perf_counter(), time.process_time(), 0
-    while time.perf_counter() - start < seconds:
-        picks = rng.choice(len(samples), batch, replace=False)
-        images = [_image(samples[i]) for i in picks]
-        targets = [{"boxes": torch.from_numpy(samples[i].boxes), "labels": torch.from_numpy(samples[i].labels) + 1,
-                    "masks": torch.from_numpy(samples[i].masks.astype(np.uint8))} for i in picks]  # fmt: skip
-        for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 50)
-        loss = sum(model(images, targets).values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
-    return step, time.perf_counter() - start, time.process_time() - cpu_start
-
-
-@torch.no_grad()
-def predict_maskrcnn(model: nn.Module, samples: list[InstanceSample]) -> list[dict]:
-    model.eval()
-    out = []
-    for s in samples:
-        found = model([_image(s)])[0]
-        out.append({"boxes": found["boxes"].numpy(), "scores": found["scores"].numpy(),
-                    "labels": found["labels"].numpy() - 1, "masks": found["masks"][:, 0].numpy() > 0.5})  # fmt: skip
     return out
 
 
@@ -176,7 +97,8 @@ def main() -> None:
     for seconds in args.maskrcnn_budgets:
         torch.manual_seed(0)
         model = build_maskrcnn(len(names), args.maskrcnn_backbone)
-        steps, train_s, cpu_s = train_maskrcnn(model, train, seconds)
+        trained = train_maskrcnn(model, train, max_seconds=seconds)
+        steps, train_s, cpu_s = trained["steps"], trained["wall_s"], trained["cpu_s"]
         preds = predict_maskrcnn(model, test)
         box_b = coco_map(preds, _as_boxes(test), len(names))
         mask_b = mask_coco_map(preds, test, len(names))

@@ -58,6 +58,7 @@ __all__ = [
     "SmallDetr",
     "SmallDetrConfig",
     "detr_losses",
+    "flipped_boxes",
     "lite0_pyramids",
     "load_lite_detr",
     "predict_boxes",
@@ -227,24 +228,31 @@ def detr_losses(
 # ----------------------------------------------------------------------------------------------- features
 @torch.no_grad()
 def lite0_pyramids(
-    images: Sequence[np.ndarray], backbone: nn.Module, *, batch_size: int = 16, flip: bool = False
+    images: Sequence[np.ndarray],
+    backbone: nn.Module,
+    *,
+    batch_size: int = 16,
+    flip: bool = False,
+    levels: Sequence[int] = (1, 2),
 ) -> list[torch.Tensor]:
-    """Frozen Lite0 maps [blocks.2 (N, 40, H/8, W/8), blocks.4 (N, 112, H/16, W/16)] of (H, W, 3) uint8 images
-    (mirrored left-right first with ``flip``), fp32 on the backbone's device."""
+    """Frozen Lite0 maps of (H, W, 3) uint8 images (mirrored left-right first with ``flip``), fp32 on the backbone's
+    device: ``levels`` index ``forward_pyramid`` (0: blocks.1 stride 4, 1: blocks.2 (N, 40, H/8, W/8), 2: blocks.4
+    (N, 112, H/16, W/16), 3: blocks.6)."""
     from potpourri.data.transforms import images_to_tensor
 
     device = next(backbone.parameters()).device
-    fine, coarse = [], []
+    maps: list[list[torch.Tensor]] = [[] for _ in levels]
     for start in range(0, len(images), batch_size):
         chunk = [im[:, ::-1] if flip else im for im in images[start : start + batch_size]]
         x = images_to_tensor([np.ascontiguousarray(c) for c in chunk], MEAN, STD).contiguous().to(device)
         pyramid = backbone.forward_pyramid(x)
-        fine.append(pyramid[1])
-        coarse.append(pyramid[2])
-    return [torch.cat(fine), torch.cat(coarse)]
+        for out, level in zip(maps, levels, strict=True):
+            out.append(pyramid[level])
+    return [torch.cat(m) for m in maps]
 
 
-def _flipped_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
+def flipped_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
+    """xyxy ``boxes`` (N, 4) of an image of ``width`` mirrored left-right."""
     out = boxes.copy()
     out[:, 0], out[:, 2] = width - boxes[:, 2], width - boxes[:, 0]
     return out
@@ -293,7 +301,7 @@ def train_small_detr(
         targets.append([(torch.as_tensor(s.boxes, dtype=torch.float32), torch.as_tensor(s.labels)) for s in samples])
     if cfg.flip and views:
         views.append(lite0_pyramids(images, backbone, flip=True))
-        targets.append([(torch.as_tensor(_flipped_boxes(s.boxes, size)), torch.as_tensor(s.labels)) for s in samples])
+        targets.append([(torch.as_tensor(flipped_boxes(s.boxes, size)), torch.as_tensor(s.labels)) for s in samples])
     cache_s = time.perf_counter() - start
     model.train()
     for _ in trainer.steps():

@@ -72,7 +72,7 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "mask-frozen-detr": (
         "potpourri.papers.mask_frozen_detr:run",
         "Mask Frozen-DETR (withdrawn): one mask head on a frozen small DETR (trained here, resumable) vs on a frozen "
-        "YOLO; box and mask AP, CPU seconds",
+        "YOLO vs full fine-tuning vs Mask R-CNN at the frozen DETR arm's CPU budget; box and mask AP, CPU seconds",
     ),
     "minigpt4": (
         "potpourri.papers.minigpt:run_minigpt4",
