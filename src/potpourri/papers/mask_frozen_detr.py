@@ -89,7 +89,12 @@ def _detr_arm(cfg: MaskFrozenDetrConfig, train: list, names: tuple[str, ...], fo
         if record.get("identity") != identity:
             raise PotpourriError(f"'{folder}' holds a DETR trained with another config; use a new detr_checkpoints")
         pieces = record["pieces"]
-    backbone = Lite0Backbone(pretrained=cfg.pretrained_backbone)
+    if cfg.pretrained_backbone:
+        backbone = Lite0Backbone(pretrained=True)
+    else:  # a random frozen trunk is not in the checkpoints: draw the same one in every invocation
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            backbone = Lite0Backbone(pretrained=False)
     cpu = time.process_time()
     detr, history = train_small_detr(train, detr_cfg, backbone=backbone, checkpoints=folder,
                                      options=TrainOptions(**{**asdict(options), "resume": resume,
@@ -193,7 +198,12 @@ def _joint_arm(cfg: MaskFrozenDetrConfig, train: list, test: list, names: tuple[
 
     detr_cfg = SmallDetrConfig(num_classes=len(names), max_steps=cfg.detr_steps, seed=cfg.seed, progress=cfg.progress)
     head_cfg = MaskHeadConfig(dim=cfg.head_dim, seed=cfg.seed, progress=cfg.progress)
-    backbone = Lite0Backbone(pretrained=cfg.pretrained_backbone)
+    if cfg.pretrained_backbone:
+        backbone = Lite0Backbone(pretrained=True)
+    else:  # a random frozen trunk is not in the checkpoints: draw the same one in every invocation
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            backbone = Lite0Backbone(pretrained=False)
     cpu = time.process_time()
     detector, head, history = train_detr_and_mask_head(train, detr_cfg, head_cfg, backbone=backbone,
                                                        max_steps=cfg.arm_max_steps, max_cpu_seconds=budget,
