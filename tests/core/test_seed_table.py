@@ -47,3 +47,25 @@ def test_seed_table_reads_dotted_paths_and_refuses_a_missing_key(tmp_path, capsy
     assert module.main([f"A={runs[0]}", "--key", "stages.-1.m.loss"]) == 2
     with pytest.raises(SystemExit):
         module.main([f"A={tmp_path / 'nowhere'}", "--key", "x"])
+
+
+def test_anomalib_paired_table_counts_a_repeated_seed_once_and_refuses_a_disagreeing_one(tmp_path, capsys) -> None:
+    spec = importlib.util.spec_from_file_location("paired", ROOT / "benchmarks" / "anomalib_paired_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def row(seed: int, theirs: float, ours: float) -> dict:
+        return {"set": "s", "seed": seed, "anomalib": dict.fromkeys(module.METRICS, theirs),
+                "old": dict.fromkeys(module.METRICS, ours), "ours": dict.fromkeys(module.METRICS, ours)}  # fmt: skip
+
+    (tmp_path / "a.json").write_text(json.dumps([row(0, 0.5, 0.6), row(1, 0.7, 0.6)]))
+    (tmp_path / "b.json").write_text(json.dumps({"rows": [row(1, 0.7, 0.6), row(2, 0.8, 0.8)]}))
+    assert module.main([f"{tmp_path / 'a.json'}:old", str(tmp_path / "b.json")]) == 0
+    first = capsys.readouterr().out.splitlines()[2]
+    theirs, ours, diffs = [0.5, 0.7, 0.8], [0.6, 0.6, 0.8], [0.1, -0.1, 0.0]  # seed 1 counted once
+    cells = [f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f}" for v in (theirs, ours)]
+    cells.append(f"{np.mean(diffs):+.3f} ± {np.std(diffs, ddof=1):.3f}")
+    assert first == "| s (3) | image_auroc | " + " | ".join(cells) + " |"
+    (tmp_path / "c.json").write_text(json.dumps([row(1, 0.7, 0.65)]))
+    with pytest.raises(SystemExit, match="different metrics"):
+        module.main([str(tmp_path / "b.json"), str(tmp_path / "c.json")])
