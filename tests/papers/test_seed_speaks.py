@@ -56,6 +56,9 @@ def test_seed_speaks_quick_runs_every_arm_and_writes_images(tmp_path) -> None:
     generated = {r["images"]: r for r in summary["generation"]["rows"]}["generated from test captions"]
     assert 0 <= generated["kind_classifier"] <= 1 and generated["frechet_lite0"] >= 0
     assert 1 <= summary["generation"]["distinct"] <= n
+    written = {r["images"]: r for r in summary["generation"]["rows"]}["written by tiny from test captions"]
+    assert 0 <= written["tokenizer_reads_kind"] <= 1 and written["frechet_lite0"] >= 0  # the LM's codes decoded
+    assert 1 <= summary["generation"]["lm_distinct"] <= n
     folder = run.path / "text-on-codes"
-    for part in ("pixel-decoder", "pixel-decoder-colour", "code-sampler"):
+    for part in ("pixel-decoder", "pixel-decoder-colour", "code-sampler", "lm-writer"):
         assert (folder / part / "last.json").is_file(), part  # each model checkpointed

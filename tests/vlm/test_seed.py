@@ -69,3 +69,18 @@ def test_planted_captions_generate_their_codes_and_retrieve_the_same_image() -> 
                                          code_dim=8, num_feature_tokens=4)).eval()  # fmt: skip
     gallery = torch.randn(5, 16, 2, 2)
     assert torch.equal(retrieve_nearest(tokenizer, codes, gallery), retrieve_nearest(tokenizer, CODES, gallery))
+
+
+def test_an_allowed_mask_narrows_each_position_to_its_own_codes() -> None:
+    writer = _writer()
+    allowed = torch.zeros(Q, K, dtype=torch.bool)
+    allowed[:2, :4], allowed[2:, 4:] = True, True  # two "semantic" codes, then two "colour" codes
+    codes, valid = writer.generate_codes(CAPTIONS, Q, allowed=allowed)
+    assert valid.all() and (codes[:, :2] < 4).all() and (codes[:, 2:] >= 4).all()
+    only = torch.zeros(Q, K, dtype=torch.bool)
+    only[:, 3] = True  # a single allowed code: greedy must pick it whatever the logits say
+    assert writer.generate_codes(CAPTIONS, Q, allowed=only)[0].eq(3).all()
+    with pytest.raises(PotpourriError, match="without any image token"):
+        writer.generate_codes(CAPTIONS, Q, allowed=torch.zeros(Q, K, dtype=torch.bool))
+    with pytest.raises(PotpourriError, match="constrained=True"):
+        writer.generate_codes(CAPTIONS, Q, constrained=False, allowed=allowed)

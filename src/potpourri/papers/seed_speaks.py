@@ -22,8 +22,12 @@ Reading order:
    test images, a defect-kind and a surface classifier (logistic regression on Lite0 features of real training
    images) on the generated images against the requested kind/surface, and the tokenizer's own reading (the held-out
    caption nearest the generated tokens' text embedding: of the requested kind?).
+6. The LLM writes the same sequences: SmolLM2-135M with the 256 codes and the palette's colours as new ``<img_k>``
+   vocabulary (``vlm/seed.ImageTokenWriter``: new rows + LoRA on q/v, the rest frozen), trained on
+   ``[generate] caption`` -> sequence, then greedy for every held-out caption (each part restricted to its ids); the
+   same decoder makes pixels, scored as in 5.
 
-Not SEED's scale: no SD decoder (no weights here), no LLM in this experiment, a 2-layer Q-Former, a few hundred steps.
+Not SEED's scale: no SD decoder (no weights here), a 135M LLM, a 2-layer Q-Former, a few hundred steps.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from potpourri.models.pixel_decoder import CodePixelDecoder, PixelDecoderConfig
 from potpourri.models.visual_tokenizer import SEEDConfig, SEEDTokenizer, codebook_usage
 from potpourri.report.tables import markdown_table
 from potpourri.vlm.code_sampler import CodeSampler, CodeSamplerConfig, CodeSamplerTrainConfig, train_code_sampler
+from potpourri.vlm.seed import ImageTokenWriter, ImageWriterTrainConfig, train_image_writer
 from potpourri.vlm.seed_decoder import (
     ColourTokens,
     PixelDecoderTrainConfig,
@@ -54,7 +59,9 @@ from potpourri.vlm.seed_decoder import (
 )
 from potpourri.vlm.tokenizer import TokenizerTrainConfig, train_tokenizer
 
-__all__ = ["SeedSpeaksConfig", "chance_same_label", "nearest_other_same", "reproduce_seed_speaks", "run"]
+__all__ = [
+    "SeedSpeaksConfig", "chance_same_label", "nearest_other_same", "reproduce_seed_speaks", "run", "write_with_lm",
+]  # fmt: skip
 
 ARMS = {"no text": None, "text on last query": "last", "text on codes": "codes"}  # arm -> text_from
 
@@ -77,6 +84,8 @@ class SeedSpeaksConfig:
     colour_grid: int = 4  # colour tokens: a colour_grid x colour_grid thumbnail ...
     colour_palette: int = 64  # ... each cell one of this many k-means colours
     temperature: float = 1.0  # the code sampler's
+    lm: str = "smollm2_135m"  # the LLM that writes the same sequences as new vocabulary ("tiny": a random test LM)
+    lm_steps: int = 100  # its steps (new vocabulary rows + LoRA on q/v)
     frechet_dims: int = 32  # principal components of the Lite0 features the Fréchet distance compares
     seed: int = 0
     quick_models: bool = False  # random-weight encoders (the quick run): numbers meaningless
@@ -85,7 +94,7 @@ class SeedSpeaksConfig:
         """A seconds-long smoke configuration of the same code path."""
         return replace(self, categories=("brick", "moon"), image_size=64, pixel_size=32, train_per_kind=2,
                        test_per_kind=1, tokenizer_steps=3, decoder_steps=3, sampler_steps=3, batch_size=8,
-                       codebook_size=16, colour_palette=8, quick_models=True)  # fmt: skip
+                       codebook_size=16, colour_palette=8, quick_models=True, lm="tiny", lm_steps=2)  # fmt: skip
 
 
 def _samples(cfg: SeedSpeaksConfig, split: str, per_kind: int) -> list:
@@ -267,22 +276,31 @@ def reproduce_seed_speaks(cfg: SeedSpeaksConfig, out: str | None = None, options
                              generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
     semantic, colour_part = written[:, :q], written[:, q:] - cfg.codebook_size
     generated = decode_tokens(skip, tok, semantic, colours, colour_part)
+    lm_written, lm_history = write_with_lm(cfg, [s.caption for s in train], sequences, [s.caption for s in test],
+                                           allowed, folder / "lm-writer", options)  # fmt: skip
+    lm_semantic = lm_written[:, :q]
+    lm_generated = decode_tokens(skip, tok, lm_semantic, colours, lm_written[:, q:] - cfg.codebook_size)
     seen = {tuple(t) for t in train_tokens.tolist()}
     pooled = {"real test images": real_test, "decoded test tokens": lite0(decoded["codes + colour tokens"]),
-              "generated from test captions": lite0(generated)}  # fmt: skip
+              "generated from test captions": lite0(generated),
+              f"written by {cfg.lm} from test captions": lite0(lm_generated)}  # fmt: skip
     train_kinds, train_surfaces = [s.kind for s in train], [s.category for s in train]
     kind_acc = _probe(real_train, train_kinds, {k: (v, kinds) for k, v in pooled.items()})
     surface_acc = _probe(real_train, train_surfaces, {k: (v, surfaces) for k, v in pooled.items()})
     with torch.no_grad():  # the tokenizer's own reading: the test caption nearest each image's tokens
         prompts = F.normalize(test_caption_emb, dim=-1)
         read = {"decoded test tokens": tok.text_of_tokens(test_tokens), "generated from test captions":
-                tok.text_of_tokens(semantic)}  # fmt: skip
+                tok.text_of_tokens(semantic), f"written by {cfg.lm} from test captions":
+                tok.text_of_tokens(lm_semantic)}  # fmt: skip
         reading = {k: float(np.mean([kinds[j] == kinds[i] for i, j in enumerate(
             (F.normalize(v, dim=-1) @ prompts.T).argmax(1).tolist())])) for k, v in read.items()}  # fmt: skip
     generation = {
         "distinct": len({tuple(t) for t in semantic.tolist()}),
         "copies_of_training_codes": float(np.mean([tuple(t) in seen for t in semantic.tolist()])),
         "sampler_loss_last": sampler_losses[-1],
+        "lm_distinct": len({tuple(t) for t in lm_semantic.tolist()}),
+        "lm_copies_of_training_codes": float(np.mean([tuple(t) in seen for t in lm_semantic.tolist()])),
+        "lm_loss_last": lm_history[-1]["loss"] if lm_history else None,
         "rows": [{"images": k, "frechet_lite0": frechet(v) if k != "real test images" else None,
                   "kind_classifier": kind_acc[k], "surface_classifier": surface_acc[k], "tokenizer_reads_kind":
                   reading.get(k)} for k, v in pooled.items()],
@@ -297,6 +315,29 @@ def reproduce_seed_speaks(cfg: SeedSpeaksConfig, out: str | None = None, options
     run.write_summary({"config": asdict(cfg), "rows": rows, "pixels": pixel_rows, "generation": generation,
                        "references": references, "seconds": seconds})  # fmt: skip
     return run
+
+
+def write_with_lm(cfg: SeedSpeaksConfig, captions: list[str], sequences: torch.Tensor, prompts: list[str],
+                  allowed: torch.Tensor, folder, options: TrainOptions) -> tuple[torch.Tensor, list[dict]]:  # fmt: skip
+    """The LLM (``cfg.lm``) learns ``[generate] caption`` -> the training sequences as new ``<img_k>`` vocabulary
+    (``vlm.seed``), then writes one sequence per prompt, greedy, each position restricted by ``allowed``."""
+    from potpourri.models.vlm import char_tokenizer, tiny_llama
+
+    torch.manual_seed(cfg.seed)
+    if cfg.lm == "tiny":
+        tokenizer = char_tokenizer()
+        lm = tiny_llama(len(tokenizer), seed=cfg.seed)
+    else:
+        lm = create_model(cfg.lm, pretrained=True)
+        tokenizer = lm.tokenizer
+    writer = ImageTokenWriter(lm, tokenizer, allowed.shape[1])
+    wcfg = ImageWriterTrainConfig(steps=cfg.lm_steps, batch_size=8, lr=1e-3, vocab_lr=1e-2, warmup_steps=5,
+                                  seed=cfg.seed, progress=False)  # fmt: skip
+    history = train_image_writer(writer, captions, sequences, wcfg, options=options, checkpoints=folder)
+    writer.cpu().eval()
+    written = [writer.generate_codes(prompts[i : i + 16], allowed.shape[0], allowed=allowed)[0]
+               for i in range(0, len(prompts), 16)]  # fmt: skip
+    return torch.cat(written), history
 
 
 def _slug(arm: str) -> str:
@@ -348,10 +389,13 @@ def _report(cfg: SeedSpeaksConfig, n_train: int, n_test: int, n_captions: int, r
         + (" QUICK: random-weight encoders, numbers meaningless." if cfg.quick_models else ""), "",
         "## What the tokens carry (held-out images)", "", tokens, "",
         "## Pixels from tokens (held-out images)", "", pixels, "",
-        "## New images: the code sampler (not the LLM) writes tokens for each held-out caption", "", new, "",
+        "## New images: the code sampler (not the LLM) and the LLM write tokens for each held-out caption", "", new,
+        "",
         f"Sampled code sequences (32 codes, then colour tokens; sampling restricted to each part's ids): distinct "
         f"{generation['distinct']} of {n_test}; exact copies of a training image's codes: "
-        f"{generation['copies_of_training_codes']:.3f}.", "",
+        f"{generation['copies_of_training_codes']:.3f}. Written by {cfg.lm} ({cfg.lm_steps} steps of new "
+        f"vocabulary rows + LoRA, greedy, each part restricted to its ids): distinct {generation['lm_distinct']} of "
+        f"{n_test}; copies {generation['lm_copies_of_training_codes']:.3f}.", "",
         f"Total {seconds / 60:.1f} min on {torch.get_num_threads()} thread(s).",
     ]  # fmt: skip
     return "\n".join(lines) + "\n"

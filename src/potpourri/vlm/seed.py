@@ -142,13 +142,18 @@ class ImageTokenWriter(nn.Module):
 
     @torch.no_grad()
     def generate_codes(
-        self, captions: Sequence[str], num_tokens: int, *, constrained: bool = True
+        self, captions: Sequence[str], num_tokens: int, *, constrained: bool = True, allowed: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Greedy codes ``(B, num_tokens)`` and a ``(B,)`` validity flag.
 
-        ``constrained``: only image tokens may be chosen, so every row is a valid image. Free: any token; a row is
-        valid when its first ``num_tokens`` tokens are all image tokens (other positions read as code -1).
+        ``constrained``: only image tokens may be chosen, so every row is a valid image; ``allowed`` (num_tokens,
+        codebook) bool narrows that per position (e.g. semantic codes first, then colour tokens). Free: any token; a
+        row is valid when its first ``num_tokens`` tokens are all image tokens (other positions read as code -1).
         """
+        if allowed is not None and (not constrained or allowed.shape != (num_tokens, len(self.vocab.ids))):
+            raise PotpourriError(f"allowed must be ({num_tokens}, {len(self.vocab.ids)}) bool, with constrained=True")
+        if allowed is not None and not bool(allowed.any(1).all()):
+            raise PotpourriError("allowed leaves a position without any image token")
         ids, mask, _ = self._batch(captions, None, "left")
         device = self.lm.get_input_embeddings().weight.device
         ids, mask = ids.to(device), mask.to(device)
@@ -159,7 +164,11 @@ class ImageTokenWriter(nn.Module):
         chosen = []
         for step in range(num_tokens):
             logits = out.logits[:, -1]  # (B, V)
-            next_ids = image_ids[logits[:, image_ids].argmax(-1)] if constrained else logits.argmax(-1)
+            if allowed is not None:
+                scores = logits[:, image_ids].masked_fill(~allowed[step].to(device), float("-inf"))
+                next_ids = image_ids[scores.argmax(-1)]
+            else:
+                next_ids = image_ids[logits[:, image_ids].argmax(-1)] if constrained else logits.argmax(-1)
             chosen.append(next_ids)
             if step + 1 == num_tokens:
                 break
