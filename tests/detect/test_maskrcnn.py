@@ -10,21 +10,14 @@ import torch
 from potpourri.core.errors import PotpourriError
 from potpourri.detect.mask_head import InstanceSample
 from potpourri.detect.maskrcnn import build_maskrcnn, predict_maskrcnn, train_maskrcnn
+from tests.detect.instances import planted_instances
 
 pytestmark = pytest.mark.one_thread
 SIZE, CLASSES = 64, 3
 
 
 def _samples(n: int = 4) -> list[InstanceSample]:
-    rng = np.random.default_rng(0)
-    out = []
-    for i in range(n):
-        image = rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
-        box = np.asarray([[4 + i, 8, 30 + i, 40]], np.float32)
-        mask = np.zeros((1, SIZE, SIZE), bool)
-        mask[0, 8:40, 4 + i : 30 + i] = True
-        out.append(InstanceSample(image, mask, box, np.asarray([i % CLASSES])))
-    return out
+    return planted_instances(n, SIZE, CLASSES)
 
 
 def test_predictions_have_the_contract_shapes_and_masks_stay_in_their_boxes() -> None:

@@ -22,6 +22,7 @@ from potpourri.detect.detr import (
 )
 from potpourri.detect.mask_head import InstanceSample, MaskHead
 from potpourri.models.yolo import Lite0Backbone
+from tests.detect.instances import planted_instances
 
 SIZE = 64
 
@@ -33,15 +34,7 @@ def _tiny_cfg(**kw) -> SmallDetrConfig:
 
 
 def _samples(n: int = 4) -> list[InstanceSample]:
-    rng = np.random.default_rng(0)
-    out = []
-    for i in range(n):
-        image = rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
-        box = np.asarray([[4 + i, 8, 30 + i, 40]], np.float32)
-        mask = np.zeros((1, SIZE, SIZE), bool)
-        mask[0, 8:40, 4 + i : 30 + i] = True
-        out.append(InstanceSample(image, mask, box, np.asarray([i % 2])))
-    return out
+    return planted_instances(n, SIZE, 2)
 
 
 def test_losses_against_hand_computation() -> None:

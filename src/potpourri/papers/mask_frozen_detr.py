@@ -46,7 +46,7 @@ from potpourri.core.runs import Run, new_run
 from potpourri.core.training import TrainOptions
 from potpourri.papers.registry import compute_options
 
-__all__ = ["MaskFrozenDetrConfig", "reproduce_mask_frozen_detr", "run"]
+__all__ = ["MaskFrozenDetrConfig", "frozen_trunk", "reproduce_mask_frozen_detr", "run"]
 
 
 @dataclass
@@ -70,11 +70,22 @@ class MaskFrozenDetrConfig:
     progress: bool = True
 
 
+def frozen_trunk(cfg: MaskFrozenDetrConfig) -> torch.nn.Module:
+    """The frozen Lite0 trunk of the DETR arms: ImageNet weights, or (quick runs) a random one drawn from the run's
+    seed, so that a restored DETR sees the trunk it was trained on (the trunk is not in its checkpoints)."""
+    from potpourri.models.yolo import Lite0Backbone
+
+    if cfg.pretrained_backbone:
+        return Lite0Backbone(pretrained=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        return Lite0Backbone(pretrained=False)
+
+
 def _detr_arm(cfg: MaskFrozenDetrConfig, train: list, names: tuple[str, ...], folder: Path, options: TrainOptions):
     """Train (or continue) the small DETR; the frozen adapter and a record of this invocation's cost."""
     from potpourri.core.io import atomic_write_bytes
     from potpourri.detect.detr import LiteDetr, LiteDetrFrozen, SmallDetrConfig, train_small_detr
-    from potpourri.models.yolo import Lite0Backbone
 
     detr_cfg = SmallDetrConfig(num_classes=len(names), max_steps=cfg.detr_steps, max_seconds=cfg.detr_minutes * 60,
                                seed=cfg.seed, progress=cfg.progress)  # fmt: skip
@@ -89,12 +100,7 @@ def _detr_arm(cfg: MaskFrozenDetrConfig, train: list, names: tuple[str, ...], fo
         if record.get("identity") != identity:
             raise PotpourriError(f"'{folder}' holds a DETR trained with another config; use a new detr_checkpoints")
         pieces = record["pieces"]
-    if cfg.pretrained_backbone:
-        backbone = Lite0Backbone(pretrained=True)
-    else:  # a random frozen trunk is not in the checkpoints: draw the same one in every invocation
-        with torch.random.fork_rng():
-            torch.manual_seed(cfg.seed)
-            backbone = Lite0Backbone(pretrained=False)
+    backbone = frozen_trunk(cfg)
     cpu = time.process_time()
     detr, history = train_small_detr(train, detr_cfg, backbone=backbone, checkpoints=folder,
                                      options=TrainOptions(**{**asdict(options), "resume": resume,
@@ -194,16 +200,10 @@ def _joint_arm(cfg: MaskFrozenDetrConfig, train: list, test: list, names: tuple[
     from potpourri.detect.mask_head import MaskHeadConfig, mask_coco_map, predict_instances
     from potpourri.detect.mask_joint import train_detr_and_mask_head
     from potpourri.detect.train import coco_map
-    from potpourri.models.yolo import Lite0Backbone
 
     detr_cfg = SmallDetrConfig(num_classes=len(names), max_steps=cfg.detr_steps, seed=cfg.seed, progress=cfg.progress)
     head_cfg = MaskHeadConfig(dim=cfg.head_dim, seed=cfg.seed, progress=cfg.progress)
-    if cfg.pretrained_backbone:
-        backbone = Lite0Backbone(pretrained=True)
-    else:  # a random frozen trunk is not in the checkpoints: draw the same one in every invocation
-        with torch.random.fork_rng():
-            torch.manual_seed(cfg.seed)
-            backbone = Lite0Backbone(pretrained=False)
+    backbone = frozen_trunk(cfg)
     cpu = time.process_time()
     detector, head, history = train_detr_and_mask_head(train, detr_cfg, head_cfg, backbone=backbone,
                                                        max_steps=cfg.arm_max_steps, max_cpu_seconds=budget,
