@@ -49,6 +49,7 @@ __all__ = [
     "VLMBatch",
     "VLMConfig",
     "VisionLanguageModel",
+    "build_lm",
     "build_vlm",
     "char_tokenizer",
     "merge_tokens",
@@ -573,11 +574,24 @@ def build_vlm(
 
     if isinstance(encoder, str):
         encoder = create_model(encoder, pretrained=pretrained)
+    lm, tokenizer = build_lm(lm, tokenizer=tokenizer, pretrained=pretrained)
+    if random_lm:
+        lm = reinitialised(getattr(lm, "lm", lm))
+    return VisionLanguageModel(encoder, lm, tokenizer, config=VLMConfig(merge=merge, **config))
+
+
+def build_lm(
+    lm: str | nn.Module, *, tokenizer: Any = None, pretrained: bool = True, seed: int = 0
+) -> tuple[nn.Module, Any]:
+    """A causal LM and its tokenizer from a name (``smollm2_135m``, ``tiny``: a random test LLaMA seeded by ``seed``
+    with a character tokenizer, or a folder) or a module; refuses an LM without a tokenizer."""
     if isinstance(lm, str):
         if lm == "tiny":
             tokenizer = tokenizer or char_tokenizer()
-            lm = tiny_llama(len(tokenizer))
+            lm = tiny_llama(len(tokenizer), seed=seed)
         elif lm == "smollm2_135m":
+            from potpourri.core.registry import create_model
+
             lm = create_model("smollm2_135m", pretrained=pretrained)
         else:
             from potpourri.models.smollm2 import load_causal_lm
@@ -587,9 +601,7 @@ def build_vlm(
         tokenizer = getattr(lm, "tokenizer", None)
         if tokenizer is None:
             raise PotpourriError("this language model comes without a tokenizer; pass tokenizer=...")
-    if random_lm:
-        lm = reinitialised(getattr(lm, "lm", lm))
-    return VisionLanguageModel(encoder, lm, tokenizer, config=VLMConfig(merge=merge, **config))
+    return lm, tokenizer
 
 
 def reinitialised(lm: nn.Module) -> nn.Module:

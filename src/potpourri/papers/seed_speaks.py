@@ -321,15 +321,10 @@ def write_with_lm(cfg: SeedSpeaksConfig, captions: list[str], sequences: torch.T
                   allowed: torch.Tensor, folder, options: TrainOptions) -> tuple[torch.Tensor, list[dict]]:  # fmt: skip
     """The LLM (``cfg.lm``) learns ``[generate] caption`` -> the training sequences as new ``<img_k>`` vocabulary
     (``vlm.seed``), then writes one sequence per prompt, greedy, each position restricted by ``allowed``."""
-    from potpourri.models.vlm import char_tokenizer, tiny_llama
+    from potpourri.models.vlm import build_lm
 
     torch.manual_seed(cfg.seed)
-    if cfg.lm == "tiny":
-        tokenizer = char_tokenizer()
-        lm = tiny_llama(len(tokenizer), seed=cfg.seed)
-    else:
-        lm = create_model(cfg.lm, pretrained=True)
-        tokenizer = lm.tokenizer
+    lm, tokenizer = build_lm(cfg.lm, seed=cfg.seed)
     writer = ImageTokenWriter(lm, tokenizer, allowed.shape[1])
     wcfg = ImageWriterTrainConfig(steps=cfg.lm_steps, batch_size=8, lr=1e-3, vocab_lr=1e-2, warmup_steps=5,
                                   seed=cfg.seed, progress=False)  # fmt: skip
